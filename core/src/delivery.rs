@@ -1,0 +1,189 @@
+//! Deliveries and the dead-letter rules (DESIGN §3.7), written once for every backend.
+
+use std::{fmt, sync::Arc, time::SystemTime};
+
+use crate::{
+    Message, Retry,
+    driver::{Acker, Broker, RawDelivery},
+    error::Result,
+    headers,
+};
+
+/// What a subscription knows to apply the dead-letter rules.
+pub(crate) struct SubscriptionContext {
+    pub(crate) topic: String,
+    pub(crate) subscription: String,
+    pub(crate) dead_letter_topic: String,
+    pub(crate) max_attempts: u32,
+    pub(crate) broker: Arc<dyn Broker>,
+}
+
+impl fmt::Debug for SubscriptionContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SubscriptionContext")
+            .field("topic", &self.topic)
+            .field("subscription", &self.subscription)
+            .field("dead_letter_topic", &self.dead_letter_topic)
+            .field("max_attempts", &self.max_attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A received message with its attempt count, to be settled exactly once.
+///
+/// Settle with [`ack`](Delivery::ack), [`nack`](Delivery::nack) or
+/// [`dead_letter`](Delivery::dead_letter); each consumes the delivery. **A
+/// delivery dropped unsettled is redelivered** (after the subscription's ack
+/// timeout at the latest), with its attempt count increased.
+///
+/// `Debug` never prints the payload.
+pub struct Delivery {
+    message: Message,
+    attempt: u32,
+    acker: Box<dyn Acker>,
+    ctx: Arc<SubscriptionContext>,
+}
+
+impl Delivery {
+    pub(crate) fn new(raw: RawDelivery, ctx: Arc<SubscriptionContext>) -> Self {
+        Self {
+            message: raw.message,
+            attempt: raw.attempt,
+            acker: raw.acker,
+            ctx,
+        }
+    }
+
+    /// The message.
+    #[must_use]
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+
+    /// The delivery attempt: 1 on first delivery, durable across consumer restarts.
+    #[must_use]
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The topic the message was published to.
+    #[must_use]
+    pub fn topic(&self) -> &str {
+        &self.ctx.topic
+    }
+
+    /// The subscription it was delivered through.
+    #[must_use]
+    pub fn subscription(&self) -> &str {
+        &self.ctx.subscription
+    }
+
+    /// The subscription's attempt limit.
+    #[must_use]
+    pub fn max_attempts(&self) -> u32 {
+        self.ctx.max_attempts
+    }
+
+    /// The subscription's dead-letter topic.
+    #[must_use]
+    pub fn dead_letter_topic(&self) -> &str {
+        &self.ctx.dead_letter_topic
+    }
+
+    /// Settles the message for good: it is not delivered to this
+    /// subscription again, even after a consumer restart.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`](crate::Error::Closed) when the subscription was
+    /// closed (the message will be redelivered); connection and broker
+    /// errors (the message may be redelivered: at-least-once).
+    pub async fn ack(self) -> Result<()> {
+        self.acker.ack().await
+    }
+
+    /// Asks for redelivery with attempt + 1 (not before the [`Retry`] delay).
+    ///
+    /// When this attempt is the last one allowed (`attempt >= max_attempts`),
+    /// the message is dead-lettered instead, with reason
+    /// `max attempts (N) exhausted`.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Delivery::ack`] and [`Delivery::dead_letter`].
+    pub async fn nack(self, retry: Retry) -> Result<()> {
+        if self.attempt >= self.ctx.max_attempts {
+            let reason = format!("max attempts ({}) exhausted", self.ctx.max_attempts);
+            return self.dead_letter(reason).await;
+        }
+        self.acker.nack(retry.delay()).await
+    }
+
+    /// Moves the message to the subscription's dead-letter topic with `reason`.
+    ///
+    /// The dead letter keeps id, key, payload and headers and gains
+    /// `sy-dead-letter-reason`, `sy-original-topic`,
+    /// `sy-original-subscription`, `sy-attempts` and `sy-dead-lettered-at`.
+    /// It is published and confirmed **before** the original is acked: a
+    /// crash in between may duplicate the dead letter, never lose it.
+    ///
+    /// # Errors
+    ///
+    /// When publishing the dead letter fails the original is left unsettled
+    /// (and is redelivered after the ack timeout); when the ack fails after a
+    /// confirmed dead-letter publish, the original may come back and be
+    /// dead-lettered again.
+    pub async fn dead_letter(self, reason: impl Into<String>) -> Result<()> {
+        dead_letter(&self.ctx, self.message, self.attempt, self.acker, reason.into()).await
+    }
+
+    /// Takes the message out, leaving the delivery unsettled (it will be
+    /// redelivered after the ack timeout).
+    #[must_use]
+    pub fn into_message(self) -> Message {
+        self.message
+    }
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("message", &self.message)
+            .field("attempt", &self.attempt)
+            .field("topic", &self.ctx.topic)
+            .field("subscription", &self.ctx.subscription)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds the dead letter for `message`: same id, key, payload and headers,
+/// plus the `sy-*` dead-letter headers.
+pub(crate) fn dead_letter_message(
+    ctx: &SubscriptionContext,
+    mut message: Message,
+    attempt: u32,
+    reason: String,
+) -> Message {
+    let at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+    let h = message.headers_mut();
+    h.insert(headers::DEAD_LETTER_REASON, reason);
+    h.insert(headers::ORIGINAL_TOPIC, ctx.topic.clone());
+    h.insert(headers::ORIGINAL_SUBSCRIPTION, ctx.subscription.clone());
+    h.insert(headers::ATTEMPTS, attempt.to_string());
+    h.insert(headers::DEAD_LETTERED_AT, at);
+    message
+}
+
+pub(crate) async fn dead_letter(
+    ctx: &SubscriptionContext,
+    message: Message,
+    attempt: u32,
+    acker: Box<dyn Acker>,
+    reason: String,
+) -> Result<()> {
+    let dead = dead_letter_message(ctx, message, attempt, reason);
+    // Publish-then-ack: if the publish fails the acker is dropped unsettled and
+    // the broker redelivers the original.
+    ctx.broker.publish(&ctx.dead_letter_topic, dead).await?;
+    acker.ack().await
+}

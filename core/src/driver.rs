@@ -1,0 +1,177 @@
+//! The backend contract: what a broker backend implements.
+//!
+//! Applications use [`Client`](crate::Client); backends implement the four
+//! small object-safe traits here ([`Publisher`], [`Subscriber`], [`Receiver`],
+//! [`Acker`]) and get everything else — validation, dead-lettering, the
+//! `max_attempts` rules, redrive, the `Stream` of deliveries — from core,
+//! written once for every broker.
+//!
+//! # Contract
+//!
+//! Every rule below is checked by `switchyard-conformance`; a backend is done
+//! when it passes the whole suite.
+//!
+//! - Names and header keys reaching a backend are already valid under the
+//!   portable rules ([`validate_name`](crate::validate_name)); the backend maps
+//!   them onto its broker's narrower rules deterministically and without
+//!   collisions.
+//! - **Publish is confirmed**: [`Publisher::publish`] returns `Ok` only after
+//!   the broker durably accepted the message. [`Publisher::publish_batch`]
+//!   pipelines and reports per message, in input order.
+//! - **Fidelity**: id, key, every header and the payload round-trip
+//!   byte-exact; encoding broker quirks is the backend's job.
+//! - [`Receiver::recv`] is cancel safe and respects the prefetch limit: a
+//!   receiver never has more than `prefetch` deliveries handed out and not
+//!   yet settled.
+//! - [`RawDelivery::attempt`] is the broker's durable delivery count (1 on
+//!   first delivery), surviving consumer restarts.
+//! - A settled delivery ([`Acker::ack`]) is never delivered again to that
+//!   subscription. [`Acker::nack`] with a delay is not redelivered before the
+//!   delay. A delivery whose acker is dropped unsettled is redelivered after
+//!   the ack timeout at the latest.
+//! - After [`Receiver::close`], `recv` returns `None` and the receiver's
+//!   unsettled deliveries go back to the subscription.
+
+use std::{fmt, time::Duration};
+
+use async_trait::async_trait;
+
+use crate::{Capabilities, Message, SubscribeOptions, error::Result};
+
+/// Publishes messages to topics (backend side).
+///
+/// Applications call [`Client::publish`](crate::Client::publish), which
+/// validates before it calls this.
+#[async_trait]
+pub trait Publisher: Send + Sync + fmt::Debug {
+    /// Publishes one message and waits for the broker's confirmation.
+    ///
+    /// Creates the topic when the broker needs topics created. Publishing
+    /// never requires a subscription to exist.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::PayloadTooLarge`](crate::Error::PayloadTooLarge) before
+    /// sending anything when the encoded message is over the broker's limit;
+    /// [`Error::Closed`](crate::Error::Closed) after close; connection and
+    /// broker errors otherwise.
+    async fn publish(&self, topic: &str, message: Message) -> Result<()>;
+
+    /// Publishes many messages, pipelining confirmations; one result per
+    /// message, in input order.
+    ///
+    /// The default runs [`Publisher::publish`] for all messages concurrently;
+    /// backends with a native batch or a windowed pipeline override it.
+    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Vec<Result<()>> {
+        futures_util::future::join_all(messages.into_iter().map(|m| self.publish(topic, m))).await
+    }
+
+    /// Flushes what was accepted and refuses further publishes with
+    /// [`Error::Closed`](crate::Error::Closed). Idempotent.
+    ///
+    /// # Errors
+    ///
+    /// When the flush fails.
+    async fn close(&self) -> Result<()>;
+}
+
+/// Creates subscriptions and opens receivers on them (backend side).
+#[async_trait]
+pub trait Subscriber: Send + Sync + fmt::Debug {
+    /// Makes sure `topic` exists, where the broker has topics to create.
+    ///
+    /// # Errors
+    ///
+    /// Connection and broker errors.
+    async fn ensure_topic(&self, topic: &str) -> Result<()>;
+
+    /// Makes sure the subscription `options.name()` on `topic` exists, so every
+    /// message published from now on is kept for it.
+    ///
+    /// # Errors
+    ///
+    /// Connection and broker errors.
+    async fn ensure_subscription(&self, topic: &str, options: &SubscribeOptions) -> Result<()>;
+
+    /// Opens a consumer on the subscription (creating it when missing).
+    ///
+    /// # Errors
+    ///
+    /// Connection and broker errors; [`Error::Closed`](crate::Error::Closed)
+    /// after close.
+    async fn receiver(&self, topic: &str, options: &SubscribeOptions) -> Result<Box<dyn Receiver>>;
+
+    /// Closes every receiver opened through this handle. Idempotent.
+    ///
+    /// # Errors
+    ///
+    /// When the broker connection fails to close cleanly.
+    async fn close(&self) -> Result<()>;
+}
+
+/// A backend: publisher, subscriber and its capabilities.
+pub trait Broker: Publisher + Subscriber {
+    /// What the backend can do.
+    fn capabilities(&self) -> Capabilities;
+}
+
+/// One consumer attached to a subscription (backend side).
+#[async_trait]
+pub trait Receiver: Send + Sync + fmt::Debug {
+    /// The next delivery, waiting for one; `None` once closed.
+    ///
+    /// # Cancel safety
+    ///
+    /// Must be cancel safe: dropping the future before it completes loses no
+    /// delivery.
+    async fn recv(&self) -> Option<Result<RawDelivery>>;
+
+    /// Stops fetching; deliveries this receiver handed out and that are not
+    /// settled go back to the subscription; a pending `recv` returns `None`.
+    /// Idempotent.
+    ///
+    /// # Errors
+    ///
+    /// When the broker fails to close the consumer cleanly.
+    async fn close(&self) -> Result<()>;
+}
+
+/// Settles one delivery (backend side). Called at most once per delivery by core.
+#[async_trait]
+pub trait Acker: Send + Sync + fmt::Debug {
+    /// Settles the delivery for good.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`](crate::Error::Closed) when the receiver was closed;
+    /// connection and broker errors.
+    async fn ack(&self) -> Result<()>;
+
+    /// Returns the delivery for redelivery with attempt + 1, not before
+    /// `delay` where one is given.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Acker::ack`].
+    async fn nack(&self, delay: Option<Duration>) -> Result<()>;
+}
+
+/// A message as a backend receives it, before core wraps it into a
+/// [`Delivery`](crate::Delivery).
+pub struct RawDelivery {
+    /// The message.
+    pub message: Message,
+    /// The broker's delivery count: 1 on first delivery.
+    pub attempt: u32,
+    /// Settles this delivery.
+    pub acker: Box<dyn Acker>,
+}
+
+impl fmt::Debug for RawDelivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawDelivery")
+            .field("message", &self.message)
+            .field("attempt", &self.attempt)
+            .finish_non_exhaustive()
+    }
+}
