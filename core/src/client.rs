@@ -136,8 +136,13 @@ impl Client {
             .into_iter()
             .map(|r| {
                 r.unwrap_or_else(|| {
-                    sent.next()
-                        .unwrap_or_else(|| Err(Error::broker("backend returned too few results", false, None)))
+                    sent.next().unwrap_or_else(|| {
+                        Err(Error::broker(
+                            "backend returned too few results",
+                            false,
+                            None,
+                        ))
+                    })
                 })
             })
             .collect()
@@ -186,7 +191,12 @@ impl Client {
         Ok(self.wrap(topic, &options, receiver))
     }
 
-    fn wrap(&self, topic: &str, options: &SubscribeOptions, receiver: Box<dyn Receiver>) -> Subscription {
+    fn wrap(
+        &self,
+        topic: &str,
+        options: &SubscribeOptions,
+        receiver: Box<dyn Receiver>,
+    ) -> Subscription {
         let ctx = SubscriptionContext {
             topic: topic.to_owned(),
             subscription: options.name().to_owned(),
@@ -218,7 +228,9 @@ impl Client {
     ) -> Result<usize> {
         options.validate(topic)?;
         let dlq = options.dead_letter_topic_for(topic);
-        let mut sub = self.subscribe(&dlq, SubscribeOptions::dead_letters()).await?;
+        let mut sub = self
+            .subscribe(&dlq, SubscribeOptions::dead_letters())
+            .await?;
         let mut moved = 0;
         while limit.is_none_or(|l| moved < l) {
             let delivery = match tokio::time::timeout(idle, sub.recv()).await {
@@ -259,7 +271,9 @@ impl Client {
 
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Client").field("broker", &self.broker).finish()
+        f.debug_struct("Client")
+            .field("broker", &self.broker)
+            .finish()
     }
 }
 

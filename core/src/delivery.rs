@@ -134,7 +134,14 @@ impl Delivery {
     /// confirmed dead-letter publish, the original may come back and be
     /// dead-lettered again.
     pub async fn dead_letter(self, reason: impl Into<String>) -> Result<()> {
-        dead_letter(&self.ctx, self.message, self.attempt, self.acker, reason.into()).await
+        dead_letter(
+            &self.ctx,
+            self.message,
+            self.attempt,
+            self.acker,
+            reason.into(),
+        )
+        .await
     }
 
     /// Takes the message out, leaving the delivery unsettled (it will be

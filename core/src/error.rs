@@ -161,11 +161,7 @@ impl Error {
     }
 
     /// A [`Error::Broker`] from a message, a retryable flag and a native error.
-    pub fn broker(
-        message: impl Into<String>,
-        retryable: bool,
-        source: Option<BoxError>,
-    ) -> Self {
+    pub fn broker(message: impl Into<String>, retryable: bool, source: Option<BoxError>) -> Self {
         Error::Broker {
             message: message.into(),
             retryable,
@@ -222,7 +218,10 @@ mod tests {
     #[test]
     fn source_is_kept() {
         let e = Error::connection("down", "refused");
-        assert_eq!(std::error::Error::source(&e).unwrap().to_string(), "refused");
+        assert_eq!(
+            std::error::Error::source(&e).unwrap().to_string(),
+            "refused"
+        );
     }
 
     #[test]

@@ -24,7 +24,11 @@ pub trait PublisherExt: Publisher {
     /// # Errors
     ///
     /// As for [`Publisher::publish`].
-    async fn publish_payload(&self, topic: &str, payload: impl Into<Bytes> + Send) -> Result<String> {
+    async fn publish_payload(
+        &self,
+        topic: &str,
+        payload: impl Into<Bytes> + Send,
+    ) -> Result<String> {
         let message = Message::new(payload);
         let id = message.id().to_owned();
         self.publish(topic, message).await?;
@@ -39,7 +43,10 @@ pub trait PublisherExt: Publisher {
     ///
     /// The first per-message error.
     async fn publish_all(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
-        self.publish_batch(topic, messages).await.into_iter().collect()
+        self.publish_batch(topic, messages)
+            .await
+            .into_iter()
+            .collect()
     }
 
     /// Publishes `value` as JSON (`content-type: application/json`); returns the id.

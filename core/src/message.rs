@@ -214,7 +214,12 @@ mod tests {
 
     #[test]
     fn validate_rejects_reserved_and_bad_keys() {
-        assert!(Message::new("").with_header("sy-x", "1").validate().is_err());
+        assert!(
+            Message::new("")
+                .with_header("sy-x", "1")
+                .validate()
+                .is_err()
+        );
         assert!(Message::new("").with_header("a b", "1").validate().is_err());
         assert!(Message::new("").with_id("").validate().is_err());
         Message::new("")

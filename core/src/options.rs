@@ -318,8 +318,18 @@ mod tests {
         assert_eq!(o.max_attempts_value(), 5);
         assert_eq!(o.dead_letter_topic_for("t"), "t.s.dlq");
         o.validate("t").unwrap();
-        assert!(SubscribeOptions::new("s").prefetch(0).validate("t").is_err());
-        assert!(SubscribeOptions::new("s").max_attempts(0).validate("t").is_err());
+        assert!(
+            SubscribeOptions::new("s")
+                .prefetch(0)
+                .validate("t")
+                .is_err()
+        );
+        assert!(
+            SubscribeOptions::new("s")
+                .max_attempts(0)
+                .validate("t")
+                .is_err()
+        );
         assert!(SubscribeOptions::new("s b").validate("t").is_err());
         // the derived dead-letter topic must itself be a valid name
         let long = "x".repeat(196);

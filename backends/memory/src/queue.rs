@@ -1,0 +1,241 @@
+//! One subscription's queue: ready, delayed and in-flight messages.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use switchyard_core::Message;
+use tokio::{sync::Notify, time::Instant};
+
+/// A message waiting in a subscription, with its delivery count.
+#[derive(Debug)]
+struct Entry {
+    message: Message,
+    deliveries: u32,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    seq: u64,
+    entry: Entry,
+    deadline: Instant,
+    consumer: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Ready messages by publish sequence (so redeliveries keep their place).
+    ready: BTreeMap<u64, Entry>,
+    /// Nacked-with-delay messages by (due, seq).
+    delayed: BTreeMap<(Instant, u64), Entry>,
+    /// Handed-out deliveries by delivery tag.
+    in_flight: HashMap<u64, InFlight>,
+    /// Ack deadlines (deadline, tag) of in-flight deliveries.
+    deadlines: BTreeSet<(Instant, u64)>,
+    /// Unsettled deliveries per consumer.
+    held: HashMap<u64, usize>,
+    next_tag: u64,
+}
+
+impl State {
+    fn release(&mut self, tag: u64) -> Option<InFlight> {
+        let f = self.in_flight.remove(&tag)?;
+        self.deadlines.remove(&(f.deadline, tag));
+        if let Some(n) = self.held.get_mut(&f.consumer) {
+            *n -= 1;
+        }
+        Some(f)
+    }
+
+    /// Moves due delayed messages and expired deliveries back to ready.
+    fn promote(&mut self, now: Instant) {
+        while let Some(entry) = self.delayed.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let ((_, seq), e) = entry.remove_entry();
+            self.ready.insert(seq, e);
+        }
+        while let Some(&(deadline, tag)) = self.deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            if let Some(f) = self.release(tag) {
+                self.ready.insert(f.seq, f.entry);
+            }
+        }
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        let delayed = self.delayed.keys().next().map(|k| k.0);
+        let deadline = self.deadlines.first().map(|k| k.0);
+        match (delayed, deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// What a receive attempt found.
+pub(crate) enum Take {
+    /// Deliveries: (tag, message, attempt).
+    Got(Vec<(u64, Message, u32)>),
+    /// Nothing now; wake at this instant at the latest.
+    Wait(Option<Instant>),
+}
+
+/// A subscription's queue, shared by its consumers.
+#[derive(Debug, Default)]
+pub(crate) struct Queue {
+    state: Mutex<State>,
+    /// Woken whenever something may have become receivable.
+    pub(crate) changed: Notify,
+    next_seq: std::sync::atomic::AtomicU64,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent-enough state
+        // (every mutation is a few map operations); keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn push(&self, message: Message) {
+        let seq = self
+            .next_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.lock().ready.insert(
+            seq,
+            Entry {
+                message,
+                deliveries: 0,
+            },
+        );
+        self.changed.notify_waiters();
+    }
+
+    pub(crate) fn push_many(&self, messages: impl Iterator<Item = Message>) {
+        let mut state = self.lock();
+        for message in messages {
+            let seq = self
+                .next_seq
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            state.ready.insert(
+                seq,
+                Entry {
+                    message,
+                    deliveries: 0,
+                },
+            );
+        }
+        drop(state);
+        self.changed.notify_waiters();
+    }
+
+    /// Takes up to `max` ready messages for `consumer`, within its prefetch.
+    pub(crate) fn take(
+        &self,
+        consumer: u64,
+        prefetch: usize,
+        max: usize,
+        ack_timeout: Duration,
+    ) -> Take {
+        let now = Instant::now();
+        let mut state = self.lock();
+        state.promote(now);
+        let held = state.held.get(&consumer).copied().unwrap_or(0);
+        let room = prefetch.saturating_sub(held).min(max);
+        let mut out = Vec::new();
+        let deadline = now + ack_timeout;
+        while out.len() < room {
+            let Some((seq, mut entry)) = state.ready.pop_first() else {
+                break;
+            };
+            entry.deliveries += 1;
+            let tag = state.next_tag;
+            state.next_tag += 1;
+            out.push((tag, entry.message.clone(), entry.deliveries));
+            state.deadlines.insert((deadline, tag));
+            state.in_flight.insert(
+                tag,
+                InFlight {
+                    seq,
+                    entry,
+                    deadline,
+                    consumer,
+                },
+            );
+        }
+        if out.is_empty() {
+            Take::Wait(state.next_wake())
+        } else {
+            *state.held.entry(consumer).or_insert(0) += out.len();
+            Take::Got(out)
+        }
+    }
+
+    /// Settles a delivery for good. Returns false when the tag is unknown
+    /// (it already expired and went back to the queue).
+    pub(crate) fn ack(&self, tag: u64) -> bool {
+        let found = self.lock().release(tag).is_some();
+        self.changed.notify_waiters();
+        found
+    }
+
+    /// Returns a delivery to the queue, now or after `delay`.
+    pub(crate) fn nack(&self, tag: u64, delay: Option<Duration>) -> bool {
+        let mut state = self.lock();
+        let Some(f) = state.release(tag) else {
+            return false;
+        };
+        match delay {
+            Some(d) => {
+                state.delayed.insert((Instant::now() + d, f.seq), f.entry);
+            }
+            None => {
+                state.ready.insert(f.seq, f.entry);
+            }
+        }
+        drop(state);
+        self.changed.notify_waiters();
+        true
+    }
+
+    /// Returns every delivery `consumer` holds (consumer closed or dropped),
+    /// plus `buffered` tags it took but never handed out.
+    pub(crate) fn requeue_consumer(&self, consumer: u64) {
+        let mut state = self.lock();
+        let tags: Vec<u64> = state
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.consumer == consumer)
+            .map(|(t, _)| *t)
+            .collect();
+        for tag in tags {
+            if let Some(f) = state.release(tag) {
+                state.ready.insert(f.seq, f.entry);
+            }
+        }
+        state.held.remove(&consumer);
+        drop(state);
+        self.changed.notify_waiters();
+    }
+
+    /// Un-takes deliveries a consumer buffered but never handed out: back
+    /// to ready with their delivery count restored.
+    pub(crate) fn untake(&self, tags: VecDeque<u64>) {
+        let mut state = self.lock();
+        for tag in tags {
+            if let Some(mut f) = state.release(tag) {
+                f.entry.deliveries -= 1;
+                state.ready.insert(f.seq, f.entry);
+            }
+        }
+        drop(state);
+        self.changed.notify_waiters();
+    }
+}
+
+pub(crate) type SharedQueue = Arc<Queue>;

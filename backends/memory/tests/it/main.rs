@@ -1,0 +1,50 @@
+//! Integration tests of the memory backend: the whole conformance suite,
+//! plus behaviour specific to the in-process broker.
+
+use std::time::Duration;
+
+use switchyard_conformance::Harness;
+use switchyard_core::{Client, Result};
+use switchyard_memory::MemoryBroker;
+
+mod specific;
+
+/// Each case gets its own broker; every `client()` is a new connection to it.
+#[derive(Debug)]
+struct MemoryHarness {
+    broker: MemoryBroker,
+    name: String,
+}
+
+#[async_trait::async_trait]
+impl Harness for MemoryHarness {
+    async fn client(&self) -> Result<Client> {
+        Ok(self.broker.client())
+    }
+
+    async fn connect_url(&self) -> Result<Client> {
+        switchyard_memory::connect(&format!("memory://{}", self.name))
+    }
+
+    fn ack_timeout(&self) -> Duration {
+        Duration::from_millis(300)
+    }
+
+    fn receive_timeout(&self) -> Duration {
+        Duration::from_secs(5)
+    }
+
+    fn slack(&self) -> Duration {
+        Duration::from_millis(500)
+    }
+}
+
+async fn harness() -> Option<MemoryHarness> {
+    let name = format!("conformance-{}", switchyard_core::new_id());
+    Some(MemoryHarness {
+        broker: MemoryBroker::named(&name),
+        name,
+    })
+}
+
+switchyard_conformance::conformance_tests!(harness);

@@ -1,0 +1,215 @@
+//! The one conformance suite every switchyard backend runs.
+//!
+//! A backend implements [`Harness`] (how to reach the broker and which
+//! timings to use) and expands [`conformance_tests!`] in its tests: one
+//! `#[tokio::test]` per case, so each case passes or fails by name. The cases
+//! are plain `pub async fn`s in [`cases`], callable on their own.
+//!
+//! Every wait is bounded: a missing message fails the case, it never hangs.
+//! Delivery is at-least-once, so cases compare sets of ids; where a case
+//! asserts "no duplicates", a repeat is tolerated only when the broker itself
+//! reports it as a redelivery (`attempt > 1`).
+//!
+//! [`Capabilities`](switchyard_core::Capabilities) decide which cases do not
+//! apply; a skipped case prints why (to stderr, past the test harness's
+//! output capture).
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use switchyard_conformance::Harness;
+//! use switchyard_core::{Client, Result};
+//!
+//! #[derive(Debug)]
+//! struct MyHarness;
+//!
+//! #[async_trait::async_trait]
+//! impl Harness for MyHarness {
+//!     async fn client(&self) -> Result<Client> {
+//!         unimplemented!("connect to the broker under test")
+//!     }
+//!     fn ack_timeout(&self) -> Duration {
+//!         Duration::from_secs(2)
+//!     }
+//! }
+//!
+//! async fn harness() -> Option<MyHarness> {
+//!     // None skips every case, e.g. when SWITCHYARD_MY_URL is unset:
+//!     switchyard_conformance::broker_url("SWITCHYARD_MY_URL").map(|_url| MyHarness)
+//! }
+//!
+//! // In tests/it/main.rs:
+//! // switchyard_conformance::conformance_tests!(harness);
+//! ```
+
+use std::{fmt, future::Future, io::Write as _, pin::Pin, time::Duration};
+
+use async_trait::async_trait;
+use switchyard_core::{Client, Result};
+
+pub mod cases;
+mod util;
+
+/// How the suite reaches one backend.
+#[async_trait]
+pub trait Harness: Send + Sync + fmt::Debug {
+    /// A new, independent connection to the broker under test. Cases that
+    /// simulate a consumer restart call it more than once.
+    ///
+    /// # Errors
+    ///
+    /// When the broker cannot be reached (the case fails).
+    async fn client(&self) -> Result<Client>;
+
+    /// A connection made through the URL entry point (`switchyard::connect`
+    /// or the backend's own `connect(url)`), for the `connect_and_dyn` case.
+    /// Defaults to [`Harness::client`].
+    ///
+    /// # Errors
+    ///
+    /// When the broker cannot be reached.
+    async fn connect_url(&self) -> Result<Client> {
+        self.client().await
+    }
+
+    /// A short ack timeout the broker honours, used by the cases that wait
+    /// for redelivery of unsettled messages.
+    fn ack_timeout(&self) -> Duration {
+        Duration::from_secs(2)
+    }
+
+    /// The longest the suite waits for one expected message before failing.
+    fn receive_timeout(&self) -> Duration {
+        Duration::from_secs(15)
+    }
+
+    /// How late a redelivery may be, on top of a requested delay or the ack
+    /// timeout.
+    fn slack(&self) -> Duration {
+        Duration::from_secs(3)
+    }
+
+    /// The bound on one whole case.
+    fn case_timeout(&self) -> Duration {
+        Duration::from_secs(180)
+    }
+
+    /// A fresh name, unique per call, for a topic or subscription.
+    fn unique(&self, prefix: &str) -> String {
+        format!("sy-conf.{prefix}.{}", util::short_id())
+    }
+}
+
+/// The result of a case that did not fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every assertion held.
+    Passed,
+    /// The case does not apply to this backend; says why.
+    Skipped(String),
+}
+
+/// A boxed case future.
+pub type CaseFuture<'a> = Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
+
+/// Runs one case with its time bound, panicking on failure or timeout and
+/// printing a skip reason.
+///
+/// # Panics
+///
+/// When the case fails or exceeds [`Harness::case_timeout`].
+pub async fn run<'a>(harness: &'a dyn Harness, name: &str, case: CaseFuture<'a>) {
+    let bound = harness.case_timeout();
+    match tokio::time::timeout(bound, case).await {
+        Err(_) => panic!("conformance case `{name}` did not finish within {bound:?}"),
+        Ok(Outcome::Passed) => {}
+        Ok(Outcome::Skipped(why)) => {
+            // Written to the real stderr: the test harness captures only print!.
+            let _ = writeln!(
+                std::io::stderr(),
+                "conformance case `{name}` SKIPPED: {why}"
+            );
+        }
+    }
+}
+
+/// Reads a broker URL from the environment variable `var`.
+///
+/// When it is unset, prints that the broker tests are skipped and returns
+/// `None` — unless `SWITCHYARD_REQUIRE_BROKERS=1` (set by CI), where a missing
+/// broker fails loudly.
+///
+/// # Panics
+///
+/// When `var` is unset and `SWITCHYARD_REQUIRE_BROKERS=1`.
+#[must_use]
+pub fn broker_url(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            let required = std::env::var("SWITCHYARD_REQUIRE_BROKERS").is_ok_and(|v| v == "1");
+            assert!(
+                !required,
+                "{var} is not set but SWITCHYARD_REQUIRE_BROKERS=1: start the brokers with scripts/brokers.sh"
+            );
+            let _ = writeln!(std::io::stderr(), "{var} is not set: broker test SKIPPED");
+            None
+        }
+    }
+}
+
+/// Expands to one `#[tokio::test]` per conformance case.
+///
+/// Takes the path of an `async fn() -> Option<H>` where `H: Harness`;
+/// `None` skips (see [`broker_url`]). The calling crate needs `tokio` with the
+/// `macros` and `rt-multi-thread` features as a dev-dependency.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($harness:path) => {
+        $crate::conformance_tests!(@cases $harness;
+            publish_and_receive_set,
+            payload_fidelity,
+            header_fidelity,
+            generated_ids,
+            ack_is_final,
+            nack_redelivers,
+            nack_with_delay,
+            unsettled_redelivered_after_ack_timeout,
+            close_hands_over_unsettled,
+            nack_past_max_attempts_dead_letters,
+            explicit_dead_letter_reason,
+            dead_letter_keeps_message,
+            redrive_returns_dead_letters,
+            attempts_survive_restart,
+            competing_consumers,
+            fan_out,
+            per_key_order,
+            prefetch_bounds_unsettled,
+            ensure_subscription_before_publish,
+            isolation,
+            concurrent_publishers,
+            publish_batch_1000,
+            oversized_payload_rejected,
+            invalid_names_rejected,
+            use_after_close,
+            recv_cancel_safe,
+            connect_and_dyn,
+            dead_letters_kept_without_reader,
+        );
+    };
+    (@cases $harness:path; $($case:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let Some(harness) = $harness().await else { return };
+                $crate::run(
+                    &harness,
+                    stringify!($case),
+                    ::std::boxed::Box::pin($crate::cases::$case(&harness)),
+                )
+                .await;
+            }
+        )*
+    };
+}

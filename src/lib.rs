@@ -1,0 +1,191 @@
+//! switchyard: one API for publishing and consuming messages — publish,
+//! subscribe, ack/nack, retries with delay, dead-letter topics — over a broker
+//! chosen by Cargo feature and URL.
+//!
+//! A service picks its broker with a URL; every backend passes one shared
+//! conformance suite, so moving from one broker to another is a configuration
+//! change, and tests can run against the in-process memory broker with the
+//! same semantics.
+//!
+//! | scheme | feature | backend |
+//! |---|---|---|
+//! | `memory://[name]` | `memory` (default) | in-process broker ([`memory`]) |
+//! | `kafka://host:port` | `kafka` | Apache Kafka (not yet available) |
+//! | `amqp://user:pass@host:port/vhost` | `rabbitmq` | RabbitMQ (not yet available) |
+//! | `nats://host:port` | `nats` | NATS JetStream (not yet available) |
+//! | `sqs://?region=…` | `sqs` | AWS SQS (not yet available) |
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use switchyard::{Message, Retry, SubscribeOptions};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> switchyard::Result<()> {
+//! let client = switchyard::connect("memory://docs").await?;
+//! let opts = SubscribeOptions::new("billing").max_attempts(3);
+//!
+//! // Create the subscription at deploy time, so nothing published before the
+//! // first consumer starts is lost.
+//! client.ensure_subscription("orders.created", &opts).await?;
+//! client
+//!     .publish("orders.created", Message::new(r#"{"order":1}"#).with_key("customer-7"))
+//!     .await?;
+//!
+//! let mut sub = client.subscribe("orders.created", opts).await?;
+//! let delivery = sub.recv().await?;
+//! assert_eq!(delivery.attempt(), 1);
+//! delivery.nack(Retry::after(Duration::from_millis(10))).await?; // comes back later
+//! let again = sub.recv().await?;
+//! assert_eq!(again.attempt(), 2);
+//! again.ack().await?; // settled for good
+//! # Ok(()) }
+//! ```
+//!
+//! # Delivery semantics
+//!
+//! Publishing is confirmed (`publish` returns after the broker durably
+//! accepted the message); delivery is at-least-once, so consumers
+//! de-duplicate by [`Message::id`]. Nacked messages come back with
+//! `attempt + 1`; after `max_attempts` (or on [`Delivery::dead_letter`]) they
+//! move to the subscription's dead-letter topic with `sy-*` headers saying
+//! why, and [`Client::redrive`] moves them back. See [`switchyard_core`] for
+//! the full contract.
+
+pub use switchyard_core::*;
+
+/// The in-process broker (feature `memory`).
+#[cfg(feature = "memory")]
+pub use switchyard_memory as memory;
+
+/// Connects to the broker named by `url`, choosing the backend by scheme:
+/// `memory://`, `kafka://`, `amqp://` / `amqps://`, `nats://`, `sqs://`.
+///
+/// The returned [`Client`] is a cheap, cloneable handle; it implements
+/// [`Broker`], so it can also be shared as `Arc<dyn Broker>`.
+///
+/// # Errors
+///
+/// [`Error::InvalidUrl`] when the URL cannot be parsed or its scheme is
+/// unknown (the message says what is wrong, without any password);
+/// [`Error::FeatureNotEnabled`] naming the Cargo feature to enable when the
+/// scheme's backend is not compiled in; the backend's connection errors
+/// (within its connect timeout).
+///
+/// # Examples
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let err = switchyard::connect("carrier-pigeon://loft").await.unwrap_err();
+/// assert!(err.to_string().contains("unknown scheme"));
+/// # }
+/// ```
+pub async fn connect(url: &str) -> Result<Client> {
+    let parsed = url::Url::parse(url).map_err(|e| Error::InvalidUrl {
+        url: redact(url),
+        reason: e.to_string(),
+    })?;
+    let scheme = parsed.scheme();
+    let missing = |feature: &'static str| Error::FeatureNotEnabled {
+        scheme: scheme.to_owned(),
+        feature,
+    };
+    match scheme {
+        "memory" => {
+            #[cfg(feature = "memory")]
+            return switchyard_memory::connect(url);
+            #[cfg(not(feature = "memory"))]
+            return Err(missing("memory"));
+        }
+        "kafka" => Err(missing("kafka")),
+        "amqp" | "amqps" => Err(missing("rabbitmq")),
+        "nats" => Err(missing("nats")),
+        "sqs" => Err(missing("sqs")),
+        other => Err(Error::InvalidUrl {
+            url: redact(url),
+            reason: format!(
+                "unknown scheme {other:?}; expected memory, kafka, amqp, amqps, nats or sqs"
+            ),
+        }),
+    }
+}
+
+/// `url` with any password replaced by `***`, for error messages.
+fn redact(url: &str) -> String {
+    if let Ok(mut parsed) = url::Url::parse(url) {
+        if parsed.password().is_some() {
+            let _ = parsed.set_password(Some("***"));
+        }
+        return parsed.to_string();
+    }
+    // Unparsable: hide everything between "://" and the last '@'.
+    match (url.find("://"), url.rfind('@')) {
+        (Some(start), Some(at)) if at > start => format!("{}***{}", &url[..start + 3], &url[at..]),
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn scheme_without_feature_names_the_feature() {
+        for (url, feature) in [
+            ("kafka://127.0.0.1:9092", "kafka"),
+            ("amqp://guest:guest@127.0.0.1:5672/%2f", "rabbitmq"),
+            ("amqps://u:p@host/vh", "rabbitmq"),
+            ("nats://127.0.0.1:4222", "nats"),
+            ("sqs://?region=us-east-1", "sqs"),
+        ] {
+            match connect(url).await {
+                Err(Error::FeatureNotEnabled { feature: f, .. }) => assert_eq!(f, feature, "{url}"),
+                other => panic!("{url}: expected FeatureNotEnabled, got {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_urls_say_what_is_wrong_without_passwords() {
+        let err = connect("not a url").await.unwrap_err();
+        assert!(matches!(err, Error::InvalidUrl { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains("relative URL without a base"),
+            "{err}"
+        );
+
+        let err = connect("ftp://user:hunter2@host").await.unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("unknown scheme \"ftp\""), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+
+        let err = connect("memory://x?bogus=1").await.unwrap_err();
+        assert!(
+            err.to_string().contains("unknown parameter \"bogus\""),
+            "{err}"
+        );
+
+        assert_eq!(redact("amqp://u:hunter2@[bad"), "amqp://***@[bad");
+    }
+
+    #[cfg(feature = "memory")]
+    #[tokio::test]
+    async fn memory_urls_share_named_brokers() {
+        let a = connect("memory://shared-by-name").await.unwrap();
+        let b = connect("memory://shared-by-name").await.unwrap();
+        let opts = SubscribeOptions::new("s");
+        a.ensure_subscription("t", &opts).await.unwrap();
+        b.publish("t", Message::new("x").with_id("one"))
+            .await
+            .unwrap();
+        let mut sub = a.subscribe("t", opts).await.unwrap();
+        let d = sub.recv().await.unwrap();
+        assert_eq!(d.message().id(), "one");
+        d.ack().await.unwrap();
+        // Closing one connection does not close the broker for the other.
+        a.close().await.unwrap();
+        b.publish("t", Message::new("y")).await.unwrap();
+    }
+}
