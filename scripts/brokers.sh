@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Local brokers for switchyard's tests and benchmarks.
+#
+#   bash scripts/brokers.sh start [BROKER...]   # install when missing, start when not running
+#   bash scripts/brokers.sh stop                # stop only the brokers this script started (by PID)
+#   bash scripts/brokers.sh status
+#   source scripts/brokers.sh; brokers_start    # same, and exports SWITCHYARD_*_URL
+#
+# A broker whose port already answers is reused, never started twice.
+# Everything binds to 127.0.0.1; every wait is bounded.
+# Brokers: nats (JetStream, 127.0.0.1:4222).
+
+SY_BROKER_DIR="${SWITCHYARD_BROKER_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/switchyard/brokers}"
+SY_ALL_BROKERS="nats"
+
+_sy_log() { echo "[brokers] $*" >&2; }
+
+_sy_port_open() { # host port
+    timeout 1 bash -c "exec 3<>/dev/tcp/$1/$2" 2>/dev/null
+}
+
+_sy_wait_port() { # name host port seconds
+    local deadline=$((SECONDS + $4))
+    until _sy_port_open "$2" "$3"; do
+        if ((SECONDS >= deadline)); then
+            _sy_log "$1 did not open $2:$3 within $4 s"
+            return 1
+        fi
+        sleep 0.2
+    done
+}
+
+_sy_apt_install() { # package...
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    _sy_log "installing $* (Debian packages)"
+    if ! $sudo apt-get install -y --no-install-recommends "$@" >/dev/null 2>&1; then
+        $sudo apt-get update -qq >/dev/null 2>&1 || true
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends "$@" >/dev/null
+    fi
+}
+
+_sy_started() { # name pid
+    mkdir -p "$SY_BROKER_DIR"
+    echo "$2" >"$SY_BROKER_DIR/$1.pid"
+    SY_STARTED_BROKERS="${SY_STARTED_BROKERS:-} $1"
+}
+
+_sy_start_nats() {
+    export SWITCHYARD_NATS_URL="${SWITCHYARD_NATS_URL:-nats://127.0.0.1:4222}"
+    if _sy_port_open 127.0.0.1 4222; then
+        _sy_log "nats: reusing the server on 127.0.0.1:4222"
+        return 0
+    fi
+    local bin
+    bin="$(command -v nats-server || true)"
+    [ -n "$bin" ] || [ ! -x /usr/sbin/nats-server ] || bin=/usr/sbin/nats-server
+    if [ -z "$bin" ]; then
+        _sy_apt_install nats-server
+        bin="$(command -v nats-server || echo /usr/sbin/nats-server)"
+    fi
+    mkdir -p "$SY_BROKER_DIR/nats"
+    _sy_log "nats: starting $bin with JetStream on 127.0.0.1:4222"
+    setsid "$bin" -a 127.0.0.1 -p 4222 -js -sd "$SY_BROKER_DIR/nats" \
+        -l "$SY_BROKER_DIR/nats.log" </dev/null >/dev/null 2>&1 &
+    _sy_started nats $!
+    _sy_wait_port nats 127.0.0.1 4222 20
+}
+
+brokers_start() { # [broker...]
+    local b
+    for b in ${*:-$SY_ALL_BROKERS}; do
+        case "$b" in
+        nats) _sy_start_nats || return 1 ;;
+        *) _sy_log "unknown broker $b (known: $SY_ALL_BROKERS)"; return 1 ;;
+        esac
+    done
+}
+
+brokers_stop() {
+    local f pid
+    for f in "$SY_BROKER_DIR"/*.pid; do
+        [ -e "$f" ] || continue
+        pid="$(cat "$f")"
+        if kill -0 "$pid" 2>/dev/null; then
+            _sy_log "stopping $(basename "$f" .pid) (pid $pid)"
+            kill "$pid" 2>/dev/null || true
+        fi
+        rm -f "$f"
+    done
+}
+
+brokers_status() {
+    _sy_port_open 127.0.0.1 4222 && echo "nats: up (127.0.0.1:4222)" || echo "nats: down"
+}
+
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+    set -euo pipefail
+    cmd="${1:-start}"
+    shift || true
+    case "$cmd" in
+    start) brokers_start "$@"; env | grep '^SWITCHYARD_.*_URL=' || true ;;
+    stop) brokers_stop ;;
+    status) brokers_status ;;
+    *) echo "usage: $0 start|stop|status [broker...]" >&2; exit 2 ;;
+    esac
+fi
