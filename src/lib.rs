@@ -12,7 +12,7 @@
 //! | `memory://[name]` | `memory` (default) | in-process broker ([`memory`]) |
 //! | `kafka://host:port` | `kafka` | Apache Kafka (not yet available) |
 //! | `amqp://user:pass@host:port/vhost` | `rabbitmq` | RabbitMQ (not yet available) |
-//! | `nats://host:port` | `nats` | NATS JetStream (not yet available) |
+//! | `nats://host:port` | `nats` | NATS JetStream ([`nats`](https://docs.rs/switchyard-nats)) |
 //! | `sqs://?region=…` | `sqs` | AWS SQS (not yet available) |
 //!
 //! # Example
@@ -59,8 +59,12 @@ pub use switchyard_core::*;
 #[cfg(feature = "memory")]
 pub use switchyard_memory as memory;
 
+/// The NATS JetStream backend (feature `nats`).
+#[cfg(feature = "nats")]
+pub use switchyard_nats as nats;
+
 /// Connects to the broker named by `url`, choosing the backend by scheme:
-/// `memory://`, `kafka://`, `amqp://` / `amqps://`, `nats://`, `sqs://`.
+/// `memory://`, `kafka://`, `amqp://` / `amqps://`, `nats://` (or `tls://`), `sqs://`.
 ///
 /// The returned [`Client`] is a cheap, cloneable handle; it implements
 /// [`Broker`], so it can also be shared as `Arc<dyn Broker>`.
@@ -101,7 +105,12 @@ pub async fn connect(url: &str) -> Result<Client> {
         }
         "kafka" => Err(missing("kafka")),
         "amqp" | "amqps" => Err(missing("rabbitmq")),
-        "nats" => Err(missing("nats")),
+        "nats" | "tls" => {
+            #[cfg(feature = "nats")]
+            return switchyard_nats::connect(url).await;
+            #[cfg(not(feature = "nats"))]
+            return Err(missing("nats"));
+        }
         "sqs" => Err(missing("sqs")),
         other => Err(Error::InvalidUrl {
             url: redact(url),
@@ -137,7 +146,6 @@ mod tests {
             ("kafka://127.0.0.1:9092", "kafka"),
             ("amqp://guest:guest@127.0.0.1:5672/%2f", "rabbitmq"),
             ("amqps://u:p@host/vh", "rabbitmq"),
-            ("nats://127.0.0.1:4222", "nats"),
             ("sqs://?region=us-east-1", "sqs"),
         ] {
             match connect(url).await {
@@ -168,6 +176,18 @@ mod tests {
         );
 
         assert_eq!(redact("amqp://u:hunter2@[bad"), "amqp://***@[bad");
+    }
+
+    #[cfg(not(feature = "nats"))]
+    #[tokio::test]
+    async fn nats_without_feature_names_it() {
+        assert!(matches!(
+            connect("nats://127.0.0.1:4222").await,
+            Err(Error::FeatureNotEnabled {
+                feature: "nats",
+                ..
+            })
+        ));
     }
 
     #[cfg(feature = "memory")]

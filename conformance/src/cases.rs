@@ -846,18 +846,40 @@ pub async fn invalid_names_rejected(h: &dyn Harness) -> Outcome {
     Outcome::Passed
 }
 
-/// 25. Use after close returns `Closed`; closing twice is harmless.
+/// 25. Use after close returns `Closed`; closing twice is harmless; closing
+///     while a cancelled `recv` is parked inside the subscription does not hang.
 pub async fn use_after_close(h: &dyn Harness) -> Outcome {
     let s = setup(h, "close", |o| o).await;
     let mut sub = subscribe(&s.client, &s.topic, &s.opts).await;
+    let mut other = subscribe(&s.client, &s.topic, &s.opts).await;
+    // Leave a receive in progress inside both subscriptions.
+    for sub in [&mut sub, &mut other] {
+        let parked = tokio::time::timeout(Duration::from_millis(100), sub.recv()).await;
+        assert!(
+            parked.is_err(),
+            "nothing was published, yet recv returned {parked:?}"
+        );
+    }
+    tokio::time::timeout(Duration::from_secs(10), sub.close())
+        .await
+        .expect("closing a subscription with a cancelled recv hung")
+        .expect("close subscription");
     sub.close().await.expect("close subscription");
     sub.close().await.expect("close subscription twice");
     assert!(
         matches!(sub.recv().await, Err(Error::Closed)),
         "recv after close"
     );
-    s.client.close().await.expect("close client");
+    // `other` still has a receive parked: closing the client must not hang.
+    tokio::time::timeout(Duration::from_secs(10), s.client.close())
+        .await
+        .expect("closing a client with a cancelled recv hung")
+        .expect("close client");
     s.client.close().await.expect("close client twice");
+    assert!(
+        matches!(other.recv().await, Err(Error::Closed)),
+        "recv after client close"
+    );
     assert!(
         matches!(
             s.client.publish(&s.topic, Message::new("x")).await,

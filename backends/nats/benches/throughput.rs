@@ -1,0 +1,199 @@
+//! switchyard-nats vs raw async-nats, same server, same run, same window:
+//! confirmed publish (PubAcks in flight) and consume+ack of 256-byte messages.
+//!
+//! `SWITCHYARD_NATS_URL=nats://127.0.0.1:4222 cargo bench -p switchyard-nats`
+//! (`SY_BENCH_MESSAGES`, default 100,000; `SY_BENCH_WINDOW`, default 256).
+//! Streams use file storage and interest retention in both cases, and are
+//! deleted afterwards.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{
+    self,
+    consumer::{AckPolicy, DeliverPolicy, pull},
+    stream::{self, RetentionPolicy},
+};
+use futures_util::{StreamExt, stream::FuturesOrdered};
+use switchyard_core::{Bytes, Client, Message, SubscribeOptions};
+use switchyard_nats::{NatsBroker, NatsConfig};
+
+const SIZE: usize = 256;
+const BOUND: Duration = Duration::from_secs(300);
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn rate(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+async fn raw_publish(js: &jetstream::Context, subject: &str, n: usize, window: usize) -> Duration {
+    let payload = Bytes::from(vec![0xab; SIZE]);
+    let start = Instant::now();
+    let mut in_flight = FuturesOrdered::new();
+    for _ in 0..n {
+        if in_flight.len() >= window {
+            in_flight.next().await.unwrap();
+        }
+        let ack = js
+            .publish(subject.to_owned(), payload.clone())
+            .await
+            .unwrap();
+        in_flight.push_back(async move { ack.await.unwrap() });
+    }
+    while in_flight.next().await.is_some() {}
+    start.elapsed()
+}
+
+async fn raw_consume(
+    consumer: &jetstream::consumer::PullConsumer,
+    n: usize,
+    window: usize,
+) -> Duration {
+    let start = Instant::now();
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(window)
+        .messages()
+        .await
+        .unwrap();
+    for _ in 0..n {
+        let m = tokio::time::timeout(Duration::from_secs(30), messages.next())
+            .await
+            .expect("raw consume stalled")
+            .unwrap()
+            .unwrap();
+        m.ack().await.unwrap();
+    }
+    start.elapsed()
+}
+
+async fn sy_publish(client: &Client, topic: &str, n: usize) -> Duration {
+    let payload = Bytes::from(vec![0xab; SIZE]);
+    let start = Instant::now();
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(10_000);
+        let batch: Vec<Message> = (0..k).map(|_| Message::new(payload.clone())).collect();
+        for r in client.publish_batch(topic, batch).await {
+            r.unwrap();
+        }
+        left -= k;
+    }
+    start.elapsed()
+}
+
+async fn sy_consume(client: &Client, topic: &str, opts: SubscribeOptions, n: usize) -> Duration {
+    let start = Instant::now();
+    let mut sub = client.subscribe(topic, opts).await.unwrap();
+    for _ in 0..n {
+        let d = tokio::time::timeout(Duration::from_secs(30), sub.recv())
+            .await
+            .expect("switchyard consume stalled")
+            .unwrap();
+        d.ack().await.unwrap();
+    }
+    let elapsed = start.elapsed();
+    sub.close().await.unwrap();
+    elapsed
+}
+
+async fn run(url: &str, n: usize, window: usize) {
+    let broker = NatsBroker::connect(NatsConfig::from_url(url).unwrap().publish_window(window))
+        .await
+        .unwrap();
+    let js = broker.jetstream().clone();
+    let client = Client::new(broker.clone());
+    let run_id = &switchyard_core::new_id()[24..];
+
+    // Raw: a stream and durable consumer configured as switchyard configures its own.
+    let raw_stream = format!("bench-raw-{run_id}");
+    let raw_subject = format!("bench.raw.{run_id}");
+    let stream = js
+        .get_or_create_stream(stream::Config {
+            name: raw_stream.clone(),
+            subjects: vec![raw_subject.clone()],
+            retention: RetentionPolicy::Interest,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let consumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some("raw".into()),
+            ack_policy: AckPolicy::Explicit,
+            deliver_policy: DeliverPolicy::New,
+            max_ack_pending: 10_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let topic = format!("bench.switchyard.{run_id}");
+    let opts = SubscribeOptions::new("bench").prefetch(window);
+    client.ensure_subscription(&topic, &opts).await.unwrap();
+
+    println!("NATS JetStream at {url}: {n} messages of {SIZE} B, window {window}");
+    let mut figures = Vec::new();
+    for round in 1..=2 {
+        let raw_p = raw_publish(&js, &raw_subject, n, window).await;
+        let sy_p = sy_publish(&client, &topic, n).await;
+        let raw_c = raw_consume(&consumer, n, window).await;
+        let sy_c = sy_consume(&client, &topic, opts.clone(), n).await;
+        let (rp, sp, rc, sc) = (rate(n, raw_p), rate(n, sy_p), rate(n, raw_c), rate(n, sy_c));
+        println!(
+            "round {round}: publish raw {rp:>9.0} msg/s  switchyard {sp:>9.0} msg/s  ratio {:.2}",
+            sp / rp
+        );
+        println!(
+            "round {round}: consume+ack raw {rc:>9.0} msg/s  switchyard {sc:>9.0} msg/s  ratio {:.2}",
+            sc / rc
+        );
+        figures.push((rp, sp, rc, sc));
+    }
+    let (rp, sp, rc, sc) = figures.iter().fold((0.0, 0.0, 0.0, 0.0), |a, f| {
+        (a.0 + f.0, a.1 + f.1, a.2 + f.2, a.3 + f.3)
+    });
+    let k = figures.len() as f64;
+    println!(
+        "mean: publish raw {:.0} / switchyard {:.0} (ratio {:.2}); consume+ack raw {:.0} / switchyard {:.0} (ratio {:.2})",
+        rp / k,
+        sp / k,
+        sp / rp,
+        rc / k,
+        sc / k,
+        sc / rc
+    );
+
+    let _ = js.delete_stream(&raw_stream).await;
+    let _ = js.delete_stream(broker.stream_name(&topic)).await;
+    let _ = js
+        .delete_stream(broker.stream_name(&opts.dead_letter_topic_for(&topic)))
+        .await;
+    client.close().await.unwrap();
+}
+
+fn main() {
+    let Ok(url) = std::env::var("SWITCHYARD_NATS_URL") else {
+        println!(
+            "SWITCHYARD_NATS_URL is not set: NATS benchmark skipped (scripts/brokers.sh start nats)"
+        );
+        return;
+    };
+    let n = env("SY_BENCH_MESSAGES", 100_000);
+    let window = env("SY_BENCH_WINDOW", 256);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        tokio::time::timeout(BOUND, run(&url, n, window))
+            .await
+            .expect("benchmark exceeded its time bound");
+    });
+}

@@ -1,0 +1,184 @@
+//! Carrying a switchyard message in NATS headers, reversibly.
+//!
+//! - id → `sy-id`; key → `sy-key`; publish time → `sy-ts` (Unix milliseconds).
+//! - user headers → NATS headers of the same (case-sensitive) name; keys
+//!   starting with `Nats-` (which the server interprets) or `sy-u-` are sent
+//!   as `sy-u-<key>`.
+//! - NATS trims header values and forbids CR/LF, so a value with control
+//!   characters or leading/trailing whitespace is sent base64-encoded and its
+//!   header name listed in `sy-enc` (space-separated; keys contain no spaces).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::HeaderMap;
+use base64::{Engine as _, engine::general_purpose::STANDARD};
+use switchyard_core::{Error, Headers, Message, Result};
+
+const ID: &str = "sy-id";
+const KEY: &str = "sy-key";
+const TS: &str = "sy-ts";
+const ENC: &str = "sy-enc";
+const ESCAPE: &str = "sy-u-";
+
+fn needs_escape(key: &str) -> bool {
+    key.len() >= 5 && key[..5].eq_ignore_ascii_case("nats-") || key.starts_with(ESCAPE)
+}
+
+fn is_safe(value: &str) -> bool {
+    value.trim() == value && !value.chars().any(char::is_control)
+}
+
+/// Encodes a message into NATS headers; returns the headers and their
+/// approximate wire size.
+pub(crate) fn encode(message: &Message) -> Result<(HeaderMap, usize)> {
+    let mut map = HeaderMap::new();
+    let mut encoded: Vec<String> = Vec::new();
+    let mut size = 12; // "NATS/1.0\r\n" + final "\r\n"
+    let mut put = |name: String, value: &str, encoded: &mut Vec<String>| -> Result<()> {
+        let value = if is_safe(value) {
+            value.to_owned()
+        } else {
+            encoded.push(name.clone());
+            STANDARD.encode(value)
+        };
+        size += name.len() + value.len() + 4;
+        let header_name: async_nats::HeaderName =
+            name.parse().map_err(|_| Error::InvalidHeader {
+                key: name.clone(),
+                reason: "not a valid NATS header name",
+            })?;
+        map.insert(header_name, value.as_str());
+        Ok(())
+    };
+    put(ID.to_owned(), message.id(), &mut encoded)?;
+    if let Some(key) = message.key() {
+        put(KEY.to_owned(), key, &mut encoded)?;
+    }
+    if let Some(at) = message.published_at() {
+        let ms = at
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        put(TS.to_owned(), &ms.to_string(), &mut encoded)?;
+    }
+    for (k, v) in message.headers().iter() {
+        let name = if needs_escape(k) {
+            format!("{ESCAPE}{k}")
+        } else {
+            k.to_owned()
+        };
+        put(name, v, &mut encoded)?;
+    }
+    if !encoded.is_empty() {
+        let list = encoded.join(" ");
+        size += ENC.len() + list.len() + 4;
+        map.insert(ENC, list.as_str());
+    }
+    Ok((map, size))
+}
+
+/// Decodes a message from NATS headers and payload. A message published
+/// by something other than switchyard (no `sy-id`) gets `fallback_id`.
+pub(crate) fn decode(
+    headers: Option<&HeaderMap>,
+    payload: bytes::Bytes,
+    fallback_id: impl FnOnce() -> String,
+) -> Result<Message> {
+    let corrupt = |what: &str| Error::Codec {
+        message: format!("NATS message without valid switchyard headers: {what}"),
+        source: None,
+    };
+    let Some(map) = headers else {
+        return Ok(Message::new(payload).with_id(fallback_id()));
+    };
+    let encoded: Vec<&str> = map
+        .get(ENC)
+        .map(|v| v.as_str().split(' ').filter(|s| !s.is_empty()).collect())
+        .unwrap_or_default();
+    let value = |name: &str, raw: &str| -> Result<String> {
+        if encoded.contains(&name) {
+            let bytes = STANDARD
+                .decode(raw)
+                .map_err(|_| corrupt("bad base64 value"))?;
+            String::from_utf8(bytes).map_err(|_| corrupt("non-UTF-8 value"))
+        } else {
+            Ok(raw.to_owned())
+        }
+    };
+    let mut id = None;
+    let mut key = None;
+    let mut ts = None;
+    let mut user = Headers::new();
+    for (name, values) in map.iter() {
+        let name = name.as_ref();
+        let Some(raw) = values.last() else { continue };
+        let v = value(name, raw.as_str())?;
+        match name {
+            ID => id = Some(v),
+            KEY => key = Some(v),
+            TS => ts = v.parse::<u64>().ok(),
+            ENC => {}
+            n if n.len() >= 5 && n[..5].eq_ignore_ascii_case("nats-") => {}
+            n => {
+                let k = n.strip_prefix(ESCAPE).unwrap_or(n);
+                user.insert(k, v);
+            }
+        }
+    }
+    let mut message = Message::new(payload)
+        .with_id(id.unwrap_or_else(fallback_id))
+        .with_headers(user);
+    if let Some(k) = key {
+        message = message.with_key(k);
+    }
+    if let Some(ms) = ts {
+        message = message.with_published_at(SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
+    }
+    Ok(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_awkward_headers() {
+        let m = Message::new(vec![0u8, 255])
+            .with_id("id with space/ü")
+            .with_key(" padded ")
+            .with_header("plain", "value")
+            .with_header("empty", "")
+            .with_header("spaces", "  x  ")
+            .with_header("newline", "a\nb\r\nc")
+            .with_header("uni", "ünï ✓")
+            .with_header("Nats-Msg-Id", "user's")
+            .with_header("nats-expected-stream", "user's too")
+            .with_header("Case", "A")
+            .with_header("case", "a")
+            .with_published_at(SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123));
+        let (map, size) = encode(&m).unwrap();
+        assert!(size > 0);
+        assert!(
+            map.get("Nats-Msg-Id").is_none(),
+            "user header must not reach NATS as Nats-Msg-Id"
+        );
+        let back = decode(Some(&map), m.payload().clone(), || unreachable!()).unwrap();
+        assert_eq!(back.id(), m.id());
+        assert_eq!(back.key(), m.key());
+        assert_eq!(back.headers(), m.headers());
+        assert_eq!(back.published_at(), m.published_at());
+    }
+
+    #[test]
+    fn foreign_messages_get_the_fallback_id() {
+        let m = decode(None, bytes::Bytes::from_static(b"x"), || "s:1".into()).unwrap();
+        assert_eq!(m.id(), "s:1");
+        let mut map = HeaderMap::new();
+        map.insert(ENC, "k");
+        map.insert("k", "%%%");
+        assert!(matches!(
+            decode(Some(&map), bytes::Bytes::new(), String::new),
+            Err(Error::Codec { .. })
+        ));
+    }
+}

@@ -1,0 +1,359 @@
+//! Typed configuration of the NATS backend.
+
+use std::{fmt, path::PathBuf, time::Duration};
+
+use async_nats::jetstream::stream::StorageType;
+use switchyard_core::{Error, Result};
+
+/// Configuration of a [`NatsBroker`](crate::NatsBroker): servers,
+/// credentials, timeouts and the JetStream stream settings used for topics.
+///
+/// Build it with [`NatsConfig::new`] or [`NatsConfig::from_url`] and the
+/// consuming setters; each setter documents its default. `Debug` never prints
+/// passwords or tokens.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use switchyard_nats::NatsConfig;
+/// let config = NatsConfig::from_url("nats://app:secret@127.0.0.1:4222?connect_timeout=2s")
+///     .unwrap()
+///     .max_age(Duration::from_secs(7 * 24 * 3600));
+/// assert!(!format!("{config:?}").contains("secret"));
+/// ```
+#[derive(Clone)]
+pub struct NatsConfig {
+    pub(crate) servers: Vec<String>,
+    pub(crate) user: Option<String>,
+    pub(crate) password: Option<String>,
+    pub(crate) token: Option<String>,
+    pub(crate) credentials_file: Option<PathBuf>,
+    pub(crate) require_tls: bool,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) request_timeout: Duration,
+    pub(crate) subject_prefix: String,
+    pub(crate) stream_prefix: String,
+    pub(crate) storage: StorageType,
+    pub(crate) max_age: Duration,
+    pub(crate) max_bytes: i64,
+    pub(crate) replicas: usize,
+    pub(crate) duplicate_window: Duration,
+    pub(crate) max_ack_pending: i64,
+    pub(crate) publish_window: usize,
+}
+
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("servers", &self.servers)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("credentials_file", &self.credentials_file)
+            .field("require_tls", &self.require_tls)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("subject_prefix", &self.subject_prefix)
+            .field("stream_prefix", &self.stream_prefix)
+            .field("storage", &self.storage)
+            .field("max_age", &self.max_age)
+            .field("max_bytes", &self.max_bytes)
+            .field("replicas", &self.replicas)
+            .field("duplicate_window", &self.duplicate_window)
+            .field("max_ack_pending", &self.max_ack_pending)
+            .field("publish_window", &self.publish_window)
+            .finish()
+    }
+}
+
+impl NatsConfig {
+    /// Configuration for one server address (`host:port` or `nats://host:port`).
+    pub fn new(server: impl Into<String>) -> Self {
+        Self {
+            servers: vec![server.into()],
+            user: None,
+            password: None,
+            token: None,
+            credentials_file: None,
+            require_tls: false,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            subject_prefix: "sy".into(),
+            stream_prefix: "sy-".into(),
+            storage: StorageType::File,
+            max_age: Duration::ZERO,
+            max_bytes: -1,
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            max_ack_pending: 10_000,
+            publish_window: 256,
+        }
+    }
+
+    /// Parses `nats://[user:pass@]host:port[,host:port…][?param=value…]`.
+    ///
+    /// Parameters: `token`, `creds` (credentials file path), `tls=true`,
+    /// `connect_timeout` and `request_timeout` (e.g. `5s`, `500ms`),
+    /// `storage=file|memory`, `max_age`, `replicas`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidUrl`] saying what is wrong (without the password).
+    pub fn from_url(url: &str) -> Result<Self> {
+        let invalid = |reason: String| Error::InvalidUrl {
+            url: redact(url),
+            reason,
+        };
+        let rest = url
+            .strip_prefix("nats://")
+            .or_else(|| url.strip_prefix("tls://"))
+            .ok_or_else(|| invalid("expected a nats:// (or tls://) URL".into()))?;
+        let tls = url.starts_with("tls://");
+        let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let authority = authority.trim_end_matches('/');
+        let (userinfo, hosts) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        if hosts.is_empty() {
+            return Err(invalid("no server address".into()));
+        }
+        let servers: Vec<String> = hosts.split(',').map(|h| format!("nats://{h}")).collect();
+        for s in &servers {
+            url::Url::parse(s).map_err(|e| invalid(format!("bad server address: {e}")))?;
+        }
+        let mut config = Self::new(servers[0].clone());
+        config.servers = servers;
+        config.require_tls = tls;
+        if let Some(u) = userinfo {
+            let (user, pass) = u.split_once(':').unwrap_or((u, ""));
+            let decode = |s: &str| {
+                url::form_urlencoded::parse(format!("x={s}").as_bytes())
+                    .next()
+                    .map(|(_, v)| v.into_owned())
+                    .unwrap_or_default()
+            };
+            config.user = Some(decode(user));
+            config.password = Some(decode(pass));
+        }
+        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+            let duration = |v: &str| {
+                parse_duration(v).ok_or_else(|| {
+                    invalid(format!(
+                        "{k} must be a duration like 5s or 500ms, got {v:?}"
+                    ))
+                })
+            };
+            match &*k {
+                "token" => config.token = Some(v.into_owned()),
+                "creds" => config.credentials_file = Some(PathBuf::from(&*v)),
+                "tls" => config.require_tls = v == "true" || v == "1",
+                "connect_timeout" => config.connect_timeout = duration(&v)?,
+                "request_timeout" => config.request_timeout = duration(&v)?,
+                "max_age" => config.max_age = duration(&v)?,
+                "storage" => {
+                    config.storage = match &*v {
+                        "file" => StorageType::File,
+                        "memory" => StorageType::Memory,
+                        other => {
+                            return Err(invalid(format!(
+                                "storage must be file or memory, got {other:?}"
+                            )));
+                        }
+                    }
+                }
+                "replicas" => {
+                    config.replicas = v
+                        .parse()
+                        .map_err(|_| invalid(format!("replicas must be a number, got {v:?}")))?;
+                }
+                other => {
+                    return Err(invalid(format!(
+                        "unknown parameter {other:?} (known: token, creds, tls, connect_timeout, request_timeout, storage, max_age, replicas)"
+                    )));
+                }
+            }
+        }
+        Ok(config)
+    }
+
+    /// User and password (default none).
+    #[must_use]
+    pub fn user_and_password(
+        mut self,
+        user: impl Into<String>,
+        password: impl Into<String>,
+    ) -> Self {
+        self.user = Some(user.into());
+        self.password = Some(password.into());
+        self
+    }
+
+    /// Authentication token (default none).
+    #[must_use]
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// NATS credentials file (JWT + NKey seed; default none).
+    #[must_use]
+    pub fn credentials_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.credentials_file = Some(path.into());
+        self
+    }
+
+    /// Require TLS (default false; `tls://` URLs set it).
+    #[must_use]
+    pub fn require_tls(mut self, yes: bool) -> Self {
+        self.require_tls = yes;
+        self
+    }
+
+    /// Bound on connecting (default 5 s): an unreachable server fails within it.
+    #[must_use]
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.connect_timeout = d;
+        self
+    }
+
+    /// Bound on JetStream API requests and publish acknowledgements (default 10 s).
+    #[must_use]
+    pub fn request_timeout(mut self, d: Duration) -> Self {
+        self.request_timeout = d;
+        self
+    }
+
+    /// Storage of topic streams (default file).
+    #[must_use]
+    pub fn memory_storage(mut self, yes: bool) -> Self {
+        self.storage = if yes {
+            StorageType::Memory
+        } else {
+            StorageType::File
+        };
+        self
+    }
+
+    /// Oldest message a topic stream keeps (default zero: unlimited).
+    #[must_use]
+    pub fn max_age(mut self, d: Duration) -> Self {
+        self.max_age = d;
+        self
+    }
+
+    /// Largest size of a topic stream in bytes (default -1: unlimited).
+    #[must_use]
+    pub fn max_bytes(mut self, bytes: i64) -> Self {
+        self.max_bytes = bytes;
+        self
+    }
+
+    /// Stream replicas in a cluster (default 1).
+    #[must_use]
+    pub fn replicas(mut self, n: usize) -> Self {
+        self.replicas = n;
+        self
+    }
+
+    /// Subject prefix of topic subjects (default `sy`: topic `a.b` → `sy.a_db`).
+    #[must_use]
+    pub fn subject_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.subject_prefix = prefix.into();
+        self
+    }
+
+    /// Stream name prefix (default `sy-`).
+    #[must_use]
+    pub fn stream_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.stream_prefix = prefix.into();
+        self
+    }
+
+    /// Server-side cap on unacknowledged messages of one subscription across
+    /// all its consumers (default 10,000). Each consumer's own cap is its prefetch.
+    #[must_use]
+    pub fn max_ack_pending(mut self, n: i64) -> Self {
+        self.max_ack_pending = n;
+        self
+    }
+
+    /// Publish acknowledgements in flight in `publish_batch` (default 256).
+    #[must_use]
+    pub fn publish_window(mut self, n: usize) -> Self {
+        self.publish_window = n.max(1);
+        self
+    }
+}
+
+fn parse_duration(v: &str) -> Option<Duration> {
+    if let Some(ms) = v.strip_suffix("ms") {
+        return ms.parse().ok().map(Duration::from_millis);
+    }
+    if let Some(s) = v.strip_suffix('s') {
+        return s
+            .parse::<f64>()
+            .ok()
+            .filter(|s| *s >= 0.0)
+            .map(Duration::from_secs_f64);
+    }
+    if let Some(m) = v.strip_suffix('m') {
+        return m.parse::<u64>().ok().map(|m| Duration::from_secs(m * 60));
+    }
+    if let Some(h) = v.strip_suffix('h') {
+        return h.parse::<u64>().ok().map(|h| Duration::from_secs(h * 3600));
+    }
+    None
+}
+
+pub(crate) fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(start), Some(at)) if at > start => {
+            let userinfo = &url[start + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            let tail = &url[at..];
+            let tail = tail.split("token=").next().unwrap_or(tail);
+            format!("{}{user}:***{tail}", &url[..start + 3])
+        }
+        _ => url.split("token=").next().unwrap_or(url).to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_urls() {
+        let c = NatsConfig::from_url(
+            "nats://u:p%40ss@h1:4222,h2:4223?connect_timeout=500ms&storage=memory",
+        )
+        .unwrap();
+        assert_eq!(c.servers, vec!["nats://h1:4222", "nats://h2:4223"]);
+        assert_eq!(c.user.as_deref(), Some("u"));
+        assert_eq!(c.password.as_deref(), Some("p@ss"));
+        assert_eq!(c.connect_timeout, Duration::from_millis(500));
+        assert_eq!(c.storage, StorageType::Memory);
+        assert!(NatsConfig::from_url("tls://h:4222").unwrap().require_tls);
+    }
+
+    #[test]
+    fn bad_urls_say_why_without_secrets() {
+        let e = NatsConfig::from_url("nats://u:hunter2@h:4222?bogus=1")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown parameter \"bogus\""), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = NatsConfig::from_url("nats://h?connect_timeout=soon")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("must be a duration"), "{e}");
+        assert!(NatsConfig::from_url("nats://").is_err());
+        assert!(NatsConfig::from_url("http://h").is_err());
+        let e = NatsConfig::from_url("nats://h?token=sekrit&x=1")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("sekrit"), "{e}");
+    }
+}

@@ -1,0 +1,77 @@
+//! Mapping portable names onto JetStream's rules.
+//!
+//! Stream and consumer names may not contain `.`, `*`, `>`, whitespace or
+//! path separators, and a subject token may not be empty, so a portable name
+//! (`[A-Za-z0-9._-]{1,200}`) is escaped into one token: `_` → `__`,
+//! `.` → `_d`. The escape is injective (decoding reads `_` plus one
+//! character), so distinct names never collide. Escaped names longer than
+//! [`MAX_TOKEN`] keep a readable prefix and end in a SHA-256 digest of the
+//! full name, keeping file names on the server short.
+
+use sha2::{Digest, Sha256};
+
+/// Longest escaped token kept verbatim.
+pub(crate) const MAX_TOKEN: usize = 120;
+
+/// Escapes a portable name into a single JetStream-safe token.
+pub(crate) fn token(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 8);
+    for c in name.chars() {
+        match c {
+            '_' => out.push_str("__"),
+            '.' => out.push_str("_d"),
+            c => out.push(c),
+        }
+    }
+    if out.len() <= MAX_TOKEN {
+        return out;
+    }
+    let digest = Sha256::digest(name.as_bytes());
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    // `_h` cannot appear in an escaped name (`_` is always followed by `_`
+    // or `d`), so hashed tokens never equal verbatim ones.
+    let mut cut = 80;
+    while !out.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    // Do not end the prefix in the middle of an escape.
+    let prefix = &out[..cut];
+    let trailing_underscores = prefix.chars().rev().take_while(|c| *c == '_').count();
+    let prefix = if trailing_underscores % 2 == 1 {
+        &prefix[..prefix.len() - 1]
+    } else {
+        prefix
+    };
+    format!("{prefix}_h{hex}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn escaping_is_injective_and_single_token() {
+        let names = [
+            "a.b", "a_b", "a-b", "a__b", "a_d", "a.d", "a_.b", "a._b", "...", "_", ".", "__", "_d",
+        ];
+        let tokens: HashSet<String> = names.iter().map(|n| token(n)).collect();
+        assert_eq!(tokens.len(), names.len());
+        for t in &tokens {
+            assert!(!t.contains('.') && !t.contains('*') && !t.contains('>') && !t.is_empty());
+        }
+        assert_eq!(token("orders.created"), "orders_dcreated");
+    }
+
+    #[test]
+    fn long_names_are_hashed_deterministically() {
+        let a = "x".repeat(200);
+        let b = format!("{}y", "x".repeat(199));
+        let dots = ".".repeat(200);
+        assert!(token(&a).len() <= MAX_TOKEN);
+        assert_eq!(token(&a), token(&a));
+        assert_ne!(token(&a), token(&b));
+        assert!(token(&dots).len() <= MAX_TOKEN);
+        assert!(token(&dots).contains("_h"));
+    }
+}
