@@ -3,6 +3,8 @@
 use std::{
     collections::HashMap,
     fmt,
+    future::Future,
+    pin::Pin,
     sync::{Arc, Mutex, Weak},
     time::Duration,
 };
@@ -20,7 +22,7 @@ use switchyard_core::{
     Acker, Broker, Capabilities, Client, Error, KeyOrdering, Message, Publisher, RawDelivery,
     Receiver, Result, SubscribeOptions, Subscriber,
 };
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::{NatsConfig, codec, config::redact, names::token};
@@ -278,13 +280,12 @@ impl NatsBroker {
         message: &Message,
     ) -> Result<jetstream::context::PublishAckFuture> {
         let (headers, _) = self.prepare(message)?;
-        // Nats-Msg-Id de-duplicates this publish if the client re-sends it;
-        // it is unique per publish call, not the message id, so that an
-        // intentional re-publish of the same id (redrive, bridging) is kept.
+        // No Nats-Msg-Id: the message id is not used for JetStream's
+        // de-duplication, because an intentional re-publish of the same id
+        // (redrive, bridging) must be kept, not dropped as a duplicate.
         let publish = PublishMessage::build()
             .payload(message.payload().clone())
-            .headers(headers)
-            .message_id(switchyard_core::new_id());
+            .headers(headers);
         self.inner
             .js
             .send_publish(self.subject(topic), publish)
@@ -413,6 +414,9 @@ impl Publisher for NatsBroker {
     }
 
     async fn close(&self) -> Result<()> {
+        if self.inner.closed.is_cancelled() {
+            return Ok(());
+        }
         self.inner.closed.cancel();
         self.inner
             .client
@@ -445,21 +449,18 @@ impl Subscriber for NatsBroker {
     async fn receiver(&self, topic: &str, options: &SubscribeOptions) -> Result<Box<dyn Receiver>> {
         self.check_open()?;
         let consumer = self.consumer(topic, options).await?;
-        let stream_name = self.stream_name(topic);
-        let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(ReceiverShared {
             cancel: self.inner.closed.child_token(),
             permits: Arc::new(Semaphore::new(options.prefetch_limit())),
-            rx: tokio::sync::Mutex::new(rx),
+            prefetch: options.prefetch_limit(),
+            stream_name: self.stream_name(topic),
+            state: tokio::sync::Mutex::new(PullState {
+                consumer,
+                active: None,
+                requesting: None,
+            }),
             client: self.inner.client.clone(),
         });
-        tokio::spawn(pump(
-            consumer,
-            options.prefetch_limit(),
-            stream_name,
-            tx,
-            Arc::clone(&shared),
-        ));
         let mut receivers = self
             .inner
             .receivers
@@ -502,136 +503,118 @@ impl Broker for NatsBroker {
     }
 }
 
-type Item = Result<RawDelivery>;
+type Pulled = (
+    std::result::Result<jetstream::Message, async_nats::Error>,
+    Option<OwnedSemaphorePermit>,
+);
+type PullStream = Pin<Box<dyn futures_util::Stream<Item = Pulled> + Send>>;
+type PullRequest =
+    Pin<Box<dyn Future<Output = std::result::Result<pull::Batch, pull::BatchError>> + Send>>;
+
+/// The consumer's pulling state, kept across cancelled receives.
+struct PullState {
+    consumer: PullConsumer,
+    /// The pull request being served, its messages paired with permits.
+    active: Option<PullStream>,
+    /// A pull request being sent, with the permits reserved for it.
+    requesting: Option<(PullRequest, Vec<OwnedSemaphorePermit>)>,
+}
 
 struct ReceiverShared {
     cancel: CancellationToken,
     /// One permit per delivery this consumer may hold (its prefetch).
     permits: Arc<Semaphore>,
-    rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Item>>,
+    prefetch: usize,
+    stream_name: String,
+    state: tokio::sync::Mutex<PullState>,
     client: async_nats::Client,
 }
 
 impl ReceiverShared {
-    /// Stops pulling. Deliveries pulled but never handed out are dropped
+    /// Stops pulling. Messages pulled but never handed out are dropped
     /// unsettled and come back after the ack wait: NAKing them here races the
     /// pull request this consumer still has open on the server (it cannot be
     /// withdrawn), and nats-server 2.9 then redelivers a NAKed message twice,
     /// the second time with its delivery count reset.
     ///
-    /// Never waits for the receive lock: a cancelled `recv` may hold it.
+    /// Never waits for the state lock: a cancelled `recv` may hold it.
     async fn shutdown(&self) {
         self.cancel.cancel();
-        if let Ok(mut rx) = self.rx.try_lock() {
-            rx.close();
-            while rx.try_recv().is_ok() {}
+        if let Ok(mut state) = self.state.try_lock() {
+            state.active = None;
+            state.requesting = None;
         }
         let _ = self.client.flush().await;
+    }
+
+    fn deliver(&self, (next, permit): Pulled) -> Option<Result<RawDelivery>> {
+        let msg = match next {
+            Ok(m) => m,
+            Err(e) => {
+                return Some(Err(Error::broker(
+                    format!("pulling messages: {e}"),
+                    true,
+                    Some(e),
+                )));
+            }
+        };
+        // More than requested cannot happen; if it does, leave it unsettled.
+        let permit = permit?;
+        let (attempt, seq, published) = match msg.info() {
+            Ok(info) => (
+                u32::try_from(info.delivered).unwrap_or(u32::MAX).max(1),
+                info.stream_sequence,
+                Some(std::time::SystemTime::from(info.published)),
+            ),
+            Err(_) => (1, 0, None),
+        };
+        let (message, acker) = msg.split();
+        let decoded = codec::decode(message.headers.as_ref(), message.payload, published, || {
+            format!("{}:{seq}", self.stream_name)
+        });
+        let acker = NatsAcker {
+            acker,
+            cancel: self.cancel.clone(),
+            _permit: permit,
+        };
+        Some(match decoded {
+            Ok(message) => Ok(RawDelivery {
+                message,
+                attempt,
+                acker: Box::new(acker),
+            }),
+            Err(e) => {
+                // Undecodable: terminate it rather than loop on it.
+                let acker = acker.acker;
+                tokio::spawn(async move { acker.ack_with(AckKind::Term).await });
+                Err(e)
+            }
+        })
     }
 }
 
 impl fmt::Debug for ReceiverShared {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ReceiverShared")
+            .field("stream", &self.stream_name)
+            .field("prefetch", &self.prefetch)
             .field("closed", &self.cancel.is_cancelled())
             .field("free_permits", &self.permits.available_permits())
             .finish_non_exhaustive()
     }
 }
 
-/// Pulls exactly as many messages as the consumer has room for.
-async fn pump(
-    consumer: PullConsumer,
-    prefetch: usize,
-    stream_name: String,
-    tx: mpsc::UnboundedSender<Item>,
-    shared: Arc<ReceiverShared>,
-) {
-    let cancel = shared.cancel.clone();
-    let permits = Arc::clone(&shared.permits);
-    drop(shared);
-    loop {
-        // Wait for room for at least one, then take all the room there is.
-        let first = tokio::select! {
-            () = cancel.cancelled() => return,
-            p = Arc::clone(&permits).acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-        };
-        let mut held = vec![first];
-        while held.len() < prefetch {
-            match Arc::clone(&permits).try_acquire_owned() {
-                Ok(p) => held.push(p),
-                Err(_) => break,
-            }
-        }
-        let batch = consumer
-            .batch()
-            .max_messages(held.len())
-            .expires(PULL_EXPIRES)
-            .messages();
-        let mut batch = tokio::select! {
-            () = cancel.cancelled() => return,
-            b = batch => match b {
-                Ok(b) => b,
-                Err(e) => {
-                    if tx.send(Err(js_error("pulling messages", e, true))).is_err() { return; }
-                    tokio::time::sleep(PULL_RETRY).await;
-                    continue;
-                }
-            },
-        };
-        loop {
-            let next = tokio::select! {
-                () = cancel.cancelled() => return,
-                n = batch.next() => n,
-            };
-            let Some(next) = next else { break };
-            let msg = match next {
-                Ok(m) => m,
-                Err(e) => {
-                    let _ = tx.send(Err(Error::broker(
-                        format!("pulling messages: {e}"),
-                        true,
-                        Some(e),
-                    )));
-                    tokio::time::sleep(PULL_RETRY).await;
-                    break;
-                }
-            };
-            let Some(permit) = held.pop() else { break };
-            let (attempt, seq) = match msg.info() {
-                Ok(info) => (
-                    u32::try_from(info.delivered).unwrap_or(u32::MAX).max(1),
-                    info.stream_sequence,
-                ),
-                Err(_) => (1, 0),
-            };
-            let (message, acker) = msg.split();
-            let decoded = codec::decode(message.headers.as_ref(), message.payload, || {
-                format!("{stream_name}:{seq}")
-            });
-            let acker = NatsAcker {
-                acker,
-                cancel: cancel.clone(),
-                _permit: permit,
-            };
-            let item = match decoded {
-                Ok(message) => Ok(RawDelivery {
-                    message,
-                    attempt,
-                    acker: Box::new(acker),
-                }),
-                Err(e) => {
-                    // Undecodable: terminate it rather than loop on it.
-                    let _ = acker.acker.ack_with(AckKind::Term).await;
-                    Err(e)
-                }
-            };
-            if tx.send(item).is_err() {
-                return;
-            }
-        }
-        // Unused permits go back when `held` drops.
-    }
+/// One pull request's messages, each paired with one of the permits reserved
+/// for it; unused permits are released when the request ends.
+fn permitted(batch: pull::Batch, permits: Vec<OwnedSemaphorePermit>) -> PullStream {
+    Box::pin(futures_util::stream::unfold(
+        (batch, permits),
+        |(mut batch, mut permits)| async move {
+            let next = batch.next().await?;
+            let permit = permits.pop();
+            Some(((next, permit), (batch, permits)))
+        },
+    ))
 }
 
 #[derive(Debug)]
@@ -641,14 +624,84 @@ struct NatsReceiver {
 
 #[async_trait]
 impl Receiver for NatsReceiver {
+    /// Pulls exactly as many messages as the consumer has room for: every
+    /// message requested holds one prefetch permit until it is settled, so the
+    /// consumer never has more than `prefetch` deliveries outstanding. One
+    /// pull request at a time: nats-server spreads messages over concurrent
+    /// pull requests, so a second one would break stream (and per-key) order.
+    ///
+    /// Cancel safe: the request being sent and the request being served live
+    /// in the receiver's state, not in this future.
     async fn recv(&self) -> Option<Result<RawDelivery>> {
-        if self.shared.cancel.is_cancelled() {
-            return None;
-        }
-        let mut rx = self.shared.rx.lock().await;
-        tokio::select! {
-            item = rx.recv() => item,
-            () = self.shared.cancel.cancelled() => None,
+        let s = &*self.shared;
+        let mut state = tokio::select! {
+            st = s.state.lock() => st,
+            () = s.cancel.cancelled() => return None,
+        };
+        loop {
+            if s.cancel.is_cancelled() {
+                return None;
+            }
+            if let Some(active) = state.active.as_mut() {
+                let next = tokio::select! {
+                    n = active.next() => n,
+                    () = s.cancel.cancelled() => return None,
+                };
+                match next {
+                    Some(pulled) => {
+                        if let Some(item) = s.deliver(pulled) {
+                            return Some(item);
+                        }
+                    }
+                    // Served or expired: unused permits go back.
+                    None => state.active = None,
+                }
+                continue;
+            }
+            if state.requesting.is_none() {
+                // Wait for room for one, then take all the room there is.
+                let first = tokio::select! {
+                    p = Arc::clone(&s.permits).acquire_owned() => p.ok()?,
+                    () = s.cancel.cancelled() => return None,
+                };
+                let mut held = vec![first];
+                while held.len() < s.prefetch {
+                    match Arc::clone(&s.permits).try_acquire_owned() {
+                        Ok(p) => held.push(p),
+                        Err(_) => break,
+                    }
+                }
+                let consumer = state.consumer.clone();
+                let n = held.len();
+                let request: PullRequest = Box::pin(async move {
+                    consumer
+                        .batch()
+                        .max_messages(n)
+                        .expires(PULL_EXPIRES)
+                        .messages()
+                        .await
+                });
+                state.requesting = Some((request, held));
+            }
+            let result = {
+                let (request, _) = state.requesting.as_mut()?;
+                tokio::select! {
+                    r = request => r,
+                    () = s.cancel.cancelled() => return None,
+                }
+            };
+            let (_, held) = state.requesting.take()?;
+            match result {
+                Ok(batch) => state.active = Some(permitted(batch, held)),
+                Err(e) => {
+                    drop(held);
+                    tokio::select! {
+                        () = tokio::time::sleep(PULL_RETRY) => {}
+                        () = s.cancel.cancelled() => return None,
+                    }
+                    return Some(Err(js_error("pulling messages", e, true)));
+                }
+            }
         }
     }
 
@@ -660,12 +713,12 @@ impl Receiver for NatsReceiver {
 
 impl Drop for NatsReceiver {
     fn drop(&mut self) {
-        // A dropped consumer: stop pulling; what it pulled but never handed out
-        // goes back now, what it handed out comes back after the ack wait.
+        // A dropped consumer: stop pulling; what it pulled comes back after
+        // the ack wait.
         self.shared.cancel.cancel();
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let shared = Arc::clone(&self.shared);
-            handle.spawn(async move { shared.shutdown().await });
+        if let Ok(mut state) = self.shared.state.try_lock() {
+            state.active = None;
+            state.requesting = None;
         }
     }
 }
@@ -673,7 +726,7 @@ impl Drop for NatsReceiver {
 struct NatsAcker {
     acker: jetstream::message::Acker,
     cancel: CancellationToken,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    _permit: OwnedSemaphorePermit,
 }
 
 impl fmt::Debug for NatsAcker {

@@ -1,6 +1,7 @@
 //! Carrying a switchyard message in NATS headers, reversibly.
 //!
-//! - id → `sy-id`; key → `sy-key`; publish time → `sy-ts` (Unix milliseconds).
+//! - id → `sy-id`; key → `sy-key`; the publish time is the stream's own
+//!   timestamp of the message.
 //! - user headers → NATS headers of the same (case-sensitive) name; keys
 //!   starting with `Nats-` (which the server interprets) or `sy-u-` are sent
 //!   as `sy-u-<key>`.
@@ -8,7 +9,7 @@
 //!   characters or leading/trailing whitespace is sent base64-encoded and its
 //!   header name listed in `sy-enc` (space-separated; keys contain no spaces).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use async_nats::HeaderMap;
 use base64::{Engine as _, engine::general_purpose::STANDARD};
@@ -16,7 +17,6 @@ use switchyard_core::{Error, Headers, Message, Result};
 
 const ID: &str = "sy-id";
 const KEY: &str = "sy-key";
-const TS: &str = "sy-ts";
 const ENC: &str = "sy-enc";
 const ESCAPE: &str = "sy-u-";
 
@@ -54,13 +54,6 @@ pub(crate) fn encode(message: &Message) -> Result<(HeaderMap, usize)> {
     if let Some(key) = message.key() {
         put(KEY.to_owned(), key, &mut encoded)?;
     }
-    if let Some(at) = message.published_at() {
-        let ms = at
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis();
-        put(TS.to_owned(), &ms.to_string(), &mut encoded)?;
-    }
     for (k, v) in message.headers().iter() {
         let name = if needs_escape(k) {
             format!("{ESCAPE}{k}")
@@ -82,6 +75,7 @@ pub(crate) fn encode(message: &Message) -> Result<(HeaderMap, usize)> {
 pub(crate) fn decode(
     headers: Option<&HeaderMap>,
     payload: bytes::Bytes,
+    published_at: Option<SystemTime>,
     fallback_id: impl FnOnce() -> String,
 ) -> Result<Message> {
     let corrupt = |what: &str| Error::Codec {
@@ -89,7 +83,11 @@ pub(crate) fn decode(
         source: None,
     };
     let Some(map) = headers else {
-        return Ok(Message::new(payload).with_id(fallback_id()));
+        let m = Message::new(payload).with_id(fallback_id());
+        return Ok(match published_at {
+            Some(at) => m.with_published_at(at),
+            None => m,
+        });
     };
     let encoded: Vec<&str> = map
         .get(ENC)
@@ -107,7 +105,6 @@ pub(crate) fn decode(
     };
     let mut id = None;
     let mut key = None;
-    let mut ts = None;
     let mut user = Headers::new();
     for (name, values) in map.iter() {
         let name = name.as_ref();
@@ -116,7 +113,6 @@ pub(crate) fn decode(
         match name {
             ID => id = Some(v),
             KEY => key = Some(v),
-            TS => ts = v.parse::<u64>().ok(),
             ENC => {}
             n if n.len() >= 5 && n[..5].eq_ignore_ascii_case("nats-") => {}
             n => {
@@ -131,8 +127,8 @@ pub(crate) fn decode(
     if let Some(k) = key {
         message = message.with_key(k);
     }
-    if let Some(ms) = ts {
-        message = message.with_published_at(SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
+    if let Some(at) = published_at {
+        message = message.with_published_at(at);
     }
     Ok(message)
 }
@@ -154,30 +150,30 @@ mod tests {
             .with_header("Nats-Msg-Id", "user's")
             .with_header("nats-expected-stream", "user's too")
             .with_header("Case", "A")
-            .with_header("case", "a")
-            .with_published_at(SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123));
+            .with_header("case", "a");
         let (map, size) = encode(&m).unwrap();
         assert!(size > 0);
         assert!(
             map.get("Nats-Msg-Id").is_none(),
             "user header must not reach NATS as Nats-Msg-Id"
         );
-        let back = decode(Some(&map), m.payload().clone(), || unreachable!()).unwrap();
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
+        let back = decode(Some(&map), m.payload().clone(), Some(at), || unreachable!()).unwrap();
         assert_eq!(back.id(), m.id());
         assert_eq!(back.key(), m.key());
         assert_eq!(back.headers(), m.headers());
-        assert_eq!(back.published_at(), m.published_at());
+        assert_eq!(back.published_at(), Some(at));
     }
 
     #[test]
     fn foreign_messages_get_the_fallback_id() {
-        let m = decode(None, bytes::Bytes::from_static(b"x"), || "s:1".into()).unwrap();
+        let m = decode(None, bytes::Bytes::from_static(b"x"), None, || "s:1".into()).unwrap();
         assert_eq!(m.id(), "s:1");
         let mut map = HeaderMap::new();
         map.insert(ENC, "k");
         map.insert("k", "%%%");
         assert!(matches!(
-            decode(Some(&map), bytes::Bytes::new(), String::new),
+            decode(Some(&map), bytes::Bytes::new(), None, String::new),
             Err(Error::Codec { .. })
         ));
     }
