@@ -54,6 +54,23 @@ impl Message {
         }
     }
 
+    /// A message from its parts, as a backend decodes it (no id is generated).
+    pub fn from_parts(
+        id: impl Into<String>,
+        key: Option<String>,
+        headers: Headers,
+        payload: impl Into<Bytes>,
+        published_at: Option<SystemTime>,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            key,
+            headers,
+            payload: payload.into(),
+            published_at,
+        }
+    }
+
     /// Sets the id (for example to make re-publishing idempotent).
     #[must_use]
     pub fn with_id(mut self, id: impl Into<String>) -> Self {

@@ -276,7 +276,7 @@ impl NatsBroker {
     /// Sends one publish; the returned future resolves on the PubAck.
     async fn send(
         &self,
-        topic: &str,
+        subject: &str,
         message: &Message,
     ) -> Result<jetstream::context::PublishAckFuture> {
         let (headers, _) = self.prepare(message)?;
@@ -288,7 +288,7 @@ impl NatsBroker {
             .headers(headers);
         self.inner
             .js
-            .send_publish(self.subject(topic), publish)
+            .send_publish(subject.to_owned(), publish)
             .await
             .map_err(|e| js_error("sending publish", e, true))
     }
@@ -366,12 +366,12 @@ impl Publisher for NatsBroker {
         self.check_open()?;
         self.prepare(&message)?;
         self.stream(topic).await?;
-        let ack = self.send(topic, &message).await?;
+        let ack = self.send(&self.subject(topic), &message).await?;
         match self.confirm(topic, ack).await {
             // The stream was deleted behind our back: create it and retry once.
             Err(Error::Broker { message: m, .. }) if m.contains("disappeared") => {
                 self.stream(topic).await?;
-                let ack = self.send(topic, &message).await?;
+                let ack = self.send(&self.subject(topic), &message).await?;
                 self.confirm(topic, ack).await
             }
             other => other,
@@ -393,13 +393,14 @@ impl Publisher for NatsBroker {
         let window = self.inner.config.publish_window;
         let mut results: Vec<Option<Result<()>>> = (0..messages.len()).map(|_| None).collect();
         let mut in_flight = FuturesOrdered::new();
+        let subject = self.subject(topic);
         for (i, message) in messages.iter().enumerate() {
             if in_flight.len() >= window {
                 if let Some((j, r)) = in_flight.next().await {
                     results[j] = Some(r);
                 }
             }
-            match self.send(topic, message).await {
+            match self.send(&subject, message).await {
                 Ok(ack) => in_flight.push_back(async move { (i, self.confirm(topic, ack).await) }),
                 Err(e) => results[i] = Some(Err(e)),
             }

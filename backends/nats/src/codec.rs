@@ -34,25 +34,27 @@ pub(crate) fn encode(message: &Message) -> Result<(HeaderMap, usize)> {
     let mut map = HeaderMap::new();
     let mut encoded: Vec<String> = Vec::new();
     let mut size = 12; // "NATS/1.0\r\n" + final "\r\n"
-    let mut put = |name: String, value: &str, encoded: &mut Vec<String>| -> Result<()> {
-        let value = if is_safe(value) {
-            value.to_owned()
-        } else {
-            encoded.push(name.clone());
-            STANDARD.encode(value)
+    let mut put = |name: &str, value: &str, encoded: &mut Vec<String>| -> Result<()> {
+        let header_name: async_nats::HeaderName = match name {
+            ID => async_nats::HeaderName::from_static(ID),
+            KEY => async_nats::HeaderName::from_static(KEY),
+            other => other.parse().map_err(|_| Error::InvalidHeader {
+                key: other.to_owned(),
+                reason: "not a valid NATS header name",
+            })?,
         };
         size += name.len() + value.len() + 4;
-        let header_name: async_nats::HeaderName =
-            name.parse().map_err(|_| Error::InvalidHeader {
-                key: name.clone(),
-                reason: "not a valid NATS header name",
-            })?;
-        map.insert(header_name, value.as_str());
+        if is_safe(value) {
+            map.insert(header_name, value);
+        } else {
+            encoded.push(name.to_owned());
+            map.insert(header_name, STANDARD.encode(value).as_str());
+        }
         Ok(())
     };
-    put(ID.to_owned(), message.id(), &mut encoded)?;
+    put(ID, message.id(), &mut encoded)?;
     if let Some(key) = message.key() {
-        put(KEY.to_owned(), key, &mut encoded)?;
+        put(KEY, key, &mut encoded)?;
     }
     for (k, v) in message.headers().iter() {
         let name = if needs_escape(k) {
@@ -60,7 +62,7 @@ pub(crate) fn encode(message: &Message) -> Result<(HeaderMap, usize)> {
         } else {
             k.to_owned()
         };
-        put(name, v, &mut encoded)?;
+        put(&name, v, &mut encoded)?;
     }
     if !encoded.is_empty() {
         let list = encoded.join(" ");
@@ -83,11 +85,13 @@ pub(crate) fn decode(
         source: None,
     };
     let Some(map) = headers else {
-        let m = Message::new(payload).with_id(fallback_id());
-        return Ok(match published_at {
-            Some(at) => m.with_published_at(at),
-            None => m,
-        });
+        return Ok(Message::from_parts(
+            fallback_id(),
+            None,
+            Headers::new(),
+            payload,
+            published_at,
+        ));
     };
     let encoded: Vec<&str> = map
         .get(ENC)
@@ -121,16 +125,8 @@ pub(crate) fn decode(
             }
         }
     }
-    let mut message = Message::new(payload)
-        .with_id(id.unwrap_or_else(fallback_id))
-        .with_headers(user);
-    if let Some(k) = key {
-        message = message.with_key(k);
-    }
-    if let Some(at) = published_at {
-        message = message.with_published_at(at);
-    }
-    Ok(message)
+    let id = id.unwrap_or_else(fallback_id);
+    Ok(Message::from_parts(id, key, user, payload, published_at))
 }
 
 #[cfg(test)]
