@@ -89,8 +89,8 @@ async fn sy_publish(client: &Client, topic: &str, n: usize) -> Duration {
 }
 
 async fn sy_consume(client: &Client, topic: &str, opts: SubscribeOptions, n: usize) -> Duration {
-    let start = Instant::now();
     let mut sub = client.subscribe(topic, opts).await.unwrap();
+    let start = Instant::now();
     for _ in 0..n {
         let d = tokio::time::timeout(Duration::from_secs(30), sub.recv())
             .await
@@ -140,11 +140,21 @@ async fn run(url: &str, n: usize, window: usize) {
 
     println!("NATS JetStream at {url}: {n} messages of {SIZE} B, window {window}");
     let mut figures = Vec::new();
-    for round in 1..=3 {
-        let raw_p = raw_publish(&js, &raw_subject, n, window).await;
-        let sy_p = sy_publish(&client, &topic, n).await;
-        let raw_c = raw_consume(&consumer, n, window).await;
-        let sy_c = sy_consume(&client, &topic, opts.clone(), n).await;
+    for round in 1..=4 {
+        // Alternate who goes first: the second publisher writes into a store
+        // that already holds the first one's unconsumed messages.
+        let (raw_p, sy_p, raw_c, sy_c);
+        if round % 2 == 1 {
+            raw_p = raw_publish(&js, &raw_subject, n, window).await;
+            sy_p = sy_publish(&client, &topic, n).await;
+            raw_c = raw_consume(&consumer, n, window).await;
+            sy_c = sy_consume(&client, &topic, opts.clone(), n).await;
+        } else {
+            sy_p = sy_publish(&client, &topic, n).await;
+            raw_p = raw_publish(&js, &raw_subject, n, window).await;
+            sy_c = sy_consume(&client, &topic, opts.clone(), n).await;
+            raw_c = raw_consume(&consumer, n, window).await;
+        }
         let (rp, sp, rc, sc) = (rate(n, raw_p), rate(n, sy_p), rate(n, raw_c), rate(n, sy_c));
         println!(
             "round {round}: publish raw {rp:>9.0} msg/s  switchyard {sp:>9.0} msg/s  ratio {:.2}",

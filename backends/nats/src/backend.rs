@@ -3,8 +3,6 @@
 use std::{
     collections::HashMap,
     fmt,
-    future::Future,
-    pin::Pin,
     sync::{Arc, Mutex, Weak},
     time::Duration,
 };
@@ -22,7 +20,10 @@ use switchyard_core::{
     Acker, Broker, Capabilities, Client, Error, KeyOrdering, Message, Publisher, RawDelivery,
     Receiver, Result, SubscribeOptions, Subscriber,
 };
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{NatsConfig, codec, config::redact, names::token};
@@ -450,16 +451,31 @@ impl Subscriber for NatsBroker {
     async fn receiver(&self, topic: &str, options: &SubscribeOptions) -> Result<Box<dyn Receiver>> {
         self.check_open()?;
         let consumer = self.consumer(topic, options).await?;
+        let info = consumer.cached_info();
+        let next_subject = format!(
+            "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
+            info.stream_name, info.name
+        );
+        let inbox_subject = self.inner.client.new_inbox();
+        let inbox = self
+            .inner
+            .client
+            .subscribe(inbox_subject.clone())
+            .await
+            .map_err(|e| js_error("subscribing to the pull inbox", e, true))?;
         let shared = Arc::new(ReceiverShared {
             cancel: self.inner.closed.child_token(),
             permits: Arc::new(Semaphore::new(options.prefetch_limit())),
             prefetch: options.prefetch_limit(),
             stream_name: self.stream_name(topic),
+            next_subject,
+            inbox_subject,
             state: tokio::sync::Mutex::new(PullState {
-                consumer,
-                active: None,
-                requesting: None,
+                inbox,
+                reserved: Vec::new(),
+                last_activity: Instant::now(),
             }),
+            js: self.inner.js.clone(),
             client: self.inner.client.clone(),
         });
         let mut receivers = self
@@ -504,21 +520,16 @@ impl Broker for NatsBroker {
     }
 }
 
-type Pulled = (
-    std::result::Result<jetstream::Message, async_nats::Error>,
-    Option<OwnedSemaphorePermit>,
-);
-type PullStream = Pin<Box<dyn futures_util::Stream<Item = Pulled> + Send>>;
-type PullRequest =
-    Pin<Box<dyn Future<Output = std::result::Result<pull::Batch, pull::BatchError>> + Send>>;
-
 /// The consumer's pulling state, kept across cancelled receives.
 struct PullState {
-    consumer: PullConsumer,
-    /// The pull request being served, its messages paired with permits.
-    active: Option<PullStream>,
-    /// A pull request being sent, with the permits reserved for it.
-    requesting: Option<(PullRequest, Vec<OwnedSemaphorePermit>)>,
+    /// The one inbox every pull request of this consumer replies to: the
+    /// server sends in stream order, so one inbox keeps that order even with
+    /// several pull requests outstanding.
+    inbox: async_nats::Subscriber,
+    /// Permits of messages requested but not yet received.
+    reserved: Vec<OwnedSemaphorePermit>,
+    /// Last time the server said anything on the inbox (or we asked).
+    last_activity: Instant,
 }
 
 struct ReceiverShared {
@@ -527,40 +538,129 @@ struct ReceiverShared {
     permits: Arc<Semaphore>,
     prefetch: usize,
     stream_name: String,
+    /// `$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`.
+    next_subject: String,
+    inbox_subject: String,
     state: tokio::sync::Mutex<PullState>,
+    js: jetstream::Context,
     client: async_nats::Client,
 }
 
 impl ReceiverShared {
     /// Stops pulling. Messages pulled but never handed out are dropped
     /// unsettled and come back after the ack wait: NAKing them here races the
-    /// pull request this consumer still has open on the server (it cannot be
-    /// withdrawn), and nats-server 2.9 then redelivers a NAKed message twice,
-    /// the second time with its delivery count reset.
+    /// pull requests still open on the server (they cannot be withdrawn), and
+    /// nats-server 2.9 then redelivers a NAKed message twice, the second time
+    /// with its delivery count reset.
     ///
     /// Never waits for the state lock: a cancelled `recv` may hold it.
     async fn shutdown(&self) {
         self.cancel.cancel();
         if let Ok(mut state) = self.state.try_lock() {
-            state.active = None;
-            state.requesting = None;
+            state.reserved.clear();
+            let _ = state.inbox.unsubscribe().await;
         }
         let _ = self.client.flush().await;
     }
 
-    fn deliver(&self, (next, permit): Pulled) -> Option<Result<RawDelivery>> {
-        let msg = match next {
-            Ok(m) => m,
-            Err(e) => {
-                return Some(Err(Error::broker(
-                    format!("pulling messages: {e}"),
-                    true,
-                    Some(e),
-                )));
+    /// Asks the server for as many messages as there is free room, when
+    /// worthwhile: a quarter of the prefetch free, or anything free and
+    /// nothing outstanding.
+    async fn top_up(&self, state: &mut PullState) -> Result<()> {
+        let free = self.permits.available_permits();
+        let threshold = (self.prefetch / 4).max(1);
+        if free == 0 || (free < threshold && !state.reserved.is_empty()) {
+            return Ok(());
+        }
+        let mut got = Vec::with_capacity(free);
+        while got.len() < free {
+            match Arc::clone(&self.permits).try_acquire_owned() {
+                Ok(p) => got.push(p),
+                Err(_) => break,
             }
-        };
-        // More than requested cannot happen; if it does, leave it unsettled.
-        let permit = permit?;
+        }
+        if got.is_empty() {
+            return Ok(());
+        }
+        let body = format!(
+            r#"{{"batch":{},"expires":{}}}"#,
+            got.len(),
+            PULL_EXPIRES.as_nanos()
+        );
+        self.client
+            .publish_with_reply(
+                self.next_subject.clone(),
+                self.inbox_subject.clone(),
+                body.into(),
+            )
+            .await
+            .map_err(|e| js_error("sending pull request", e, true))?;
+        state.reserved.extend(got);
+        state.last_activity = Instant::now();
+        Ok(())
+    }
+
+    /// Handles one message on the inbox: a delivery, or a status about the
+    /// pull requests.
+    fn handle(
+        &self,
+        state: &mut PullState,
+        message: async_nats::Message,
+    ) -> Option<Result<RawDelivery>> {
+        state.last_activity = Instant::now();
+        match message.status.map(|s| s.as_u16()) {
+            None | Some(200) => {
+                // More than requested cannot happen; if it does, leave it
+                // unsettled (it comes back after the ack wait).
+                let permit = state.reserved.pop()?;
+                self.deliver(
+                    jetstream::Message {
+                        message,
+                        context: self.js.clone(),
+                    },
+                    permit,
+                )
+            }
+            // Heartbeat.
+            Some(100) => None,
+            // A pull request expired or ended: give back its unfilled room.
+            Some(408 | 409) => {
+                let description = message.description.clone().unwrap_or_default();
+                if description.contains("Deleted") {
+                    state.reserved.clear();
+                    return Some(Err(Error::broker(
+                        format!("JetStream consumer gone: {description}"),
+                        false,
+                        None,
+                    )));
+                }
+                let unfilled = message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Nats-Pending-Messages"))
+                    .and_then(|v| v.as_str().parse::<usize>().ok())
+                    .unwrap_or(0);
+                let keep = state.reserved.len().saturating_sub(unfilled);
+                state.reserved.truncate(keep);
+                None
+            }
+            Some(404) => None,
+            Some(other) => Some(Err(Error::broker(
+                format!(
+                    "pull request failed with status {other}: {}",
+                    message.description.unwrap_or_default()
+                ),
+                true,
+                None,
+            ))),
+        }
+    }
+
+    fn deliver(
+        &self,
+        msg: jetstream::Message,
+        permit: OwnedSemaphorePermit,
+    ) -> Option<Result<RawDelivery>> {
         let (attempt, seq, published) = match msg.info() {
             Ok(info) => (
                 u32::try_from(info.delivered).unwrap_or(u32::MAX).max(1),
@@ -605,19 +705,6 @@ impl fmt::Debug for ReceiverShared {
     }
 }
 
-/// One pull request's messages, each paired with one of the permits reserved
-/// for it; unused permits are released when the request ends.
-fn permitted(batch: pull::Batch, permits: Vec<OwnedSemaphorePermit>) -> PullStream {
-    Box::pin(futures_util::stream::unfold(
-        (batch, permits),
-        |(mut batch, mut permits)| async move {
-            let next = batch.next().await?;
-            let permit = permits.pop();
-            Some(((next, permit), (batch, permits)))
-        },
-    ))
-}
-
 #[derive(Debug)]
 struct NatsReceiver {
     shared: Arc<ReceiverShared>,
@@ -627,81 +714,60 @@ struct NatsReceiver {
 impl Receiver for NatsReceiver {
     /// Pulls exactly as many messages as the consumer has room for: every
     /// message requested holds one prefetch permit until it is settled, so the
-    /// consumer never has more than `prefetch` deliveries outstanding. One
-    /// pull request at a time: nats-server spreads messages over concurrent
-    /// pull requests, so a second one would break stream (and per-key) order.
+    /// consumer never has more than `prefetch` deliveries outstanding on the
+    /// server. Pull requests overlap (a new one whenever a quarter of the room
+    /// is free) and all reply to one inbox, which keeps stream order.
     ///
-    /// Cancel safe: the request being sent and the request being served live
-    /// in the receiver's state, not in this future.
+    /// Cancel safe: permits move into the receiver's state only once the pull
+    /// request is sent, and the inbox is a channel.
     async fn recv(&self) -> Option<Result<RawDelivery>> {
         let s = &*self.shared;
         let mut state = tokio::select! {
             st = s.state.lock() => st,
             () = s.cancel.cancelled() => return None,
         };
+        let threshold = (s.prefetch / 4).max(1) as u32;
         loop {
             if s.cancel.is_cancelled() {
                 return None;
             }
-            if let Some(active) = state.active.as_mut() {
-                let next = tokio::select! {
-                    n = active.next() => n,
+            if let Err(e) = s.top_up(&mut state).await {
+                tokio::select! {
+                    () = tokio::time::sleep(PULL_RETRY) => {}
                     () = s.cancel.cancelled() => return None,
-                };
-                match next {
-                    Some(pulled) => {
-                        if let Some(item) = s.deliver(pulled) {
-                            return Some(item);
-                        }
-                    }
-                    // Served or expired: unused permits go back.
-                    None => state.active = None,
+                }
+                return Some(Err(e));
+            }
+            if state.reserved.is_empty() {
+                // Nothing requested because there is no room: wait for some.
+                tokio::select! {
+                    p = s.permits.acquire() => drop(p.ok()?),
+                    () = s.cancel.cancelled() => return None,
                 }
                 continue;
             }
-            if state.requesting.is_none() {
-                // Wait for room for one, then take all the room there is.
-                let first = tokio::select! {
-                    p = Arc::clone(&s.permits).acquire_owned() => p.ok()?,
-                    () = s.cancel.cancelled() => return None,
-                };
-                let mut held = vec![first];
-                while held.len() < s.prefetch {
-                    match Arc::clone(&s.permits).try_acquire_owned() {
-                        Ok(p) => held.push(p),
-                        Err(_) => break,
-                    }
+            // A pull request whose end the server never reported (lost in a
+            // reconnect) must not hold room forever.
+            let stalled = state.last_activity + PULL_EXPIRES + Duration::from_secs(5);
+            let room_wanted = (s.permits.available_permits() as u32) < threshold;
+            let message = tokio::select! {
+                m = state.inbox.next() => m,
+                p = s.permits.acquire_many(threshold), if room_wanted => {
+                    drop(p.ok()?);
+                    continue;
                 }
-                let consumer = state.consumer.clone();
-                let n = held.len();
-                let request: PullRequest = Box::pin(async move {
-                    consumer
-                        .batch()
-                        .max_messages(n)
-                        .expires(PULL_EXPIRES)
-                        .messages()
-                        .await
-                });
-                state.requesting = Some((request, held));
-            }
-            let result = {
-                let (request, _) = state.requesting.as_mut()?;
-                tokio::select! {
-                    r = request => r,
-                    () = s.cancel.cancelled() => return None,
+                () = tokio::time::sleep_until(stalled) => {
+                    state.reserved.clear();
+                    continue;
                 }
+                () = s.cancel.cancelled() => return None,
             };
-            let (_, held) = state.requesting.take()?;
-            match result {
-                Ok(batch) => state.active = Some(permitted(batch, held)),
-                Err(e) => {
-                    drop(held);
-                    tokio::select! {
-                        () = tokio::time::sleep(PULL_RETRY) => {}
-                        () = s.cancel.cancelled() => return None,
-                    }
-                    return Some(Err(js_error("pulling messages", e, true)));
-                }
+            let Some(message) = message else {
+                // The inbox subscription ended (connection closed).
+                return None;
+            };
+            if let Some(item) = s.handle(&mut state, message) {
+                return Some(item);
             }
         }
     }
@@ -718,8 +784,7 @@ impl Drop for NatsReceiver {
         // the ack wait.
         self.shared.cancel.cancel();
         if let Ok(mut state) = self.shared.state.try_lock() {
-            state.active = None;
-            state.requesting = None;
+            state.reserved.clear();
         }
     }
 }
