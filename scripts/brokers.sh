@@ -8,7 +8,7 @@
 #
 # A broker whose port already answers is reused, never started twice.
 # Everything binds to 127.0.0.1; every wait is bounded.
-# Brokers: nats (JetStream, 127.0.0.1:4222).
+# Brokers: nats (JetStream, 127.0.0.1:${SWITCHYARD_NATS_PORT:-4222}).
 
 SY_BROKER_DIR="${SWITCHYARD_BROKER_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/switchyard/brokers}"
 SY_ALL_BROKERS="nats"
@@ -47,9 +47,10 @@ _sy_started() { # name pid
 }
 
 _sy_start_nats() {
-    export SWITCHYARD_NATS_URL="${SWITCHYARD_NATS_URL:-nats://127.0.0.1:4222}"
-    if _sy_port_open 127.0.0.1 4222; then
-        _sy_log "nats: reusing the server on 127.0.0.1:4222"
+    local port="${SWITCHYARD_NATS_PORT:-4222}"
+    export SWITCHYARD_NATS_URL="${SWITCHYARD_NATS_URL:-nats://127.0.0.1:$port}"
+    if _sy_port_open 127.0.0.1 "$port"; then
+        _sy_log "nats: reusing the server on 127.0.0.1:$port"
         return 0
     fi
     local bin
@@ -59,12 +60,12 @@ _sy_start_nats() {
         _sy_apt_install nats-server
         bin="$(command -v nats-server || echo /usr/sbin/nats-server)"
     fi
-    mkdir -p "$SY_BROKER_DIR/nats"
-    _sy_log "nats: starting $bin with JetStream on 127.0.0.1:4222"
-    setsid "$bin" -a 127.0.0.1 -p 4222 -js -sd "$SY_BROKER_DIR/nats" \
-        -l "$SY_BROKER_DIR/nats.log" </dev/null >/dev/null 2>&1 &
+    mkdir -p "$SY_BROKER_DIR/nats-$port"
+    _sy_log "nats: starting $bin with JetStream on 127.0.0.1:$port"
+    setsid "$bin" -a 127.0.0.1 -p "$port" -js -sd "$SY_BROKER_DIR/nats-$port" \
+        -l "$SY_BROKER_DIR/nats-$port.log" </dev/null >/dev/null 2>&1 &
     _sy_started nats $!
-    _sy_wait_port nats 127.0.0.1 4222 20
+    _sy_wait_port nats 127.0.0.1 "$port" 20
 }
 
 brokers_start() { # [broker...]
@@ -91,7 +92,8 @@ brokers_stop() {
 }
 
 brokers_status() {
-    _sy_port_open 127.0.0.1 4222 && echo "nats: up (127.0.0.1:4222)" || echo "nats: down"
+    local port="${SWITCHYARD_NATS_PORT:-4222}"
+    if _sy_port_open 127.0.0.1 "$port"; then echo "nats: up (127.0.0.1:$port)"; else echo "nats: down"; fi
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then

@@ -11,5 +11,9 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/brokers.sh
 source scripts/brokers.sh
 brokers_start
+# Stop, on exit, only the brokers this run started (by PID).
+if [ -n "${SY_STARTED_BROKERS:-}" ]; then
+    trap brokers_stop EXIT
+fi
 
 cargo test --workspace --all-features "$@"

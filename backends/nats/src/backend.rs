@@ -161,8 +161,7 @@ impl NatsBroker {
             .max_ack_inflight(config.publish_window.max(1024))
             .backpressure_on_inflight(true)
             .build(client.clone());
-        let server_max_payload =
-            usize::try_from(client.server_info().max_payload).unwrap_or(1024 * 1024);
+        let server_max_payload = client.server_info().max_payload;
         Ok(Self {
             inner: Arc::new(Inner {
                 client,

@@ -58,7 +58,7 @@ async fn payload_limit_comes_from_the_server() {
     let broker = NatsBroker::connect(NatsConfig::from_url(&url).unwrap())
         .await
         .unwrap();
-    let server_max = usize::try_from(broker.nats_client().server_info().max_payload).unwrap();
+    let server_max = broker.nats_client().server_info().max_payload;
     let client = switchyard_core::Client::new(broker);
     let limit = client.capabilities().max_payload;
     assert!(
