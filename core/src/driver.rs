@@ -175,3 +175,58 @@ impl fmt::Debug for RawDelivery {
             .finish_non_exhaustive()
     }
 }
+
+/// Weak handles on the receivers a connection opened, so closing the
+/// connection can close them (a helper for backend authors).
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::Arc;
+/// use switchyard_core::driver::ReceiverSet;
+/// let set = ReceiverSet::new();
+/// let r = Arc::new(7);
+/// set.insert(&r);
+/// assert_eq!(set.take_live().len(), 1);
+/// assert!(set.take_live().is_empty());
+/// ```
+pub struct ReceiverSet<T> {
+    inner: std::sync::Mutex<Vec<std::sync::Weak<T>>>,
+}
+
+impl<T> ReceiverSet<T> {
+    /// An empty set.
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            inner: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Remembers `receiver` (weakly), forgetting receivers already dropped.
+    pub fn insert(&self, receiver: &std::sync::Arc<T>) {
+        let mut v = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        v.retain(|w| w.strong_count() > 0);
+        v.push(std::sync::Arc::downgrade(receiver));
+    }
+
+    /// Takes every receiver still alive, emptying the set.
+    #[must_use]
+    pub fn take_live(&self) -> Vec<std::sync::Arc<T>> {
+        let v = std::mem::take(&mut *self.inner.lock().unwrap_or_else(|p| p.into_inner()));
+        v.iter().filter_map(std::sync::Weak::upgrade).collect()
+    }
+}
+
+impl<T> Default for ReceiverSet<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> fmt::Debug for ReceiverSet<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.inner.lock().map(|v| v.len()).unwrap_or(0);
+        f.debug_struct("ReceiverSet").field("len", &n).finish()
+    }
+}

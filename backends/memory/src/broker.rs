@@ -4,7 +4,7 @@ use std::{
     collections::{HashMap, VecDeque},
     fmt,
     sync::{
-        Arc, Mutex, OnceLock, Weak,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
@@ -13,7 +13,7 @@ use std::{
 use async_trait::async_trait;
 use switchyard_core::{
     Acker, Broker, Capabilities, Client, Error, KeyOrdering, Message, Publisher, RawDelivery,
-    Receiver, Result, SubscribeOptions, Subscriber,
+    Receiver, Result, SubscribeOptions, Subscriber, driver::ReceiverSet,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -117,7 +117,7 @@ impl MemoryBroker {
             core: Arc::clone(&self.core),
             conn: Arc::new(ConnState {
                 closed: CancellationToken::new(),
-                receivers: Mutex::new(Vec::new()),
+                receivers: ReceiverSet::new(),
             }),
         }
     }
@@ -216,7 +216,7 @@ pub fn connect(url: &str) -> Result<Client> {
 #[derive(Debug)]
 struct ConnState {
     closed: CancellationToken,
-    receivers: Mutex<Vec<Weak<ReceiverShared>>>,
+    receivers: ReceiverSet<ReceiverShared>,
 }
 
 /// One connection to a [`MemoryBroker`]; implements the backend traits.
@@ -313,26 +313,13 @@ impl Subscriber for MemoryConnection {
             requeued: AtomicBool::new(false),
             buffer: Mutex::new(VecDeque::new()),
         });
-        let mut receivers = self
-            .conn
-            .receivers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        receivers.retain(|w| w.strong_count() > 0);
-        receivers.push(Arc::downgrade(&shared));
+        self.conn.receivers.insert(&shared);
         Ok(Box::new(MemoryReceiver { shared }))
     }
 
     async fn close(&self) -> Result<()> {
         self.conn.closed.cancel();
-        let receivers = std::mem::take(
-            &mut *self
-                .conn
-                .receivers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
-        for r in receivers.iter().filter_map(Weak::upgrade) {
+        for r in self.conn.receivers.take_live() {
             r.shutdown();
         }
         Ok(())

@@ -3,7 +3,7 @@
 use std::{
     collections::HashMap,
     fmt,
-    sync::{Arc, Mutex, Weak},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use futures_util::{StreamExt, stream::FuturesOrdered};
 use switchyard_core::{
     Acker, Broker, Capabilities, Client, Error, KeyOrdering, Message, Publisher, RawDelivery,
-    Receiver, Result, SubscribeOptions, Subscriber,
+    Receiver, Result, SubscribeOptions, Subscriber, driver::ReceiverSet,
 };
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
@@ -44,7 +44,7 @@ struct Inner {
     /// Topics whose stream is known to exist.
     streams: Mutex<HashMap<String, stream::Stream>>,
     closed: CancellationToken,
-    receivers: Mutex<Vec<Weak<ReceiverShared>>>,
+    receivers: ReceiverSet<ReceiverShared>,
 }
 
 /// A connection to NATS JetStream implementing switchyard's backend traits.
@@ -170,7 +170,7 @@ impl NatsBroker {
                 server_max_payload,
                 streams: Mutex::new(HashMap::new()),
                 closed: CancellationToken::new(),
-                receivers: Mutex::new(Vec::new()),
+                receivers: ReceiverSet::new(),
             }),
         })
     }
@@ -477,26 +477,13 @@ impl Subscriber for NatsBroker {
             js: self.inner.js.clone(),
             client: self.inner.client.clone(),
         });
-        let mut receivers = self
-            .inner
-            .receivers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        receivers.retain(|w| w.strong_count() > 0);
-        receivers.push(Arc::downgrade(&shared));
+        self.inner.receivers.insert(&shared);
         Ok(Box::new(NatsReceiver { shared }))
     }
 
     async fn close(&self) -> Result<()> {
         self.inner.closed.cancel();
-        let receivers = std::mem::take(
-            &mut *self
-                .inner
-                .receivers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
-        for r in receivers.iter().filter_map(Weak::upgrade) {
+        for r in self.inner.receivers.take_live() {
             r.shutdown().await;
         }
         // Sends what is buffered (acks included), then closes the connection.
