@@ -118,3 +118,149 @@ async fn ack_wait_expiry_redelivers_and_a_late_ack_is_harmless() {
     assert!(more.is_err(), "acked message came back: {more:?}");
     client.close().await.unwrap();
 }
+
+/// A nats-server this test owns: its own port and store, killed by PID.
+struct OwnServer {
+    child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl OwnServer {
+    fn binary() -> Option<std::path::PathBuf> {
+        let found = std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join("nats-server"))
+                .find(|p| p.is_file())
+        });
+        found.or_else(|| {
+            let p = std::path::PathBuf::from("/usr/sbin/nats-server");
+            p.is_file().then_some(p)
+        })
+    }
+
+    fn start(port: u16, dir: &std::path::Path) -> Self {
+        let bin = Self::binary().expect("nats-server binary");
+        let child = std::process::Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn nats-server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "own nats-server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            child,
+            port,
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_restart_mid_stream_loses_no_confirmed_message() {
+    // Needs the nats-server binary (scripts/brokers.sh installs it); a
+    // broker-less run skips like every broker test.
+    if url().is_none() {
+        return;
+    }
+    assert!(
+        OwnServer::binary().is_some(),
+        "nats-server binary not found"
+    );
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dir = std::env::temp_dir().join(format!("sy-nats-restart-{}", switchyard_core::new_id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut server = OwnServer::start(port, &dir);
+
+    let client = switchyard_nats::connect(&format!("nats://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let topic = "restart.orders";
+    // A small prefetch: most messages are still on the server, and the
+    // consumer's pull requests die with it.
+    let opts = SubscribeOptions::new("s")
+        .ack_timeout(Duration::from_secs(2))
+        .prefetch(5);
+    client.ensure_subscription(topic, &opts).await.unwrap();
+    let mut expected = std::collections::HashSet::new();
+    for i in 0..50 {
+        let m = Message::new(format!("before-{i}"));
+        expected.insert(m.id().to_owned());
+        client.publish(topic, m).await.unwrap();
+    }
+    let mut sub = client.subscribe(topic, opts).await.unwrap();
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < 3 {
+        let d = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        seen.insert(d.message().id().to_owned());
+        d.ack().await.unwrap();
+    }
+
+    // The server dies and comes back on the same store.
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _server = OwnServer::start(server.port, &server.dir);
+
+    // Publishing works again once the client has reconnected.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for i in 0..10 {
+        let m = Message::new(format!("after-{i}"));
+        loop {
+            match client.publish(topic, m.clone()).await {
+                Ok(()) => break,
+                Err(e) => {
+                    assert!(e.is_retryable(), "publish after restart: {e}");
+                    assert!(Instant::now() < deadline, "no reconnect within 30 s: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        expected.insert(m.id().to_owned());
+    }
+    // Every confirmed message arrives; duplicates (unacked ones) are allowed.
+    let recovering = Instant::now();
+    while !expected.iter().all(|id| seen.contains(id)) {
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(30),
+            "{} confirmed messages lost across the restart",
+            expected.iter().filter(|id| !seen.contains(*id)).count()
+        );
+        match tokio::time::timeout(Duration::from_secs(5), sub.recv()).await {
+            Ok(Ok(d)) => {
+                seen.insert(d.message().id().to_owned());
+                d.ack().await.unwrap();
+            }
+            Ok(Err(e)) => assert!(e.is_retryable(), "receive after restart: {e}"),
+            Err(_) => {}
+        }
+    }
+    eprintln!(
+        "recovered every confirmed message {:?} after the restart",
+        recovering.elapsed()
+    );
+    client.close().await.unwrap();
+    drop(_server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
