@@ -126,6 +126,14 @@ pub trait Receiver: Send + Sync + fmt::Debug {
     /// delivery.
     async fn recv(&self) -> Option<Result<RawDelivery>>;
 
+    /// A delivery that is already available, without waiting; `None` when
+    /// there is none right now (or the backend does not say). The hot path of
+    /// [`Subscription`](crate::Subscription): it saves a boxed future per
+    /// message. Must not block, and must respect prefetch like `recv`.
+    fn try_recv(&self) -> Option<Result<RawDelivery>> {
+        None
+    }
+
     /// Stops fetching; deliveries this receiver handed out and that are not
     /// settled go back to the subscription; a pending `recv` returns `None`.
     /// Idempotent.

@@ -108,14 +108,18 @@ impl Subscription {
         self.receiver.close().await
     }
 
-    fn next_raw(&self) -> Pending {
+    fn next_raw(&self, first: Option<RawDelivery>) -> Pending {
         let receiver = Arc::clone(&self.receiver);
         let ctx = Arc::clone(&self.ctx);
         Box::pin(async move {
+            let mut first = first;
             loop {
-                let raw = match receiver.recv().await? {
-                    Ok(raw) => raw,
-                    Err(e) => return Some(Err(e)),
+                let raw = match first.take() {
+                    Some(raw) => raw,
+                    None => match receiver.recv().await? {
+                        Ok(raw) => raw,
+                        Err(e) => return Some(Err(e)),
+                    },
                 };
                 if raw.attempt <= ctx.max_attempts {
                     return Some(Ok(raw));
@@ -144,7 +148,15 @@ impl Stream for Subscription {
         }
         let mut pending = match self.pending.take() {
             Some(p) => p,
-            None => self.next_raw(),
+            // Hot path: a delivery that already arrived, without a future.
+            None => match self.receiver.try_recv() {
+                Some(Ok(raw)) if raw.attempt <= self.ctx.max_attempts => {
+                    return Poll::Ready(Some(Ok(Delivery::new(raw, Arc::clone(&self.ctx)))));
+                }
+                Some(Ok(raw)) => self.next_raw(Some(raw)),
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => self.next_raw(None),
+            },
         };
         match pending.as_mut().poll(cx) {
             Poll::Pending => {

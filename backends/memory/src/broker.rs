@@ -437,6 +437,14 @@ impl Receiver for MemoryReceiver {
         }
     }
 
+    fn try_recv(&self) -> Option<Result<RawDelivery>> {
+        let s = &self.shared;
+        if s.closed.is_cancelled() {
+            return None;
+        }
+        s.buffer().pop_front().map(|d| Ok(s.raw(d)))
+    }
+
     async fn close(&self) -> Result<()> {
         self.shared.shutdown();
         Ok(())

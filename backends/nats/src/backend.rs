@@ -15,7 +15,7 @@ use async_nats::jetstream::{
     stream::{self, RetentionPolicy},
 };
 use async_trait::async_trait;
-use futures_util::{StreamExt, stream::FuturesOrdered};
+use futures_util::{FutureExt, StreamExt, stream::FuturesOrdered};
 use switchyard_core::{
     Acker, Broker, Capabilities, Client, Error, KeyOrdering, Message, Publisher, RawDelivery,
     Receiver, Result, SubscribeOptions, Subscriber, driver::ReceiverSet,
@@ -708,9 +708,12 @@ impl Receiver for NatsReceiver {
     /// request is sent, and the inbox is a channel.
     async fn recv(&self) -> Option<Result<RawDelivery>> {
         let s = &*self.shared;
-        let mut state = tokio::select! {
-            st = s.state.lock() => st,
-            () = s.cancel.cancelled() => return None,
+        let mut state = match s.state.try_lock() {
+            Ok(state) => state,
+            Err(_) => tokio::select! {
+                st = s.state.lock() => st,
+                () = s.cancel.cancelled() => return None,
+            },
         };
         let threshold = (s.prefetch / 4).max(1) as u32;
         loop {
@@ -723,6 +726,14 @@ impl Receiver for NatsReceiver {
                     () = s.cancel.cancelled() => return None,
                 }
                 return Some(Err(e));
+            }
+            // Fast path: a message already arrived (no timers, no waiters).
+            if let Some(next) = state.inbox.next().now_or_never() {
+                let Some(message) = next else { return None };
+                if let Some(item) = s.handle(&mut state, message) {
+                    return Some(item);
+                }
+                continue;
             }
             if state.reserved.is_empty() {
                 // Nothing requested because there is no room: wait for some.
@@ -752,6 +763,27 @@ impl Receiver for NatsReceiver {
                 // The inbox subscription ended (connection closed).
                 return None;
             };
+            if let Some(item) = s.handle(&mut state, message) {
+                return Some(item);
+            }
+        }
+    }
+
+    fn try_recv(&self) -> Option<Result<RawDelivery>> {
+        let s = &*self.shared;
+        if s.cancel.is_cancelled() {
+            return None;
+        }
+        let mut state = s.state.try_lock().ok()?;
+        // Only what already arrived. When a pull request is due, leave the
+        // call to `recv`, which sends it (keeping requests overlapped).
+        let threshold = (s.prefetch / 4).max(1);
+        let free = s.permits.available_permits();
+        if free >= threshold || (free > 0 && state.reserved.is_empty()) {
+            return None;
+        }
+        loop {
+            let message = state.inbox.next().now_or_never()??;
             if let Some(item) = s.handle(&mut state, message) {
                 return Some(item);
             }
