@@ -419,19 +419,17 @@ impl Publisher for NatsBroker {
             return Ok(());
         }
         self.inner.closed.cancel();
-        self.inner
-            .client
-            .flush()
-            .await
-            .or_else(|e| {
-                if self.inner.client.connection_state() == async_nats::connection::State::Connected
-                {
-                    Err(e)
-                } else {
-                    Ok(())
-                }
-            })
-            .map_err(|e| Error::connection("flushing on close", e))
+        // Flush what was accepted; bounded, as the server may be unreachable
+        // (async-nats holds commands while it reconnects).
+        let bound = self.inner.config.request_timeout;
+        match tokio::time::timeout(bound, self.inner.client.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::connection("flushing on close", e)),
+            Err(_) => Err(Error::Timeout {
+                operation: "flushing on close",
+                after: bound,
+            }),
+        }
     }
 }
 
@@ -455,11 +453,13 @@ impl Subscriber for NatsBroker {
             "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
             info.stream_name, info.name
         );
+        // Each pull request replies to `<inbox>.<n>`; one wildcard
+        // subscription receives them all, in the order the server sent them.
         let inbox_subject = self.inner.client.new_inbox();
         let inbox = self
             .inner
             .client
-            .subscribe(inbox_subject.clone())
+            .subscribe(format!("{inbox_subject}.*"))
             .await
             .map_err(|e| js_error("subscribing to the pull inbox", e, true))?;
         let shared = Arc::new(ReceiverShared {
@@ -472,10 +472,13 @@ impl Subscriber for NatsBroker {
             state: tokio::sync::Mutex::new(PullState {
                 inbox,
                 reserved: Vec::new(),
+                requests: HashMap::new(),
+                next_request: 0,
                 last_activity: Instant::now(),
             }),
             js: self.inner.js.clone(),
             client: self.inner.client.clone(),
+            request_timeout: self.inner.config.request_timeout,
         });
         self.inner.receivers.insert(&shared);
         Ok(Box::new(NatsReceiver { shared }))
@@ -487,7 +490,8 @@ impl Subscriber for NatsBroker {
             r.shutdown().await;
         }
         // Sends what is buffered (acks included), then closes the connection.
-        let _ = self.inner.client.drain().await;
+        let _ = tokio::time::timeout(self.inner.config.request_timeout, self.inner.client.drain())
+            .await;
         Ok(())
     }
 }
@@ -514,6 +518,9 @@ struct PullState {
     inbox: async_nats::Subscriber,
     /// Permits of messages requested but not yet received.
     reserved: Vec<OwnedSemaphorePermit>,
+    /// Open pull requests (reply subject suffix) → messages still to come.
+    requests: HashMap<u64, usize>,
+    next_request: u64,
     /// Last time the server said anything on the inbox (or we asked).
     last_activity: Instant,
 }
@@ -530,6 +537,8 @@ struct ReceiverShared {
     state: tokio::sync::Mutex<PullState>,
     js: jetstream::Context,
     client: async_nats::Client,
+    /// Bound on sends to the connection and on flushing.
+    request_timeout: Duration,
 }
 
 impl ReceiverShared {
@@ -544,9 +553,10 @@ impl ReceiverShared {
         self.cancel.cancel();
         if let Ok(mut state) = self.state.try_lock() {
             state.reserved.clear();
-            let _ = state.inbox.unsubscribe().await;
+            let _ = tokio::time::timeout(self.request_timeout, state.inbox.unsubscribe()).await;
         }
-        let _ = self.client.flush().await;
+        // Sends pending acks; bounded, as the server may be unreachable.
+        let _ = tokio::time::timeout(self.request_timeout, self.client.flush()).await;
     }
 
     /// Asks the server for as many messages as there is free room, when
@@ -573,29 +583,49 @@ impl ReceiverShared {
             got.len(),
             PULL_EXPIRES.as_nanos()
         );
-        self.client
-            .publish_with_reply(
-                self.next_subject.clone(),
-                self.inbox_subject.clone(),
-                body.into(),
-            )
-            .await
-            .map_err(|e| js_error("sending pull request", e, true))?;
+        let request = state.next_request;
+        let send = self.client.publish_with_reply(
+            self.next_subject.clone(),
+            format!("{}.{request}", self.inbox_subject),
+            body.into(),
+        );
+        tokio::select! {
+            r = tokio::time::timeout(self.request_timeout, send) => match r {
+                Ok(r) => r.map_err(|e| js_error("sending pull request", e, true))?,
+                Err(_) => return Err(Error::Timeout { operation: "sending a pull request", after: self.request_timeout }),
+            },
+            () = self.cancel.cancelled() => return Err(Error::Closed),
+        }
+        state.next_request += 1;
+        state.requests.insert(request, got.len());
         state.reserved.extend(got);
         state.last_activity = Instant::now();
         Ok(())
     }
 
     /// Handles one message on the inbox: a delivery, or a status about the
-    /// pull requests.
+    /// pull request it answers.
     fn handle(
         &self,
         state: &mut PullState,
         message: async_nats::Message,
     ) -> Option<Result<RawDelivery>> {
         state.last_activity = Instant::now();
+        let request = message
+            .subject
+            .rsplit('.')
+            .next()
+            .and_then(|n| n.parse::<u64>().ok());
         match message.status.map(|s| s.as_u16()) {
             None | Some(200) => {
+                if let Some(n) = request
+                    && let Some(left) = state.requests.get_mut(&n)
+                {
+                    *left -= 1;
+                    if *left == 0 {
+                        state.requests.remove(&n);
+                    }
+                }
                 // More than requested cannot happen; if it does, leave it
                 // unsettled (it comes back after the ack wait).
                 let permit = state.reserved.pop()?;
@@ -609,36 +639,24 @@ impl ReceiverShared {
             }
             // Heartbeat.
             Some(100) => None,
-            // A pull request expired or ended: give back its unfilled room.
-            Some(408 | 409) => {
-                let description = message.description.clone().unwrap_or_default();
-                if description.contains("Deleted") {
-                    state.reserved.clear();
-                    return Some(Err(Error::broker(
-                        format!("JetStream consumer gone: {description}"),
-                        false,
-                        None,
-                    )));
-                }
-                let unfilled = message
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get("Nats-Pending-Messages"))
-                    .and_then(|v| v.as_str().parse::<usize>().ok())
-                    .unwrap_or(0);
+            // Any other status ends that pull request (408 expired, 409
+            // limits exceeded or consumer deleted, …): its unfilled room
+            // comes back.
+            Some(status) => {
+                let unfilled = request.and_then(|n| state.requests.remove(&n)).unwrap_or(0);
                 let keep = state.reserved.len().saturating_sub(unfilled);
                 state.reserved.truncate(keep);
-                None
+                let description = message.description.unwrap_or_default();
+                match status {
+                    408 | 404 => None,
+                    409 if !description.contains("Deleted") => None,
+                    _ => Some(Err(Error::broker(
+                        format!("pull request ended with status {status}: {description}"),
+                        status != 409,
+                        None,
+                    ))),
+                }
             }
-            Some(404) => None,
-            Some(other) => Some(Err(Error::broker(
-                format!(
-                    "pull request failed with status {other}: {}",
-                    message.description.unwrap_or_default()
-                ),
-                true,
-                None,
-            ))),
         }
     }
 
@@ -656,27 +674,19 @@ impl ReceiverShared {
             Err(_) => (1, 0, None),
         };
         let (message, acker) = msg.split();
-        let decoded = codec::decode(message.headers.as_ref(), message.payload, published, || {
+        let message = codec::decode(message.headers.as_ref(), message.payload, published, || {
             format!("{}:{seq}", self.stream_name)
         });
-        let acker = NatsAcker {
-            acker,
-            cancel: self.cancel.clone(),
-            _permit: permit,
-        };
-        Some(match decoded {
-            Ok(message) => Ok(RawDelivery {
-                message,
-                attempt,
-                acker: Box::new(acker),
+        Some(Ok(RawDelivery {
+            message,
+            attempt,
+            acker: Box::new(NatsAcker {
+                acker,
+                cancel: self.cancel.clone(),
+                timeout: self.request_timeout,
+                _permit: permit,
             }),
-            Err(e) => {
-                // Undecodable: terminate it rather than loop on it.
-                let acker = acker.acker;
-                tokio::spawn(async move { acker.ack_with(AckKind::Term).await });
-                Err(e)
-            }
-        })
+        }))
     }
 }
 
@@ -755,6 +765,7 @@ impl Receiver for NatsReceiver {
                 }
                 () = tokio::time::sleep_until(stalled) => {
                     state.reserved.clear();
+                    state.requests.clear();
                     continue;
                 }
                 () = s.cancel.cancelled() => return None,
@@ -803,6 +814,7 @@ impl Drop for NatsReceiver {
         self.shared.cancel.cancel();
         if let Ok(mut state) = self.shared.state.try_lock() {
             state.reserved.clear();
+            state.requests.clear();
         }
     }
 }
@@ -810,6 +822,9 @@ impl Drop for NatsReceiver {
 struct NatsAcker {
     acker: jetstream::message::Acker,
     cancel: CancellationToken,
+    /// Bound on handing the ack to the connection (it blocks while the
+    /// client is disconnected and its buffer is full).
+    timeout: Duration,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -819,22 +834,32 @@ impl fmt::Debug for NatsAcker {
     }
 }
 
-#[async_trait]
-impl Acker for NatsAcker {
-    async fn ack(&self) -> Result<()> {
+impl NatsAcker {
+    async fn send(&self, kind: AckKind, what: &'static str) -> Result<()> {
         if self.cancel.is_cancelled() {
             return Err(Error::Closed);
         }
-        self.acker
-            .ack()
-            .await
-            .map_err(|e| Error::broker(format!("ack: {e}"), true, Some(e)))
+        match tokio::time::timeout(self.timeout, self.acker.ack_with(kind)).await {
+            Ok(r) => r.map_err(|e| Error::broker(format!("{what}: {e}"), true, Some(e))),
+            Err(_) => Err(Error::Timeout {
+                operation: what,
+                after: self.timeout,
+            }),
+        }
+    }
+}
+
+/// Acks are sent like RabbitMQ's `basic.ack`: `Ok` means the ack was handed
+/// to the connection, which delivers it in order before anything sent later
+/// (and `close` flushes it). If the connection drops first, the ack is lost
+/// and the message is redelivered: at-least-once, never loss.
+#[async_trait]
+impl Acker for NatsAcker {
+    async fn ack(&self) -> Result<()> {
+        self.send(AckKind::Ack, "ack").await
     }
 
     async fn nack(&self, delay: Option<Duration>) -> Result<()> {
-        self.acker
-            .ack_with(AckKind::Nak(delay))
-            .await
-            .map_err(|e| Error::broker(format!("nak: {e}"), true, Some(e)))
+        self.send(AckKind::Nak(delay), "nak").await
     }
 }

@@ -74,37 +74,33 @@ pub(crate) fn encode(message: &Message) -> Result<(HeaderMap, usize)> {
 
 /// Decodes a message from NATS headers and payload. A message published
 /// by something other than switchyard (no `sy-id`) gets `fallback_id`.
+///
+/// Never fails: a value listed in `sy-enc` that is not valid base64 (or not
+/// UTF-8 once decoded) is kept as received (or decoded lossily), so a
+/// malformed message still reaches the application or its dead-letter topic
+/// instead of being dropped.
 pub(crate) fn decode(
     headers: Option<&HeaderMap>,
     payload: bytes::Bytes,
     published_at: Option<SystemTime>,
     fallback_id: impl FnOnce() -> String,
-) -> Result<Message> {
-    let corrupt = |what: &str| Error::Codec {
-        message: format!("NATS message without valid switchyard headers: {what}"),
-        source: None,
-    };
+) -> Message {
     let Some(map) = headers else {
-        return Ok(Message::from_parts(
-            fallback_id(),
-            None,
-            Headers::new(),
-            payload,
-            published_at,
-        ));
+        return Message::from_parts(fallback_id(), None, Headers::new(), payload, published_at);
     };
     let encoded: Vec<&str> = map
         .get(ENC)
         .map(|v| v.as_str().split(' ').filter(|s| !s.is_empty()).collect())
         .unwrap_or_default();
-    let value = |name: &str, raw: &str| -> Result<String> {
+    let value = |name: &str, raw: &str| -> String {
         if encoded.contains(&name) {
-            let bytes = STANDARD
-                .decode(raw)
-                .map_err(|_| corrupt("bad base64 value"))?;
-            String::from_utf8(bytes).map_err(|_| corrupt("non-UTF-8 value"))
+            match STANDARD.decode(raw) {
+                Ok(bytes) => String::from_utf8(bytes)
+                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+                Err(_) => raw.to_owned(),
+            }
         } else {
-            Ok(raw.to_owned())
+            raw.to_owned()
         }
     };
     let mut id = None;
@@ -113,7 +109,7 @@ pub(crate) fn decode(
     for (name, values) in map.iter() {
         let name = name.as_ref();
         let Some(raw) = values.last() else { continue };
-        let v = value(name, raw.as_str())?;
+        let v = value(name, raw.as_str());
         match name {
             ID => id = Some(v),
             KEY => key = Some(v),
@@ -126,7 +122,7 @@ pub(crate) fn decode(
         }
     }
     let id = id.unwrap_or_else(fallback_id);
-    Ok(Message::from_parts(id, key, user, payload, published_at))
+    Message::from_parts(id, key, user, payload, published_at)
 }
 
 #[cfg(test)]
@@ -154,7 +150,7 @@ mod tests {
             "user header must not reach NATS as Nats-Msg-Id"
         );
         let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
-        let back = decode(Some(&map), m.payload().clone(), Some(at), || unreachable!()).unwrap();
+        let back = decode(Some(&map), m.payload().clone(), Some(at), || unreachable!());
         assert_eq!(back.id(), m.id());
         assert_eq!(back.key(), m.key());
         assert_eq!(back.headers(), m.headers());
@@ -162,15 +158,16 @@ mod tests {
     }
 
     #[test]
-    fn foreign_messages_get_the_fallback_id() {
-        let m = decode(None, bytes::Bytes::from_static(b"x"), None, || "s:1".into()).unwrap();
+    fn foreign_and_malformed_messages_are_kept() {
+        let m = decode(None, bytes::Bytes::from_static(b"x"), None, || "s:1".into());
         assert_eq!(m.id(), "s:1");
         let mut map = HeaderMap::new();
         map.insert(ENC, "k");
         map.insert("k", "%%%");
-        assert!(matches!(
-            decode(Some(&map), bytes::Bytes::new(), None, String::new),
-            Err(Error::Codec { .. })
-        ));
+        map.insert("sy-id", "id-1");
+        // Malformed encoding is kept, not dropped.
+        let m = decode(Some(&map), bytes::Bytes::new(), None, String::new);
+        assert_eq!(m.id(), "id-1");
+        assert_eq!(m.headers().get("k"), Some("%%%"));
     }
 }
