@@ -87,16 +87,30 @@ pub use switchyard_nats as nats;
 /// # }
 /// ```
 pub async fn connect(url: &str) -> Result<Client> {
-    let parsed = url::Url::parse(url).map_err(|e| Error::InvalidUrl {
-        url: redact(url),
-        reason: e.to_string(),
-    })?;
-    let scheme = parsed.scheme();
+    // The scheme alone picks the backend; each backend parses the rest its
+    // own way (NATS, for one, takes several comma-separated servers).
+    let scheme = match url.split_once("://") {
+        Some((scheme, _))
+            if !scheme.is_empty()
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')) =>
+        {
+            scheme.to_ascii_lowercase()
+        }
+        _ => {
+            return Err(Error::InvalidUrl {
+                url: redact(url),
+                reason: "expected SCHEME://…, e.g. memory://, nats://127.0.0.1:4222, amqp://…"
+                    .into(),
+            });
+        }
+    };
     let missing = |feature: &'static str| Error::FeatureNotEnabled {
-        scheme: scheme.to_owned(),
+        scheme: scheme.clone(),
         feature,
     };
-    match scheme {
+    match scheme.as_str() {
         "memory" => {
             #[cfg(feature = "memory")]
             return switchyard_memory::connect(url);
@@ -121,19 +135,22 @@ pub async fn connect(url: &str) -> Result<Client> {
     }
 }
 
-/// `url` with any password replaced by `***`, for error messages.
+/// `url` fit for error messages: userinfo (credentials, tokens) and the
+/// query (which may carry secrets) replaced by `***`.
 fn redact(url: &str) -> String {
-    if let Ok(mut parsed) = url::Url::parse(url) {
-        if parsed.password().is_some() {
-            let _ = parsed.set_password(Some("***"));
-        }
-        return parsed.to_string();
-    }
-    // Unparsable: hide everything between "://" and the last '@'.
-    match (url.find("://"), url.rfind('@')) {
-        (Some(start), Some(at)) if at > start => format!("{}***{}", &url[..start + 3], &url[at..]),
-        _ => url.to_owned(),
-    }
+    let (head, rest) = match url.find("://") {
+        Some(i) => (&url[..i + 3], &url[i + 3..]),
+        None => ("", url),
+    };
+    let (authority, query) = match rest.split_once('?') {
+        Some((a, _)) => (a, "?***"),
+        None => (rest, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((_, hosts)) => format!("***@{hosts}"),
+        None => authority.to_owned(),
+    };
+    format!("{head}{authority}{query}")
 }
 
 #[cfg(test)]
@@ -159,10 +176,7 @@ mod tests {
     async fn malformed_urls_say_what_is_wrong_without_passwords() {
         let err = connect("not a url").await.unwrap_err();
         assert!(matches!(err, Error::InvalidUrl { .. }), "{err:?}");
-        assert!(
-            err.to_string().contains("relative URL without a base"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("expected SCHEME://"), "{err}");
 
         let err = connect("ftp://user:hunter2@host").await.unwrap_err();
         let text = err.to_string();
@@ -176,6 +190,7 @@ mod tests {
         );
 
         assert_eq!(redact("amqp://u:hunter2@[bad"), "amqp://***@[bad");
+        assert_eq!(redact("nats://tok@h:1?token=x"), "nats://***@h:1?***");
     }
 
     #[cfg(not(feature = "nats"))]
@@ -188,6 +203,17 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[cfg(feature = "nats")]
+    #[tokio::test]
+    async fn multi_server_nats_urls_reach_the_nats_backend() {
+        // Two unreachable loopback servers: the NATS backend parses the list
+        // and reports a connection error (not a URL error) within its timeout.
+        let err = connect("nats://127.0.0.1:9,127.0.0.1:10?connect_timeout=1s")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Connection { .. }), "{err:?}");
     }
 
     #[cfg(feature = "memory")]

@@ -46,7 +46,10 @@ pub struct NatsConfig {
 impl fmt::Debug for NatsConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NatsConfig")
-            .field("servers", &self.servers)
+            .field(
+                "servers",
+                &self.servers.iter().map(|s| redact(s)).collect::<Vec<_>>(),
+            )
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("token", &self.token.as_ref().map(|_| "***"))
@@ -126,16 +129,15 @@ impl NatsConfig {
         let mut config = Self::new(servers[0].clone());
         config.servers = servers;
         config.require_tls = tls;
-        if let Some(u) = userinfo {
-            let (user, pass) = u.split_once(':').unwrap_or((u, ""));
-            let decode = |s: &str| {
-                url::form_urlencoded::parse(format!("x={s}").as_bytes())
-                    .next()
-                    .map(|(_, v)| v.into_owned())
-                    .unwrap_or_default()
-            };
-            config.user = Some(decode(user));
-            config.password = Some(decode(pass));
+        match userinfo.map(|u| u.split_once(':').map_or((u, None), |(a, b)| (a, Some(b)))) {
+            // `nats://user:pass@host`
+            Some((user, Some(pass))) => {
+                config.user = Some(percent_decode(user));
+                config.password = Some(percent_decode(pass));
+            }
+            // `nats://TOKEN@host`, as NATS clients read it
+            Some((token, None)) => config.token = Some(percent_decode(token)),
+            None => {}
         }
         for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
             let duration = |v: &str| {
@@ -295,29 +297,61 @@ fn parse_duration(v: &str) -> Option<Duration> {
         return s
             .parse::<f64>()
             .ok()
-            .filter(|s| *s >= 0.0)
-            .map(Duration::from_secs_f64);
+            .and_then(|s| Duration::try_from_secs_f64(s).ok());
     }
     if let Some(m) = v.strip_suffix('m') {
-        return m.parse::<u64>().ok().map(|m| Duration::from_secs(m * 60));
+        return m
+            .parse::<u64>()
+            .ok()?
+            .checked_mul(60)
+            .map(Duration::from_secs);
     }
     if let Some(h) = v.strip_suffix('h') {
-        return h.parse::<u64>().ok().map(|h| Duration::from_secs(h * 3600));
+        return h
+            .parse::<u64>()
+            .ok()?
+            .checked_mul(3600)
+            .map(Duration::from_secs);
     }
     None
 }
 
-pub(crate) fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(start), Some(at)) if at > start => {
-            let userinfo = &url[start + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            let tail = &url[at..];
-            let tail = tail.split("token=").next().unwrap_or(tail);
-            format!("{}{user}:***{tail}", &url[..start + 3])
+/// Percent-decodes URL userinfo (`+` stays `+`).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
         }
-        _ => url.split("token=").next().unwrap_or(url).to_owned(),
     }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A URL fit for messages and `Debug`: userinfo (credentials or token) and
+/// the query (which may carry a token) are replaced by `***`.
+pub(crate) fn redact(url: &str) -> String {
+    let (head, rest) = match url.find("://") {
+        Some(i) => (&url[..i + 3], &url[i + 3..]),
+        None => ("", url),
+    };
+    let (authority, query) = match rest.split_once('?') {
+        Some((a, _)) => (a, "?***"),
+        None => (rest, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((_, hosts)) => format!("***@{hosts}"),
+        None => authority.to_owned(),
+    };
+    format!("{head}{authority}{query}")
 }
 
 #[cfg(test)]
@@ -333,6 +367,16 @@ mod tests {
         assert_eq!(c.servers, vec!["nats://h1:4222", "nats://h2:4223"]);
         assert_eq!(c.user.as_deref(), Some("u"));
         assert_eq!(c.password.as_deref(), Some("p@ss"));
+        let plus = NatsConfig::from_url("nats://u:a+b@h:1").unwrap();
+        assert_eq!(plus.password.as_deref(), Some("a+b"));
+        let t = NatsConfig::from_url("nats://s3cr3t@h:4222").unwrap();
+        assert_eq!(t.token.as_deref(), Some("s3cr3t"));
+        assert!(t.user.is_none());
+        assert!(!format!("{t:?}").contains("s3cr3t"));
+        let d = NatsConfig::new("nats://u:pw@h:1");
+        assert!(!format!("{d:?}").contains("pw"));
+        assert!(NatsConfig::from_url("nats://h?connect_timeout=1e400s").is_err());
+        assert!(NatsConfig::from_url("nats://h?max_age=99999999999999999999h").is_err());
         assert_eq!(c.connect_timeout, Duration::from_millis(500));
         assert_eq!(c.storage, StorageType::Memory);
         assert!(NatsConfig::from_url("tls://h:4222").unwrap().require_tls);
