@@ -368,6 +368,17 @@ impl ReceiverShared {
         self.queue.requeue_consumer(self.consumer);
     }
 
+    /// The next buffered delivery whose ack clock restarts now: the ack
+    /// timeout runs from hand-out, not from when it was buffered.
+    fn pop_buffered(&self) -> Option<(u64, Message, u32)> {
+        loop {
+            let d = self.buffer().pop_front()?;
+            if self.queue.restamp(d.0, self.ack_timeout) {
+                return Some(d);
+            }
+        }
+    }
+
     fn raw(self: &Arc<Self>, (tag, message, attempt): (u64, Message, u32)) -> RawDelivery {
         RawDelivery {
             message,
@@ -409,7 +420,7 @@ impl Receiver for MemoryReceiver {
                 s.shutdown();
                 return None;
             }
-            if let Some(d) = s.buffer().pop_front() {
+            if let Some(d) = s.pop_buffered() {
                 return Some(Ok(s.raw(d)));
             }
             let wake = match s
@@ -442,7 +453,7 @@ impl Receiver for MemoryReceiver {
         if s.closed.is_cancelled() {
             return None;
         }
-        s.buffer().pop_front().map(|d| Ok(s.raw(d)))
+        s.pop_buffered().map(|d| Ok(s.raw(d)))
     }
 
     async fn close(&self) -> Result<()> {

@@ -156,8 +156,13 @@ impl Queue {
             entry.deliveries += 1;
             let tag = state.next_tag;
             state.next_tag += 1;
+            // Only the delivery handed out now starts its ack clock; the rest
+            // wait in the consumer's buffer without one (like prefetched
+            // messages in a real client) until `restamp` hands them out.
+            if out.is_empty() {
+                state.deadlines.insert((deadline, tag));
+            }
             out.push((tag, entry.message.clone(), entry.deliveries));
-            state.deadlines.insert((deadline, tag));
             state.in_flight.insert(
                 tag,
                 InFlight {
@@ -174,6 +179,25 @@ impl Queue {
             *state.held.entry(consumer).or_insert(0) += out.len();
             Take::Got(out)
         }
+    }
+
+    /// Starts the ack clock of a delivery a consumer buffered and now hands
+    /// out. False when it is no longer in flight (then the buffered copy must
+    /// not be handed out).
+    pub(crate) fn restamp(&self, tag: u64, ack_timeout: Duration) -> bool {
+        let mut state = self.lock();
+        let State {
+            in_flight,
+            deadlines,
+            ..
+        } = &mut *state;
+        let Some(f) = in_flight.get_mut(&tag) else {
+            return false;
+        };
+        deadlines.remove(&(f.deadline, tag));
+        f.deadline = Instant::now() + ack_timeout;
+        deadlines.insert((f.deadline, tag));
+        true
     }
 
     /// Settles a delivery for good. Returns false when the tag is unknown

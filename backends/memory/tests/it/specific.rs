@@ -128,3 +128,56 @@ async fn url_parameters() {
     );
     assert!(switchyard_memory::connect("nats://x").is_err());
 }
+
+#[tokio::test]
+async fn ack_timeout_runs_from_hand_out_not_from_buffering() {
+    // A slow consumer: each message takes 150 ms with a 250 ms ack timeout.
+    // The receiver buffers all four at once; none may time out while waiting
+    // in the buffer (that would duplicate them and inflate their attempts).
+    let client = MemoryBroker::new().client();
+    let opts = SubscribeOptions::new("s")
+        .prefetch(4)
+        .ack_timeout(Duration::from_millis(250));
+    client.ensure_subscription("t", &opts).await.unwrap();
+    for i in 0..4 {
+        client
+            .publish("t", Message::new("x").with_id(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let mut sub = client.subscribe("t", opts.clone()).await.unwrap();
+    let first = tokio::time::timeout(BOUND, sub.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    // A competing consumer keeps polling: it would pick up anything that
+    // (wrongly) expired while buffered in the first one.
+    let mut other = client.subscribe("t", opts).await.unwrap();
+    let stolen = tokio::spawn(async move {
+        tokio::time::timeout(Duration::from_millis(1200), other.recv()).await
+    });
+    let mut next = Some(first);
+    for i in 0..4 {
+        let d = match next.take() {
+            Some(d) => d,
+            None => tokio::time::timeout(BOUND, sub.recv())
+                .await
+                .unwrap()
+                .unwrap(),
+        };
+        assert_eq!(d.message().id(), format!("m{i}"));
+        assert_eq!(d.attempt(), 1, "m{i} was redelivered while buffered");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        d.ack().await.unwrap();
+    }
+    let stolen = stolen.await.unwrap();
+    assert!(
+        stolen.is_err(),
+        "a buffered delivery expired and went to the other consumer: {stolen:?}"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sub.recv())
+            .await
+            .is_err()
+    );
+}
