@@ -16,7 +16,10 @@ use switchyard_core::{
 
 use crate::{
     Harness, Outcome,
-    util::{collect_acked, expect_nothing, ids, noise, publish_batch_ok, publish_each, recv_one},
+    util::{
+        collect_acked, expect_no_new, expect_nothing, ids, noise, publish_batch_ok, publish_each,
+        recv_one,
+    },
 };
 
 struct Setup {
@@ -86,7 +89,13 @@ pub async fn publish_and_receive_set(h: &dyn Harness) -> Outcome {
             m.id()
         );
     }
-    expect_nothing(&mut sub, Duration::from_millis(300), "after the 500").await;
+    expect_no_new(
+        &mut sub,
+        Duration::from_millis(300),
+        &expected,
+        "after the 500",
+    )
+    .await;
     Outcome::Passed
 }
 
@@ -504,16 +513,22 @@ pub async fn competing_consumers(h: &dyn Harness) -> Outcome {
     let b = subscribe(&other, &s.topic, &s.opts).await;
     publish_batch_ok(&s.client, &s.topic, msgs).await;
     let idle = Duration::from_secs(2);
-    let consume = |mut sub: Subscription| async move {
-        let mut got: Vec<(String, u32)> = Vec::new();
-        while let Ok(Ok(d)) = tokio::time::timeout(idle, sub.recv()).await {
-            got.push((d.message().id().to_owned(), d.attempt()));
-            d.ack().await.expect("ack");
-        }
-        sub.close().await.expect("close");
-        got
+    // Each consumer is its own task and spends a moment on every message,
+    // as real workers do.
+    let consume = |mut sub: Subscription| {
+        tokio::spawn(async move {
+            let mut got: Vec<(String, u32)> = Vec::new();
+            while let Ok(Ok(d)) = tokio::time::timeout(idle, sub.recv()).await {
+                got.push((d.message().id().to_owned(), d.attempt()));
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                d.ack().await.expect("ack");
+            }
+            sub.close().await.expect("close");
+            got
+        })
     };
-    let (ga, gb) = tokio::join!(consume(a), consume(b));
+    let (ta, tb) = (consume(a), consume(b));
+    let (ga, gb) = (ta.await.expect("consumer A"), tb.await.expect("consumer B"));
     let first_a: HashSet<_> = ga
         .iter()
         .filter(|(_, n)| *n == 1)
@@ -529,6 +544,13 @@ pub async fn competing_consumers(h: &dyn Harness) -> Outcome {
         both.is_empty(),
         "{} messages went to both consumers as first deliveries",
         both.len()
+    );
+    assert!(
+        !ga.is_empty() && !gb.is_empty(),
+        "consumers did not compete: A got {}, B got {} of {}",
+        ga.len(),
+        gb.len(),
+        expected.len()
     );
     let union: HashSet<String> = ga.into_iter().chain(gb).map(|(i, _)| i).collect();
     assert_eq!(
@@ -683,9 +705,10 @@ pub async fn isolation(h: &dyn Harness) -> Outcome {
         for o in [&opts, &twin, &twin_dot] {
             let mut sub = subscribe(&client, t, o).await;
             collect_acked(&mut sub, &ids(msgs), h.receive_timeout(), "isolated topic").await;
-            expect_nothing(
+            expect_no_new(
                 &mut sub,
                 Duration::from_millis(300),
+                &ids(msgs),
                 "messages of another topic",
             )
             .await;
@@ -762,14 +785,21 @@ pub async fn oversized_payload_rejected(h: &dyn Harness) -> Outcome {
     );
     assert!(results[1].is_ok(), "batch: {:?}", results[1]);
     let mut sub = subscribe(&s.client, &s.topic, &s.opts).await;
+    let fits = ids(&[ok]);
     collect_acked(
         &mut sub,
-        &ids(&[ok]),
+        &fits,
         h.receive_timeout(),
         "the message that fits",
     )
     .await;
-    expect_nothing(&mut sub, Duration::from_millis(500), "an oversized message").await;
+    expect_no_new(
+        &mut sub,
+        Duration::from_millis(500),
+        &fits,
+        "an oversized message",
+    )
+    .await;
     Outcome::Passed
 }
 
@@ -823,8 +853,7 @@ pub async fn invalid_names_rejected(h: &dyn Harness) -> Outcome {
         format!("...{unique}"),
     ];
     for topic in &odd {
-        let opts = SubscribeOptions::new(format!("Sub.-_{}", &unique[..8]))
-            .dead_letter_topic(h.unique("dlq"));
+        let opts = SubscribeOptions::new(format!("Sub.-_{}", &unique[..8]));
         client
             .ensure_subscription(topic, &opts)
             .await
@@ -951,6 +980,56 @@ pub async fn recv_cancel_safe(h: &dyn Harness) -> Outcome {
         cancelled > 0,
         "no receive was cancelled; the case tested nothing"
     );
+
+    // The backend's own `Receiver::recv` (the driver contract), cancelled the
+    // same way: `Subscription` keeps a parked receive, so cancel the driver
+    // future itself here.
+    sub.close().await.expect("close the first consumer");
+    let msgs = numbered(40, "driver");
+    let expected = ids(&msgs);
+    let receiver = s
+        .client
+        .broker()
+        .receiver(&s.topic, &s.opts)
+        .await
+        .expect("open a driver receiver");
+    let publisher = {
+        let client = s.client.clone();
+        let topic = s.topic.clone();
+        tokio::spawn(async move {
+            for (i, m) in msgs.into_iter().enumerate() {
+                client.publish(&topic, m).await.expect("publish");
+                if i % 5 == 0 {
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                }
+            }
+        })
+    };
+    let mut seen = HashSet::new();
+    let mut cancelled = 0u32;
+    let deadline = Instant::now() + h.receive_timeout() * 2;
+    while seen.len() < expected.len() {
+        assert!(
+            Instant::now() < deadline,
+            "driver recv: {} of {} messages lost to cancellation",
+            expected.len() - seen.len(),
+            expected.len()
+        );
+        tick += 1;
+        let wait = Duration::from_micros(200 + (tick * 7919) % 3000);
+        tokio::select! {
+            got = receiver.recv() => {
+                let raw = got.expect("receiver ended").expect("driver recv");
+                assert!(expected.contains(raw.message.id()));
+                seen.insert(raw.message.id().to_owned());
+                raw.acker.ack().await.expect("ack");
+            }
+            () = tokio::time::sleep(wait) => cancelled += 1,
+        }
+    }
+    publisher.await.expect("publisher");
+    assert!(cancelled > 0, "no driver receive was cancelled");
+    receiver.close().await.expect("close receiver");
     Outcome::Passed
 }
 

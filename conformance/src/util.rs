@@ -108,3 +108,27 @@ pub(crate) fn noise(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Asserts that no new message arrives within `wait`. A redelivery of a
+/// `known` id that the broker reports as such (attempt > 1) is tolerated and
+/// acked: delivery is at-least-once.
+pub(crate) async fn expect_no_new(
+    sub: &mut Subscription,
+    wait: Duration,
+    known: &HashSet<String>,
+    what: &str,
+) {
+    let deadline = tokio::time::Instant::now() + wait;
+    while let Ok(got) = tokio::time::timeout_at(deadline, sub.recv()).await {
+        let d = got.unwrap_or_else(|e| panic!("{what}: expected nothing, receive failed: {e}"));
+        let id = d.message().id();
+        assert!(
+            known.contains(id) && d.attempt() > 1,
+            "{what}: expected nothing new within {wait:?}, got message {id} (attempt {})",
+            d.attempt()
+        );
+        d.ack()
+            .await
+            .unwrap_or_else(|e| panic!("{what}: ack failed: {e}"));
+    }
+}

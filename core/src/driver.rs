@@ -149,6 +149,12 @@ pub trait Receiver: Send + Sync + fmt::Debug {
 pub trait Acker: Send + Sync + fmt::Debug {
     /// Settles the delivery for good.
     ///
+    /// Where the broker confirms acks (SQS `DeleteMessage`), `Ok` means it
+    /// recorded it. Where the protocol does not (AMQP `basic.ack`, a NATS
+    /// `+ACK`), `Ok` means the ack was handed to the connection, which sends
+    /// it before anything sent later and flushes it on close; an ack lost with
+    /// the connection shows up as a redelivery (at-least-once), never as loss.
+    ///
     /// # Errors
     ///
     /// [`Error::Closed`](crate::Error::Closed) when the receiver was closed;

@@ -114,12 +114,29 @@ impl SubscribeOptions {
         self.max_attempts
     }
 
-    /// The dead-letter topic for a subscription on `topic`.
+    /// The dead-letter topic for a subscription on `topic`:
+    /// `<topic>.<subscription>.dlq`, or — when that would be longer than the
+    /// 200 characters a name may have — its first 179 characters, a `.`, a
+    /// 16-hex-digit hash of topic and subscription and `.dlq`, so every valid
+    /// topic and subscription has a valid, distinct dead-letter topic.
     #[must_use]
     pub fn dead_letter_topic_for(&self, topic: &str) -> String {
-        self.dead_letter_topic
-            .clone()
-            .unwrap_or_else(|| format!("{topic}.{}.dlq", self.name))
+        if let Some(t) = &self.dead_letter_topic {
+            return t.clone();
+        }
+        let name = format!("{topic}.{}.dlq", self.name);
+        if name.len() <= crate::MAX_NAME_LEN {
+            return name;
+        }
+        // FNV-1a, 64 bit: stable across platforms and releases.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in topic.bytes().chain([0]).chain(self.name.bytes()) {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        let base = format!("{topic}.{}", self.name);
+        // Names are ASCII, so any byte index is a char boundary.
+        format!("{}.{hash:016x}.dlq", &base[..crate::MAX_NAME_LEN - 21])
     }
 
     /// Checks the names and limits for a subscription on `topic`.
@@ -133,6 +150,11 @@ impl SubscribeOptions {
         validate_name(NameKind::Topic, topic)?;
         validate_name(NameKind::Subscription, &self.name)?;
         validate_name(NameKind::Topic, &self.dead_letter_topic_for(topic))?;
+        if self.dead_letter_topic_for(topic) == topic {
+            return Err(Error::Config(
+                "the dead-letter topic must differ from the topic it serves".into(),
+            ));
+        }
         if self.prefetch == 0 {
             return Err(Error::Config("prefetch must be at least 1".into()));
         }
@@ -331,9 +353,24 @@ mod tests {
                 .is_err()
         );
         assert!(SubscribeOptions::new("s b").validate("t").is_err());
-        // the derived dead-letter topic must itself be a valid name
-        let long = "x".repeat(196);
-        assert!(SubscribeOptions::new("s").validate(&long).is_err());
+        // Every valid topic gets a valid, distinct default dead-letter topic.
+        let long = "x".repeat(200);
+        let a = SubscribeOptions::new("s");
+        let b = SubscribeOptions::new("t");
+        a.validate(&long).unwrap();
+        let (da, db) = (
+            a.dead_letter_topic_for(&long),
+            b.dead_letter_topic_for(&long),
+        );
+        assert!(da.len() <= 200 && da.ends_with(".dlq"), "{da}");
+        assert_ne!(da, db);
+        assert_eq!(da, a.dead_letter_topic_for(&long));
+        assert!(
+            SubscribeOptions::new("s")
+                .dead_letter_topic("t")
+                .validate("t")
+                .is_err()
+        );
     }
 
     #[test]

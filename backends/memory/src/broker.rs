@@ -411,6 +411,9 @@ struct MemoryReceiver {
 impl Receiver for MemoryReceiver {
     async fn recv(&self) -> Option<Result<RawDelivery>> {
         let s = &self.shared;
+        // Take part in tokio's cooperative budget (as tokio's channels do),
+        // so a consumer that always finds work still lets its task yield.
+        tokio::task::consume_budget().await;
         loop {
             // Register for wake-ups before looking, so none is missed.
             let changed = s.queue.changed.notified();
