@@ -739,7 +739,7 @@ impl Receiver for NatsReceiver {
             }
             // Fast path: a message already arrived (no timers, no waiters).
             if let Some(next) = state.inbox.next().now_or_never() {
-                let Some(message) = next else { return None };
+                let message = next?;
                 if let Some(item) = s.handle(&mut state, message) {
                     return Some(item);
                 }
