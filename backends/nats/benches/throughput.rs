@@ -73,6 +73,18 @@ async fn raw_consume(
     start.elapsed()
 }
 
+async fn raw_consume_after_publish(
+    js: &jetstream::Context,
+    subject: &str,
+    consumer: &jetstream::consumer::PullConsumer,
+    n: usize,
+    window: usize,
+    batch: usize,
+) -> f64 {
+    raw_publish(js, subject, n, window).await;
+    rate(n, raw_consume(consumer, n, batch).await)
+}
+
 async fn sy_publish(client: &Client, topic: &str, n: usize) -> Duration {
     let payload = Bytes::from(vec![0xab; SIZE]);
     let start = Instant::now();
@@ -166,6 +178,14 @@ async fn run(url: &str, n: usize, window: usize) {
         );
         figures.push((rp, sp, rc, sc));
     }
+    // The raw pull stream keeps up to 1.5x its batch requested; with a batch
+    // of window / 1.5 it has at most `window` outstanding, as switchyard.
+    let same = window * 2 / 3;
+    let raw_same = raw_consume_after_publish(&js, &raw_subject, &consumer, n, window, same).await;
+    println!(
+        "raw consume+ack with batch {same} (at most {window} outstanding, like switchyard): {:.0} msg/s",
+        raw_same
+    );
     let (rp, sp, rc, sc) = figures.iter().fold((0.0, 0.0, 0.0, 0.0), |a, f| {
         (a.0 + f.0, a.1 + f.1, a.2 + f.2, a.3 + f.3)
     });

@@ -3,6 +3,7 @@
 use std::{
     collections::HashMap,
     fmt,
+    pin::Pin,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -33,6 +34,9 @@ use crate::{NatsConfig, codec, config::redact, names::token};
 const HEADER_RESERVE: usize = 16 * 1024;
 /// Longest a pull request waits on the server before it is renewed.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// Silence after which open pull requests are presumed lost (a reconnect
+/// drops them without the server reporting their end).
+const STALLED: Duration = Duration::from_secs(10);
 /// Pause after a failed pull before the next one.
 const PULL_RETRY: Duration = Duration::from_millis(500);
 
@@ -474,6 +478,7 @@ impl Subscriber for NatsBroker {
                 reserved: Vec::new(),
                 requests: HashMap::new(),
                 next_request: 0,
+                stall: Box::pin(tokio::time::sleep(STALLED)),
                 last_activity: Instant::now(),
             }),
             js: self.inner.js.clone(),
@@ -523,6 +528,8 @@ struct PullState {
     next_request: u64,
     /// Last time the server said anything on the inbox (or we asked).
     last_activity: Instant,
+    /// Fires when the server has been silent for [`STALLED`].
+    stall: Pin<Box<tokio::time::Sleep>>,
 }
 
 struct ReceiverShared {
@@ -725,7 +732,6 @@ impl Receiver for NatsReceiver {
                 () = s.cancel.cancelled() => return None,
             },
         };
-        let threshold = (s.prefetch / 4).max(1) as u32;
         loop {
             if s.cancel.is_cancelled() {
                 return None;
@@ -754,18 +760,25 @@ impl Receiver for NatsReceiver {
                 continue;
             }
             // A pull request whose end the server never reported (lost in a
-            // reconnect) must not hold room forever.
-            let stalled = state.last_activity + PULL_EXPIRES + Duration::from_secs(5);
-            let room_wanted = (s.permits.available_permits() as u32) < threshold;
+            // reconnect) must not hold room forever. The timer lives in the
+            // state, so waiting for each message does not re-arm one.
+            let PullState {
+                inbox,
+                stall,
+                last_activity,
+                ..
+            } = &mut *state;
             let message = tokio::select! {
-                m = state.inbox.next() => m,
-                p = s.permits.acquire_many(threshold), if room_wanted => {
-                    drop(p.ok()?);
-                    continue;
-                }
-                () = tokio::time::sleep_until(stalled) => {
-                    state.reserved.clear();
-                    state.requests.clear();
+                m = inbox.next() => m,
+                () = stall.as_mut() => {
+                    let due = *last_activity + STALLED;
+                    if Instant::now() >= due {
+                        state.reserved.clear();
+                        state.requests.clear();
+                        state.stall.as_mut().reset(Instant::now() + STALLED);
+                    } else {
+                        stall.as_mut().reset(due);
+                    }
                     continue;
                 }
                 () = s.cancel.cancelled() => return None,
@@ -839,13 +852,22 @@ impl NatsAcker {
         if self.cancel.is_cancelled() {
             return Err(Error::Closed);
         }
-        match tokio::time::timeout(self.timeout, self.acker.ack_with(kind)).await {
-            Ok(r) => r.map_err(|e| Error::broker(format!("{what}: {e}"), true, Some(e))),
-            Err(_) => Err(Error::Timeout {
-                operation: what,
-                after: self.timeout,
-            }),
-        }
+        let send = self.acker.ack_with(kind);
+        tokio::pin!(send);
+        // Usually the connection takes it at once: no timer on the hot path.
+        let result = match (&mut send).now_or_never() {
+            Some(r) => r,
+            None => match tokio::time::timeout(self.timeout, send).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        operation: what,
+                        after: self.timeout,
+                    });
+                }
+            },
+        };
+        result.map_err(|e| Error::broker(format!("{what}: {e}"), true, Some(e)))
     }
 }
 
