@@ -28,6 +28,27 @@ fn env(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// CPU time (user + system) this process has used, from /proc/self/stat.
+fn cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
+    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+/// Runs `f`, returning its wall time and the CPU time used meanwhile.
+async fn timed<F: std::future::Future<Output = Duration>>(f: F) -> (Duration, Duration) {
+    let before = cpu();
+    let wall = f.await;
+    (wall, cpu().saturating_sub(before))
+}
+
 fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
@@ -100,6 +121,25 @@ async fn sy_publish(client: &Client, topic: &str, n: usize) -> Duration {
     start.elapsed()
 }
 
+/// Single confirmed publishes, 256 in flight: the same shape as the raw loop.
+async fn sy_publish_windowed(client: &Client, topic: &str, n: usize, window: usize) -> Duration {
+    let payload = Bytes::from(vec![0xab; SIZE]);
+    let start = Instant::now();
+    let mut in_flight = FuturesOrdered::new();
+    for _ in 0..n {
+        if in_flight.len() >= window {
+            let done: switchyard_core::Result<()> = in_flight.next().await.unwrap();
+            done.unwrap();
+        }
+        let message = Message::new(payload.clone());
+        in_flight.push_back(client.publish(topic, message));
+    }
+    while let Some(r) = in_flight.next().await {
+        r.unwrap();
+    }
+    start.elapsed()
+}
+
 async fn sy_consume(client: &Client, topic: &str, opts: SubscribeOptions, n: usize) -> Duration {
     let mut sub = client.subscribe(topic, opts).await.unwrap();
     let start = Instant::now();
@@ -152,22 +192,28 @@ async fn run(url: &str, n: usize, window: usize) {
 
     println!("NATS JetStream at {url}: {n} messages of {SIZE} B, window {window}");
     let mut figures = Vec::new();
+    let mut cpu_figures = Vec::new();
     for round in 1..=4 {
         // Alternate who goes first: the second publisher writes into a store
         // that already holds the first one's unconsumed messages.
         let (raw_p, sy_p, raw_c, sy_c);
         if round % 2 == 1 {
-            raw_p = raw_publish(&js, &raw_subject, n, window).await;
-            sy_p = sy_publish(&client, &topic, n).await;
-            raw_c = raw_consume(&consumer, n, window).await;
-            sy_c = sy_consume(&client, &topic, opts.clone(), n).await;
+            raw_p = timed(raw_publish(&js, &raw_subject, n, window)).await;
+            sy_p = timed(sy_publish(&client, &topic, n)).await;
+            raw_c = timed(raw_consume(&consumer, n, window)).await;
+            sy_c = timed(sy_consume(&client, &topic, opts.clone(), n)).await;
         } else {
-            sy_p = sy_publish(&client, &topic, n).await;
-            raw_p = raw_publish(&js, &raw_subject, n, window).await;
-            sy_c = sy_consume(&client, &topic, opts.clone(), n).await;
-            raw_c = raw_consume(&consumer, n, window).await;
+            sy_p = timed(sy_publish(&client, &topic, n)).await;
+            raw_p = timed(raw_publish(&js, &raw_subject, n, window)).await;
+            sy_c = timed(sy_consume(&client, &topic, opts.clone(), n)).await;
+            raw_c = timed(raw_consume(&consumer, n, window)).await;
         }
-        let (rp, sp, rc, sc) = (rate(n, raw_p), rate(n, sy_p), rate(n, raw_c), rate(n, sy_c));
+        let (rp, sp, rc, sc) = (
+            rate(n, raw_p.0),
+            rate(n, sy_p.0),
+            rate(n, raw_c.0),
+            rate(n, sy_c.0),
+        );
         println!(
             "round {round}: publish raw {rp:>9.0} msg/s  switchyard {sp:>9.0} msg/s  ratio {:.2}",
             sp / rp
@@ -177,7 +223,31 @@ async fn run(url: &str, n: usize, window: usize) {
             sc / rc
         );
         figures.push((rp, sp, rc, sc));
+        let us = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+        cpu_figures.push((us(raw_p.1), us(sy_p.1), us(raw_c.1), us(sy_c.1)));
     }
+    let k = cpu_figures.len() as f64;
+    let (a, b, c, d) = cpu_figures.iter().fold((0.0, 0.0, 0.0, 0.0), |x, f| {
+        (x.0 + f.0, x.1 + f.1, x.2 + f.2, x.3 + f.3)
+    });
+    println!(
+        "client CPU per message: publish raw {:.2} µs / switchyard {:.2} µs; consume+ack raw {:.2} µs / switchyard {:.2} µs",
+        a / k,
+        b / k,
+        c / k,
+        d / k
+    );
+    // The same publishes, as single `publish` calls with 256 in flight.
+    let before = cpu();
+    let windowed = sy_publish_windowed(&client, &topic, n, window).await;
+    let windowed_cpu = cpu().saturating_sub(before);
+    println!(
+        "switchyard publish, single calls with {window} in flight: {:.0} msg/s ({:.2} µs CPU per message)",
+        rate(n, windowed),
+        windowed_cpu.as_secs_f64() * 1e6 / n as f64
+    );
+    sy_consume(&client, &topic, opts.clone(), n).await;
+
     // The raw pull stream keeps up to 1.5x its batch requested; with a batch
     // of window / 1.5 it has at most `window` outstanding, as switchyard.
     let same = window * 2 / 3;

@@ -40,13 +40,19 @@ const STALLED: Duration = Duration::from_secs(10);
 /// Pause after a failed pull before the next one.
 const PULL_RETRY: Duration = Duration::from_millis(500);
 
+/// A topic whose stream is known to exist, with its subject.
+struct TopicState {
+    stream: stream::Stream,
+    subject: String,
+}
+
 struct Inner {
     client: async_nats::Client,
     js: jetstream::Context,
     config: NatsConfig,
     server_max_payload: usize,
     /// Topics whose stream is known to exist.
-    streams: Mutex<HashMap<String, stream::Stream>>,
+    streams: Mutex<HashMap<String, Arc<TopicState>>>,
     closed: CancellationToken,
     receivers: ReceiverSet<ReceiverShared>,
 }
@@ -222,6 +228,12 @@ impl NatsBroker {
     }
 
     async fn stream(&self, topic: &str) -> Result<stream::Stream> {
+        Ok(self.topic(topic).await?.stream.clone())
+    }
+
+    /// The topic's stream (created when missing) and subject; cached, so the
+    /// publish path costs one map lookup.
+    async fn topic(&self, topic: &str) -> Result<Arc<TopicState>> {
         if let Some(s) = self
             .inner
             .streams
@@ -229,7 +241,7 @@ impl NatsBroker {
             .unwrap_or_else(|p| p.into_inner())
             .get(topic)
         {
-            return Ok(s.clone());
+            return Ok(Arc::clone(s));
         }
         let c = &self.inner.config;
         let config = stream::Config {
@@ -250,12 +262,16 @@ impl NatsBroker {
             .get_or_create_stream(config)
             .await
             .map_err(|e| js_error(&format!("creating stream for topic {topic}"), e, true))?;
+        let state = Arc::new(TopicState {
+            stream: s,
+            subject: self.subject(topic),
+        });
         self.inner
             .streams
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(topic.to_owned(), s.clone());
-        Ok(s)
+            .insert(topic.to_owned(), Arc::clone(&state));
+        Ok(state)
     }
 
     fn forget_stream(&self, topic: &str) {
@@ -368,14 +384,13 @@ impl NatsBroker {
 impl Publisher for NatsBroker {
     async fn publish(&self, topic: &str, message: Message) -> Result<()> {
         self.check_open()?;
-        self.prepare(&message)?;
-        self.stream(topic).await?;
-        let ack = self.send(&self.subject(topic), &message).await?;
+        let t = self.topic(topic).await?;
+        let ack = self.send(&t.subject, &message).await?;
         match self.confirm(topic, ack).await {
             // The stream was deleted behind our back: create it and retry once.
             Err(Error::Broker { message: m, .. }) if m.contains("disappeared") => {
-                self.stream(topic).await?;
-                let ack = self.send(&self.subject(topic), &message).await?;
+                let t = self.topic(topic).await?;
+                let ack = self.send(&t.subject, &message).await?;
                 self.confirm(topic, ack).await
             }
             other => other,
@@ -386,25 +401,28 @@ impl Publisher for NatsBroker {
         if self.check_open().is_err() {
             return messages.iter().map(|_| Err(Error::Closed)).collect();
         }
-        if let Err(e) = self.stream(topic).await {
-            let text = e.to_string();
-            return messages
-                .iter()
-                .map(|_| Err(Error::broker(text.clone(), e.is_retryable(), None)))
-                .collect();
-        }
+        let t = match self.topic(topic).await {
+            Ok(t) => t,
+            Err(e) => {
+                let text = e.to_string();
+                return messages
+                    .iter()
+                    .map(|_| Err(Error::broker(text.clone(), e.is_retryable(), None)))
+                    .collect();
+            }
+        };
         // Pipeline: keep up to `publish_window` acknowledgements in flight.
         let window = self.inner.config.publish_window;
         let mut results: Vec<Option<Result<()>>> = (0..messages.len()).map(|_| None).collect();
         let mut in_flight = FuturesOrdered::new();
-        let subject = self.subject(topic);
+        let subject = &t.subject;
         for (i, message) in messages.iter().enumerate() {
             if in_flight.len() >= window {
                 if let Some((j, r)) = in_flight.next().await {
                     results[j] = Some(r);
                 }
             }
-            match self.send(&subject, message).await {
+            match self.send(subject, message).await {
                 Ok(ack) => in_flight.push_back(async move { (i, self.confirm(topic, ack).await) }),
                 Err(e) => results[i] = Some(Err(e)),
             }
@@ -441,7 +459,7 @@ impl Publisher for NatsBroker {
 impl Subscriber for NatsBroker {
     async fn ensure_topic(&self, topic: &str) -> Result<()> {
         self.check_open()?;
-        self.stream(topic).await.map(|_| ())
+        self.topic(topic).await.map(|_| ())
     }
 
     async fn ensure_subscription(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
@@ -567,11 +585,11 @@ impl ReceiverShared {
     }
 
     /// Asks the server for as many messages as there is free room, when
-    /// worthwhile: a quarter of the prefetch free, or anything free and
+    /// worthwhile: half the prefetch free, or anything free and
     /// nothing outstanding.
     async fn top_up(&self, state: &mut PullState) -> Result<()> {
         let free = self.permits.available_permits();
-        let threshold = (self.prefetch / 4).max(1);
+        let threshold = (self.prefetch / 2).max(1);
         if free == 0 || (free < threshold && !state.reserved.is_empty()) {
             return Ok(());
         }
@@ -801,7 +819,7 @@ impl Receiver for NatsReceiver {
         let mut state = s.state.try_lock().ok()?;
         // Only what already arrived. When a pull request is due, leave the
         // call to `recv`, which sends it (keeping requests overlapped).
-        let threshold = (s.prefetch / 4).max(1);
+        let threshold = (s.prefetch / 2).max(1);
         let free = s.permits.available_permits();
         if free >= threshold || (free > 0 && state.reserved.is_empty()) {
             return None;
