@@ -1101,3 +1101,40 @@ pub async fn dead_letters_kept_without_reader(h: &dyn Harness) -> Outcome {
     }
     Outcome::Passed
 }
+
+/// 29. A delayed nack is held by the broker (where capabilities say so): the
+///     consumer goes away, a new one gets the message after the delay, not
+///     before, with the attempt count kept.
+pub async fn delay_survives_consumer_restart(h: &dyn Harness) -> Outcome {
+    let s = setup(h, "durable-delay", |o| o).await;
+    if !s.client.capabilities().native_delay {
+        return Outcome::Skipped("nack delays are held by the consumer, not the broker".into());
+    }
+    let msg = Message::new("later, elsewhere");
+    publish_each(&s.client, &s.topic, vec![msg.clone()]).await;
+    let mut sub = subscribe(&s.client, &s.topic, &s.opts).await;
+    let d = recv_one(&mut sub, h.receive_timeout(), "first delivery").await;
+    let delay = Duration::from_secs(2);
+    let start = Instant::now();
+    d.nack(Retry::after(delay)).await.expect("nack with delay");
+    sub.close().await.expect("close");
+    drop(sub);
+    s.client.close().await.expect("close client");
+    let other = client(h).await;
+    let mut again = subscribe(&other, &s.topic, &s.opts).await;
+    let d = recv_one(
+        &mut again,
+        delay + h.slack() + h.receive_timeout(),
+        "delayed redelivery to a new consumer",
+    )
+    .await;
+    let waited = start.elapsed();
+    assert_eq!(d.message().id(), msg.id());
+    assert_eq!(d.attempt(), 2, "attempt count lost across the restart");
+    assert!(
+        waited >= delay,
+        "redelivered after {waited:?}, before the {delay:?} delay"
+    );
+    d.ack().await.expect("ack");
+    Outcome::Passed
+}

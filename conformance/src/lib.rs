@@ -196,6 +196,7 @@ macro_rules! conformance_tests {
             recv_cancel_safe,
             connect_and_dyn,
             dead_letters_kept_without_reader,
+            delay_survives_consumer_restart,
         );
     };
     (@cases $harness:path; $($case:ident),* $(,)?) => {
