@@ -10,7 +10,9 @@
 //!   payload sizes for every backend and applies the dead-letter rules;
 //! - the backend contract in [`driver`]: the small object-safe traits a
 //!   backend implements ([`Publisher`], [`Subscriber`], [`Receiver`], [`Acker`]);
-//! - [`PublisherExt`], generic conveniences for anything that publishes.
+//! - [`PublisherExt`], generic conveniences for anything that publishes;
+//! - [`consumer::Consumer`], the runtime that runs a handler per delivery with
+//!   bounded concurrency, per-key order, retries with backoff and graceful shutdown.
 //!
 //! # Delivery semantics
 //!
@@ -55,6 +57,7 @@
 #![warn(clippy::future_not_send)]
 
 mod client;
+pub mod consumer;
 mod delivery;
 pub mod driver;
 mod error;

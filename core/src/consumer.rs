@@ -1,0 +1,466 @@
+//! The consumer runtime: run a handler per delivery with bounded concurrency,
+//! optional per-key serialisation, retries with backoff through the broker,
+//! dead letters, and graceful shutdown.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    fmt,
+    future::Future,
+    panic::AssertUnwindSafe,
+    sync::Arc,
+    time::Duration,
+};
+
+use futures_util::FutureExt;
+use tokio::task::JoinSet;
+
+use crate::{BoxError, Delivery, Message, Retry, Subscription, error::Result};
+
+/// Why a handler failed, which decides what happens to the message.
+#[derive(Debug)]
+pub enum HandlerError {
+    /// Worth retrying: the message is nacked with the next backoff delay,
+    /// and dead-lettered once its attempts are used up.
+    Transient(BoxError),
+    /// Never going to work: the message is dead-lettered at once.
+    Permanent(BoxError),
+}
+
+impl HandlerError {
+    /// A transient failure.
+    pub fn transient(e: impl Into<BoxError>) -> Self {
+        HandlerError::Transient(e.into())
+    }
+
+    /// A permanent failure.
+    pub fn permanent(e: impl Into<BoxError>) -> Self {
+        HandlerError::Permanent(e.into())
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HandlerError::Transient(e) => write!(f, "transient: {e}"),
+            HandlerError::Permanent(e) => write!(f, "permanent: {e}"),
+        }
+    }
+}
+
+/// What a handler sees of a delivery.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The message.
+    pub message: Message,
+    /// The delivery attempt (1 on first delivery).
+    pub attempt: u32,
+    /// The subscription's attempt limit.
+    pub max_attempts: u32,
+    /// The topic.
+    pub topic: String,
+    /// The subscription.
+    pub subscription: String,
+}
+
+/// Exponential backoff with jitter for transient failures: attempt `n`
+/// waits `min(max, initial × multiplier^(n-1))`, scaled by a random factor
+/// in `[1 - jitter, 1 + jitter]` (and never above `max`).
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use switchyard_core::consumer::Backoff;
+/// let b = Backoff::new(Duration::from_millis(100), Duration::from_secs(10)).jitter(0.0);
+/// assert_eq!(b.delay(1), Duration::from_millis(100));
+/// assert_eq!(b.delay(3), Duration::from_millis(400));
+/// assert_eq!(b.delay(30), Duration::from_secs(10));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    multiplier: f64,
+    jitter: f64,
+}
+
+impl Default for Backoff {
+    /// 1 s doubling up to 5 min, ±20 % jitter.
+    fn default() -> Self {
+        Self::new(Duration::from_secs(1), Duration::from_secs(300))
+    }
+}
+
+impl Backoff {
+    /// Doubling from `initial` up to `max`, ±20 % jitter.
+    #[must_use]
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            multiplier: 2.0,
+            jitter: 0.2,
+        }
+    }
+
+    /// Growth per attempt (default 2).
+    #[must_use]
+    pub fn multiplier(mut self, m: f64) -> Self {
+        self.multiplier = m.max(1.0);
+        self
+    }
+
+    /// Relative jitter, 0 to 1 (default 0.2).
+    #[must_use]
+    pub fn jitter(mut self, j: f64) -> Self {
+        self.jitter = j.clamp(0.0, 1.0);
+        self
+    }
+
+    /// The delay before retrying after failed attempt `attempt` (1-based).
+    #[must_use]
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exp = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
+        let base = self.initial.as_secs_f64() * self.multiplier.powi(exp);
+        let capped = base.min(self.max.as_secs_f64());
+        let factor = if self.jitter > 0.0 {
+            1.0 + self.jitter * (2.0 * unit_random() - 1.0)
+        } else {
+            1.0
+        };
+        Duration::from_secs_f64((capped * factor).clamp(0.0, self.max.as_secs_f64()))
+    }
+}
+
+/// A random number in `[0, 1)` from the UUIDv7 generator's randomness.
+fn unit_random() -> f64 {
+    let bits = uuid::Uuid::now_v7().as_u128() as u64;
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Deliveries received.
+    pub received: u64,
+    /// Acked after the handler succeeded.
+    pub acked: u64,
+    /// Nacked for a retry.
+    pub retried: u64,
+    /// Dead-lettered (permanent failure or attempts used up).
+    pub dead_lettered: u64,
+    /// Handler panics (counted as transient failures too).
+    pub panicked: u64,
+    /// Settlements that failed (the broker will redeliver).
+    pub settle_errors: u64,
+    /// Left unsettled at shutdown (the broker will redeliver).
+    pub abandoned: u64,
+}
+
+/// Runs a handler for each delivery of a subscription.
+///
+/// - at most [`concurrency`](Consumer::concurrency) handlers run at once;
+/// - with [`per_key`](Consumer::per_key), messages with the same key are
+///   handled one at a time, in arrival order, while other keys run in
+///   parallel;
+/// - `Ok` acks; a transient error (or a panic) nacks with the next
+///   [`Backoff`] delay, held by the broker, until the subscription's
+///   `max_attempts`, then dead-letters with the last error as the reason; a
+///   permanent error dead-letters at once;
+/// - when `shutdown` completes it stops fetching, lets running handlers finish
+///   within the [`shutdown_timeout`](Consumer::shutdown_timeout) and settles
+///   them, leaves the rest unsettled (the broker redelivers them — nothing is
+///   dead-lettered because of shutdown), and closes the subscription.
+///
+/// # Examples
+///
+/// ```
+/// use switchyard_core::{Client, SubscribeOptions};
+/// use switchyard_core::consumer::{Consumer, HandlerError};
+///
+/// async fn serve(client: Client, stop: tokio::sync::oneshot::Receiver<()>) -> switchyard_core::Result<()> {
+///     let sub = client.subscribe("orders", SubscribeOptions::new("billing")).await?;
+///     let report = Consumer::new()
+///         .concurrency(16)
+///         .per_key(true)
+///         .run(sub, |ctx| async move {
+///             if ctx.message.payload().is_empty() {
+///                 return Err(HandlerError::permanent("empty order"));
+///             }
+///             Ok(())
+///         }, async { let _ = stop.await; })
+///         .await?;
+///     println!("{report:?}");
+///     Ok(())
+/// }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Consumer {
+    concurrency: usize,
+    per_key: bool,
+    backoff: Backoff,
+    shutdown_timeout: Duration,
+}
+
+impl Default for Consumer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+struct Done {
+    key: Option<String>,
+    report: Report,
+}
+
+impl Consumer {
+    /// 8 handlers at once, no per-key serialisation, [`Backoff::default`],
+    /// 30 s to finish at shutdown.
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            concurrency: 8,
+            per_key: false,
+            backoff: Backoff::default(),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Handlers running at once (default 8, at least 1).
+    #[must_use]
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// Handle messages with the same key one at a time, in order (default off).
+    #[must_use]
+    pub fn per_key(mut self, yes: bool) -> Self {
+        self.per_key = yes;
+        self
+    }
+
+    /// Retry delays for transient failures (default [`Backoff::default`]).
+    #[must_use]
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// How long running handlers may finish after shutdown (default 30 s).
+    #[must_use]
+    pub fn shutdown_timeout(mut self, d: Duration) -> Self {
+        self.shutdown_timeout = d;
+        self
+    }
+
+    /// Runs until `shutdown` completes or the subscription ends.
+    ///
+    /// # Errors
+    ///
+    /// The subscription's receive errors other than transient ones (which
+    /// are retried after a short pause); closing the subscription.
+    pub async fn run<H, F>(
+        self,
+        mut sub: Subscription,
+        handler: H,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<Report>
+    where
+        H: Fn(Context) -> F + Send + Sync + 'static,
+        F: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let mut tasks: JoinSet<Done> = JoinSet::new();
+        // Deliveries waiting for their key to be free, by key.
+        let mut waiting: HashMap<String, VecDeque<Delivery>> = HashMap::new();
+        let mut report = Report::default();
+        let mut result = Ok(());
+        tokio::pin!(shutdown);
+
+        loop {
+            let room = tasks.len() < self.concurrency;
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                    let key = self.finish(done, &mut report);
+                    if let Some(next) = key.and_then(|k| pop_waiting(&mut waiting, &k)) {
+                        self.spawn(&mut tasks, &handler, next);
+                    }
+                }
+                got = sub.recv(), if room => match got {
+                    Ok(delivery) => {
+                        report.received += 1;
+                        let key = self.key_of(&delivery);
+                        match key {
+                            Some(k) if waiting.contains_key(&k) => {
+                                if let Some(q) = waiting.get_mut(&k) {
+                                    q.push_back(delivery);
+                                }
+                            }
+                            Some(k) => {
+                                waiting.insert(k, VecDeque::new());
+                                self.spawn(&mut tasks, &handler, delivery);
+                            }
+                            None => self.spawn(&mut tasks, &handler, delivery),
+                        }
+                    }
+                    Err(crate::Error::Closed) => break,
+                    Err(e) if e.is_retryable() => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+        }
+
+        // Shutdown: stop fetching; queued deliveries go back unsettled.
+        report.abandoned += waiting.values().map(|q| q.len() as u64).sum::<u64>();
+        waiting.clear();
+        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+        while !tasks.is_empty() {
+            match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+                Ok(Some(done)) => {
+                    self.finish(done, &mut report);
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    // Still running at the deadline: abandon unsettled.
+                    report.abandoned += tasks.len() as u64;
+                    tasks.shutdown().await;
+                }
+            }
+        }
+        sub.close().await?;
+        result.map(|()| report)
+    }
+
+    fn key_of(&self, d: &Delivery) -> Option<String> {
+        if self.per_key {
+            d.message().key().map(str::to_owned)
+        } else {
+            None
+        }
+    }
+
+    fn finish(
+        &self,
+        done: std::result::Result<Done, tokio::task::JoinError>,
+        report: &mut Report,
+    ) -> Option<String> {
+        match done {
+            Ok(done) => {
+                add(report, &done.report);
+                done.key
+            }
+            // Aborted at shutdown; a panic is caught inside the task.
+            Err(_) => None,
+        }
+    }
+
+    fn spawn<H, F>(&self, tasks: &mut JoinSet<Done>, handler: &Arc<H>, delivery: Delivery)
+    where
+        H: Fn(Context) -> F + Send + Sync + 'static,
+        F: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+    {
+        let handler = Arc::clone(handler);
+        let backoff = self.backoff;
+        let key = self.key_of(&delivery);
+        tasks.spawn(async move {
+            let mut report = Report::default();
+            let ctx = Context {
+                message: delivery.message().clone(),
+                attempt: delivery.attempt(),
+                max_attempts: delivery.max_attempts(),
+                topic: delivery.topic().to_owned(),
+                subscription: delivery.subscription().to_owned(),
+            };
+            let outcome = match AssertUnwindSafe(handler(ctx)).catch_unwind().await {
+                Ok(r) => r,
+                Err(panic) => {
+                    report.panicked += 1;
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "handler panicked".into());
+                    Err(HandlerError::transient(format!("handler panicked: {what}")))
+                }
+            };
+            let attempt = delivery.attempt();
+            let settled = match outcome {
+                Ok(()) => {
+                    report.acked += 1;
+                    delivery.ack().await
+                }
+                Err(HandlerError::Permanent(e)) => {
+                    report.dead_lettered += 1;
+                    delivery
+                        .dead_letter(format!("permanent failure: {e}"))
+                        .await
+                }
+                Err(HandlerError::Transient(e)) if attempt >= delivery.max_attempts() => {
+                    report.dead_lettered += 1;
+                    let reason = format!(
+                        "max attempts ({}) exhausted; last error: {e}",
+                        delivery.max_attempts()
+                    );
+                    delivery.dead_letter(reason).await
+                }
+                Err(HandlerError::Transient(_)) => {
+                    report.retried += 1;
+                    delivery.nack(Retry::after(backoff.delay(attempt))).await
+                }
+            };
+            if settled.is_err() {
+                report.settle_errors += 1;
+            }
+            Done { key, report }
+        });
+    }
+}
+
+fn pop_waiting(waiting: &mut HashMap<String, VecDeque<Delivery>>, key: &str) -> Option<Delivery> {
+    let queue = waiting.get_mut(key)?;
+    match queue.pop_front() {
+        Some(d) => Some(d),
+        None => {
+            // The key is free again.
+            waiting.remove(key);
+            None
+        }
+    }
+}
+
+fn add(total: &mut Report, r: &Report) {
+    total.received += r.received;
+    total.acked += r.acked;
+    total.retried += r.retried;
+    total.dead_lettered += r.dead_lettered;
+    total.panicked += r.panicked;
+    total.settle_errors += r.settle_errors;
+    total.abandoned += r.abandoned;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_jitters_within_bounds() {
+        let b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        for attempt in 1..20 {
+            let d = b.delay(attempt);
+            assert!(d <= Duration::from_secs(1), "{d:?}");
+        }
+        let d = b.delay(1).as_secs_f64();
+        assert!((0.08..=0.12).contains(&d), "{d}");
+        let flat = b.jitter(0.0);
+        assert_eq!(flat.delay(2), Duration::from_millis(200));
+        assert_eq!(flat.delay(10), Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,421 @@
+#![cfg(feature = "memory")]
+//! The consumer runtime on every compiled-in backend: memory always, NATS
+//! when `SWITCHYARD_NATS_URL` is set (required in CI).
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use switchyard::{
+    Client, Message, SubscribeOptions,
+    consumer::{Backoff, Consumer, HandlerError},
+    headers,
+};
+
+const BOUND: Duration = Duration::from_secs(20);
+
+fn unique(p: &str) -> String {
+    format!("sy-consumer.{p}.{}", &switchyard::new_id()[24..])
+}
+
+fn quick() -> Consumer {
+    Consumer::new()
+        .backoff(Backoff::new(Duration::from_millis(100), Duration::from_secs(1)).jitter(0.0))
+        .shutdown_timeout(Duration::from_secs(2))
+}
+
+/// Runs `consumer` on a fresh subscription until `done` says stop (or BOUND).
+async fn run_until<H, F>(
+    client: &Client,
+    topic: &str,
+    opts: SubscribeOptions,
+    consumer: Consumer,
+    handler: H,
+    done: impl Fn() -> bool + Send + 'static,
+) -> switchyard::consumer::Report
+where
+    H: Fn(switchyard::consumer::Context) -> F + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    let sub = client.subscribe(topic, opts).await.unwrap();
+    let start = Instant::now();
+    let stop = async move {
+        while !done() {
+            assert!(
+                start.elapsed() < BOUND,
+                "consumer test did not finish within {BOUND:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    consumer.run(sub, handler, stop).await.unwrap()
+}
+
+async fn publish(client: &Client, topic: &str, opts: &SubscribeOptions, msgs: Vec<Message>) {
+    client.ensure_subscription(topic, opts).await.unwrap();
+    for m in msgs {
+        client.publish(topic, m).await.unwrap();
+    }
+}
+
+async fn concurrency_is_bounded(client: Client) {
+    let (topic, opts) = (unique("conc"), SubscribeOptions::new("s"));
+    publish(
+        &client,
+        &topic,
+        &opts,
+        (0..40).map(|i| Message::new(format!("{i}"))).collect(),
+    )
+    .await;
+    let active = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let handled = Arc::new(AtomicUsize::new(0));
+    let (a, p, h) = (active.clone(), peak.clone(), handled.clone());
+    let report = run_until(
+        &client,
+        &topic,
+        opts,
+        quick().concurrency(4),
+        move |_ctx| {
+            let (a, p, h) = (a.clone(), p.clone(), h.clone());
+            async move {
+                let now = a.fetch_add(1, Ordering::SeqCst) + 1;
+                p.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                a.fetch_sub(1, Ordering::SeqCst);
+                h.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        },
+        move || handled.load(Ordering::SeqCst) >= 40,
+    )
+    .await;
+    let peak = peak.load(Ordering::SeqCst);
+    assert!(peak <= 4, "{peak} handlers ran at once with concurrency 4");
+    assert!(peak >= 2, "handlers never overlapped (peak {peak})");
+    assert_eq!(report.acked, 40);
+}
+
+async fn per_key_serialised_in_order(client: Client) {
+    let (topic, opts) = (unique("keys"), SubscribeOptions::new("s"));
+    let msgs = (0..60)
+        .map(|i| Message::new(format!("{}", i / 3)).with_key(format!("k{}", i % 3)))
+        .collect();
+    publish(&client, &topic, &opts, msgs).await;
+    let busy: Arc<Mutex<HashMap<String, bool>>> = Arc::default();
+    let seen: Arc<Mutex<HashMap<String, Vec<u32>>>> = Arc::default();
+    let (b, s) = (busy.clone(), seen.clone());
+    let report = run_until(
+        &client,
+        &topic,
+        opts,
+        quick().concurrency(8).per_key(true),
+        move |ctx| {
+            let (b, s) = (b.clone(), s.clone());
+            async move {
+                let key = ctx.message.key().unwrap().to_owned();
+                let n: u32 = std::str::from_utf8(ctx.message.payload())
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!(
+                    !b.lock().unwrap().insert(key.clone(), true).unwrap_or(false),
+                    "two handlers for key {key}"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                s.lock().unwrap().entry(key.clone()).or_default().push(n);
+                b.lock().unwrap().insert(key, false);
+                Ok(())
+            }
+        },
+        {
+            let seen = seen.clone();
+            move || seen.lock().unwrap().values().map(Vec::len).sum::<usize>() >= 60
+        },
+    )
+    .await;
+    assert_eq!(report.acked, 60);
+    for (key, order) in seen.lock().unwrap().iter() {
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(order, &sorted, "key {key} handled out of order");
+    }
+}
+
+async fn transient_failures_retry_with_backoff(client: Client) {
+    let (topic, opts) = (unique("retry"), SubscribeOptions::new("s").max_attempts(5));
+    publish(
+        &client,
+        &topic,
+        &opts,
+        vec![Message::new("flaky").with_id("f")],
+    )
+    .await;
+    let times: Arc<Mutex<Vec<(u32, Instant)>>> = Arc::default();
+    let t = times.clone();
+    let report = run_until(
+        &client,
+        &topic,
+        opts,
+        quick(),
+        move |ctx| {
+            let t = t.clone();
+            async move {
+                t.lock().unwrap().push((ctx.attempt, Instant::now()));
+                if ctx.attempt < 3 {
+                    Err(HandlerError::transient("not yet"))
+                } else {
+                    Ok(())
+                }
+            }
+        },
+        {
+            let times = times.clone();
+            move || times.lock().unwrap().len() >= 3
+        },
+    )
+    .await;
+    let times = times.lock().unwrap();
+    assert_eq!(times.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+    // Backoff 100 ms then 200 ms, held by the broker.
+    assert!(times[1].1 - times[0].1 >= Duration::from_millis(100));
+    assert!(times[2].1 - times[1].1 >= Duration::from_millis(200));
+    assert_eq!(
+        (report.retried, report.acked, report.dead_lettered),
+        (2, 1, 0)
+    );
+}
+
+async fn dead_letters(client: &Client, topic: &str, opts: &SubscribeOptions) -> Message {
+    let mut dlq = client
+        .subscribe(
+            &opts.dead_letter_topic_for(topic),
+            SubscribeOptions::dead_letters(),
+        )
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(BOUND, dlq.recv())
+        .await
+        .expect("no dead letter")
+        .unwrap();
+    let m = d.message().clone();
+    d.ack().await.unwrap();
+    m
+}
+
+async fn exhausted_attempts_dead_letter_with_last_error(client: Client) {
+    let (topic, opts) = (
+        unique("exhaust"),
+        SubscribeOptions::new("s").max_attempts(3),
+    );
+    publish(
+        &client,
+        &topic,
+        &opts,
+        vec![Message::new("bad").with_id("b")],
+    )
+    .await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let report = run_until(
+        &client,
+        &topic,
+        opts.clone(),
+        quick(),
+        move |ctx| {
+            c.fetch_add(1, Ordering::SeqCst);
+            async move { Err(HandlerError::transient(format!("boom #{}", ctx.attempt))) }
+        },
+        {
+            let calls = calls.clone();
+            move || calls.load(Ordering::SeqCst) >= 3
+        },
+    )
+    .await;
+    assert_eq!((report.retried, report.dead_lettered), (2, 1));
+    let dead = dead_letters(&client, &topic, &opts).await;
+    assert_eq!(dead.id(), "b");
+    let reason = dead.headers().get(headers::DEAD_LETTER_REASON).unwrap();
+    assert!(
+        reason.contains("boom #3"),
+        "reason {reason:?} lacks the last error"
+    );
+    assert_eq!(dead.headers().get(headers::ATTEMPTS), Some("3"));
+}
+
+async fn permanent_failure_dead_letters_at_once(client: Client) {
+    let (topic, opts) = (unique("perm"), SubscribeOptions::new("s"));
+    publish(
+        &client,
+        &topic,
+        &opts,
+        vec![Message::new("no").with_id("p")],
+    )
+    .await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let report = run_until(
+        &client,
+        &topic,
+        opts.clone(),
+        quick(),
+        move |_ctx| {
+            c.fetch_add(1, Ordering::SeqCst);
+            async { Err(HandlerError::permanent("invalid order")) }
+        },
+        {
+            let calls = calls.clone();
+            move || calls.load(Ordering::SeqCst) >= 1
+        },
+    )
+    .await;
+    assert_eq!((report.retried, report.dead_lettered), (0, 1));
+    let dead = dead_letters(&client, &topic, &opts).await;
+    assert_eq!(dead.headers().get(headers::ATTEMPTS), Some("1"));
+    assert!(
+        dead.headers()
+            .get(headers::DEAD_LETTER_REASON)
+            .unwrap()
+            .contains("invalid order")
+    );
+}
+
+async fn panics_are_transient_and_the_consumer_keeps_running(client: Client) {
+    let (topic, opts) = (unique("panic"), SubscribeOptions::new("s"));
+    publish(
+        &client,
+        &topic,
+        &opts,
+        vec![
+            Message::new("p").with_id("p"),
+            Message::new("ok").with_id("ok"),
+        ],
+    )
+    .await;
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let a = acked.clone();
+    let report = run_until(
+        &client,
+        &topic,
+        opts,
+        quick(),
+        move |ctx| {
+            let a = a.clone();
+            async move {
+                if ctx.message.id() == "p" && ctx.attempt == 1 {
+                    panic!("handler bug");
+                }
+                a.lock().unwrap().push(ctx.message.id().to_owned());
+                Ok(())
+            }
+        },
+        {
+            let acked = acked.clone();
+            move || acked.lock().unwrap().len() >= 2
+        },
+    )
+    .await;
+    assert_eq!(report.panicked, 1);
+    assert_eq!(report.retried, 1);
+    let mut acked = acked.lock().unwrap().clone();
+    acked.sort();
+    assert_eq!(acked, vec!["ok", "p"]);
+}
+
+async fn shutdown_abandons_slow_handlers_without_dead_lettering(client: Client) {
+    let (topic, opts) = (
+        unique("shutdown"),
+        SubscribeOptions::new("s")
+            .ack_timeout(Duration::from_secs(1))
+            .max_attempts(2),
+    );
+    publish(
+        &client,
+        &topic,
+        &opts,
+        vec![
+            Message::new("fast").with_id("fast"),
+            Message::new("slow").with_id("slow"),
+        ],
+    )
+    .await;
+    let started = Arc::new(AtomicUsize::new(0));
+    let s = started.clone();
+    let report = run_until(
+        &client,
+        &topic,
+        opts.clone(),
+        quick().shutdown_timeout(Duration::from_millis(300)),
+        move |ctx| {
+            s.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if ctx.message.id() == "slow" {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+                Ok(())
+            }
+        },
+        {
+            let started = started.clone();
+            move || started.load(Ordering::SeqCst) >= 2
+        },
+    )
+    .await;
+    assert_eq!(report.acked, 1, "{report:?}");
+    assert_eq!(report.abandoned, 1, "{report:?}");
+    assert_eq!(report.dead_lettered, 0);
+    // The abandoned one comes back to the next consumer, not to the DLQ.
+    let mut sub = client.subscribe(&topic, opts).await.unwrap();
+    let d = tokio::time::timeout(BOUND, sub.recv())
+        .await
+        .expect("slow not redelivered")
+        .unwrap();
+    assert_eq!(d.message().id(), "slow");
+    assert_eq!(d.attempt(), 2);
+    d.ack().await.unwrap();
+}
+
+macro_rules! consumer_tests {
+    ($module:ident, $client:expr) => {
+        mod $module {
+            use super::*;
+            consumer_tests!(@each $client;
+                concurrency_is_bounded,
+                per_key_serialised_in_order,
+                transient_failures_retry_with_backoff,
+                exhausted_attempts_dead_letter_with_last_error,
+                permanent_failure_dead_letters_at_once,
+                panics_are_transient_and_the_consumer_keeps_running,
+                shutdown_abandons_slow_handlers_without_dead_lettering);
+        }
+    };
+    (@each $client:expr; $($case:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let client: Option<Client> = $client;
+                let Some(client) = client else { return };
+                super::$case(client).await;
+            }
+        )*
+    };
+}
+
+consumer_tests!(
+    memory,
+    Some(switchyard::memory::MemoryBroker::new().client())
+);
+
+#[cfg(feature = "nats")]
+consumer_tests!(
+    nats,
+    match switchyard_conformance::broker_url("SWITCHYARD_NATS_URL") {
+        Some(url) => Some(switchyard::connect(&url).await.unwrap()),
+        None => None,
+    }
+);
