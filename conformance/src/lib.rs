@@ -49,6 +49,7 @@ use async_trait::async_trait;
 use switchyard_core::{Client, Result};
 
 pub mod cases;
+pub mod runtime;
 mod util;
 
 /// How the suite reaches one backend.
@@ -198,6 +199,29 @@ macro_rules! conformance_tests {
             dead_letters_kept_without_reader,
             delay_survives_consumer_restart,
         );
+        $crate::conformance_tests!(@runtime $harness;
+            runtime_concurrency_is_bounded,
+            runtime_per_key_serialised_in_order,
+            runtime_transient_failures_retry_with_backoff,
+            runtime_exhausted_attempts_dead_letter_with_last_error,
+            runtime_permanent_failure_dead_letters_at_once,
+            runtime_panics_are_transient_and_the_consumer_keeps_running,
+            runtime_shutdown_abandons_slow_handlers_without_dead_lettering,
+        );
+    };
+    (@runtime $harness:path; $($case:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let Some(harness) = $harness().await else { return };
+                $crate::run(
+                    &harness,
+                    stringify!($case),
+                    ::std::boxed::Box::pin($crate::runtime::$case(&harness)),
+                )
+                .await;
+            }
+        )*
     };
     (@cases $harness:path; $($case:ident),* $(,)?) => {
         $(

@@ -1,6 +1,6 @@
-#![cfg(feature = "memory")]
-//! The consumer runtime on every compiled-in backend: memory always, NATS
-//! when `SWITCHYARD_NATS_URL` is set (required in CI).
+//! Consumer-runtime cases: the same handler semantics on every backend.
+//!
+//! Each case takes the [`Harness`] like the others and panics on failure.
 
 use std::{
     collections::HashMap,
@@ -11,16 +11,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use switchyard::{
+use switchyard_core::{
     Client, Message, SubscribeOptions,
     consumer::{Backoff, Consumer, HandlerError},
     headers,
 };
 
-const BOUND: Duration = Duration::from_secs(20);
+use crate::{Harness, Outcome};
+
+const BOUND: Duration = Duration::from_secs(30);
 
 fn unique(p: &str) -> String {
-    format!("sy-consumer.{p}.{}", &switchyard::new_id()[24..])
+    format!("sy-consumer.{p}.{}", &switchyard_core::new_id()[24..])
 }
 
 fn quick() -> Consumer {
@@ -37,9 +39,9 @@ async fn run_until<H, F>(
     consumer: Consumer,
     handler: H,
     done: impl Fn() -> bool + Send + 'static,
-) -> switchyard::consumer::Report
+) -> switchyard_core::consumer::Report
 where
-    H: Fn(switchyard::consumer::Context) -> F + Send + Sync + 'static,
+    H: Fn(switchyard_core::consumer::Context) -> F + Send + Sync + 'static,
     F: std::future::Future<Output = Result<(), HandlerError>> + Send + 'static,
 {
     let sub = client.subscribe(topic, opts).await.unwrap();
@@ -63,7 +65,9 @@ async fn publish(client: &Client, topic: &str, opts: &SubscribeOptions, msgs: Ve
     }
 }
 
-async fn concurrency_is_bounded(client: Client) {
+/// Consumer runtime: concurrency is bounded
+pub async fn runtime_concurrency_is_bounded(h: &dyn Harness) -> Outcome {
+    let client = h.client().await.expect("connect");
     let (topic, opts) = (unique("conc"), SubscribeOptions::new("s"));
     publish(
         &client,
@@ -99,9 +103,12 @@ async fn concurrency_is_bounded(client: Client) {
     assert!(peak <= 4, "{peak} handlers ran at once with concurrency 4");
     assert!(peak >= 2, "handlers never overlapped (peak {peak})");
     assert_eq!(report.acked, 40);
+    Outcome::Passed
 }
 
-async fn per_key_serialised_in_order(client: Client) {
+/// Consumer runtime: per key serialised in order
+pub async fn runtime_per_key_serialised_in_order(h: &dyn Harness) -> Outcome {
+    let client = h.client().await.expect("connect");
     let (topic, opts) = (unique("keys"), SubscribeOptions::new("s"));
     let msgs = (0..60)
         .map(|i| Message::new(format!("{}", i / 3)).with_key(format!("k{}", i % 3)))
@@ -145,9 +152,12 @@ async fn per_key_serialised_in_order(client: Client) {
         sorted.sort_unstable();
         assert_eq!(order, &sorted, "key {key} handled out of order");
     }
+    Outcome::Passed
 }
 
-async fn transient_failures_retry_with_backoff(client: Client) {
+/// Consumer runtime: transient failures retry with backoff
+pub async fn runtime_transient_failures_retry_with_backoff(h: &dyn Harness) -> Outcome {
+    let client = h.client().await.expect("connect");
     let (topic, opts) = (unique("retry"), SubscribeOptions::new("s").max_attempts(5));
     publish(
         &client,
@@ -189,6 +199,7 @@ async fn transient_failures_retry_with_backoff(client: Client) {
         (report.retried, report.acked, report.dead_lettered),
         (2, 1, 0)
     );
+    Outcome::Passed
 }
 
 async fn dead_letters(client: &Client, topic: &str, opts: &SubscribeOptions) -> Message {
@@ -208,7 +219,9 @@ async fn dead_letters(client: &Client, topic: &str, opts: &SubscribeOptions) -> 
     m
 }
 
-async fn exhausted_attempts_dead_letter_with_last_error(client: Client) {
+/// Consumer runtime: exhausted attempts dead letter with last error
+pub async fn runtime_exhausted_attempts_dead_letter_with_last_error(h: &dyn Harness) -> Outcome {
+    let client = h.client().await.expect("connect");
     let (topic, opts) = (
         unique("exhaust"),
         SubscribeOptions::new("s").max_attempts(3),
@@ -246,9 +259,12 @@ async fn exhausted_attempts_dead_letter_with_last_error(client: Client) {
         "reason {reason:?} lacks the last error"
     );
     assert_eq!(dead.headers().get(headers::ATTEMPTS), Some("3"));
+    Outcome::Passed
 }
 
-async fn permanent_failure_dead_letters_at_once(client: Client) {
+/// Consumer runtime: permanent failure dead letters at once
+pub async fn runtime_permanent_failure_dead_letters_at_once(h: &dyn Harness) -> Outcome {
+    let client = h.client().await.expect("connect");
     let (topic, opts) = (unique("perm"), SubscribeOptions::new("s"));
     publish(
         &client,
@@ -283,9 +299,14 @@ async fn permanent_failure_dead_letters_at_once(client: Client) {
             .unwrap()
             .contains("invalid order")
     );
+    Outcome::Passed
 }
 
-async fn panics_are_transient_and_the_consumer_keeps_running(client: Client) {
+/// Consumer runtime: panics are transient and the consumer keeps running
+pub async fn runtime_panics_are_transient_and_the_consumer_keeps_running(
+    h: &dyn Harness,
+) -> Outcome {
+    let client = h.client().await.expect("connect");
     let (topic, opts) = (unique("panic"), SubscribeOptions::new("s"));
     publish(
         &client,
@@ -325,9 +346,14 @@ async fn panics_are_transient_and_the_consumer_keeps_running(client: Client) {
     let mut acked = acked.lock().unwrap().clone();
     acked.sort();
     assert_eq!(acked, vec!["ok", "p"]);
+    Outcome::Passed
 }
 
-async fn shutdown_abandons_slow_handlers_without_dead_lettering(client: Client) {
+/// Consumer runtime: shutdown abandons slow handlers without dead lettering
+pub async fn runtime_shutdown_abandons_slow_handlers_without_dead_lettering(
+    h: &dyn Harness,
+) -> Outcome {
+    let client = h.client().await.expect("connect");
     let (topic, opts) = (
         unique("shutdown"),
         SubscribeOptions::new("s")
@@ -378,44 +404,5 @@ async fn shutdown_abandons_slow_handlers_without_dead_lettering(client: Client) 
     assert_eq!(d.message().id(), "slow");
     assert_eq!(d.attempt(), 2);
     d.ack().await.unwrap();
+    Outcome::Passed
 }
-
-macro_rules! consumer_tests {
-    ($module:ident, $client:expr) => {
-        mod $module {
-            use super::*;
-            consumer_tests!(@each $client;
-                concurrency_is_bounded,
-                per_key_serialised_in_order,
-                transient_failures_retry_with_backoff,
-                exhausted_attempts_dead_letter_with_last_error,
-                permanent_failure_dead_letters_at_once,
-                panics_are_transient_and_the_consumer_keeps_running,
-                shutdown_abandons_slow_handlers_without_dead_lettering);
-        }
-    };
-    (@each $client:expr; $($case:ident),*) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $case() {
-                let client: Option<Client> = $client;
-                let Some(client) = client else { return };
-                super::$case(client).await;
-            }
-        )*
-    };
-}
-
-consumer_tests!(
-    memory,
-    Some(switchyard::memory::MemoryBroker::new().client())
-);
-
-#[cfg(feature = "nats")]
-consumer_tests!(
-    nats,
-    match switchyard_conformance::broker_url("SWITCHYARD_NATS_URL") {
-        Some(url) => Some(switchyard::connect(&url).await.unwrap()),
-        None => None,
-    }
-);
