@@ -17,3 +17,13 @@ if [ -n "${SY_STARTED_BROKERS:-}" ]; then
 fi
 
 cargo test --workspace --all-features "$@"
+
+# The examples must keep running: on the memory broker, and on NATS.
+echo "==> examples"
+cargo run -q --example quickstart >/dev/null
+cargo run -q --example order_pipeline >/dev/null
+if [ -n "${SWITCHYARD_NATS_URL:-}" ]; then
+    cargo run -q --features nats --example quickstart -- "$SWITCHYARD_NATS_URL" >/dev/null
+    cargo run -q --features nats --example order_pipeline -- "$SWITCHYARD_NATS_URL" >/dev/null
+fi
+echo "examples ran: quickstart, order_pipeline"
