@@ -13,6 +13,7 @@ use std::{
 
 use futures_util::FutureExt;
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::{BoxError, Delivery, Message, Retry, Subscription, error::Result};
 
@@ -379,7 +380,22 @@ impl Consumer {
                 topic: delivery.topic().to_owned(),
                 subscription: delivery.subscription().to_owned(),
             };
-            let outcome = match AssertUnwindSafe(handler(ctx)).catch_unwind().await {
+            // One span per delivery, with OpenTelemetry's messaging attribute
+            // names, around the handler and the settlement.
+            let span = tracing::info_span!(
+                "process",
+                otel.kind = "consumer",
+                messaging.operation = "process",
+                messaging.destination.name = %ctx.topic,
+                messaging.consumer.group.name = %ctx.subscription,
+                messaging.message.id = %ctx.message.id(),
+                messaging.delivery.attempt = ctx.attempt,
+                outcome = tracing::field::Empty,
+            );
+            let outcome = match AssertUnwindSafe(handler(ctx).instrument(span.clone()))
+                .catch_unwind()
+                .await
+            {
                 Ok(r) => r,
                 Err(panic) => {
                     report.panicked += 1;
@@ -416,8 +432,17 @@ impl Consumer {
                     delivery.nack(Retry::after(backoff.delay(attempt))).await
                 }
             };
-            if settled.is_err() {
+            let recorded = if report.acked > 0 {
+                "acked"
+            } else if report.dead_lettered > 0 {
+                "dead-lettered"
+            } else {
+                "retried"
+            };
+            span.record("outcome", recorded);
+            if let Err(e) = &settled {
                 report.settle_errors += 1;
+                tracing::warn!(parent: &span, error = %e, "settling the delivery failed; it will be redelivered");
             }
             Done { key, report }
         });
