@@ -135,22 +135,8 @@ pub async fn connect(url: &str) -> Result<Client> {
     }
 }
 
-/// `url` fit for error messages: userinfo (credentials, tokens) and the
-/// query (which may carry secrets) replaced by `***`.
 fn redact(url: &str) -> String {
-    let (head, rest) = match url.find("://") {
-        Some(i) => (&url[..i + 3], &url[i + 3..]),
-        None => ("", url),
-    };
-    let (authority, query) = match rest.split_once('?') {
-        Some((a, _)) => (a, "?***"),
-        None => (rest, ""),
-    };
-    let authority = match authority.rsplit_once('@') {
-        Some((_, hosts)) => format!("***@{hosts}"),
-        None => authority.to_owned(),
-    };
-    format!("{head}{authority}{query}")
+    switchyard_core::redact_url(url)
 }
 
 #[cfg(test)]

@@ -168,7 +168,7 @@ pub fn broker_url(var: &str) -> Option<String> {
 #[macro_export]
 macro_rules! conformance_tests {
     ($harness:path) => {
-        $crate::conformance_tests!(@cases $harness;
+        $crate::conformance_tests!(@cases $harness, cases;
             publish_and_receive_set,
             payload_fidelity,
             header_fidelity,
@@ -199,7 +199,7 @@ macro_rules! conformance_tests {
             dead_letters_kept_without_reader,
             delay_survives_consumer_restart,
         );
-        $crate::conformance_tests!(@runtime $harness;
+        $crate::conformance_tests!(@cases $harness, runtime;
             runtime_concurrency_is_bounded,
             runtime_per_key_serialised_in_order,
             runtime_transient_failures_retry_with_backoff,
@@ -209,7 +209,7 @@ macro_rules! conformance_tests {
             runtime_shutdown_abandons_slow_handlers_without_dead_lettering,
         );
     };
-    (@runtime $harness:path; $($case:ident),* $(,)?) => {
+    (@cases $harness:path, $module:ident; $($case:ident),* $(,)?) => {
         $(
             #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
@@ -217,21 +217,7 @@ macro_rules! conformance_tests {
                 $crate::run(
                     &harness,
                     stringify!($case),
-                    ::std::boxed::Box::pin($crate::runtime::$case(&harness)),
-                )
-                .await;
-            }
-        )*
-    };
-    (@cases $harness:path; $($case:ident),* $(,)?) => {
-        $(
-            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $case() {
-                let Some(harness) = $harness().await else { return };
-                $crate::run(
-                    &harness,
-                    stringify!($case),
-                    ::std::boxed::Box::pin($crate::cases::$case(&harness)),
+                    ::std::boxed::Box::pin($crate::$module::$case(&harness)),
                 )
                 .await;
             }

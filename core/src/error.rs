@@ -151,6 +151,33 @@ pub enum Error {
     },
 }
 
+/// `url` fit for error messages and `Debug`: userinfo (credentials, tokens)
+/// and the query (which may carry secrets) are replaced by `***`.
+///
+/// # Examples
+///
+/// ```
+/// use switchyard_core::redact_url;
+/// assert_eq!(redact_url("amqp://app:secret@h:5672/vh?x=1"), "amqp://***@h:5672/vh?***");
+/// assert_eq!(redact_url("nats://h1:4222,h2:4222"), "nats://h1:4222,h2:4222");
+/// ```
+#[must_use]
+pub fn redact_url(url: &str) -> String {
+    let (head, rest) = match url.find("://") {
+        Some(i) => (&url[..i + 3], &url[i + 3..]),
+        None => ("", url),
+    };
+    let (authority, query) = match rest.split_once('?') {
+        Some((a, _)) => (a, "?***"),
+        None => (rest, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((_, hosts)) => format!("***@{hosts}"),
+        None => authority.to_owned(),
+    };
+    format!("{head}{authority}{query}")
+}
+
 impl Error {
     /// A [`Error::Connection`] from a message and a native error.
     pub fn connection(message: impl Into<String>, source: impl Into<BoxError>) -> Self {

@@ -72,7 +72,7 @@ pub use bytes::Bytes;
 pub use client::Client;
 pub use delivery::Delivery;
 pub use driver::{Acker, Broker, Publisher, RawDelivery, Receiver, Subscriber};
-pub use error::{BoxError, Error, NameKind, Result};
+pub use error::{BoxError, Error, NameKind, Result, redact_url};
 pub use ext::PublisherExt;
 pub use headers::Headers;
 pub use message::{Message, new_id};

@@ -172,7 +172,7 @@ impl MemoryBuilder {
 /// ```
 pub fn connect(url: &str) -> Result<Client> {
     let invalid = |reason: String| Error::InvalidUrl {
-        url: url.to_owned(),
+        url: switchyard_core::redact_url(url),
         reason,
     };
     let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;

@@ -336,22 +336,8 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// A URL fit for messages and `Debug`: userinfo (credentials or token) and
-/// the query (which may carry a token) are replaced by `***`.
 pub(crate) fn redact(url: &str) -> String {
-    let (head, rest) = match url.find("://") {
-        Some(i) => (&url[..i + 3], &url[i + 3..]),
-        None => ("", url),
-    };
-    let (authority, query) = match rest.split_once('?') {
-        Some((a, _)) => (a, "?***"),
-        None => (rest, ""),
-    };
-    let authority = match authority.rsplit_once('@') {
-        Some((_, hosts)) => format!("***@{hosts}"),
-        None => authority.to_owned(),
-    };
-    format!("{head}{authority}{query}")
+    switchyard_core::redact_url(url)
 }
 
 #[cfg(test)]
