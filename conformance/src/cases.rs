@@ -300,15 +300,10 @@ pub async fn unsettled_redelivered_after_ack_timeout(h: &dyn Harness) -> Outcome
 /// 9. Closing a subscription with unsettled deliveries hands them to
 ///    another consumer.
 pub async fn close_hands_over_unsettled(h: &dyn Harness) -> Outcome {
-    if !h
-        .client()
-        .await
-        .map(|c| c.capabilities().competing_consumers)
-        .unwrap_or(true)
-    {
+    let s = setup(h, "handover", |o| o.ack_timeout(h.ack_timeout())).await;
+    if !s.client.capabilities().competing_consumers {
         return Outcome::Skipped("backend has no competing consumers".into());
     }
-    let s = setup(h, "handover", |o| o.ack_timeout(h.ack_timeout())).await;
     let msgs = numbered(3, "h");
     publish_each(&s.client, &s.topic, msgs.clone()).await;
     let mut a = subscribe(&s.client, &s.topic, &s.opts).await;
@@ -934,37 +929,74 @@ pub async fn use_after_close(h: &dyn Harness) -> Outcome {
     Outcome::Passed
 }
 
-/// 26. `recv` cancelled inside `tokio::select!` loses nothing.
+/// Publishes `msgs` from a task, pausing briefly every `every` messages, so
+/// receives are in progress when they are cancelled.
+fn trickle(
+    client: &Client,
+    topic: &str,
+    msgs: Vec<Message>,
+    every: usize,
+) -> tokio::task::JoinHandle<()> {
+    let (client, topic) = (client.clone(), topic.to_owned());
+    tokio::spawn(async move {
+        for (i, m) in msgs.into_iter().enumerate() {
+            client.publish(&topic, m).await.expect("publish");
+            if i % every == 0 {
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+        }
+    })
+}
+
+/// Bounds a cancel-and-retry receive loop and varies the cancel delay.
+struct CancelProbe {
+    deadline: Instant,
+    tick: u64,
+    cancelled: u32,
+}
+
+impl CancelProbe {
+    fn new(h: &dyn Harness) -> Self {
+        Self {
+            deadline: Instant::now() + h.receive_timeout() * 2,
+            tick: 0,
+            cancelled: 0,
+        }
+    }
+
+    /// The next cancel delay; fails when the bound has passed.
+    fn next_wait(&mut self, seen: usize, expected: usize, what: &str) -> Duration {
+        assert!(
+            Instant::now() < self.deadline,
+            "{what}: {} of {expected} messages lost to cancellation",
+            expected - seen
+        );
+        self.tick += 1;
+        Duration::from_micros(200 + (self.tick * 7919) % 3000)
+    }
+
+    fn assert_cancelled(&self, what: &str) {
+        assert!(
+            self.cancelled > 0,
+            "{what}: no receive was cancelled; the case tested nothing"
+        );
+    }
+}
+
+/// 26. `recv` cancelled inside `tokio::select!` loses nothing, both through
+///     `Subscription` and through the backend's own `Receiver` (the driver
+///     contract: `Subscription` keeps a parked receive, so the driver future
+///     is cancelled directly in the second half).
 pub async fn recv_cancel_safe(h: &dyn Harness) -> Outcome {
     let s = setup(h, "cancel", |o| o).await;
     let msgs = numbered(60, "x");
     let expected = ids(&msgs);
     let mut sub = subscribe(&s.client, &s.topic, &s.opts).await;
-    let publisher = {
-        let client = s.client.clone();
-        let topic = s.topic.clone();
-        tokio::spawn(async move {
-            for (i, m) in msgs.into_iter().enumerate() {
-                client.publish(&topic, m).await.expect("publish");
-                if i % 7 == 0 {
-                    tokio::time::sleep(Duration::from_millis(3)).await;
-                }
-            }
-        })
-    };
+    let publisher = trickle(&s.client, &s.topic, msgs, 7);
     let mut seen = HashSet::new();
-    let mut cancelled = 0u32;
-    let deadline = Instant::now() + h.receive_timeout() * 2;
-    let mut tick = 0u64;
+    let mut probe = CancelProbe::new(h);
     while seen.len() < expected.len() {
-        assert!(
-            Instant::now() < deadline,
-            "{} of {} messages lost to cancellation",
-            expected.len() - seen.len(),
-            expected.len()
-        );
-        tick += 1;
-        let wait = Duration::from_micros(200 + (tick * 7919) % 3000);
+        let wait = probe.next_wait(seen.len(), expected.len(), "subscription");
         tokio::select! {
             got = sub.recv() => {
                 let d = got.expect("recv");
@@ -972,19 +1004,13 @@ pub async fn recv_cancel_safe(h: &dyn Harness) -> Outcome {
                 seen.insert(d.message().id().to_owned());
                 d.ack().await.expect("ack");
             }
-            () = tokio::time::sleep(wait) => cancelled += 1,
+            () = tokio::time::sleep(wait) => probe.cancelled += 1,
         }
     }
     publisher.await.expect("publisher");
-    assert!(
-        cancelled > 0,
-        "no receive was cancelled; the case tested nothing"
-    );
-
-    // The backend's own `Receiver::recv` (the driver contract), cancelled the
-    // same way: `Subscription` keeps a parked receive, so cancel the driver
-    // future itself here.
+    probe.assert_cancelled("subscription");
     sub.close().await.expect("close the first consumer");
+
     let msgs = numbered(40, "driver");
     let expected = ids(&msgs);
     let receiver = s
@@ -993,30 +1019,11 @@ pub async fn recv_cancel_safe(h: &dyn Harness) -> Outcome {
         .receiver(&s.topic, &s.opts)
         .await
         .expect("open a driver receiver");
-    let publisher = {
-        let client = s.client.clone();
-        let topic = s.topic.clone();
-        tokio::spawn(async move {
-            for (i, m) in msgs.into_iter().enumerate() {
-                client.publish(&topic, m).await.expect("publish");
-                if i % 5 == 0 {
-                    tokio::time::sleep(Duration::from_millis(3)).await;
-                }
-            }
-        })
-    };
+    let publisher = trickle(&s.client, &s.topic, msgs, 5);
     let mut seen = HashSet::new();
-    let mut cancelled = 0u32;
-    let deadline = Instant::now() + h.receive_timeout() * 2;
+    let mut probe = CancelProbe::new(h);
     while seen.len() < expected.len() {
-        assert!(
-            Instant::now() < deadline,
-            "driver recv: {} of {} messages lost to cancellation",
-            expected.len() - seen.len(),
-            expected.len()
-        );
-        tick += 1;
-        let wait = Duration::from_micros(200 + (tick * 7919) % 3000);
+        let wait = probe.next_wait(seen.len(), expected.len(), "driver receiver");
         tokio::select! {
             got = receiver.recv() => {
                 let raw = got.expect("receiver ended").expect("driver recv");
@@ -1024,11 +1031,11 @@ pub async fn recv_cancel_safe(h: &dyn Harness) -> Outcome {
                 seen.insert(raw.message.id().to_owned());
                 raw.acker.ack().await.expect("ack");
             }
-            () = tokio::time::sleep(wait) => cancelled += 1,
+            () = tokio::time::sleep(wait) => probe.cancelled += 1,
         }
     }
     publisher.await.expect("publisher");
-    assert!(cancelled > 0, "no driver receive was cancelled");
+    probe.assert_cancelled("driver receiver");
     receiver.close().await.expect("close receiver");
     Outcome::Passed
 }

@@ -21,8 +21,21 @@ use crate::{Harness, Outcome};
 
 const BOUND: Duration = Duration::from_secs(30);
 
-fn unique(p: &str) -> String {
-    format!("sy-consumer.{p}.{}", &switchyard_core::new_id()[24..])
+/// A client, a fresh topic with the subscription `opts` ensured, and `msgs`
+/// published to it.
+async fn prepare(
+    h: &dyn Harness,
+    case: &str,
+    opts: &SubscribeOptions,
+    msgs: Vec<Message>,
+) -> (Client, String) {
+    let client = h.client().await.expect("connect");
+    let topic = h.unique(case);
+    client.ensure_subscription(&topic, opts).await.unwrap();
+    for m in msgs {
+        client.publish(&topic, m).await.unwrap();
+    }
+    (client, topic)
 }
 
 fn quick() -> Consumer {
@@ -58,20 +71,12 @@ where
     consumer.run(sub, handler, stop).await.unwrap()
 }
 
-async fn publish(client: &Client, topic: &str, opts: &SubscribeOptions, msgs: Vec<Message>) {
-    client.ensure_subscription(topic, opts).await.unwrap();
-    for m in msgs {
-        client.publish(topic, m).await.unwrap();
-    }
-}
-
 /// Consumer runtime: concurrency is bounded
 pub async fn runtime_concurrency_is_bounded(h: &dyn Harness) -> Outcome {
-    let client = h.client().await.expect("connect");
-    let (topic, opts) = (unique("conc"), SubscribeOptions::new("s"));
-    publish(
-        &client,
-        &topic,
+    let opts = SubscribeOptions::new("s");
+    let (client, topic) = prepare(
+        h,
+        "conc",
         &opts,
         (0..40).map(|i| Message::new(format!("{i}"))).collect(),
     )
@@ -108,12 +113,11 @@ pub async fn runtime_concurrency_is_bounded(h: &dyn Harness) -> Outcome {
 
 /// Consumer runtime: per key serialised in order
 pub async fn runtime_per_key_serialised_in_order(h: &dyn Harness) -> Outcome {
-    let client = h.client().await.expect("connect");
-    let (topic, opts) = (unique("keys"), SubscribeOptions::new("s"));
+    let opts = SubscribeOptions::new("s");
     let msgs = (0..60)
         .map(|i| Message::new(format!("{}", i / 3)).with_key(format!("k{}", i % 3)))
         .collect();
-    publish(&client, &topic, &opts, msgs).await;
+    let (client, topic) = prepare(h, "keys", &opts, msgs).await;
     let busy: Arc<Mutex<HashMap<String, bool>>> = Arc::default();
     let seen: Arc<Mutex<HashMap<String, Vec<u32>>>> = Arc::default();
     let (b, s) = (busy.clone(), seen.clone());
@@ -157,15 +161,9 @@ pub async fn runtime_per_key_serialised_in_order(h: &dyn Harness) -> Outcome {
 
 /// Consumer runtime: transient failures retry with backoff
 pub async fn runtime_transient_failures_retry_with_backoff(h: &dyn Harness) -> Outcome {
-    let client = h.client().await.expect("connect");
-    let (topic, opts) = (unique("retry"), SubscribeOptions::new("s").max_attempts(5));
-    publish(
-        &client,
-        &topic,
-        &opts,
-        vec![Message::new("flaky").with_id("f")],
-    )
-    .await;
+    let opts = SubscribeOptions::new("s").max_attempts(5);
+    let (client, topic) =
+        prepare(h, "retry", &opts, vec![Message::new("flaky").with_id("f")]).await;
     let times: Arc<Mutex<Vec<(u32, Instant)>>> = Arc::default();
     let t = times.clone();
     let report = run_until(
@@ -221,18 +219,9 @@ async fn dead_letters(client: &Client, topic: &str, opts: &SubscribeOptions) -> 
 
 /// Consumer runtime: exhausted attempts dead letter with last error
 pub async fn runtime_exhausted_attempts_dead_letter_with_last_error(h: &dyn Harness) -> Outcome {
-    let client = h.client().await.expect("connect");
-    let (topic, opts) = (
-        unique("exhaust"),
-        SubscribeOptions::new("s").max_attempts(3),
-    );
-    publish(
-        &client,
-        &topic,
-        &opts,
-        vec![Message::new("bad").with_id("b")],
-    )
-    .await;
+    let opts = SubscribeOptions::new("s").max_attempts(3);
+    let (client, topic) =
+        prepare(h, "exhaust", &opts, vec![Message::new("bad").with_id("b")]).await;
     let calls = Arc::new(AtomicU32::new(0));
     let c = calls.clone();
     let report = run_until(
@@ -264,15 +253,8 @@ pub async fn runtime_exhausted_attempts_dead_letter_with_last_error(h: &dyn Harn
 
 /// Consumer runtime: permanent failure dead letters at once
 pub async fn runtime_permanent_failure_dead_letters_at_once(h: &dyn Harness) -> Outcome {
-    let client = h.client().await.expect("connect");
-    let (topic, opts) = (unique("perm"), SubscribeOptions::new("s"));
-    publish(
-        &client,
-        &topic,
-        &opts,
-        vec![Message::new("no").with_id("p")],
-    )
-    .await;
+    let opts = SubscribeOptions::new("s");
+    let (client, topic) = prepare(h, "perm", &opts, vec![Message::new("no").with_id("p")]).await;
     let calls = Arc::new(AtomicU32::new(0));
     let c = calls.clone();
     let report = run_until(
@@ -306,11 +288,10 @@ pub async fn runtime_permanent_failure_dead_letters_at_once(h: &dyn Harness) -> 
 pub async fn runtime_panics_are_transient_and_the_consumer_keeps_running(
     h: &dyn Harness,
 ) -> Outcome {
-    let client = h.client().await.expect("connect");
-    let (topic, opts) = (unique("panic"), SubscribeOptions::new("s"));
-    publish(
-        &client,
-        &topic,
+    let opts = SubscribeOptions::new("s");
+    let (client, topic) = prepare(
+        h,
+        "panic",
         &opts,
         vec![
             Message::new("p").with_id("p"),
@@ -353,16 +334,12 @@ pub async fn runtime_panics_are_transient_and_the_consumer_keeps_running(
 pub async fn runtime_shutdown_abandons_slow_handlers_without_dead_lettering(
     h: &dyn Harness,
 ) -> Outcome {
-    let client = h.client().await.expect("connect");
-    let (topic, opts) = (
-        unique("shutdown"),
-        SubscribeOptions::new("s")
-            .ack_timeout(Duration::from_secs(1))
-            .max_attempts(2),
-    );
-    publish(
-        &client,
-        &topic,
+    let opts = SubscribeOptions::new("s")
+        .ack_timeout(Duration::from_secs(1))
+        .max_attempts(2);
+    let (client, topic) = prepare(
+        h,
+        "shutdown",
         &opts,
         vec![
             Message::new("fast").with_id("fast"),
