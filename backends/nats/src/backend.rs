@@ -319,7 +319,7 @@ impl NatsBroker {
             Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
                 self.forget_stream(topic);
                 Err(Error::broker(
-                    format!("stream for topic {topic} disappeared: {e}"),
+                    format!("stream for topic {topic} is gone (it is re-created on retry): {e}"),
                     true,
                     Some(Box::new(e)),
                 ))
@@ -332,7 +332,7 @@ impl NatsBroker {
         }
     }
 
-    async fn consumer_config(&self, options: &SubscribeOptions) -> pull::Config {
+    fn consumer_config(&self, options: &SubscribeOptions) -> pull::Config {
         pull::Config {
             durable_name: Some(self.consumer_name(options.name())),
             description: Some(format!("switchyard subscription {}", options.name())),
@@ -352,7 +352,7 @@ impl NatsBroker {
 
     async fn consumer(&self, topic: &str, options: &SubscribeOptions) -> Result<PullConsumer> {
         let stream = self.stream(topic).await?;
-        let config = self.consumer_config(options).await;
+        let config = self.consumer_config(options);
         let name = self.consumer_name(options.name());
         match stream.get_consumer::<pull::Config>(&name).await {
             Ok(existing) => {
@@ -386,15 +386,9 @@ impl Publisher for NatsBroker {
         self.check_open()?;
         let t = self.topic(topic).await?;
         let ack = self.send(&t.subject, &message).await?;
-        match self.confirm(topic, ack).await {
-            // The stream was deleted behind our back: create it and retry once.
-            Err(Error::Broker { message: m, .. }) if m.contains("disappeared") => {
-                let t = self.topic(topic).await?;
-                let ack = self.send(&t.subject, &message).await?;
-                self.confirm(topic, ack).await
-            }
-            other => other,
-        }
+        // A stream deleted behind our back is forgotten by `confirm`, and the
+        // retryable error makes the caller's retry create it again.
+        self.confirm(topic, ack).await
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Vec<Result<()>> {
@@ -584,15 +578,20 @@ impl ReceiverShared {
         let _ = tokio::time::timeout(self.request_timeout, self.client.flush()).await;
     }
 
-    /// Asks the server for as many messages as there is free room, when
-    /// worthwhile: half the prefetch free, or anything free and
-    /// nothing outstanding.
-    async fn top_up(&self, state: &mut PullState) -> Result<()> {
+    /// Whether a pull request is worth sending: half the prefetch is free, or
+    /// some room is free and nothing is outstanding.
+    fn pull_due(&self, state: &PullState) -> bool {
         let free = self.permits.available_permits();
-        let threshold = (self.prefetch / 2).max(1);
-        if free == 0 || (free < threshold && !state.reserved.is_empty()) {
+        free > 0 && (free >= (self.prefetch / 2).max(1) || state.reserved.is_empty())
+    }
+
+    /// Asks the server for as many messages as there is free room, when
+    /// [`pull_due`](Self::pull_due).
+    async fn top_up(&self, state: &mut PullState) -> Result<()> {
+        if !self.pull_due(state) {
             return Ok(());
         }
+        let free = self.permits.available_permits();
         let mut got = Vec::with_capacity(free);
         while got.len() < free {
             match Arc::clone(&self.permits).try_acquire_owned() {
@@ -819,9 +818,7 @@ impl Receiver for NatsReceiver {
         let mut state = s.state.try_lock().ok()?;
         // Only what already arrived. When a pull request is due, leave the
         // call to `recv`, which sends it (keeping requests overlapped).
-        let threshold = (s.prefetch / 2).max(1);
-        let free = s.permits.available_permits();
-        if free >= threshold || (free > 0 && state.reserved.is_empty()) {
+        if s.pull_due(&state) {
             return None;
         }
         loop {
