@@ -17,18 +17,9 @@ pub(crate) async fn recv_one(sub: &mut Subscription, bound: Duration, what: &str
     }
 }
 
-/// Asserts that nothing arrives within `wait`.
+/// Asserts that nothing arrives within `wait`, not even a redelivery.
 pub(crate) async fn expect_nothing(sub: &mut Subscription, wait: Duration, what: &str) {
-    if let Ok(got) = tokio::time::timeout(wait, sub.recv()).await {
-        match got {
-            Ok(d) => panic!(
-                "{what}: expected nothing within {wait:?}, got message {} (attempt {})",
-                d.message().id(),
-                d.attempt()
-            ),
-            Err(e) => panic!("{what}: expected nothing, receive failed: {e}"),
-        }
-    }
+    expect_no_new(sub, wait, &HashSet::new(), what).await;
 }
 
 /// Receives and acks until every id in `expected` was seen. Returns the

@@ -59,17 +59,41 @@ async fn payload_limit_comes_from_the_server() {
         .await
         .unwrap();
     let server_max = broker.nats_client().server_info().max_payload;
-    let client = switchyard_core::Client::new(broker);
+    let client = switchyard_core::Client::new(broker.clone());
     let limit = client.capabilities().max_payload;
     assert!(
         limit < server_max && limit > server_max / 2,
         "limit {limit}, server {server_max}"
     );
-    let err = client
-        .publish("sy-test.limit", Message::new(vec![0u8; server_max + 1]))
+    let topic = format!("sy-test.limit.{}", &switchyard_core::new_id()[24..]);
+    // Straight to the backend, past the client's own check: its limit counts
+    // header bytes beyond the reserve, so the server never sees an oversize
+    // message.
+    use switchyard_core::Publisher as _;
+    broker
+        .publish(&topic, Message::new(vec![0u8; limit]))
+        .await
+        .expect("exactly the limit fits");
+    let big_header = "v".repeat(20 * 1024);
+    let err = broker
+        .publish(
+            &topic,
+            Message::new(vec![0u8; limit]).with_header("big", big_header.as_str()),
+        )
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::PayloadTooLarge { .. }), "{err:?}");
+    match err {
+        Error::PayloadTooLarge { size, limit: l } => {
+            assert_eq!(l, limit);
+            assert!(size > limit, "{size}");
+        }
+        other => panic!("expected PayloadTooLarge, got {other:?}"),
+    }
+    broker
+        .publish(&topic, Message::new(vec![0u8; server_max + 1]))
+        .await
+        .expect_err("over the server's own limit");
+    client.close().await.unwrap();
 }
 
 #[tokio::test]
