@@ -170,13 +170,19 @@ impl Client {
     pub async fn ensure_subscription(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
         options.validate(topic)?;
         self.broker.ensure_subscription(topic, options).await?;
-        if options.name() != DEAD_LETTERS_SUBSCRIPTION {
-            let dlq = options.dead_letter_topic_for(topic);
-            self.broker
-                .ensure_subscription(&dlq, &SubscribeOptions::dead_letters())
-                .await?;
+        self.ensure_dead_letters(topic, options).await
+    }
+
+    /// The `dead-letters` subscription of the dead-letter topic (none for a
+    /// `dead-letters` subscription itself, which would recurse).
+    async fn ensure_dead_letters(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
+        if options.name() == DEAD_LETTERS_SUBSCRIPTION {
+            return Ok(());
         }
-        Ok(())
+        let dlq = options.dead_letter_topic_for(topic);
+        self.broker
+            .ensure_subscription(&dlq, &SubscribeOptions::dead_letters())
+            .await
     }
 
     /// Attaches a consumer to the subscription (creating it, and its
@@ -186,7 +192,10 @@ impl Client {
     ///
     /// As for [`Client::ensure_subscription`]; [`Error::Closed`] after close.
     pub async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
-        self.ensure_subscription(topic, &options).await?;
+        options.validate(topic)?;
+        self.ensure_dead_letters(topic, &options).await?;
+        // Opening a receiver creates the subscription when missing (driver
+        // contract), so it is not ensured separately.
         let receiver = self.broker.receiver(topic, &options).await?;
         Ok(self.wrap(topic, &options, receiver))
     }
@@ -303,7 +312,8 @@ impl Subscriber for Client {
     }
 
     async fn receiver(&self, topic: &str, options: &SubscribeOptions) -> Result<Box<dyn Receiver>> {
-        Client::ensure_subscription(self, topic, options).await?;
+        options.validate(topic)?;
+        self.ensure_dead_letters(topic, options).await?;
         self.broker.receiver(topic, options).await
     }
 

@@ -3,7 +3,7 @@
 //! dead letters, and graceful shutdown.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, VecDeque, hash_map::Entry},
     fmt,
     future::Future,
     panic::AssertUnwindSafe,
@@ -285,26 +285,26 @@ impl Consumer {
                 biased;
                 () = &mut shutdown => break,
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                    let key = self.finish(done, &mut report);
-                    if let Some(next) = key.and_then(|k| pop_waiting(&mut waiting, &k)) {
-                        self.spawn(&mut tasks, &handler, next);
+                    if let Some(key) = self.finish(done, &mut report)
+                        && let Some(next) = pop_waiting(&mut waiting, &key)
+                    {
+                        self.spawn(&mut tasks, &handler, next, Some(key));
                     }
                 }
                 got = sub.recv(), if room => match got {
                     Ok(delivery) => {
                         report.received += 1;
-                        let key = self.key_of(&delivery);
-                        match key {
-                            Some(k) if waiting.contains_key(&k) => {
-                                if let Some(q) = waiting.get_mut(&k) {
-                                    q.push_back(delivery);
+                        match self.key_of(&delivery) {
+                            // The key is busy: wait for its handler to finish.
+                            Some(k) => match waiting.entry(k) {
+                                Entry::Occupied(mut q) => q.get_mut().push_back(delivery),
+                                Entry::Vacant(v) => {
+                                    let key = v.key().clone();
+                                    v.insert(VecDeque::new());
+                                    self.spawn(&mut tasks, &handler, delivery, Some(key));
                                 }
-                            }
-                            Some(k) => {
-                                waiting.insert(k, VecDeque::new());
-                                self.spawn(&mut tasks, &handler, delivery);
-                            }
-                            None => self.spawn(&mut tasks, &handler, delivery),
+                            },
+                            None => self.spawn(&mut tasks, &handler, delivery, None),
                         }
                     }
                     Err(crate::Error::Closed) => break,
@@ -363,14 +363,18 @@ impl Consumer {
         }
     }
 
-    fn spawn<H, F>(&self, tasks: &mut JoinSet<Done>, handler: &Arc<H>, delivery: Delivery)
-    where
+    fn spawn<H, F>(
+        &self,
+        tasks: &mut JoinSet<Done>,
+        handler: &Arc<H>,
+        delivery: Delivery,
+        key: Option<String>,
+    ) where
         H: Fn(Context) -> F + Send + Sync + 'static,
         F: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
     {
         let handler = Arc::clone(handler);
         let backoff = self.backoff;
-        let key = self.key_of(&delivery);
         tasks.spawn(async move {
             let mut report = Report::default();
             let ctx = Context {
@@ -408,38 +412,32 @@ impl Consumer {
                 }
             };
             let attempt = delivery.attempt();
-            let settled = match outcome {
+            let (outcome, settled) = match outcome {
                 Ok(()) => {
                     report.acked += 1;
-                    delivery.ack().await
+                    ("acked", delivery.ack().await)
                 }
                 Err(HandlerError::Permanent(e)) => {
                     report.dead_lettered += 1;
-                    delivery
-                        .dead_letter(format!("permanent failure: {e}"))
-                        .await
+                    let reason = format!("permanent failure: {e}");
+                    ("dead-lettered", delivery.dead_letter(reason).await)
                 }
-                Err(HandlerError::Transient(e)) if attempt >= delivery.max_attempts() => {
+                // `nack` would dead-letter too; this keeps the error as reason.
+                Err(HandlerError::Transient(e)) if delivery.is_last_attempt() => {
                     report.dead_lettered += 1;
                     let reason = format!(
                         "max attempts ({}) exhausted; last error: {e}",
                         delivery.max_attempts()
                     );
-                    delivery.dead_letter(reason).await
+                    ("dead-lettered", delivery.dead_letter(reason).await)
                 }
                 Err(HandlerError::Transient(_)) => {
                     report.retried += 1;
-                    delivery.nack(Retry::after(backoff.delay(attempt))).await
+                    let retry = Retry::after(backoff.delay(attempt));
+                    ("retried", delivery.nack(retry).await)
                 }
             };
-            let recorded = if report.acked > 0 {
-                "acked"
-            } else if report.dead_lettered > 0 {
-                "dead-lettered"
-            } else {
-                "retried"
-            };
-            span.record("outcome", recorded);
+            span.record("outcome", outcome);
             if let Err(e) = &settled {
                 report.settle_errors += 1;
                 tracing::warn!(parent: &span, error = %e, "settling the delivery failed; it will be redelivered");

@@ -84,6 +84,13 @@ impl Delivery {
         self.ctx.max_attempts
     }
 
+    /// Whether this is the last attempt the subscription allows: a nack now
+    /// dead-letters instead of redelivering.
+    #[must_use]
+    pub fn is_last_attempt(&self) -> bool {
+        self.attempt >= self.ctx.max_attempts
+    }
+
     /// The subscription's dead-letter topic.
     #[must_use]
     pub fn dead_letter_topic(&self) -> &str {
@@ -112,7 +119,7 @@ impl Delivery {
     ///
     /// As for [`Delivery::ack`] and [`Delivery::dead_letter`].
     pub async fn nack(self, retry: Retry) -> Result<()> {
-        if self.attempt >= self.ctx.max_attempts {
+        if self.is_last_attempt() {
             let reason = format!("max attempts ({}) exhausted", self.ctx.max_attempts);
             return self.dead_letter(reason).await;
         }

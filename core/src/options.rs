@@ -149,8 +149,9 @@ impl SubscribeOptions {
     pub fn validate(&self, topic: &str) -> Result<()> {
         validate_name(NameKind::Topic, topic)?;
         validate_name(NameKind::Subscription, &self.name)?;
-        validate_name(NameKind::Topic, &self.dead_letter_topic_for(topic))?;
-        if self.dead_letter_topic_for(topic) == topic {
+        let dead_letter_topic = self.dead_letter_topic_for(topic);
+        validate_name(NameKind::Topic, &dead_letter_topic)?;
+        if dead_letter_topic == topic {
             return Err(Error::Config(
                 "the dead-letter topic must differ from the topic it serves".into(),
             ));

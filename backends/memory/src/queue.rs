@@ -200,19 +200,19 @@ impl Queue {
         true
     }
 
-    /// Settles a delivery for good. Returns false when the tag is unknown
-    /// (it already expired and went back to the queue).
-    pub(crate) fn ack(&self, tag: u64) -> bool {
-        let found = self.lock().release(tag).is_some();
+    /// Settles a delivery for good. An unknown tag already expired and went
+    /// back to the queue: nothing to do (at-least-once).
+    pub(crate) fn ack(&self, tag: u64) {
+        self.lock().release(tag);
+        // Room for the consumer that acked, which may be waiting at its prefetch.
         self.changed.notify_waiters();
-        found
     }
 
     /// Returns a delivery to the queue, now or after `delay`.
-    pub(crate) fn nack(&self, tag: u64, delay: Option<Duration>) -> bool {
+    pub(crate) fn nack(&self, tag: u64, delay: Option<Duration>) {
         let mut state = self.lock();
         let Some(f) = state.release(tag) else {
-            return false;
+            return;
         };
         match delay {
             Some(d) => {
@@ -224,11 +224,9 @@ impl Queue {
         }
         drop(state);
         self.changed.notify_waiters();
-        true
     }
 
-    /// Returns every delivery `consumer` holds (consumer closed or dropped),
-    /// plus `buffered` tags it took but never handed out.
+    /// Returns every delivery `consumer` holds (consumer closed or dropped).
     pub(crate) fn requeue_consumer(&self, consumer: u64) {
         let mut state = self.lock();
         let tags: Vec<u64> = state
