@@ -100,7 +100,7 @@ pub async fn connect(url: &str) -> Result<Client> {
         }
         _ => {
             return Err(Error::InvalidUrl {
-                url: redact(url),
+                url: redact_url(url),
                 reason: "expected SCHEME://…, e.g. memory://, nats://127.0.0.1:4222, amqp://…"
                     .into(),
             });
@@ -127,16 +127,12 @@ pub async fn connect(url: &str) -> Result<Client> {
         }
         "sqs" => Err(missing("sqs")),
         other => Err(Error::InvalidUrl {
-            url: redact(url),
+            url: redact_url(url),
             reason: format!(
                 "unknown scheme {other:?}; expected memory, kafka, amqp, amqps, nats or sqs"
             ),
         }),
     }
-}
-
-fn redact(url: &str) -> String {
-    switchyard_core::redact_url(url)
 }
 
 #[cfg(test)]
@@ -175,8 +171,8 @@ mod tests {
             "{err}"
         );
 
-        assert_eq!(redact("amqp://u:hunter2@[bad"), "amqp://***@[bad");
-        assert_eq!(redact("nats://tok@h:1?token=x"), "nats://***@h:1?***");
+        assert_eq!(redact_url("amqp://u:hunter2@[bad"), "amqp://***@[bad");
+        assert_eq!(redact_url("nats://tok@h:1?token=x"), "nats://***@h:1?***");
     }
 
     #[cfg(not(feature = "nats"))]

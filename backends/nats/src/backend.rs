@@ -27,7 +27,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{NatsConfig, codec, config::redact, names::token};
+use crate::{NatsConfig, codec, names::token};
 
 /// Bytes of the server's `max_payload` kept for headers: the payload limit
 /// switchyard reports is the server's minus this.
@@ -95,7 +95,7 @@ fn connect_error(e: async_nats::ConnectError, servers: &[String]) -> Error {
         "connecting to {}: {e}",
         servers
             .iter()
-            .map(|s| redact(s))
+            .map(|s| switchyard_core::redact_url(s))
             .collect::<Vec<_>>()
             .join(",")
     );
@@ -252,7 +252,6 @@ impl NatsBroker {
             max_age: c.max_age,
             max_bytes: c.max_bytes,
             num_replicas: c.replicas,
-            duplicate_window: c.duplicate_window,
             description: Some(format!("switchyard topic {topic}")),
             ..Default::default()
         };
@@ -283,14 +282,14 @@ impl NatsBroker {
     }
 
     /// Encodes and size-checks a message.
-    fn prepare(&self, message: &Message) -> Result<(async_nats::HeaderMap, usize)> {
+    fn prepare(&self, message: &Message) -> Result<async_nats::HeaderMap> {
         let (headers, header_bytes) = codec::encode(message)?;
         let limit = self.limit();
         let size = message.payload().len() + header_bytes.saturating_sub(HEADER_RESERVE);
         if size > limit {
             return Err(Error::PayloadTooLarge { size, limit });
         }
-        Ok((headers, header_bytes))
+        Ok(headers)
     }
 
     /// Sends one publish; the returned future resolves on the PubAck.
@@ -299,7 +298,7 @@ impl NatsBroker {
         subject: &str,
         message: &Message,
     ) -> Result<jetstream::context::PublishAckFuture> {
-        let (headers, _) = self.prepare(message)?;
+        let headers = self.prepare(message)?;
         // No Nats-Msg-Id: the message id is not used for JetStream's
         // de-duplication, because an intentional re-publish of the same id
         // (redrive, bridging) must be kept, not dropped as a duplicate.

@@ -38,7 +38,6 @@ pub struct NatsConfig {
     pub(crate) max_age: Duration,
     pub(crate) max_bytes: i64,
     pub(crate) replicas: usize,
-    pub(crate) duplicate_window: Duration,
     pub(crate) max_ack_pending: i64,
     pub(crate) publish_window: usize,
 }
@@ -48,7 +47,11 @@ impl fmt::Debug for NatsConfig {
         f.debug_struct("NatsConfig")
             .field(
                 "servers",
-                &self.servers.iter().map(|s| redact(s)).collect::<Vec<_>>(),
+                &self
+                    .servers
+                    .iter()
+                    .map(|s| switchyard_core::redact_url(s))
+                    .collect::<Vec<_>>(),
             )
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "***"))
@@ -63,7 +66,6 @@ impl fmt::Debug for NatsConfig {
             .field("max_age", &self.max_age)
             .field("max_bytes", &self.max_bytes)
             .field("replicas", &self.replicas)
-            .field("duplicate_window", &self.duplicate_window)
             .field("max_ack_pending", &self.max_ack_pending)
             .field("publish_window", &self.publish_window)
             .finish()
@@ -88,7 +90,6 @@ impl NatsConfig {
             max_age: Duration::ZERO,
             max_bytes: -1,
             replicas: 1,
-            duplicate_window: Duration::from_secs(120),
             max_ack_pending: 10_000,
             publish_window: 256,
         }
@@ -105,7 +106,7 @@ impl NatsConfig {
     /// [`Error::InvalidUrl`] saying what is wrong (without the password).
     pub fn from_url(url: &str) -> Result<Self> {
         let invalid = |reason: String| Error::InvalidUrl {
-            url: redact(url),
+            url: switchyard_core::redact_url(url),
             reason,
         };
         let rest = url
@@ -141,9 +142,9 @@ impl NatsConfig {
         }
         for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
             let duration = |v: &str| {
-                parse_duration(v).ok_or_else(|| {
+                humantime::parse_duration(v).ok().ok_or_else(|| {
                     invalid(format!(
-                        "{k} must be a duration like 5s or 500ms, got {v:?}"
+                        "{k} must be a duration like 5s, 500ms or 2m, got {v:?}"
                     ))
                 })
             };
@@ -289,55 +290,11 @@ impl NatsConfig {
     }
 }
 
-fn parse_duration(v: &str) -> Option<Duration> {
-    if let Some(ms) = v.strip_suffix("ms") {
-        return ms.parse().ok().map(Duration::from_millis);
-    }
-    if let Some(s) = v.strip_suffix('s') {
-        return s
-            .parse::<f64>()
-            .ok()
-            .and_then(|s| Duration::try_from_secs_f64(s).ok());
-    }
-    if let Some(m) = v.strip_suffix('m') {
-        return m
-            .parse::<u64>()
-            .ok()?
-            .checked_mul(60)
-            .map(Duration::from_secs);
-    }
-    if let Some(h) = v.strip_suffix('h') {
-        return h
-            .parse::<u64>()
-            .ok()?
-            .checked_mul(3600)
-            .map(Duration::from_secs);
-    }
-    None
-}
-
 /// Percent-decodes URL userinfo (`+` stays `+`).
 fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
-        {
-            out.push(b);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-pub(crate) fn redact(url: &str) -> String {
-    switchyard_core::redact_url(url)
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]
