@@ -1,0 +1,1047 @@
+//! The AMQP backend: publisher, subscriber, receivers and ackers.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fmt,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use futures_util::{FutureExt, StreamExt, stream::FuturesOrdered};
+use lapin::{
+    Acker as LapinAcker, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
+    ErrorKind, ExchangeKind,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+        QueueDeclareOptions,
+    },
+    types::{AMQPValue, FieldTable, LongString, ShortString},
+};
+use switchyard_core::{
+    Acker, Broker, Capabilities, Client, Error, KeyOrdering, Message, Publisher, RawDelivery,
+    Receiver, Result, SubscribeOptions, Subscriber, driver::ReceiverSet,
+};
+use tokio::{sync::Notify, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::{RabbitConfig, codec, names};
+
+/// Bytes of `max_message_size` kept for properties and headers: the payload
+/// limit switchyard reports is the configured size minus this.
+const HEADER_RESERVE: usize = 64 * 1024;
+/// First pause after a consumer failed to (re)open; doubles up to
+/// [`MAX_REOPEN_PAUSE`].
+const REOPEN_PAUSE: Duration = Duration::from_millis(200);
+const MAX_REOPEN_PAUSE: Duration = Duration::from_secs(5);
+/// How long an unused wait queue outlives its message TTL before RabbitMQ
+/// deletes it (`x-expires`); redeclared well before that while in use.
+const WAIT_QUEUE_SPARE: Duration = Duration::from_secs(3600);
+
+/// The AMQP reply code of a protocol error (403 access refused, 404 not
+/// found, 406 precondition failed, …).
+fn reply_code(e: &lapin::Error) -> Option<u16> {
+    match e.kind() {
+        ErrorKind::ProtocolError(a) => Some(a.get_id()),
+        _ => None,
+    }
+}
+
+fn amqp_error(what: &str, e: lapin::Error) -> Error {
+    match reply_code(&e) {
+        // Access refused, precondition failed, not allowed: retrying the
+        // same request cannot succeed.
+        Some(403 | 406 | 530) => Error::broker(format!("{what}: {e}"), false, Some(Box::new(e))),
+        Some(_) => Error::broker(format!("{what}: {e}"), true, Some(Box::new(e))),
+        None if e.is_io_error() => Error::connection(format!("{what}: {e}"), e),
+        None => Error::broker(format!("{what}: {e}"), true, Some(Box::new(e))),
+    }
+}
+
+async fn bounded<T>(
+    what: &'static str,
+    after: Duration,
+    f: impl Future<Output = lapin::Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(after, f).await {
+        Ok(r) => r.map_err(|e| amqp_error(what, e)),
+        Err(_) => Err(Error::Timeout {
+            operation: what,
+            after,
+        }),
+    }
+}
+
+struct Inner {
+    config: RabbitConfig,
+    /// The current connection; replaced when it is lost.
+    connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    /// The confirm-mode channel every publish goes through.
+    publish_channel: Mutex<Option<Channel>>,
+    /// Serialises (re)creating the publish channel.
+    publish_channel_init: tokio::sync::Mutex<()>,
+    /// Exchanges and queues known to be declared.
+    declared: Mutex<HashSet<String>>,
+    /// Wait queues and when they were last declared (which renews their
+    /// `x-expires` lease).
+    wait_queues: Mutex<HashMap<String, Instant>>,
+    closed: CancellationToken,
+    receivers: ReceiverSet<ReceiverShared>,
+}
+
+/// A connection to RabbitMQ implementing switchyard's backend traits.
+///
+/// Topic → a durable fanout exchange; subscription → a durable quorum queue
+/// bound to it. Publishes go through one confirm-mode channel; each receiver
+/// has its own channel with `basic.qos` set to its prefetch. A lost
+/// connection is re-established on the next use, and receivers resume
+/// consuming by themselves. Cheap to clone.
+#[derive(Clone)]
+pub struct RabbitBroker {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for RabbitBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitBroker")
+            .field("config", &self.inner.config)
+            .field("closed", &self.inner.closed.is_cancelled())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Connects to RabbitMQ from an `amqp://` or `amqps://` URL and returns a
+/// [`Client`].
+///
+/// # Errors
+///
+/// [`Error::InvalidUrl`] for a malformed URL; [`Error::Connection`] when no
+/// broker answers within the connect timeout; [`Error::Authentication`]
+/// when the broker refuses the credentials.
+pub async fn connect(url: &str) -> Result<Client> {
+    Ok(Client::new(
+        RabbitBroker::connect(RabbitConfig::from_url(url)?).await?,
+    ))
+}
+
+impl RabbitBroker {
+    /// Connects with `config`.
+    ///
+    /// # Errors
+    ///
+    /// As for [`connect`].
+    pub async fn connect(config: RabbitConfig) -> Result<Self> {
+        let broker = Self {
+            inner: Arc::new(Inner {
+                config,
+                connection: tokio::sync::Mutex::new(None),
+                publish_channel: Mutex::new(None),
+                publish_channel_init: tokio::sync::Mutex::new(()),
+                declared: Mutex::new(HashSet::new()),
+                wait_queues: Mutex::new(HashMap::new()),
+                closed: CancellationToken::new(),
+                receivers: ReceiverSet::new(),
+            }),
+        };
+        broker.connection().await?;
+        Ok(broker)
+    }
+
+    /// The current native lapin connection (escape hatch), reconnecting
+    /// when it was lost.
+    ///
+    /// # Errors
+    ///
+    /// As for [`connect`].
+    pub async fn connection(&self) -> Result<Arc<Connection>> {
+        let mut current = self.inner.connection.lock().await;
+        if let Some(c) = &*current
+            && c.status().connected()
+        {
+            return Ok(Arc::clone(c));
+        }
+        let c = Arc::new(self.open_connection().await?);
+        *current = Some(Arc::clone(&c));
+        Ok(c)
+    }
+
+    async fn open_connection(&self) -> Result<Connection> {
+        let c = &self.inner.config;
+        let props = ConnectionProperties::default().with_connection_name("switchyard".into());
+        let redacted = switchyard_core::redact_url(&c.uri);
+        match tokio::time::timeout(c.connect_timeout, Connection::connect(&c.uri, props)).await {
+            Err(_) => Err(Error::Connection {
+                message: format!(
+                    "no AMQP broker answered at {redacted} within {:?}",
+                    c.connect_timeout
+                ),
+                source: None,
+            }),
+            Ok(Err(e)) if reply_code(&e) == Some(403) => Err(Error::Authentication {
+                message: format!("connecting to {redacted}: {e}"),
+                source: Some(Box::new(e)),
+            }),
+            Ok(Err(e)) if reply_code(&e) == Some(530) => Err(Error::Config(format!(
+                "connecting to {redacted}: {e} (does the vhost exist, may this user use it?)"
+            ))),
+            Ok(Err(e)) => Err(Error::connection(
+                format!("connecting to {redacted}: {e}"),
+                e,
+            )),
+            Ok(Ok(conn)) => Ok(conn),
+        }
+    }
+
+    async fn channel(&self) -> Result<Channel> {
+        let conn = self.connection().await?;
+        bounded(
+            "opening a channel",
+            self.inner.config.request_timeout,
+            conn.create_channel(),
+        )
+        .await
+    }
+
+    /// The exchange used for `topic`.
+    #[must_use]
+    pub fn exchange_name(&self, topic: &str) -> String {
+        names::exchange(topic)
+    }
+
+    /// The queue used for a subscription on `topic`.
+    #[must_use]
+    pub fn queue_name(&self, topic: &str, subscription: &str) -> String {
+        names::queue(topic, subscription)
+    }
+
+    fn limit(&self) -> usize {
+        self.inner
+            .config
+            .max_message_size
+            .saturating_sub(HEADER_RESERVE)
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.closed.is_cancelled() {
+            Err(Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn is_declared(&self, name: &str) -> bool {
+        self.inner
+            .declared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
+    }
+
+    fn set_declared(&self, name: &str, declared: bool) {
+        let mut set = self
+            .inner
+            .declared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if declared {
+            set.insert(name.to_owned());
+        } else {
+            set.remove(name);
+        }
+    }
+
+    /// Declares the topic's exchange once (cached).
+    async fn declare_topic(&self, topic: &str) -> Result<String> {
+        let exchange = names::exchange(topic);
+        if self.is_declared(&exchange) {
+            return Ok(exchange);
+        }
+        let channel = self.channel().await?;
+        bounded(
+            "declaring the topic's exchange",
+            self.inner.config.request_timeout,
+            channel.exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        let _ = channel.close(200, "declared".into()).await;
+        self.set_declared(&exchange, true);
+        Ok(exchange)
+    }
+
+    /// Declares the subscription's quorum queue and its binding once
+    /// (cached); returns the queue name.
+    async fn declare_subscription(&self, topic: &str, subscription: &str) -> Result<String> {
+        let queue = names::queue(topic, subscription);
+        if self.is_declared(&queue) {
+            return Ok(queue);
+        }
+        let exchange = self.declare_topic(topic).await?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(self.inner.config.delivery_limit)),
+        );
+        let channel = self.channel().await?;
+        let bound = self.inner.config.request_timeout;
+        bounded(
+            "declaring the subscription's queue",
+            bound,
+            channel.queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            ),
+        )
+        .await?;
+        bounded(
+            "binding the subscription's queue",
+            bound,
+            channel.queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        let _ = channel.close(200, "declared".into()).await;
+        self.set_declared(&queue, true);
+        Ok(queue)
+    }
+
+    /// Declares (or renews the lease of) the wait queue holding a
+    /// subscription's nacks delayed by `delay_ms`: a classic durable queue
+    /// whose messages expire after `delay_ms` and are dead-lettered back to
+    /// the subscription's queue through the default exchange.
+    async fn declare_wait_queue(&self, queue: &str, delay_ms: u64) -> Result<String> {
+        let name = names::wait_queue(queue, delay_ms);
+        let expires = Duration::from_millis(delay_ms) + WAIT_QUEUE_SPARE;
+        let fresh = self
+            .inner
+            .wait_queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&name)
+            .is_some_and(|at| at.elapsed() < WAIT_QUEUE_SPARE / 2);
+        if fresh {
+            return Ok(name);
+        }
+        let ms = |d: u64| AMQPValue::LongLongInt(i64::try_from(d).unwrap_or(i64::MAX));
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from("classic")),
+        );
+        args.insert("x-message-ttl".into(), ms(delay_ms));
+        args.insert(
+            "x-expires".into(),
+            ms(u64::try_from(expires.as_millis()).unwrap_or(u64::MAX)),
+        );
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(LongString::from("")),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(LongString::from(queue)),
+        );
+        let channel = self.channel().await?;
+        bounded(
+            "declaring a wait queue for a delayed nack",
+            self.inner.config.request_timeout,
+            channel.queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            ),
+        )
+        .await?;
+        let _ = channel.close(200, "declared".into()).await;
+        self.inner
+            .wait_queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone(), Instant::now());
+        Ok(name)
+    }
+
+    /// The confirm-mode publish channel, (re)created when missing or closed.
+    async fn publish_channel(&self) -> Result<Channel> {
+        let cached = || {
+            self.inner
+                .publish_channel
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .filter(|c| c.status().connected())
+                .cloned()
+        };
+        if let Some(c) = cached() {
+            return Ok(c);
+        }
+        let _init = self.inner.publish_channel_init.lock().await;
+        if let Some(c) = cached() {
+            return Ok(c);
+        }
+        let channel = self.channel().await?;
+        bounded(
+            "enabling publisher confirms",
+            self.inner.config.request_timeout,
+            channel.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
+        *self
+            .inner
+            .publish_channel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(channel.clone());
+        Ok(channel)
+    }
+
+    /// Sends one publish; the returned future resolves on the broker's
+    /// confirm.
+    async fn send(
+        &self,
+        channel: &Channel,
+        exchange: &str,
+        routing_key: &str,
+        payload: &[u8],
+        props: BasicProperties,
+    ) -> Result<lapin::PublisherConfirm> {
+        bounded(
+            "sending a publish",
+            self.inner.config.request_timeout,
+            channel.basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                payload,
+                props,
+            ),
+        )
+        .await
+    }
+
+    async fn confirm(&self, exchange: &str, confirm: lapin::PublisherConfirm) -> Result<()> {
+        let after = self.inner.config.request_timeout;
+        match tokio::time::timeout(after, confirm).await {
+            Err(_) => Err(Error::Timeout {
+                operation: "publisher confirm",
+                after,
+            }),
+            Ok(Ok(Confirmation::Ack(_))) => Ok(()),
+            Ok(Ok(Confirmation::Nack(_))) => Err(Error::broker(
+                "the broker refused the message (basic.nack)",
+                true,
+                None,
+            )),
+            Ok(Ok(Confirmation::NotRequested)) => Err(Error::broker(
+                "publisher confirms are off on the publish channel",
+                true,
+                None,
+            )),
+            Ok(Err(e)) => {
+                if reply_code(&e) == Some(404) {
+                    // The exchange was deleted behind our back: forget it,
+                    // so the caller's retry declares it again.
+                    self.set_declared(exchange, false);
+                }
+                Err(amqp_error("publish not confirmed", e))
+            }
+        }
+    }
+
+    /// Encodes and size-checks a message.
+    fn prepare(&self, message: &Message) -> Result<BasicProperties> {
+        let (props, header_bytes) = codec::encode(message);
+        let limit = self.limit();
+        let size = message.payload().len() + header_bytes.saturating_sub(HEADER_RESERVE);
+        if size > limit {
+            return Err(Error::PayloadTooLarge { size, limit });
+        }
+        Ok(props)
+    }
+
+    /// Publishes a copy of a delivery to a wait queue (confirmed).
+    async fn publish_delayed(
+        &self,
+        queue: &str,
+        delay: Duration,
+        payload: &[u8],
+        props: BasicProperties,
+    ) -> Result<()> {
+        let wait = self
+            .declare_wait_queue(queue, names::delay_bucket_ms(delay))
+            .await?;
+        let channel = self.publish_channel().await?;
+        let confirm = self.send(&channel, "", &wait, payload, props).await?;
+        self.confirm("", confirm).await
+    }
+}
+
+#[async_trait]
+impl Publisher for RabbitBroker {
+    async fn publish(&self, topic: &str, message: Message) -> Result<()> {
+        self.check_open()?;
+        let props = self.prepare(&message)?;
+        let exchange = self.declare_topic(topic).await?;
+        let channel = self.publish_channel().await?;
+        let confirm = self
+            .send(&channel, &exchange, "", message.payload(), props)
+            .await?;
+        self.confirm(&exchange, confirm).await
+    }
+
+    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Vec<Result<()>> {
+        let setup = async {
+            self.check_open()?;
+            let exchange = self.declare_topic(topic).await?;
+            Ok::<_, Error>((exchange, self.publish_channel().await?))
+        };
+        let (exchange, channel) = match setup.await {
+            Ok(s) => s,
+            Err(e) => {
+                let text = e.to_string();
+                let retryable = e.is_retryable();
+                let closed = matches!(e, Error::Closed);
+                return messages
+                    .iter()
+                    .map(|_| {
+                        if closed {
+                            Err(Error::Closed)
+                        } else {
+                            Err(Error::broker(text.clone(), retryable, None))
+                        }
+                    })
+                    .collect();
+            }
+        };
+        // Pipeline: keep up to `publish_window` confirms in flight.
+        let window = self.inner.config.publish_window;
+        let mut results: Vec<Option<Result<()>>> = (0..messages.len()).map(|_| None).collect();
+        let mut in_flight = FuturesOrdered::new();
+        for (i, message) in messages.iter().enumerate() {
+            if in_flight.len() >= window
+                && let Some((j, r)) = in_flight.next().await
+            {
+                results[j] = Some(r);
+            }
+            let sent = match self.prepare(message) {
+                Ok(props) => {
+                    self.send(&channel, &exchange, "", message.payload(), props)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match sent {
+                Ok(confirm) => {
+                    let exchange = &exchange;
+                    in_flight.push_back(async move { (i, self.confirm(exchange, confirm).await) });
+                }
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        while let Some((j, r)) = in_flight.next().await {
+            results[j] = Some(r);
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::broker("publish result missing", true, None))))
+            .collect()
+    }
+
+    async fn close(&self) -> Result<()> {
+        // Every accepted publish was confirmed before `publish` returned;
+        // closing refuses new ones.
+        self.inner.closed.cancel();
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Subscriber for RabbitBroker {
+    async fn ensure_topic(&self, topic: &str) -> Result<()> {
+        self.check_open()?;
+        self.declare_topic(topic).await.map(|_| ())
+    }
+
+    async fn ensure_subscription(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
+        self.check_open()?;
+        self.declare_subscription(topic, options.name())
+            .await
+            .map(|_| ())
+    }
+
+    async fn receiver(&self, topic: &str, options: &SubscribeOptions) -> Result<Box<dyn Receiver>> {
+        self.check_open()?;
+        let queue = self.declare_subscription(topic, options.name()).await?;
+        let inflight = Arc::new(Inflight {
+            map: Mutex::new(BTreeMap::new()),
+            wake: Notify::new(),
+            cancel: self.inner.closed.child_token(),
+        });
+        let shared = Arc::new(ReceiverShared {
+            broker: self.clone(),
+            topic: topic.to_owned(),
+            subscription: options.name().to_owned(),
+            queue,
+            prefetch: u16::try_from(options.prefetch_limit()).unwrap_or(u16::MAX),
+            ack_timeout: options.ack_timeout_value(),
+            generation: AtomicU64::new(0),
+            state: tokio::sync::Mutex::new(ConsumeState {
+                consumer: None,
+                channel: None,
+                pause: REOPEN_PAUSE,
+            }),
+            inflight: Arc::clone(&inflight),
+        });
+        // Open the consumer now, so errors surface here rather than on the
+        // first receive.
+        {
+            let mut state = shared.state.lock().await;
+            shared.open(&mut state).await?;
+        }
+        tokio::spawn(reap(inflight));
+        self.inner.receivers.insert(&shared);
+        Ok(Box::new(RabbitReceiver { shared }))
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.closed.cancel();
+        for r in self.inner.receivers.take_live() {
+            r.shutdown().await;
+        }
+        let conn = self.inner.connection.lock().await.take();
+        if let Some(conn) = conn
+            && conn.status().connected()
+        {
+            let _ = tokio::time::timeout(
+                self.inner.config.request_timeout,
+                conn.close(200, "closed".into()),
+            )
+            .await;
+        }
+        Ok(())
+    }
+}
+
+impl Broker for RabbitBroker {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(self.limit())
+            .with_backend("rabbitmq")
+            .with_ordering(KeyOrdering::PerKey)
+            .with_native_delay(true)
+            .with_fan_out(true)
+            .with_competing_consumers(true)
+            .with_replay(false)
+            .with_persistent(true)
+            .with_min_ack_timeout(Duration::from_millis(100))
+    }
+}
+
+/// Deliveries a receiver handed out and that are not settled, with the
+/// instant their ack timeout expires, keyed by (channel generation, delivery
+/// tag): tags grow on a channel, so the first entry expires first.
+struct Inflight {
+    map: Mutex<BTreeMap<(u64, u64), (Instant, LapinAcker)>>,
+    /// Woken when the map goes from empty to not empty.
+    wake: Notify,
+    cancel: CancellationToken,
+}
+
+impl Inflight {
+    fn insert(&self, key: (u64, u64), deadline: Instant, acker: LapinAcker) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let was_empty = map.is_empty();
+        map.insert(key, (deadline, acker));
+        drop(map);
+        if was_empty {
+            self.wake.notify_one();
+        }
+    }
+
+    fn remove(&self, key: (u64, u64)) {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+    }
+}
+
+/// Returns deliveries whose ack timeout expired to the queue
+/// (`basic.reject` with requeue, which counts as a delivery attempt), as
+/// JetStream's ack wait and SQS's visibility timeout do. AMQP itself only
+/// returns them when the channel closes.
+async fn reap(inflight: Arc<Inflight>) {
+    loop {
+        let next = inflight
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .first_key_value()
+            .map(|(_, (deadline, _))| *deadline);
+        match next {
+            None => tokio::select! {
+                () = inflight.wake.notified() => {}
+                () = inflight.cancel.cancelled() => return,
+            },
+            Some(deadline) if deadline > Instant::now() => tokio::select! {
+                () = tokio::time::sleep_until(deadline) => {}
+                () = inflight.cancel.cancelled() => return,
+            },
+            Some(_) => {
+                let now = Instant::now();
+                let expired: Vec<LapinAcker> = {
+                    let mut map = inflight.map.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut out = Vec::new();
+                    while let Some(entry) = map.first_entry() {
+                        if entry.get().0 > now {
+                            break;
+                        }
+                        out.push(entry.remove().1);
+                    }
+                    out
+                };
+                for acker in expired {
+                    // `Ok(false)`: settled meanwhile, or its channel is gone
+                    // (which returned it already).
+                    let _ = acker.reject(BasicRejectOptions { requeue: true }).await;
+                }
+            }
+        }
+    }
+}
+
+struct ConsumeState {
+    consumer: Option<lapin::Consumer>,
+    channel: Option<Channel>,
+    /// Pause before the next reopen attempt after a failure.
+    pause: Duration,
+}
+
+struct ReceiverShared {
+    broker: RabbitBroker,
+    topic: String,
+    subscription: String,
+    queue: String,
+    prefetch: u16,
+    ack_timeout: Duration,
+    /// Bumped each time the consumer is reopened on a new channel.
+    generation: AtomicU64,
+    state: tokio::sync::Mutex<ConsumeState>,
+    inflight: Arc<Inflight>,
+}
+
+impl fmt::Debug for ReceiverShared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReceiverShared")
+            .field("queue", &self.queue)
+            .field("prefetch", &self.prefetch)
+            .field("closed", &self.inflight.cancel.is_cancelled())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReceiverShared {
+    fn cancel(&self) -> &CancellationToken {
+        &self.inflight.cancel
+    }
+
+    /// Opens a channel with `basic.qos` = prefetch and starts consuming.
+    async fn open(&self, state: &mut ConsumeState) -> Result<()> {
+        let broker = &self.broker;
+        let bound = broker.inner.config.request_timeout;
+        // Re-declare when the queue was deleted behind our back (a consume
+        // on a missing queue fails with 404 and forgets the declaration).
+        broker
+            .declare_subscription(&self.topic, &self.subscription)
+            .await?;
+        let channel = broker.channel().await?;
+        bounded(
+            "setting the prefetch (basic.qos)",
+            bound,
+            channel.basic_qos(self.prefetch, BasicQosOptions::default()),
+        )
+        .await?;
+        let consumer = match bounded(
+            "starting to consume",
+            bound,
+            channel.basic_consume(
+                self.queue.as_str().into(),
+                ShortString::from(""),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                broker.set_declared(&self.queue, false);
+                return Err(e);
+            }
+        };
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        state.channel = Some(channel);
+        state.consumer = Some(consumer);
+        state.pause = REOPEN_PAUSE;
+        Ok(())
+    }
+
+    /// Stops consuming: closing the channel returns every unsettled
+    /// delivery to the queue. Never waits for the state lock: a cancelled
+    /// `recv` may hold it.
+    async fn shutdown(&self) {
+        self.cancel().cancel();
+        self.inflight
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        let taken = self
+            .state
+            .try_lock()
+            .ok()
+            .map(|mut s| (s.consumer.take(), s.channel.take()));
+        if let Some((consumer, Some(channel))) = taken {
+            drop(consumer);
+            if channel.status().connected() {
+                let _ = tokio::time::timeout(
+                    self.broker.inner.config.request_timeout,
+                    channel.close(200, "closed".into()),
+                )
+                .await;
+            }
+        }
+    }
+
+    fn deliver(self: &Arc<Self>, delivery: lapin::message::Delivery) -> RawDelivery {
+        let lapin::message::Delivery {
+            delivery_tag,
+            properties,
+            data,
+            acker,
+            ..
+        } = delivery;
+        let payload = bytes::Bytes::from(data);
+        let generation = self.generation.load(Ordering::Relaxed);
+        let (message, attempt) =
+            codec::decode(&properties, payload.clone(), switchyard_core::new_id);
+        let key = (generation, delivery_tag);
+        self.inflight
+            .insert(key, Instant::now() + self.ack_timeout, acker.clone());
+        RawDelivery {
+            message,
+            attempt,
+            acker: Box::new(RabbitAcker {
+                shared: Arc::clone(self),
+                key,
+                acker,
+                attempt,
+                properties,
+                payload,
+            }),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RabbitReceiver {
+    shared: Arc<ReceiverShared>,
+}
+
+#[async_trait]
+impl Receiver for RabbitReceiver {
+    /// The next delivery from the channel's consumer; the broker never sends
+    /// more than the prefetch (`basic.qos`) unsettled. When the channel or
+    /// the connection is lost, the consumer is reopened (with a growing
+    /// pause between failed attempts, whose errors are returned).
+    ///
+    /// Cancel safe: the consumer is a channel of deliveries kept in the
+    /// receiver's state.
+    async fn recv(&self) -> Option<Result<RawDelivery>> {
+        let s = &self.shared;
+        let mut state = match s.state.try_lock() {
+            Ok(state) => state,
+            Err(_) => tokio::select! {
+                st = s.state.lock() => st,
+                () = s.cancel().cancelled() => return None,
+            },
+        };
+        loop {
+            if s.cancel().is_cancelled() {
+                return None;
+            }
+            let Some(consumer) = state.consumer.as_mut() else {
+                let pause = state.pause;
+                if let Err(e) = s.open(&mut state).await {
+                    state.pause = (pause * 2).min(MAX_REOPEN_PAUSE);
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = s.cancel().cancelled() => return None,
+                    }
+                    return Some(Err(e));
+                }
+                continue;
+            };
+            let next = tokio::select! {
+                next = consumer.next() => next,
+                () = s.cancel().cancelled() => return None,
+            };
+            match next {
+                Some(Ok(delivery)) => return Some(Ok(s.deliver(delivery))),
+                // The channel or connection ended (or the broker cancelled
+                // the consumer, e.g. its queue was deleted): reopen.
+                Some(Err(_)) | None => {
+                    state.consumer = None;
+                    state.channel = None;
+                }
+            }
+        }
+    }
+
+    fn try_recv(&self) -> Option<Result<RawDelivery>> {
+        let s = &self.shared;
+        if s.cancel().is_cancelled() {
+            return None;
+        }
+        let mut state = s.state.try_lock().ok()?;
+        match state.consumer.as_mut()?.next().now_or_never()? {
+            Some(Ok(delivery)) => Some(Ok(s.deliver(delivery))),
+            // Leave reopening to `recv`.
+            Some(Err(_)) | None => {
+                state.consumer = None;
+                state.channel = None;
+                None
+            }
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.shared.shutdown().await;
+        Ok(())
+    }
+}
+
+impl Drop for RabbitReceiver {
+    fn drop(&mut self) {
+        // A dropped consumer: stop the reaper; dropping the channel closes
+        // it, which returns its unsettled deliveries to the queue.
+        self.shared.cancel().cancel();
+        if let Ok(mut state) = self.shared.state.try_lock() {
+            state.consumer = None;
+            state.channel = None;
+        }
+    }
+}
+
+struct RabbitAcker {
+    shared: Arc<ReceiverShared>,
+    key: (u64, u64),
+    acker: LapinAcker,
+    attempt: u32,
+    /// Kept to republish the delivery into a wait queue on a delayed nack.
+    properties: BasicProperties,
+    payload: bytes::Bytes,
+}
+
+impl fmt::Debug for RabbitAcker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitAcker")
+            .field("delivery_tag", &self.key.1)
+            .field("attempt", &self.attempt)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RabbitAcker {
+    fn check_open(&self) -> Result<()> {
+        if self.shared.cancel().is_cancelled() {
+            Err(Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Interprets lapin's answer to a settlement: `Ok(false)` means the
+    /// delivery was settled already (its ack timeout expired and it was
+    /// returned: at-least-once, as on other brokers) or its channel is gone
+    /// (the broker returned it: it will be redelivered).
+    fn settled(&self, what: &str, r: lapin::Result<bool>) -> Result<()> {
+        match r {
+            Ok(true) => Ok(()),
+            Ok(false) if self.acker.poisoned() => Err(Error::Connection {
+                message: format!(
+                    "{what}: the channel closed first; the broker redelivers the message"
+                ),
+                source: None,
+            }),
+            Ok(false) => Ok(()),
+            Err(e) => Err(amqp_error(what, e)),
+        }
+    }
+}
+
+#[async_trait]
+impl Acker for RabbitAcker {
+    /// `Ok` once the `basic.ack` is handed to the connection (AMQP does not
+    /// confirm acks); a lost connection shows up as a redelivery.
+    async fn ack(&self) -> Result<()> {
+        self.check_open()?;
+        self.shared.inflight.remove(self.key);
+        let r = self.acker.ack(BasicAckOptions::default()).await;
+        self.settled("ack", r)
+    }
+
+    /// Without a delay: `basic.reject` with requeue (the quorum queue counts
+    /// the attempt). With one: a copy carrying the attempts so far is
+    /// published (confirmed) to a wait queue whose TTL is the delay rounded
+    /// up to two significant digits, which dead-letters it back to the
+    /// subscription's queue; then the original is acked.
+    async fn nack(&self, delay: Option<Duration>) -> Result<()> {
+        self.check_open()?;
+        match delay.filter(|d| !d.is_zero()) {
+            None => {
+                self.shared.inflight.remove(self.key);
+                let r = self
+                    .acker
+                    .reject(BasicRejectOptions { requeue: true })
+                    .await;
+                self.settled("nack", r)
+            }
+            Some(delay) => {
+                let props = codec::with_attempts(&self.properties, self.attempt);
+                self.shared
+                    .broker
+                    .publish_delayed(&self.shared.queue, delay, &self.payload, props)
+                    .await?;
+                self.shared.inflight.remove(self.key);
+                let r = self.acker.ack(BasicAckOptions::default()).await;
+                self.settled("ack after delayed nack", r)
+            }
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! The RabbitMQ backend of [switchyard](https://docs.rs/switchyard), built
+//! on [`lapin`].
+//!
+//! # Mapping
+//!
+//! | switchyard | RabbitMQ (AMQP 0-9-1) |
+//! |---|---|
+//! | topic `orders.created` | durable fanout exchange `sy.orders.created` |
+//! | subscription `billing` | durable quorum queue `sy.orders.created:billing` bound to it |
+//! | publish | persistent message on a confirm-mode channel, `Ok` on the publisher confirm; `publish_batch` keeps a window of confirms in flight |
+//! | attempt | the quorum queue's `x-delivery-count` + 1 (durable, counted by the broker) |
+//! | nack | `basic.reject` with requeue |
+//! | nack with delay | a copy in a durable wait queue whose message TTL dead-letters it back to the subscription's queue; then `basic.ack` |
+//! | ack timeout | deliveries unsettled after it are rejected with requeue by the receiver |
+//! | prefetch | `basic.qos` on the receiver's own channel |
+//! | id, key, headers | `message_id`, header `sy-key`, headers table (long strings) |
+//!
+//! Fanout means every subscription queue gets every message; consumers on one
+//! queue compete. A message published while a topic has no subscription is
+//! routed nowhere and dropped — create subscriptions ahead with
+//! `ensure_subscription`, as on every backend. Names are prefixed with `sy.`
+//! (so a topic may be called `amq.x`); queue names longer than 200 bytes end
+//! in a SHA-256 digest.
+//!
+//! Quorum queues need RabbitMQ 3.8 or later; the backend is tested on 3.10.
+//! Queues get an explicit `x-delivery-limit`
+//! ([`RabbitConfig::delivery_limit`]) so RabbitMQ 4's default limit of 20
+//! never drops a message before switchyard dead-letters it.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use switchyard_core::{Message, SubscribeOptions};
+//!
+//! # #[tokio::main] async fn main() -> switchyard_core::Result<()> {
+//! let client = switchyard_rabbitmq::connect("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
+//! let opts = SubscribeOptions::new("billing");
+//! client.ensure_subscription("orders.created", &opts).await?;
+//! client.publish("orders.created", Message::new("hello")).await?;
+//! let mut sub = client.subscribe("orders.created", opts).await?;
+//! sub.recv().await?.ack().await?;
+//! # Ok(()) }
+//! ```
+
+mod backend;
+mod codec;
+mod config;
+mod names;
+
+pub use backend::{RabbitBroker, connect};
+pub use config::RabbitConfig;
+pub use lapin;

@@ -1,0 +1,1 @@
+//! RabbitMQ-specific behaviour: bad input, faults, mapping.
