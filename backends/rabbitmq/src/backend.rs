@@ -1012,8 +1012,14 @@ impl Acker for RabbitAcker {
     async fn ack(&self) -> Result<()> {
         self.check_open()?;
         self.shared.inflight.remove(self.key);
-        let r = self.acker.ack(BasicAckOptions::default()).await;
-        self.settled("ack", r)
+        // The first poll hands the ack to the connection's I/O loop, which
+        // sends it in order; waiting for the loop to report the write would
+        // cost a cross-thread round trip per message and tell nothing more
+        // (the broker does not answer acks).
+        match self.acker.ack(BasicAckOptions::default()).now_or_never() {
+            Some(r) => self.settled("ack", r),
+            None => Ok(()),
+        }
     }
 
     /// Without a delay: `basic.reject` with requeue (the quorum queue counts
