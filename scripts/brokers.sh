@@ -8,10 +8,11 @@
 #
 # A broker whose port already answers is reused, never started twice.
 # Everything binds to 127.0.0.1; every wait is bounded.
-# Brokers: nats (JetStream, 127.0.0.1:${SWITCHYARD_NATS_PORT:-4222}).
+# Brokers: nats (JetStream, 127.0.0.1:${SWITCHYARD_NATS_PORT:-4222}),
+#          rabbitmq (127.0.0.1:${SWITCHYARD_RABBITMQ_PORT:-5672}, guest/guest).
 
 SY_BROKER_DIR="${SWITCHYARD_BROKER_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/switchyard/brokers}"
-SY_ALL_BROKERS="nats"
+SY_ALL_BROKERS="nats rabbitmq"
 
 _sy_log() { echo "[brokers] $*" >&2; }
 
@@ -68,11 +69,59 @@ _sy_start_nats() {
     _sy_wait_port nats 127.0.0.1 "$port" 20
 }
 
+_sy_start_rabbitmq() {
+    local port="${SWITCHYARD_RABBITMQ_PORT:-5672}"
+    export SWITCHYARD_RABBITMQ_URL="${SWITCHYARD_RABBITMQ_URL:-amqp://guest:guest@127.0.0.1:$port/%2f}"
+    if _sy_port_open 127.0.0.1 "$port"; then
+        _sy_log "rabbitmq: reusing the broker on 127.0.0.1:$port"
+        return 0
+    fi
+    # The package's own start script, not the wrapper on the PATH (which
+    # switches user and uses the system's config and data directories).
+    local bin
+    bin="$(ls /usr/lib/rabbitmq/bin/rabbitmq-server 2>/dev/null || true)"
+    if [ -z "$bin" ]; then
+        _sy_apt_install rabbitmq-server
+        bin=/usr/lib/rabbitmq/bin/rabbitmq-server
+    fi
+    local dir="$SY_BROKER_DIR/rabbitmq-$port"
+    mkdir -p "$dir/mnesia" "$dir/log"
+    printf 'listeners.tcp.default = 127.0.0.1:%s\n' "$port" >"$dir/rabbitmq.conf"
+    echo "[]." >"$dir/enabled_plugins"
+    local epmd_before
+    epmd_before="$(pgrep -x epmd || true)"
+    _sy_log "rabbitmq: starting $bin on 127.0.0.1:$port (data in $dir)"
+    (
+        export RABBITMQ_NODENAME="sy-rabbit-$port@localhost"
+        export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT="$port"
+        export RABBITMQ_DIST_PORT=$((port + 20000)) ERL_EPMD_ADDRESS=127.0.0.1
+        export RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+        export RABBITMQ_CTL_ERL_ARGS="$RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"
+        export RABBITMQ_MNESIA_BASE="$dir/mnesia" RABBITMQ_LOG_BASE="$dir/log"
+        export RABBITMQ_PID_FILE="$dir/rabbitmq.pid" RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf"
+        export RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins"
+        setsid "$bin" -detached </dev/null >"$dir/start.log" 2>&1
+    ) || { _sy_log "rabbitmq: start failed (see $dir/start.log)"; return 1; }
+    # The AMQP port opens only at the end of boot.
+    if ! _sy_wait_port rabbitmq 127.0.0.1 "$port" 90; then
+        tail -n 20 "$dir/log/"*.log >&2 2>/dev/null || true
+        return 1
+    fi
+    _sy_started rabbitmq "$(cat "$dir/rabbitmq.pid")"
+    # epmd is started by the first Erlang node; stop it too only if we did.
+    local epmd_after
+    epmd_after="$(pgrep -x epmd || true)"
+    if [ -z "$epmd_before" ] && [ -n "$epmd_after" ]; then
+        _sy_started epmd "$epmd_after"
+    fi
+}
+
 brokers_start() { # [broker...]
     local b
     for b in ${*:-$SY_ALL_BROKERS}; do
         case "$b" in
         nats) _sy_start_nats || return 1 ;;
+        rabbitmq) _sy_start_rabbitmq || return 1 ;;
         *) _sy_log "unknown broker $b (known: $SY_ALL_BROKERS)"; return 1 ;;
         esac
     done
@@ -94,6 +143,8 @@ brokers_stop() {
 brokers_status() {
     local port="${SWITCHYARD_NATS_PORT:-4222}"
     if _sy_port_open 127.0.0.1 "$port"; then echo "nats: up (127.0.0.1:$port)"; else echo "nats: down"; fi
+    port="${SWITCHYARD_RABBITMQ_PORT:-5672}"
+    if _sy_port_open 127.0.0.1 "$port"; then echo "rabbitmq: up (127.0.0.1:$port)"; else echo "rabbitmq: down"; fi
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then

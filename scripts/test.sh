@@ -18,12 +18,16 @@ fi
 
 cargo test --workspace --all-features "$@"
 
-# The examples must keep running: on the memory broker, and on NATS.
+# The examples must keep running: on the memory broker, NATS and RabbitMQ.
 echo "==> examples"
 cargo run -q --example quickstart >/dev/null
 cargo run -q --example order_pipeline >/dev/null
 if [ -n "${SWITCHYARD_NATS_URL:-}" ]; then
     cargo run -q --features nats --example quickstart -- "$SWITCHYARD_NATS_URL" >/dev/null
     cargo run -q --features nats --example order_pipeline -- "$SWITCHYARD_NATS_URL" >/dev/null
+fi
+if [ -n "${SWITCHYARD_RABBITMQ_URL:-}" ]; then
+    cargo run -q --features rabbitmq --example quickstart -- "$SWITCHYARD_RABBITMQ_URL" >/dev/null
+    cargo run -q --features rabbitmq --example order_pipeline -- "$SWITCHYARD_RABBITMQ_URL" >/dev/null
 fi
 echo "examples ran: quickstart, order_pipeline"

@@ -11,7 +11,7 @@
 //! |---|---|---|
 //! | `memory://[name]` | `memory` (default) | in-process broker ([`memory`]) |
 //! | `kafka://host:port` | `kafka` | Apache Kafka (not yet available) |
-//! | `amqp://user:pass@host:port/vhost` | `rabbitmq` | RabbitMQ (not yet available) |
+//! | `amqp://user:pass@host:port/vhost` (or `amqps://`) | `rabbitmq` | RabbitMQ ([`rabbitmq`](https://docs.rs/switchyard-rabbitmq)) |
 //! | `nats://host:port` | `nats` | NATS JetStream ([`nats`](https://docs.rs/switchyard-nats)) |
 //! | `sqs://?region=…` | `sqs` | AWS SQS (not yet available) |
 //!
@@ -62,6 +62,10 @@ pub use switchyard_memory as memory;
 /// The NATS JetStream backend (feature `nats`).
 #[cfg(feature = "nats")]
 pub use switchyard_nats as nats;
+
+/// The RabbitMQ backend (feature `rabbitmq`).
+#[cfg(feature = "rabbitmq")]
+pub use switchyard_rabbitmq as rabbitmq;
 
 /// Connects to the broker named by `url`, choosing the backend by scheme:
 /// `memory://`, `kafka://`, `amqp://` / `amqps://`, `nats://` (or `tls://`), `sqs://`.
@@ -118,7 +122,12 @@ pub async fn connect(url: &str) -> Result<Client> {
             return Err(missing("memory"));
         }
         "kafka" => Err(missing("kafka")),
-        "amqp" | "amqps" => Err(missing("rabbitmq")),
+        "amqp" | "amqps" => {
+            #[cfg(feature = "rabbitmq")]
+            return switchyard_rabbitmq::connect(url).await;
+            #[cfg(not(feature = "rabbitmq"))]
+            return Err(missing("rabbitmq"));
+        }
         "nats" | "tls" => {
             #[cfg(feature = "nats")]
             return switchyard_nats::connect(url).await;
@@ -141,12 +150,15 @@ mod tests {
 
     #[tokio::test]
     async fn scheme_without_feature_names_the_feature() {
-        for (url, feature) in [
+        let mut cases = vec![
             ("kafka://127.0.0.1:9092", "kafka"),
-            ("amqp://guest:guest@127.0.0.1:5672/%2f", "rabbitmq"),
-            ("amqps://u:p@host/vh", "rabbitmq"),
             ("sqs://?region=us-east-1", "sqs"),
-        ] {
+        ];
+        if cfg!(not(feature = "rabbitmq")) {
+            cases.push(("amqp://guest:guest@127.0.0.1:5672/%2f", "rabbitmq"));
+            cases.push(("amqps://u:p@host/vh", "rabbitmq"));
+        }
+        for (url, feature) in cases {
             match connect(url).await {
                 Err(Error::FeatureNotEnabled { feature: f, .. }) => assert_eq!(f, feature, "{url}"),
                 other => panic!("{url}: expected FeatureNotEnabled, got {other:?}"),
@@ -165,11 +177,13 @@ mod tests {
         assert!(text.contains("unknown scheme \"ftp\""), "{text}");
         assert!(!text.contains("hunter2"), "{text}");
 
-        let err = connect("memory://x?bogus=1").await.unwrap_err();
-        assert!(
-            err.to_string().contains("unknown parameter \"bogus\""),
-            "{err}"
-        );
+        if cfg!(feature = "memory") {
+            let err = connect("memory://x?bogus=1").await.unwrap_err();
+            assert!(
+                err.to_string().contains("unknown parameter \"bogus\""),
+                "{err}"
+            );
+        }
 
         assert_eq!(redact_url("amqp://u:hunter2@[bad"), "amqp://***@[bad");
         assert_eq!(redact_url("nats://tok@h:1?token=x"), "nats://***@h:1?***");
@@ -196,6 +210,23 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, Error::Connection { .. }), "{err:?}");
+    }
+
+    #[cfg(feature = "rabbitmq")]
+    #[tokio::test]
+    async fn amqp_urls_reach_the_rabbitmq_backend() {
+        // A loopback port nobody listens on: a connection error, not a URL
+        // error, and no password in it.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let err = connect(&format!(
+            "amqp://u:hunter2@127.0.0.1:{port}/%2f?connect_timeout=1s"
+        ))
+        .await
+        .unwrap_err();
+        assert!(matches!(err, Error::Connection { .. }), "{err:?}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 
     #[cfg(feature = "memory")]
