@@ -13,8 +13,8 @@ use std::{
 use async_trait::async_trait;
 use futures_util::{FutureExt, StreamExt, stream::FuturesOrdered};
 use lapin::{
-    Acker as LapinAcker, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
-    ErrorKind, ExchangeKind,
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind,
+    ExchangeKind,
     options::{
         BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
         BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
@@ -297,6 +297,12 @@ impl RabbitBroker {
             "x-delivery-limit".into(),
             AMQPValue::LongLongInt(i64::from(self.inner.config.delivery_limit)),
         );
+        if let Some(after) = self.inner.config.queue_expires {
+            args.insert(
+                "x-expires".into(),
+                AMQPValue::LongLongInt(i64::try_from(after.as_millis()).unwrap_or(i64::MAX)),
+            );
+        }
         let channel = self.channel().await?;
         let bound = self.inner.config.request_timeout;
         bounded(
@@ -666,28 +672,38 @@ impl Broker for RabbitBroker {
 /// instant their ack timeout expires, keyed by (channel generation, delivery
 /// tag): tags grow on a channel, so the first entry expires first.
 struct Inflight {
-    map: Mutex<BTreeMap<(u64, u64), (Instant, LapinAcker)>>,
+    map: Mutex<BTreeMap<(u64, u64), (Instant, Arc<Channel>)>>,
     /// Woken when the map goes from empty to not empty.
     wake: Notify,
     cancel: CancellationToken,
 }
 
 impl Inflight {
-    fn insert(&self, key: (u64, u64), deadline: Instant, acker: LapinAcker) {
+    fn insert(&self, key: (u64, u64), deadline: Instant, channel: Arc<Channel>) {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let was_empty = map.is_empty();
-        map.insert(key, (deadline, acker));
+        map.insert(key, (deadline, channel));
         drop(map);
         if was_empty {
             self.wake.notify_one();
         }
     }
 
-    fn remove(&self, key: (u64, u64)) {
+    /// Takes the delivery out; `false` when it is not there (its ack
+    /// timeout expired and it was returned, or the receiver closed).
+    fn take(&self, key: (u64, u64)) -> bool {
         self.map
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&key);
+            .remove(&key)
+            .is_some()
+    }
+
+    fn contains(&self, key: (u64, u64)) -> bool {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&key)
     }
 }
 
@@ -714,21 +730,25 @@ async fn reap(inflight: Arc<Inflight>) {
             },
             Some(_) => {
                 let now = Instant::now();
-                let expired: Vec<LapinAcker> = {
+                let expired: Vec<((u64, u64), Arc<Channel>)> = {
                     let mut map = inflight.map.lock().unwrap_or_else(|p| p.into_inner());
                     let mut out = Vec::new();
                     while let Some(entry) = map.first_entry() {
                         if entry.get().0 > now {
                             break;
                         }
-                        out.push(entry.remove().1);
+                        let key = *entry.key();
+                        out.push((key, entry.remove().1));
                     }
                     out
                 };
-                for acker in expired {
-                    // `Ok(false)`: settled meanwhile, or its channel is gone
-                    // (which returned it already).
-                    let _ = acker.reject(BasicRejectOptions { requeue: true }).await;
+                for ((_, tag), channel) in expired {
+                    // A closed channel returned its deliveries already.
+                    if channel.status().connected() {
+                        let _ = channel
+                            .basic_reject(tag, BasicRejectOptions { requeue: true })
+                            .now_or_never();
+                    }
                 }
             }
         }
@@ -737,7 +757,7 @@ async fn reap(inflight: Arc<Inflight>) {
 
 struct ConsumeState {
     consumer: Option<lapin::Consumer>,
-    channel: Option<Channel>,
+    channel: Option<Arc<Channel>>,
     /// Pause before the next reopen attempt after a failure.
     pause: Duration,
 }
@@ -805,7 +825,7 @@ impl ReceiverShared {
             }
         };
         self.generation.fetch_add(1, Ordering::Relaxed);
-        state.channel = Some(channel);
+        state.channel = Some(Arc::new(channel));
         state.consumer = Some(consumer);
         state.pause = REOPEN_PAUSE;
         Ok(())
@@ -838,12 +858,19 @@ impl ReceiverShared {
         }
     }
 
-    fn deliver(self: &Arc<Self>, delivery: lapin::message::Delivery) -> RawDelivery {
+    fn deliver(
+        self: &Arc<Self>,
+        channel: Option<&Arc<Channel>>,
+        delivery: lapin::message::Delivery,
+    ) -> Option<Result<RawDelivery>> {
+        let Some(channel) = channel else {
+            // Cannot happen: a consumer exists only with its channel.
+            return Some(Err(Error::broker("delivery without a channel", true, None)));
+        };
         let lapin::message::Delivery {
             delivery_tag,
             properties,
             data,
-            acker,
             ..
         } = delivery;
         let payload = bytes::Bytes::from(data);
@@ -852,19 +879,19 @@ impl ReceiverShared {
             codec::decode(&properties, payload.clone(), switchyard_core::new_id);
         let key = (generation, delivery_tag);
         self.inflight
-            .insert(key, Instant::now() + self.ack_timeout, acker.clone());
-        RawDelivery {
+            .insert(key, Instant::now() + self.ack_timeout, Arc::clone(channel));
+        Some(Ok(RawDelivery {
             message,
             attempt,
             acker: Box::new(RabbitAcker {
                 shared: Arc::clone(self),
                 key,
-                acker,
+                channel: Arc::clone(channel),
                 attempt,
                 properties,
                 payload,
             }),
-        }
+        }))
     }
 }
 
@@ -912,7 +939,7 @@ impl Receiver for RabbitReceiver {
                 () = s.cancel().cancelled() => return None,
             };
             match next {
-                Some(Ok(delivery)) => return Some(Ok(s.deliver(delivery))),
+                Some(Ok(delivery)) => return s.deliver(state.channel.as_ref(), delivery),
                 // The channel or connection ended (or the broker cancelled
                 // the consumer, e.g. its queue was deleted): reopen.
                 Some(Err(_)) | None => {
@@ -930,7 +957,7 @@ impl Receiver for RabbitReceiver {
         }
         let mut state = s.state.try_lock().ok()?;
         match state.consumer.as_mut()?.next().now_or_never()? {
-            Some(Ok(delivery)) => Some(Ok(s.deliver(delivery))),
+            Some(Ok(delivery)) => s.deliver(state.channel.as_ref(), delivery),
             // Leave reopening to `recv`.
             Some(Err(_)) | None => {
                 state.consumer = None;
@@ -960,8 +987,9 @@ impl Drop for RabbitReceiver {
 
 struct RabbitAcker {
     shared: Arc<ReceiverShared>,
+    /// (channel generation, delivery tag).
     key: (u64, u64),
-    acker: LapinAcker,
+    channel: Arc<Channel>,
     attempt: u32,
     /// Kept to republish the delivery into a wait queue on a delayed nack.
     properties: BasicProperties,
@@ -986,40 +1014,52 @@ impl RabbitAcker {
         }
     }
 
-    /// Interprets lapin's answer to a settlement: `Ok(false)` means the
-    /// delivery was settled already (its ack timeout expired and it was
-    /// returned: at-least-once, as on other brokers) or its channel is gone
-    /// (the broker returned it: it will be redelivered).
-    fn settled(&self, what: &str, r: lapin::Result<bool>) -> Result<()> {
-        match r {
-            Ok(true) => Ok(()),
-            Ok(false) if self.acker.poisoned() => Err(Error::Connection {
+    /// Settles on the delivery's channel, once: a delivery whose ack timeout
+    /// expired was returned already (settling it again is a no-op, as on
+    /// other brokers; an AMQP settlement of an unknown tag would close the
+    /// channel), and one whose channel is gone was returned by the broker.
+    ///
+    /// The method is queued on the channel in order with everything sent
+    /// later (a close included) without waiting for the I/O loop to write
+    /// it: the broker does not answer acks, so waiting tells nothing more and
+    /// costs a cross-thread round trip per message.
+    fn settle(&self, what: &str, requeue: Option<bool>) -> Result<()> {
+        if !self.shared.inflight.take(self.key) {
+            return Ok(());
+        }
+        if !self.channel.status().connected() {
+            return Err(Error::Connection {
                 message: format!(
                     "{what}: the channel closed first; the broker redelivers the message"
                 ),
                 source: None,
-            }),
-            Ok(false) => Ok(()),
-            Err(e) => Err(amqp_error(what, e)),
+            });
+        }
+        let tag = self.key.1;
+        let sent = match requeue {
+            None => self
+                .channel
+                .basic_ack(tag, BasicAckOptions::default())
+                .now_or_never(),
+            Some(requeue) => self
+                .channel
+                .basic_reject(tag, BasicRejectOptions { requeue })
+                .now_or_never(),
+        };
+        match sent {
+            Some(Err(e)) => Err(amqp_error(what, e)),
+            Some(Ok(())) | None => Ok(()),
         }
     }
 }
 
 #[async_trait]
 impl Acker for RabbitAcker {
-    /// `Ok` once the `basic.ack` is handed to the connection (AMQP does not
+    /// `Ok` once the `basic.ack` is queued on the channel (AMQP does not
     /// confirm acks); a lost connection shows up as a redelivery.
     async fn ack(&self) -> Result<()> {
         self.check_open()?;
-        self.shared.inflight.remove(self.key);
-        // The first poll hands the ack to the connection's I/O loop, which
-        // sends it in order; waiting for the loop to report the write would
-        // cost a cross-thread round trip per message and tell nothing more
-        // (the broker does not answer acks).
-        match self.acker.ack(BasicAckOptions::default()).now_or_never() {
-            Some(r) => self.settled("ack", r),
-            None => Ok(()),
-        }
+        self.settle("ack", None)
     }
 
     /// Without a delay: `basic.reject` with requeue (the quorum queue counts
@@ -1030,23 +1070,18 @@ impl Acker for RabbitAcker {
     async fn nack(&self, delay: Option<Duration>) -> Result<()> {
         self.check_open()?;
         match delay.filter(|d| !d.is_zero()) {
-            None => {
-                self.shared.inflight.remove(self.key);
-                let r = self
-                    .acker
-                    .reject(BasicRejectOptions { requeue: true })
-                    .await;
-                self.settled("nack", r)
-            }
+            None => self.settle("nack", Some(true)),
             Some(delay) => {
+                if !self.shared.inflight.contains(self.key) {
+                    // Expired and returned already: it comes back anyway.
+                    return Ok(());
+                }
                 let props = codec::with_attempts(&self.properties, self.attempt);
                 self.shared
                     .broker
                     .publish_delayed(&self.shared.queue, delay, &self.payload, props)
                     .await?;
-                self.shared.inflight.remove(self.key);
-                let r = self.acker.ack(BasicAckOptions::default()).await;
-                self.settled("ack after delayed nack", r)
+                self.settle("ack after a delayed nack", None)
             }
         }
     }

@@ -28,6 +28,7 @@ pub struct RabbitConfig {
     pub(crate) publish_window: usize,
     pub(crate) max_message_size: usize,
     pub(crate) delivery_limit: u32,
+    pub(crate) queue_expires: Option<Duration>,
 }
 
 impl fmt::Debug for RabbitConfig {
@@ -39,6 +40,7 @@ impl fmt::Debug for RabbitConfig {
             .field("publish_window", &self.publish_window)
             .field("max_message_size", &self.max_message_size)
             .field("delivery_limit", &self.delivery_limit)
+            .field("queue_expires", &self.queue_expires)
             .finish()
     }
 }
@@ -50,8 +52,8 @@ impl RabbitConfig {
     /// path).
     ///
     /// switchyard's parameters: `connect_timeout` and `request_timeout`
-    /// (e.g. `5s`, `500ms`), `publish_window`, `max_message_size` (bytes) and
-    /// `delivery_limit`. Every other parameter (`heartbeat`, `frame_max`,
+    /// (e.g. `5s`, `500ms`), `publish_window`, `max_message_size` (bytes),
+    /// `delivery_limit` and `queue_expires` (a duration). Every other parameter (`heartbeat`, `frame_max`,
     /// `channel_max`, `auth_mechanism`, …) is lapin's.
     ///
     /// # Errors
@@ -76,6 +78,7 @@ impl RabbitConfig {
             publish_window: 256,
             max_message_size: 16 * 1024 * 1024,
             delivery_limit: 1_000_000,
+            queue_expires: None,
         };
         let mut passed: Vec<(String, String)> = Vec::new();
         for (k, v) in parsed.query_pairs() {
@@ -96,6 +99,7 @@ impl RabbitConfig {
             };
             match &*k {
                 "connect_timeout" => config.connect_timeout = duration()?,
+                "queue_expires" => config.queue_expires = Some(duration()?),
                 "request_timeout" => config.request_timeout = duration()?,
                 "publish_window" => config.publish_window = number()?,
                 "max_message_size" => config.max_message_size = number()?,
@@ -160,6 +164,17 @@ impl RabbitConfig {
         self.delivery_limit = limit.max(1);
         self
     }
+
+    /// Lets RabbitMQ delete a subscription queue (and what it holds) once it
+    /// has had no consumer and no declaration for this long (`x-expires`):
+    /// for short-lived subscriptions such as tests and previews, never for a
+    /// subscription that must keep messages while its service is down. Fixed
+    /// when a queue is first declared. Default: never.
+    #[must_use]
+    pub fn queue_expires(mut self, after: Duration) -> Self {
+        self.queue_expires = Some(after);
+        self
+    }
 }
 
 #[cfg(test)]
@@ -169,13 +184,14 @@ mod tests {
     #[test]
     fn own_parameters_are_read_and_the_rest_passed_on() {
         let c = RabbitConfig::from_url(
-            "amqp://u:p%40ss@127.0.0.1:5672/%2f?heartbeat=10&connect_timeout=250ms&publish_window=64&max_message_size=1000&delivery_limit=50",
+            "amqp://u:p%40ss@127.0.0.1:5672/%2f?heartbeat=10&connect_timeout=250ms&publish_window=64&max_message_size=1000&delivery_limit=50&queue_expires=10m",
         )
         .unwrap();
         assert_eq!(c.connect_timeout, Duration::from_millis(250));
         assert_eq!(c.publish_window, 64);
         assert_eq!(c.max_message_size, 1000);
         assert_eq!(c.delivery_limit, 50);
+        assert_eq!(c.queue_expires, Some(Duration::from_secs(600)));
         assert_eq!(c.uri, "amqp://u:p%40ss@127.0.0.1:5672/%2f?heartbeat=10");
         assert!(!format!("{c:?}").contains("p%40ss"));
     }

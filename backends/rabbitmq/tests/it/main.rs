@@ -32,8 +32,17 @@ impl Harness for RabbitHarness {
     }
 }
 
+/// Test queues go away ten minutes after their last use (`x-expires`): a
+/// quorum queue is a Raft group on the broker, and every run makes dozens.
+fn with_expiry(url: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}queue_expires=10m")
+}
+
 async fn harness() -> Option<RabbitHarness> {
-    switchyard_conformance::broker_url("SWITCHYARD_RABBITMQ_URL").map(|url| RabbitHarness { url })
+    switchyard_conformance::broker_url("SWITCHYARD_RABBITMQ_URL").map(|url| RabbitHarness {
+        url: with_expiry(&url),
+    })
 }
 
 switchyard_conformance::conformance_tests!(harness);

@@ -1,1 +1,368 @@
 //! RabbitMQ-specific behaviour: bad input, faults, mapping.
+
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use switchyard_core::{Client, Error, Message, Retry, SubscribeOptions};
+use switchyard_rabbitmq::{RabbitBroker, RabbitConfig};
+use tokio::{net::TcpListener, task::JoinHandle};
+
+fn url() -> Option<String> {
+    switchyard_conformance::broker_url("SWITCHYARD_RABBITMQ_URL").map(|u| super::with_expiry(&u))
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}.{}", &switchyard_core::new_id()[24..])
+}
+
+async fn recv(sub: &mut switchyard_core::Subscription, what: &str) -> switchyard_core::Delivery {
+    tokio::time::timeout(Duration::from_secs(10), sub.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no {what} within 10 s"))
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+#[tokio::test]
+async fn unreachable_broker_fails_within_the_connect_timeout() {
+    // A loopback port nobody listens on.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let start = Instant::now();
+    let err = switchyard_rabbitmq::connect(&format!(
+        "amqp://guest:guest@127.0.0.1:{port}/%2f?connect_timeout=2s"
+    ))
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::Connection { .. }), "{err:?}");
+    assert!(err.is_retryable());
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn silent_broker_fails_within_the_connect_timeout() {
+    // Accepts TCP but never speaks AMQP.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let keep = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let start = Instant::now();
+    let err = switchyard_rabbitmq::connect(&format!(
+        "amqp://guest:guest@127.0.0.1:{port}/%2f?connect_timeout=1s"
+    ))
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::Connection { .. }), "{err:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        start.elapsed()
+    );
+    keep.abort();
+}
+
+#[tokio::test]
+async fn wrong_credentials_are_an_authentication_error_not_a_hang() {
+    let Some(url) = url() else { return };
+    let mut bad = url::Url::parse(&url).unwrap();
+    bad.set_username("switchyard-nobody").unwrap();
+    bad.set_password(Some("wrong-secret")).unwrap();
+    let start = Instant::now();
+    let err = switchyard_rabbitmq::connect(bad.as_str())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Authentication { .. }), "{err:?}");
+    assert!(!err.is_retryable());
+    assert!(!err.to_string().contains("wrong-secret"), "{err}");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn reserved_and_long_names_map_to_distinct_queues() {
+    let Some(url) = url() else { return };
+    let broker = RabbitBroker::connect(RabbitConfig::from_url(&url).unwrap())
+        .await
+        .unwrap();
+    let client = Client::new(broker.clone());
+    let run = &switchyard_core::new_id()[24..];
+    // `amq.` is reserved for exchanges and queues, not for topics.
+    let reserved = format!("amq.{run}");
+    let long_a = format!("{run}.{}", "a".repeat(180));
+    let long_b = format!("{run}.{}", "a".repeat(179) + "b");
+    let sub = "s".repeat(200);
+    assert_ne!(
+        broker.queue_name(&long_a, &sub),
+        broker.queue_name(&long_b, &sub)
+    );
+    for topic in [&reserved, &long_a, &long_b] {
+        let opts = SubscribeOptions::new(sub.clone());
+        client.ensure_subscription(topic, &opts).await.unwrap();
+        client
+            .publish(topic, Message::new(topic.clone()).with_id(topic.clone()))
+            .await
+            .unwrap();
+    }
+    for topic in [&reserved, &long_a, &long_b] {
+        let mut s = client
+            .subscribe(topic, SubscribeOptions::new(sub.clone()))
+            .await
+            .unwrap();
+        let d = recv(&mut s, "message on a mapped name").await;
+        assert_eq!(d.message().id(), topic.as_str(), "isolation between names");
+        d.ack().await.unwrap();
+        s.close().await.unwrap();
+    }
+    client.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn configured_limit_is_enforced_before_sending() {
+    let Some(url) = url() else { return };
+    let broker = RabbitBroker::connect(
+        RabbitConfig::from_url(&url)
+            .unwrap()
+            .max_message_size(200 * 1024),
+    )
+    .await
+    .unwrap();
+    let client = Client::new(broker);
+    let limit = client.capabilities().max_payload;
+    assert!(limit > 100 * 1024 && limit < 200 * 1024, "{limit}");
+    let topic = unique("sy-test.limit");
+    let opts = SubscribeOptions::new("s");
+    client.ensure_subscription(&topic, &opts).await.unwrap();
+    client
+        .publish(&topic, Message::new(vec![7u8; limit]))
+        .await
+        .expect("exactly the limit fits");
+    let err = client
+        .publish(&topic, Message::new(vec![7u8; limit + 1]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::PayloadTooLarge { size, limit: l } if size == limit + 1 && l == limit),
+        "{err:?}"
+    );
+    let mut sub = client.subscribe(&topic, opts).await.unwrap();
+    let d = recv(&mut sub, "the message at the limit").await;
+    assert_eq!(d.message().payload().len(), limit);
+    d.ack().await.unwrap();
+    client.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn ack_timeout_expiry_redelivers_and_a_late_ack_is_harmless() {
+    let Some(url) = url() else { return };
+    let client = switchyard_rabbitmq::connect(&url).await.unwrap();
+    let topic = unique("sy-test.expiry");
+    let opts = SubscribeOptions::new("s").ack_timeout(Duration::from_millis(500));
+    client.ensure_subscription(&topic, &opts).await.unwrap();
+    client
+        .publish(&topic, Message::new("slow").with_id("slow"))
+        .await
+        .unwrap();
+    let mut sub = client.subscribe(&topic, opts).await.unwrap();
+    let held = recv(&mut sub, "first delivery").await;
+    let again = recv(&mut sub, "redelivery after the ack timeout").await;
+    assert_eq!(again.message().id(), "slow");
+    assert_eq!(again.attempt(), 2);
+    // The late ack of the expired delivery must not break the channel (an
+    // AMQP ack of an unknown tag would close it).
+    held.ack().await.expect("a late ack is accepted");
+    again.ack().await.unwrap();
+    client
+        .publish(&topic, Message::new("next").with_id("next"))
+        .await
+        .unwrap();
+    let next = recv(&mut sub, "a delivery after the late ack").await;
+    assert_eq!(next.message().id(), "next");
+    next.ack().await.unwrap();
+    client.close().await.unwrap();
+}
+
+/// A TCP proxy in front of the broker whose connections can be cut, to
+/// lose the connection without touching the broker.
+struct Proxy {
+    port: u16,
+    links: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(target: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let links: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let l = Arc::clone(&links);
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                let link = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                l.lock().unwrap().push(link);
+            }
+        });
+        Self {
+            port,
+            links,
+            accept,
+        }
+    }
+
+    /// Drops every open connection (both sides see it closed).
+    fn cut(&self) {
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_connection_recovers_without_losing_confirmed_messages() {
+    let Some(url) = url() else { return };
+    let parsed = url::Url::parse(&url).unwrap();
+    let target = format!(
+        "{}:{}",
+        parsed.host_str().unwrap(),
+        parsed.port().unwrap_or(5672)
+    );
+    let proxy = Proxy::start(target).await;
+    let mut via = parsed.clone();
+    via.set_port(Some(proxy.port)).unwrap();
+    let client = switchyard_rabbitmq::connect(via.as_str()).await.unwrap();
+    let topic = unique("sy-test.reconnect");
+    let opts = SubscribeOptions::new("s").prefetch(20);
+    client.ensure_subscription(&topic, &opts).await.unwrap();
+
+    let mut confirmed = HashSet::new();
+    let first: Vec<Message> = (0..100)
+        .map(|i| Message::new("x").with_id(format!("a{i}")))
+        .collect();
+    for (m, r) in first
+        .iter()
+        .zip(client.publish_batch(&topic, first.clone()).await)
+    {
+        r.unwrap();
+        confirmed.insert(m.id().to_owned());
+    }
+    let mut sub = client.subscribe(&topic, opts).await.unwrap();
+    let mut seen = HashSet::new();
+    for _ in 0..30 {
+        let d = recv(&mut sub, "delivery before the cut").await;
+        seen.insert(d.message().id().to_owned());
+        d.ack().await.unwrap();
+    }
+
+    proxy.cut();
+
+    // Publishing goes on: a failed publish is retryable, and a retry after
+    // the reconnect is confirmed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for i in 0..100 {
+        let id = format!("b{i}");
+        loop {
+            match client
+                .publish(&topic, Message::new("y").with_id(id.clone()))
+                .await
+            {
+                Ok(()) => {
+                    confirmed.insert(id);
+                    break;
+                }
+                Err(e) => {
+                    assert!(e.is_retryable(), "{e:?}");
+                    assert!(Instant::now() < deadline, "publishing did not recover: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    // Consuming resumes by itself; unacked deliveries come back.
+    while !confirmed.is_subset(&seen) {
+        assert!(
+            Instant::now() < deadline,
+            "{} confirmed messages never arrived after the reconnect",
+            confirmed.difference(&seen).count()
+        );
+        match tokio::time::timeout(Duration::from_secs(5), sub.recv()).await {
+            Ok(Ok(d)) => {
+                seen.insert(d.message().id().to_owned());
+                // An ack of a delivery from the lost channel fails; the
+                // broker redelivers it.
+                let _ = d.ack().await;
+            }
+            Ok(Err(e)) => assert!(e.is_retryable(), "{e:?}"),
+            Err(_) => {}
+        }
+    }
+    client.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn delayed_nacks_of_different_delays_each_wait_their_own_time() {
+    let Some(url) = url() else { return };
+    let client = switchyard_rabbitmq::connect(&url).await.unwrap();
+    let topic = unique("sy-test.delays");
+    let opts = SubscribeOptions::new("s");
+    client.ensure_subscription(&topic, &opts).await.unwrap();
+    for id in ["long", "short"] {
+        client
+            .publish(&topic, Message::new(id).with_id(id))
+            .await
+            .unwrap();
+    }
+    let mut sub = client.subscribe(&topic, opts).await.unwrap();
+    let start = Instant::now();
+    for _ in 0..2 {
+        let d = recv(&mut sub, "first delivery").await;
+        let delay = if d.message().id() == "long" {
+            1500
+        } else {
+            300
+        };
+        d.nack(Retry::after(Duration::from_millis(delay)))
+            .await
+            .unwrap();
+    }
+    // The shorter delay is not held up behind the longer one.
+    let first = recv(&mut sub, "the shorter delay").await;
+    assert_eq!(first.message().id(), "short");
+    assert!(start.elapsed() >= Duration::from_millis(300));
+    assert!(
+        start.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        start.elapsed()
+    );
+    first.ack().await.unwrap();
+    let second = recv(&mut sub, "the longer delay").await;
+    assert_eq!(second.message().id(), "long");
+    assert!(start.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(second.attempt(), 2);
+    second.ack().await.unwrap();
+    client.close().await.unwrap();
+}
