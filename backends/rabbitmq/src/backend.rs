@@ -668,18 +668,21 @@ impl Broker for RabbitBroker {
     }
 }
 
+/// A delivery's (channel generation, delivery tag).
+type Key = (u64, u64);
+
 /// Deliveries a receiver handed out and that are not settled, with the
 /// instant their ack timeout expires, keyed by (channel generation, delivery
 /// tag): tags grow on a channel, so the first entry expires first.
 struct Inflight {
-    map: Mutex<BTreeMap<(u64, u64), (Instant, Arc<Channel>)>>,
+    map: Mutex<BTreeMap<Key, (Instant, Arc<Channel>)>>,
     /// Woken when the map goes from empty to not empty.
     wake: Notify,
     cancel: CancellationToken,
 }
 
 impl Inflight {
-    fn insert(&self, key: (u64, u64), deadline: Instant, channel: Arc<Channel>) {
+    fn insert(&self, key: Key, deadline: Instant, channel: Arc<Channel>) {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let was_empty = map.is_empty();
         map.insert(key, (deadline, channel));
@@ -691,7 +694,7 @@ impl Inflight {
 
     /// Takes the delivery out; `false` when it is not there (its ack
     /// timeout expired and it was returned, or the receiver closed).
-    fn take(&self, key: (u64, u64)) -> bool {
+    fn take(&self, key: Key) -> bool {
         self.map
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -699,7 +702,7 @@ impl Inflight {
             .is_some()
     }
 
-    fn contains(&self, key: (u64, u64)) -> bool {
+    fn contains(&self, key: Key) -> bool {
         self.map
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -730,7 +733,7 @@ async fn reap(inflight: Arc<Inflight>) {
             },
             Some(_) => {
                 let now = Instant::now();
-                let expired: Vec<((u64, u64), Arc<Channel>)> = {
+                let expired: Vec<(Key, Arc<Channel>)> = {
                     let mut map = inflight.map.lock().unwrap_or_else(|p| p.into_inner());
                     let mut out = Vec::new();
                     while let Some(entry) = map.first_entry() {
@@ -987,8 +990,7 @@ impl Drop for RabbitReceiver {
 
 struct RabbitAcker {
     shared: Arc<ReceiverShared>,
-    /// (channel generation, delivery tag).
-    key: (u64, u64),
+    key: Key,
     channel: Arc<Channel>,
     attempt: u32,
     /// Kept to republish the delivery into a wait queue on a delayed nack.
