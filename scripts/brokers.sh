@@ -69,12 +69,20 @@ _sy_start_nats() {
     _sy_wait_port nats 127.0.0.1 "$port" 20
 }
 
+_sy_amqp_answers() { # host port: the broker answers an AMQP protocol header
+    [ "$(timeout 5 bash -c 'exec 3<>"/dev/tcp/$0/$1" && printf "AMQP\x00\x00\x09\x01" >&3 && head -c 1 <&3' "$1" "$2" 2>/dev/null | od -An -tx1 | tr -d ' \n')" = 01 ]
+}
+
 _sy_start_rabbitmq() {
     local port="${SWITCHYARD_RABBITMQ_PORT:-5672}"
     export SWITCHYARD_RABBITMQ_URL="${SWITCHYARD_RABBITMQ_URL:-amqp://guest:guest@127.0.0.1:$port/%2f}"
     if _sy_port_open 127.0.0.1 "$port"; then
-        _sy_log "rabbitmq: reusing the broker on 127.0.0.1:$port"
-        return 0
+        if _sy_amqp_answers 127.0.0.1 "$port"; then
+            _sy_log "rabbitmq: reusing the broker on 127.0.0.1:$port"
+            return 0
+        fi
+        _sy_log "rabbitmq: 127.0.0.1:$port accepts connections but does not answer AMQP within 5 s"
+        return 1
     fi
     # The package's own start script, not the wrapper on the PATH (which
     # switches user and uses the system's config and data directories).
@@ -108,6 +116,7 @@ _sy_start_rabbitmq() {
         return 1
     fi
     _sy_started rabbitmq "$(cat "$dir/rabbitmq.pid")"
+    _sy_amqp_answers 127.0.0.1 "$port" || { _sy_log "rabbitmq: port open but no AMQP answer"; return 1; }
     # epmd is started by the first Erlang node; stop it too only if we did.
     local epmd_after
     epmd_after="$(pgrep -x epmd || true)"
