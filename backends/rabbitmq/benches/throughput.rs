@@ -76,8 +76,8 @@ async fn raw_publish(channel: &Channel, exchange: &str, n: usize, window: usize)
 enum AckMode {
     /// Await each `basic.ack` (lapin reports when its I/O loop wrote it).
     Awaited,
-    /// Hand each `basic.ack` to the I/O loop without waiting (what
-    /// switchyard does).
+    /// Queue each `basic.ack` on the channel without waiting for the I/O
+    /// loop to write it (what switchyard does).
     Queued,
     /// One `basic.ack` with `multiple` per half window.
     Multiple,
@@ -113,7 +113,9 @@ async fn raw_consume(
         match mode {
             AckMode::Awaited => assert!(d.ack(BasicAckOptions::default()).await.unwrap()),
             AckMode::Queued => {
-                let _ = d.ack(BasicAckOptions::default()).now_or_never();
+                let _ = channel
+                    .basic_ack(d.delivery_tag, BasicAckOptions::default())
+                    .now_or_never();
             }
             AckMode::Multiple => {
                 if (i + 1) % (window / 2).max(1) == 0 || i + 1 == n {
