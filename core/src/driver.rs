@@ -151,9 +151,11 @@ pub trait Acker: Send + Sync + fmt::Debug {
     ///
     /// Where the broker confirms acks (SQS `DeleteMessage`), `Ok` means it
     /// recorded it. Where the protocol does not (AMQP `basic.ack`, a NATS
-    /// `+ACK`), `Ok` means the ack was handed to the connection, which sends
-    /// it before anything sent later and flushes it on close; an ack lost with
-    /// the connection shows up as a redelivery (at-least-once), never as loss.
+    /// `+ACK`), `Ok` means the backend took the ack: it is sent within
+    /// milliseconds (a backend may coalesce several, as AMQP's `multiple`
+    /// flag allows) and always before the receiver closes; an ack lost with
+    /// the connection or a crash shows up as a redelivery (at-least-once),
+    /// never as loss.
     ///
     /// # Errors
     ///

@@ -1,7 +1,7 @@
 //! The AMQP backend: publisher, subscriber, receivers and ackers.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     sync::{
         Arc, Mutex,
@@ -605,7 +605,8 @@ impl Subscriber for RabbitBroker {
         self.check_open()?;
         let queue = self.declare_subscription(topic, options.name()).await?;
         let inflight = Arc::new(Inflight {
-            map: Mutex::new(BTreeMap::new()),
+            book: Mutex::new(Book::default()),
+            flush_every: (options.prefetch_limit() / 4).max(1),
             wake: Notify::new(),
             cancel: self.inner.closed.child_token(),
         });
@@ -671,80 +672,222 @@ impl Broker for RabbitBroker {
 /// A delivery's (channel generation, delivery tag).
 type Key = (u64, u64);
 
-/// Deliveries a receiver handed out and that are not settled, with the
-/// instant their ack timeout expires, keyed by (channel generation, delivery
-/// tag): tags grow on a channel, so the first entry expires first.
+/// How long an ack may wait to be coalesced with the next ones.
+const ACK_FLUSH_DELAY: Duration = Duration::from_millis(5);
+
+/// What a receiver knows about the deliveries it handed out.
+#[derive(Default)]
+struct Book {
+    /// Handed out, not settled, with the instant their ack timeout expires.
+    /// Tags grow on a channel and generations grow, so the first entry
+    /// expires first.
+    unsettled: BTreeMap<Key, (Instant, Arc<Channel>)>,
+    /// Acked by the application, `basic.ack` not sent yet (coalesced).
+    acked: BTreeSet<Key>,
+    /// When `acked` must be sent at the latest.
+    flush_at: Option<Instant>,
+    /// The highest delivery handed out, and its channel: a `multiple` ack
+    /// never reaches past it (deliveries not handed out yet are not acked).
+    handed: Option<(Key, Arc<Channel>)>,
+}
+
+/// Acks to send: one `multiple` ack up to a tag, then single ones.
+struct AckBatch {
+    channel: Arc<Channel>,
+    multiple_upto: Option<u64>,
+    singles: Vec<u64>,
+}
+
+impl AckBatch {
+    /// Queues the acks on the channel, in order with anything sent later
+    /// (a close included), without waiting for the I/O loop to write them:
+    /// the broker does not answer acks, so waiting tells nothing more.
+    fn send(self) -> Result<()> {
+        let mut sends = Vec::with_capacity(self.singles.len() + 1);
+        if let Some(upto) = self.multiple_upto {
+            sends.push((upto, true));
+        }
+        sends.extend(self.singles.into_iter().map(|t| (t, false)));
+        for (tag, multiple) in sends {
+            if let Some(Err(e)) = self
+                .channel
+                .basic_ack(tag, BasicAckOptions { multiple })
+                .now_or_never()
+            {
+                return Err(amqp_error("ack", e));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Book {
+    /// The acks that can be sent now: everything acked on the current
+    /// channel, as one `multiple` ack for the acked run below the first
+    /// unsettled delivery and single acks above it (so a slow delivery never
+    /// holds back the acks of later ones).
+    fn flush(&mut self) -> Option<AckBatch> {
+        self.flush_at = None;
+        let ((generation, handed_tag), channel) = self.handed.as_ref()?;
+        let acked = std::mem::take(&mut self.acked);
+        let floor = self
+            .unsettled
+            .range((*generation, 0)..)
+            .next()
+            .map_or(handed_tag + 1, |((_, tag), _)| *tag);
+        let mut multiple_upto = None;
+        let mut singles = Vec::new();
+        for (g, tag) in acked {
+            if g != *generation {
+                // Its channel is gone; the broker redelivers it.
+                continue;
+            }
+            if tag < floor {
+                // The tag of a `multiple` ack must itself be unacked on the
+                // broker (RabbitMQ closes the channel on an unknown tag), so
+                // it is the highest acked tag below the floor, not the floor.
+                multiple_upto = Some(tag);
+            } else {
+                singles.push(tag);
+            }
+        }
+        if multiple_upto.is_none() && singles.is_empty() {
+            return None;
+        }
+        // Single acks below the floor are covered by the multiple one.
+        Some(AckBatch {
+            channel: Arc::clone(channel),
+            multiple_upto,
+            singles,
+        })
+    }
+}
+
+/// Deliveries a receiver handed out and that are not settled, and acks
+/// waiting to be coalesced.
 struct Inflight {
-    map: Mutex<BTreeMap<Key, (Instant, Arc<Channel>)>>,
-    /// Woken when the map goes from empty to not empty.
+    book: Mutex<Book>,
+    /// Acks at or above this many are sent at once.
+    flush_every: usize,
+    /// Wakes the reaper when its next deadline may have moved earlier.
     wake: Notify,
     cancel: CancellationToken,
 }
 
+/// What became of an ack.
+enum Acked {
+    /// Not unsettled any more: its ack timeout expired and it was returned,
+    /// or the receiver closed.
+    Late,
+    /// Recorded; sent with the next ones within [`ACK_FLUSH_DELAY`].
+    Deferred,
+    /// Send these now.
+    Send(AckBatch),
+}
+
 impl Inflight {
-    fn insert(&self, key: Key, deadline: Instant, channel: Arc<Channel>) {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let was_empty = map.is_empty();
-        map.insert(key, (deadline, channel));
-        drop(map);
+    fn book(&self) -> std::sync::MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn insert(&self, key: Key, deadline: Instant, channel: &Arc<Channel>) {
+        let mut book = self.book();
+        let was_empty = book.unsettled.is_empty();
+        book.unsettled.insert(key, (deadline, Arc::clone(channel)));
+        if book.handed.as_ref().is_none_or(|(k, _)| k.0 != key.0) {
+            book.handed = Some((key, Arc::clone(channel)));
+        } else if let Some((k, _)) = &mut book.handed {
+            *k = key;
+        }
+        drop(book);
         if was_empty {
             self.wake.notify_one();
         }
     }
 
-    /// Takes the delivery out; `false` when it is not there (its ack
-    /// timeout expired and it was returned, or the receiver closed).
+    /// Takes the delivery out for a settlement other than an ack; `false`
+    /// when it is not there (see [`Acked::Late`]).
     fn take(&self, key: Key) -> bool {
-        self.map
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&key)
-            .is_some()
+        self.book().unsettled.remove(&key).is_some()
     }
 
     fn contains(&self, key: Key) -> bool {
-        self.map
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&key)
+        self.book().unsettled.contains_key(&key)
+    }
+
+    fn ack(&self, key: Key) -> Acked {
+        let mut book = self.book();
+        if book.unsettled.remove(&key).is_none() {
+            return Acked::Late;
+        }
+        book.acked.insert(key);
+        if book.acked.len() >= self.flush_every {
+            return book.flush().map_or(Acked::Deferred, Acked::Send);
+        }
+        if book.flush_at.is_none() {
+            book.flush_at = Some(Instant::now() + ACK_FLUSH_DELAY);
+            drop(book);
+            self.wake.notify_one();
+        }
+        Acked::Deferred
+    }
+
+    /// Sends every ack recorded so far.
+    fn flush(&self) {
+        let batch = self.book().flush();
+        if let Some(batch) = batch {
+            let _ = batch.send();
+        }
     }
 }
 
 /// Returns deliveries whose ack timeout expired to the queue
 /// (`basic.reject` with requeue, which counts as a delivery attempt), as
-/// JetStream's ack wait and SQS's visibility timeout do. AMQP itself only
-/// returns them when the channel closes.
+/// JetStream's ack wait and SQS's visibility timeout do (AMQP itself only
+/// returns them when the channel closes); and sends coalesced acks that
+/// waited [`ACK_FLUSH_DELAY`].
 async fn reap(inflight: Arc<Inflight>) {
     loop {
-        let next = inflight
-            .map
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .first_key_value()
-            .map(|(_, (deadline, _))| *deadline);
+        let next = {
+            let book = inflight.book();
+            let expiry = book.unsettled.first_key_value().map(|(_, (d, _))| *d);
+            match (expiry, book.flush_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        };
         match next {
             None => tokio::select! {
                 () = inflight.wake.notified() => {}
                 () = inflight.cancel.cancelled() => return,
             },
-            Some(deadline) if deadline > Instant::now() => tokio::select! {
-                () = tokio::time::sleep_until(deadline) => {}
+            Some(at) if at > Instant::now() => tokio::select! {
+                () = tokio::time::sleep_until(at) => {}
+                () = inflight.wake.notified() => {}
                 () = inflight.cancel.cancelled() => return,
             },
             Some(_) => {
                 let now = Instant::now();
-                let expired: Vec<(Key, Arc<Channel>)> = {
-                    let mut map = inflight.map.lock().unwrap_or_else(|p| p.into_inner());
-                    let mut out = Vec::new();
-                    while let Some(entry) = map.first_entry() {
+                let (expired, acks) = {
+                    let mut book = inflight.book();
+                    let mut out: Vec<(Key, Arc<Channel>)> = Vec::new();
+                    while let Some(entry) = book.unsettled.first_entry() {
                         if entry.get().0 > now {
                             break;
                         }
                         let key = *entry.key();
                         out.push((key, entry.remove().1));
                     }
-                    out
+                    let acks = if book.flush_at.is_some_and(|at| at <= now) {
+                        book.flush()
+                    } else {
+                        None
+                    };
+                    (out, acks)
                 };
+                if let Some(acks) = acks {
+                    let _ = acks.send();
+                }
                 for ((_, tag), channel) in expired {
                     // A closed channel returned its deliveries already.
                     if channel.status().connected() {
@@ -839,11 +982,9 @@ impl ReceiverShared {
     /// `recv` may hold it.
     async fn shutdown(&self) {
         self.cancel().cancel();
-        self.inflight
-            .map
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        // Acks recorded before the close go out before it.
+        self.inflight.flush();
+        self.inflight.book().unsettled.clear();
         let taken = self
             .state
             .try_lock()
@@ -882,7 +1023,7 @@ impl ReceiverShared {
             codec::decode(&properties, payload.clone(), switchyard_core::new_id);
         let key = (generation, delivery_tag);
         self.inflight
-            .insert(key, Instant::now() + self.ack_timeout, Arc::clone(channel));
+            .insert(key, Instant::now() + self.ack_timeout, channel);
         Some(Ok(RawDelivery {
             message,
             attempt,
@@ -937,9 +1078,17 @@ impl Receiver for RabbitReceiver {
                 }
                 continue;
             };
-            let next = tokio::select! {
-                next = consumer.next() => next,
-                () = s.cancel().cancelled() => return None,
+            let next = match consumer.next().now_or_never() {
+                Some(next) => next,
+                None => {
+                    // About to wait for the broker: send the acks it may be
+                    // waiting for first.
+                    s.inflight.flush();
+                    tokio::select! {
+                        next = consumer.next() => next,
+                        () = s.cancel().cancelled() => return None,
+                    }
+                }
             };
             match next {
                 Some(Ok(delivery)) => return s.deliver(state.channel.as_ref(), delivery),
@@ -981,6 +1130,7 @@ impl Drop for RabbitReceiver {
         // A dropped consumer: stop the reaper; dropping the channel closes
         // it, which returns its unsettled deliveries to the queue.
         self.shared.cancel().cancel();
+        self.shared.inflight.flush();
         if let Ok(mut state) = self.shared.state.try_lock() {
             state.consumer = None;
             state.channel = None;
@@ -1016,52 +1166,58 @@ impl RabbitAcker {
         }
     }
 
-    /// Settles on the delivery's channel, once: a delivery whose ack timeout
-    /// expired was returned already (settling it again is a no-op, as on
-    /// other brokers; an AMQP settlement of an unknown tag would close the
-    /// channel), and one whose channel is gone was returned by the broker.
-    ///
-    /// The method is queued on the channel in order with everything sent
-    /// later (a close included) without waiting for the I/O loop to write
-    /// it: the broker does not answer acks, so waiting tells nothing more and
-    /// costs a cross-thread round trip per message.
-    fn settle(&self, what: &str, requeue: Option<bool>) -> Result<()> {
+    fn lost(&self, what: &str) -> Error {
+        Error::Connection {
+            message: format!("{what}: the channel closed first; the broker redelivers the message"),
+            source: None,
+        }
+    }
+
+    /// Returns the delivery to the queue (`basic.reject` with requeue),
+    /// once: a delivery whose ack timeout expired was returned already
+    /// (settling it again is a no-op, as on other brokers; an AMQP
+    /// settlement of an unknown tag would close the channel), and one whose
+    /// channel is gone was returned by the broker.
+    fn reject(&self) -> Result<()> {
         if !self.shared.inflight.take(self.key) {
             return Ok(());
         }
         if !self.channel.status().connected() {
-            return Err(Error::Connection {
-                message: format!(
-                    "{what}: the channel closed first; the broker redelivers the message"
-                ),
-                source: None,
-            });
+            return Err(self.lost("nack"));
         }
-        let tag = self.key.1;
-        let sent = match requeue {
-            None => self
-                .channel
-                .basic_ack(tag, BasicAckOptions::default())
-                .now_or_never(),
-            Some(requeue) => self
-                .channel
-                .basic_reject(tag, BasicRejectOptions { requeue })
-                .now_or_never(),
-        };
-        match sent {
-            Some(Err(e)) => Err(amqp_error(what, e)),
+        match self
+            .channel
+            .basic_reject(self.key.1, BasicRejectOptions { requeue: true })
+            .now_or_never()
+        {
+            Some(Err(e)) => Err(amqp_error("nack", e)),
             Some(Ok(())) | None => Ok(()),
+        }
+    }
+
+    /// Acks once (see [`reject`](Self::reject)), coalesced with the
+    /// receiver's other acks: sent with the next ones as one `multiple` ack
+    /// when a quarter of the prefetch is acked, before the receiver waits
+    /// for the broker, on close, or within [`ACK_FLUSH_DELAY`].
+    fn ack_once(&self, what: &str) -> Result<()> {
+        match self.shared.inflight.ack(self.key) {
+            Acked::Late => Ok(()),
+            Acked::Deferred if !self.channel.status().connected() => Err(self.lost(what)),
+            Acked::Deferred => Ok(()),
+            Acked::Send(batch) => batch.send(),
         }
     }
 }
 
 #[async_trait]
 impl Acker for RabbitAcker {
-    /// `Ok` once the `basic.ack` is queued on the channel (AMQP does not
-    /// confirm acks); a lost connection shows up as a redelivery.
+    /// `Ok` once the ack is recorded; it reaches the broker within
+    /// milliseconds, coalesced with others (AMQP does not confirm acks
+    /// either way). A lost connection or a crash before then shows up as a
+    /// redelivery, never as loss.
     async fn ack(&self) -> Result<()> {
         self.check_open()?;
-        self.settle("ack", None)
+        self.ack_once("ack")
     }
 
     /// Without a delay: `basic.reject` with requeue (the quorum queue counts
@@ -1072,7 +1228,7 @@ impl Acker for RabbitAcker {
     async fn nack(&self, delay: Option<Duration>) -> Result<()> {
         self.check_open()?;
         match delay.filter(|d| !d.is_zero()) {
-            None => self.settle("nack", Some(true)),
+            None => self.reject(),
             Some(delay) => {
                 if !self.shared.inflight.contains(self.key) {
                     // Expired and returned already: it comes back anyway.
@@ -1083,7 +1239,7 @@ impl Acker for RabbitAcker {
                     .broker
                     .publish_delayed(&self.shared.queue, delay, &self.payload, props)
                     .await?;
-                self.settle("ack after a delayed nack", None)
+                self.ack_once("ack after a delayed nack")
             }
         }
     }

@@ -366,3 +366,57 @@ async fn delayed_nacks_of_different_delays_each_wait_their_own_time() {
     second.ack().await.unwrap();
     client.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn out_of_order_acks_and_nacks_coalesce_without_redelivery() {
+    let Some(url) = url() else { return };
+    let client = switchyard_rabbitmq::connect(&url).await.unwrap();
+    let topic = unique("sy-test.coalesce");
+    let opts = SubscribeOptions::new("s").prefetch(16);
+    client.ensure_subscription(&topic, &opts).await.unwrap();
+    let msgs: Vec<Message> = (0..96)
+        .map(|i| Message::new("x").with_id(format!("m{i}")))
+        .collect();
+    for r in client.publish_batch(&topic, msgs).await {
+        r.unwrap();
+    }
+    let mut sub = client.subscribe(&topic, opts).await.unwrap();
+    let mut acked = HashSet::new();
+    let mut nacked = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked.len() < 96 {
+        assert!(Instant::now() < deadline, "only {} acked", acked.len());
+        // Hold a batch, then settle it backwards: acks above unsettled
+        // deliveries, nacks in between.
+        let mut held = Vec::new();
+        while held.len() < 6 && acked.len() + held.len() < 96 {
+            held.push(recv(&mut sub, "a delivery").await);
+        }
+        for d in held.into_iter().rev() {
+            let id = d.message().id().to_owned();
+            if d.attempt() > 1 {
+                assert!(nacked.contains(&id), "{id} redelivered without a nack");
+            }
+            if d.attempt() == 1 && id.trim_start_matches('m').parse::<u32>().unwrap() % 7 == 0 {
+                nacked.insert(id);
+                d.nack(Retry::now()).await.unwrap();
+            } else {
+                assert!(acked.insert(id.clone()), "{id} acked twice");
+                d.ack().await.unwrap();
+            }
+        }
+    }
+    // Nothing comes back once every ack reached the broker.
+    sub.close().await.unwrap();
+    let mut again = client
+        .subscribe(&topic, SubscribeOptions::new("s"))
+        .await
+        .unwrap();
+    if let Ok(d) = tokio::time::timeout(Duration::from_secs(2), again.recv()).await {
+        panic!(
+            "{:?} delivered again after every message was acked",
+            d.map(|d| d.message().id().to_owned())
+        );
+    }
+    client.close().await.unwrap();
+}
