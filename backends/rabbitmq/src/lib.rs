@@ -12,6 +12,7 @@
 //! | nack | `basic.reject` with requeue |
 //! | nack with delay | a copy in a durable wait queue whose message TTL dead-letters it back to the subscription's queue; then `basic.ack` |
 //! | ack timeout | deliveries unsettled after it are rejected with requeue by the receiver |
+//! | ack | `basic.ack`, coalesced into `multiple` acks (sent within milliseconds, and before close) |
 //! | prefetch | `basic.qos` on the receiver's own channel |
 //! | id, key, headers | `message_id`, header `sy-key`, headers table (long strings) |
 //!
