@@ -48,6 +48,7 @@ use std::{fmt, future::Future, io::Write as _, pin::Pin, time::Duration};
 use async_trait::async_trait;
 use switchyard_core::{Client, Result};
 
+pub mod bench;
 pub mod cases;
 pub mod runtime;
 mod util;

@@ -15,18 +15,11 @@ use async_nats::jetstream::{
     stream::{self, RetentionPolicy},
 };
 use futures_util::{StreamExt, stream::FuturesOrdered};
+use switchyard_conformance::bench::{self, Rounds, SIZE, env_usize, rate};
 use switchyard_core::{Bytes, Client, Message, SubscribeOptions};
 use switchyard_nats::{NatsBroker, NatsConfig};
 
-const SIZE: usize = 256;
 const BOUND: Duration = Duration::from_secs(300);
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// CPU time (user + system) this process has used, from /proc/self/stat.
 fn cpu() -> Duration {
@@ -47,10 +40,6 @@ async fn timed<F: std::future::Future<Output = Duration>>(f: F) -> (Duration, Du
     let before = cpu();
     let wall = f.await;
     (wall, cpu().saturating_sub(before))
-}
-
-fn rate(n: usize, d: Duration) -> f64 {
-    n as f64 / d.as_secs_f64()
 }
 
 async fn raw_publish(js: &jetstream::Context, subject: &str, n: usize, window: usize) -> Duration {
@@ -106,21 +95,6 @@ async fn raw_consume_after_publish(
     rate(n, raw_consume(consumer, n, batch).await)
 }
 
-async fn sy_publish(client: &Client, topic: &str, n: usize) -> Duration {
-    let payload = Bytes::from(vec![0xab; SIZE]);
-    let start = Instant::now();
-    let mut left = n;
-    while left > 0 {
-        let k = left.min(10_000);
-        let batch: Vec<Message> = (0..k).map(|_| Message::new(payload.clone())).collect();
-        for r in client.publish_batch(topic, batch).await {
-            r.unwrap();
-        }
-        left -= k;
-    }
-    start.elapsed()
-}
-
 /// Single confirmed publishes, 256 in flight: the same shape as the raw loop.
 async fn sy_publish_windowed(client: &Client, topic: &str, n: usize, window: usize) -> Duration {
     let payload = Bytes::from(vec![0xab; SIZE]);
@@ -138,21 +112,6 @@ async fn sy_publish_windowed(client: &Client, topic: &str, n: usize, window: usi
         r.unwrap();
     }
     start.elapsed()
-}
-
-async fn sy_consume(client: &Client, topic: &str, opts: SubscribeOptions, n: usize) -> Duration {
-    let mut sub = client.subscribe(topic, opts).await.unwrap();
-    let start = Instant::now();
-    for _ in 0..n {
-        let d = tokio::time::timeout(Duration::from_secs(30), sub.recv())
-            .await
-            .expect("switchyard consume stalled")
-            .unwrap();
-        d.ack().await.unwrap();
-    }
-    let elapsed = start.elapsed();
-    sub.close().await.unwrap();
-    elapsed
 }
 
 async fn run(url: &str, n: usize, window: usize) {
@@ -191,7 +150,7 @@ async fn run(url: &str, n: usize, window: usize) {
     client.ensure_subscription(&topic, &opts).await.unwrap();
 
     println!("NATS JetStream at {url}: {n} messages of {SIZE} B, window {window}");
-    let mut figures = Vec::new();
+    let mut rounds = Rounds::default();
     let mut cpu_figures = Vec::new();
     for round in 1..=4 {
         // Alternate who goes first: the second publisher writes into a store
@@ -199,30 +158,16 @@ async fn run(url: &str, n: usize, window: usize) {
         let (raw_p, sy_p, raw_c, sy_c);
         if round % 2 == 1 {
             raw_p = timed(raw_publish(&js, &raw_subject, n, window)).await;
-            sy_p = timed(sy_publish(&client, &topic, n)).await;
+            sy_p = timed(bench::publish(&client, &topic, n)).await;
             raw_c = timed(raw_consume(&consumer, n, window)).await;
-            sy_c = timed(sy_consume(&client, &topic, opts.clone(), n)).await;
+            sy_c = timed(bench::consume(&client, &topic, opts.clone(), n)).await;
         } else {
-            sy_p = timed(sy_publish(&client, &topic, n)).await;
+            sy_p = timed(bench::publish(&client, &topic, n)).await;
             raw_p = timed(raw_publish(&js, &raw_subject, n, window)).await;
-            sy_c = timed(sy_consume(&client, &topic, opts.clone(), n)).await;
+            sy_c = timed(bench::consume(&client, &topic, opts.clone(), n)).await;
             raw_c = timed(raw_consume(&consumer, n, window)).await;
         }
-        let (rp, sp, rc, sc) = (
-            rate(n, raw_p.0),
-            rate(n, sy_p.0),
-            rate(n, raw_c.0),
-            rate(n, sy_c.0),
-        );
-        println!(
-            "round {round}: publish raw {rp:>9.0} msg/s  switchyard {sp:>9.0} msg/s  ratio {:.2}",
-            sp / rp
-        );
-        println!(
-            "round {round}: consume+ack raw {rc:>9.0} msg/s  switchyard {sc:>9.0} msg/s  ratio {:.2}",
-            sc / rc
-        );
-        figures.push((rp, sp, rc, sc));
+        rounds.push(round, n, [raw_p.0, sy_p.0, raw_c.0, sy_c.0]);
         let us = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
         cpu_figures.push((us(raw_p.1), us(sy_p.1), us(raw_c.1), us(sy_c.1)));
     }
@@ -246,7 +191,7 @@ async fn run(url: &str, n: usize, window: usize) {
         rate(n, windowed),
         windowed_cpu.as_secs_f64() * 1e6 / n as f64
     );
-    sy_consume(&client, &topic, opts.clone(), n).await;
+    bench::consume(&client, &topic, opts.clone(), n).await;
 
     // The raw pull stream keeps up to 1.5x its batch requested; with a batch
     // of window / 1.5 it has at most `window` outstanding, as switchyard.
@@ -256,19 +201,7 @@ async fn run(url: &str, n: usize, window: usize) {
         "raw consume+ack with batch {same} (at most {window} outstanding, like switchyard): {:.0} msg/s",
         raw_same
     );
-    let (rp, sp, rc, sc) = figures.iter().fold((0.0, 0.0, 0.0, 0.0), |a, f| {
-        (a.0 + f.0, a.1 + f.1, a.2 + f.2, a.3 + f.3)
-    });
-    let k = figures.len() as f64;
-    println!(
-        "mean: publish raw {:.0} / switchyard {:.0} (ratio {:.2}); consume+ack raw {:.0} / switchyard {:.0} (ratio {:.2})",
-        rp / k,
-        sp / k,
-        sp / rp,
-        rc / k,
-        sc / k,
-        sc / rc
-    );
+    rounds.print_mean("raw async-nats");
 
     let _ = js.delete_stream(&raw_stream).await;
     let _ = js.delete_stream(broker.stream_name(&topic)).await;
@@ -285,8 +218,8 @@ fn main() {
         );
         return;
     };
-    let n = env("SY_BENCH_MESSAGES", 100_000);
-    let window = env("SY_BENCH_WINDOW", 256);
+    let n = env_usize("SY_BENCH_MESSAGES", 100_000);
+    let window = env_usize("SY_BENCH_WINDOW", 256);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

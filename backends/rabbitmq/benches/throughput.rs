@@ -13,7 +13,8 @@
 use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt, stream::FuturesOrdered};
-use switchyard_core::{Bytes, Client, Message, SubscribeOptions};
+use switchyard_conformance::bench::{self, Rounds, SIZE, env_usize, rate};
+use switchyard_core::{Client, SubscribeOptions};
 use switchyard_rabbitmq::{
     RabbitBroker, RabbitConfig,
     lapin::{
@@ -27,19 +28,7 @@ use switchyard_rabbitmq::{
     },
 };
 
-const SIZE: usize = 256;
 const BOUND: Duration = Duration::from_secs(600);
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn rate(n: usize, d: Duration) -> f64 {
-    n as f64 / d.as_secs_f64()
-}
 
 async fn raw_publish(channel: &Channel, exchange: &str, n: usize, window: usize) -> Duration {
     let payload = vec![0xab; SIZE];
@@ -132,36 +121,6 @@ async fn raw_consume(
     elapsed
 }
 
-async fn sy_publish(client: &Client, topic: &str, n: usize) -> Duration {
-    let payload = Bytes::from(vec![0xab; SIZE]);
-    let start = Instant::now();
-    let mut left = n;
-    while left > 0 {
-        let k = left.min(10_000);
-        let batch: Vec<Message> = (0..k).map(|_| Message::new(payload.clone())).collect();
-        for r in client.publish_batch(topic, batch).await {
-            r.unwrap();
-        }
-        left -= k;
-    }
-    start.elapsed()
-}
-
-async fn sy_consume(client: &Client, topic: &str, opts: SubscribeOptions, n: usize) -> Duration {
-    let mut sub = client.subscribe(topic, opts).await.unwrap();
-    let start = Instant::now();
-    for _ in 0..n {
-        let d = tokio::time::timeout(Duration::from_secs(30), sub.recv())
-            .await
-            .expect("switchyard consume stalled")
-            .unwrap();
-        d.ack().await.unwrap();
-    }
-    let elapsed = start.elapsed();
-    sub.close().await.unwrap();
-    elapsed
-}
-
 async fn run(url: &str, n: usize, window: usize) {
     let broker = RabbitBroker::connect(RabbitConfig::from_url(url).unwrap().publish_window(window))
         .await
@@ -226,51 +185,30 @@ async fn run(url: &str, n: usize, window: usize) {
         "RabbitMQ at {}: {n} messages of {SIZE} B, window {window}",
         switchyard_core::redact_url(url)
     );
-    let mut figures = Vec::new();
+    let mut rounds = Rounds::default();
     for round in 1..=4 {
         // Alternate who goes first: the second publisher writes into a
         // broker that already holds the first one's unconsumed messages.
         let (raw_p, sy_p, raw_c, sy_c);
         if round % 2 == 1 {
             raw_p = raw_publish(&publish, &raw_exchange, n, window).await;
-            sy_p = sy_publish(&client, &topic, n).await;
+            sy_p = bench::publish(&client, &topic, n).await;
             raw_c = raw_consume(&consume, &raw_queue, n, window, AckMode::Queued).await;
-            sy_c = sy_consume(&client, &topic, opts.clone(), n).await;
+            sy_c = bench::consume(&client, &topic, opts.clone(), n).await;
         } else {
-            sy_p = sy_publish(&client, &topic, n).await;
+            sy_p = bench::publish(&client, &topic, n).await;
             raw_p = raw_publish(&publish, &raw_exchange, n, window).await;
-            sy_c = sy_consume(&client, &topic, opts.clone(), n).await;
+            sy_c = bench::consume(&client, &topic, opts.clone(), n).await;
             raw_c = raw_consume(&consume, &raw_queue, n, window, AckMode::Queued).await;
         }
-        let (rp, sp, rc, sc) = (rate(n, raw_p), rate(n, sy_p), rate(n, raw_c), rate(n, sy_c));
-        println!(
-            "round {round}: publish raw {rp:>9.0} msg/s  switchyard {sp:>9.0} msg/s  ratio {:.2}",
-            sp / rp
-        );
-        println!(
-            "round {round}: consume+ack raw {rc:>9.0} msg/s  switchyard {sc:>9.0} msg/s  ratio {:.2}",
-            sc / rc
-        );
-        figures.push((rp, sp, rc, sc));
+        rounds.push(round, n, [raw_p, sy_p, raw_c, sy_c]);
     }
     for mode in [AckMode::Awaited, AckMode::Multiple] {
         raw_publish(&publish, &raw_exchange, n, window).await;
         let d = raw_consume(&consume, &raw_queue, n, window, mode).await;
         println!("raw consume+ack, acks {mode:?}: {:.0} msg/s", rate(n, d));
     }
-    let (rp, sp, rc, sc) = figures.iter().fold((0.0, 0.0, 0.0, 0.0), |a, f| {
-        (a.0 + f.0, a.1 + f.1, a.2 + f.2, a.3 + f.3)
-    });
-    let k = figures.len() as f64;
-    println!(
-        "mean: publish raw {:.0} / switchyard {:.0} (ratio {:.2}); consume+ack raw {:.0} / switchyard {:.0} (ratio {:.2})",
-        rp / k,
-        sp / k,
-        sp / rp,
-        rc / k,
-        sc / k,
-        sc / rc
-    );
+    rounds.print_mean("raw lapin");
 
     let _ = publish
         .queue_delete(raw_queue.as_str().into(), QueueDeleteOptions::default())
@@ -306,8 +244,8 @@ fn main() {
         );
         return;
     };
-    let n = env("SY_BENCH_MESSAGES", 50_000);
-    let window = env("SY_BENCH_WINDOW", 256);
+    let n = env_usize("SY_BENCH_MESSAGES", 50_000);
+    let window = env_usize("SY_BENCH_WINDOW", 256);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
