@@ -208,6 +208,7 @@ macro_rules! conformance_tests {
             runtime_permanent_failure_dead_letters_at_once,
             runtime_panics_are_transient_and_the_consumer_keeps_running,
             runtime_shutdown_abandons_slow_handlers_without_dead_lettering,
+            runtime_trace_context_crosses_the_broker,
         );
     };
     (@cases $harness:path, $module:ident; $($case:ident),* $(,)?) => {

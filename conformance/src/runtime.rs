@@ -389,3 +389,136 @@ pub async fn runtime_shutdown_abandons_slow_handlers_without_dead_lettering(
     d.ack().await.unwrap();
     Outcome::Passed
 }
+
+/// Consumer runtime: a trace started before publish is the parent of the
+/// delivery's `process` span (W3C `traceparent` carried in the headers).
+///
+/// Needs this crate's `otel` feature (CI builds with all features); it
+/// installs a global tracing subscriber exporting to memory and the W3C
+/// propagator, once per process.
+pub async fn runtime_trace_context_crosses_the_broker(h: &dyn Harness) -> Outcome {
+    #[cfg(feature = "otel")]
+    {
+        otel::trace_context_crosses_the_broker(h).await
+    }
+    #[cfg(not(feature = "otel"))]
+    {
+        let _ = h;
+        Outcome::Skipped("built without switchyard-conformance's `otel` feature".into())
+    }
+}
+
+#[cfg(feature = "otel")]
+mod otel {
+    use std::sync::OnceLock;
+
+    use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+    use opentelemetry_sdk::{
+        propagation::TraceContextPropagator,
+        trace::{InMemorySpanExporter, SdkTracerProvider},
+    };
+    use tracing::Instrument as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    use super::*;
+
+    /// The exporter every span of this process goes to.
+    fn exporter() -> &'static InMemorySpanExporter {
+        static EXPORTER: OnceLock<InMemorySpanExporter> = OnceLock::new();
+        EXPORTER.get_or_init(|| {
+            let exporter = InMemorySpanExporter::default();
+            let provider = SdkTracerProvider::builder()
+                .with_simple_exporter(exporter.clone())
+                .build();
+            let tracer = provider.tracer("switchyard-conformance");
+            let subscriber = tracing_subscriber::registry()
+                .with(tracing_opentelemetry::layer().with_tracer(tracer));
+            opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+            // Another global subscriber in this process would make the case
+            // meaningless: fail loudly instead.
+            tracing::subscriber::set_global_default(subscriber)
+                .expect("the trace case needs to install the global tracing subscriber");
+            std::mem::forget(provider);
+            exporter
+        })
+    }
+
+    pub(super) async fn trace_context_crosses_the_broker(h: &dyn Harness) -> Outcome {
+        let exporter = exporter();
+        let opts = SubscribeOptions::new("s");
+        let (client, topic) = prepare(h, "trace", &opts, Vec::new()).await;
+        let id = format!("traced-{}", crate::util::short_id());
+        // The publishing side: a span whose trace the delivery must join.
+        let publish_span = tracing::info_span!("checkout");
+        let trace_id = publish_span.context().span().span_context().trace_id();
+        let publisher_span_id = publish_span.context().span().span_context().span_id();
+        client
+            .publish(&topic, Message::new("traced").with_id(id.clone()))
+            .instrument(publish_span)
+            .await
+            .unwrap();
+        let handled = Arc::new(Mutex::new(None));
+        let seen = handled.clone();
+        let report = run_until(
+            &client,
+            &topic,
+            opts,
+            quick(),
+            move |ctx| {
+                let seen = seen.clone();
+                async move {
+                    // The handler runs inside the runtime's `process` span.
+                    let cx = tracing::Span::current().context();
+                    let sc = cx.span().span_context().clone();
+                    *seen.lock().unwrap() = Some((
+                        ctx.message.headers().get("traceparent").map(str::to_owned),
+                        sc.trace_id(),
+                    ));
+                    Ok(())
+                }
+            },
+            {
+                let handled = handled.clone();
+                move || handled.lock().unwrap().is_some()
+            },
+        )
+        .await;
+        assert_eq!(report.acked, 1, "{report:?}");
+        let (traceparent, handler_trace) = handled.lock().unwrap().take().unwrap();
+        let traceparent = traceparent.expect("no traceparent header reached the consumer");
+        assert!(
+            traceparent.contains(&trace_id.to_string()),
+            "traceparent {traceparent} does not carry trace {trace_id}"
+        );
+        assert_eq!(
+            handler_trace, trace_id,
+            "the handler's span is not in the publisher's trace"
+        );
+        // The exported `process` span of this message: same trace, and its
+        // parent is the publishing span.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let spans = exporter.get_finished_spans().unwrap_or_default();
+            let process = spans.iter().find(|s| {
+                s.name == "process"
+                    && s.attributes.iter().any(|kv| {
+                        kv.key.as_str() == "messaging.message.id"
+                            && kv.value.as_str() == id.as_str()
+                    })
+            });
+            if let Some(span) = process {
+                assert_eq!(span.span_context.trace_id(), trace_id);
+                assert_eq!(span.parent_span_id, publisher_span_id);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the process span was not exported"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        client.close().await.unwrap();
+        Outcome::Passed
+    }
+}

@@ -86,11 +86,12 @@ impl Client {
         if size > limit {
             return Err(Error::PayloadTooLarge { size, limit });
         }
-        Ok(if message.published_at().is_none() {
+        let message = if message.published_at().is_none() {
             message.with_published_at(SystemTime::now())
         } else {
             message
-        })
+        };
+        Ok(crate::telemetry::inject(message))
     }
 
     /// Publishes `message` to `topic` and waits for the broker's confirmation.

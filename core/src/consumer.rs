@@ -396,6 +396,10 @@ impl Consumer {
                 messaging.delivery.attempt = ctx.attempt,
                 outcome = tracing::field::Empty,
             );
+            crate::telemetry::set_parent(&span, &ctx.message);
+            let (topic, subscription) = (ctx.topic.clone(), ctx.subscription.clone());
+            crate::telemetry::received(&topic, &subscription);
+            let started = std::time::Instant::now();
             let outcome = match AssertUnwindSafe(handler(ctx).instrument(span.clone()))
                 .catch_unwind()
                 .await
@@ -411,6 +415,7 @@ impl Consumer {
                     Err(HandlerError::transient(format!("handler panicked: {what}")))
                 }
             };
+            let handler_time = started.elapsed();
             let attempt = delivery.attempt();
             let (outcome, settled) = match outcome {
                 Ok(()) => {
@@ -438,6 +443,7 @@ impl Consumer {
                 }
             };
             span.record("outcome", outcome);
+            crate::telemetry::settled(&topic, &subscription, outcome, handler_time);
             if let Err(e) = &settled {
                 report.settle_errors += 1;
                 tracing::warn!(parent: &span, error = %e, "settling the delivery failed; it will be redelivered");

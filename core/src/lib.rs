@@ -67,6 +67,7 @@ mod message;
 mod names;
 mod options;
 mod subscription;
+pub mod telemetry;
 
 pub use bytes::Bytes;
 pub use client::Client;
