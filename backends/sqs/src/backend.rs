@@ -1,0 +1,909 @@
+//! The SQS backend: publisher (SQS or SNS), subscriber, receivers, ackers.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use async_trait::async_trait;
+use aws_sdk_sqs::{
+    error::{DisplayErrorContext, ProvideErrorMetadata, SdkError},
+    types::{
+        MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName,
+        SendMessageBatchRequestEntry,
+    },
+};
+use futures_util::{StreamExt, stream::FuturesOrdered};
+use switchyard_core::{
+    Acker, Broker, Capabilities, Client, Error, KeyOrdering, Message, Publisher, RawDelivery,
+    Receiver, Result, SubscribeOptions, Subscriber, driver::ReceiverSet,
+};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Mode, SqsConfig,
+    codec::{self, Encoded},
+    names,
+};
+
+/// Bytes of `max_message_size` kept for attributes; the payload limit is
+/// what is left, times 3/4 (a binary payload travels as base64).
+const ATTRIBUTE_RESERVE: usize = 8 * 1024;
+/// SQS and SNS take at most 10 messages per batch.
+const BATCH: usize = 10;
+/// Pause after a failed receive before the next one.
+const POLL_RETRY: Duration = Duration::from_millis(500);
+
+/// Maps an SDK error: credentials and signatures → authentication;
+/// throttling, timeouts and transport → retryable; the rest → broker errors.
+fn sdk_error<E, R>(what: &str, e: SdkError<E, R>) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: fmt::Debug + Send + Sync + 'static,
+{
+    let text = format!("{what}: {}", DisplayErrorContext(&e));
+    match &e {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => {
+            if text.contains("credentials") {
+                Error::Config(text)
+            } else {
+                Error::connection(text, e)
+            }
+        }
+        SdkError::ServiceError(s) => {
+            let code = s.err().code().unwrap_or_default();
+            match code {
+                "InvalidClientTokenId"
+                | "SignatureDoesNotMatch"
+                | "AccessDenied"
+                | "AccessDeniedException"
+                | "UnrecognizedClientException"
+                | "InvalidAccessKeyId"
+                | "AuthorizationError" => Error::Authentication {
+                    message: text,
+                    source: Some(Box::new(e)),
+                },
+                _ => {
+                    let retryable = code.contains("Throttl")
+                        || code.contains("NonExistentQueue")
+                        || code.contains("QueueDoesNotExist")
+                        || code.contains("NotFound")
+                        || code.contains("InternalError")
+                        || code.contains("ServiceUnavailable");
+                    Error::broker(text, retryable, Some(Box::new(e)))
+                }
+            }
+        }
+        SdkError::ConstructionFailure(_) if text.contains("credentials") => Error::Config(text),
+        _ => Error::broker(text, true, Some(Box::new(e))),
+    }
+}
+
+fn sqs_attributes(encoded: &Encoded) -> HashMap<String, MessageAttributeValue> {
+    encoded
+        .attributes
+        .iter()
+        .filter_map(|(k, v)| {
+            MessageAttributeValue::builder()
+                .data_type("String")
+                .string_value(v)
+                .build()
+                .ok()
+                .map(|a| ((*k).to_owned(), a))
+        })
+        .collect()
+}
+
+fn sns_attributes(encoded: &Encoded) -> HashMap<String, aws_sdk_sns::types::MessageAttributeValue> {
+    encoded
+        .attributes
+        .iter()
+        .filter_map(|(k, v)| {
+            aws_sdk_sns::types::MessageAttributeValue::builder()
+                .data_type("String")
+                .string_value(v)
+                .build()
+                .ok()
+                .map(|a| ((*k).to_owned(), a))
+        })
+        .collect()
+}
+
+struct Inner {
+    sqs: aws_sdk_sqs::Client,
+    sns: aws_sdk_sns::Client,
+    config: SqsConfig,
+    /// Queue name → URL, for queues known to exist.
+    queues: Mutex<HashMap<String, String>>,
+    /// Topic → SNS topic ARN (fan-out mode).
+    topics: Mutex<HashMap<String, String>>,
+    closed: CancellationToken,
+    receivers: ReceiverSet<ReceiverShared>,
+}
+
+/// A connection to SQS (and SNS in fan-out mode) implementing switchyard's
+/// backend traits. Cheap to clone.
+#[derive(Clone)]
+pub struct SqsBroker {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for SqsBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqsBroker")
+            .field("config", &self.inner.config)
+            .field("closed", &self.inner.closed.is_cancelled())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Connects from an `sqs://` URL and returns a [`Client`].
+///
+/// # Errors
+///
+/// [`Error::InvalidUrl`] for a malformed URL; [`Error::Config`] when no
+/// region or no credentials can be found; [`Error::Connection`] when the
+/// endpoint does not answer within the connect timeout;
+/// [`Error::Authentication`] when it refuses the credentials.
+pub async fn connect(url: &str) -> Result<Client> {
+    Ok(Client::new(
+        SqsBroker::connect(SqsConfig::from_url(url)?).await?,
+    ))
+}
+
+impl SqsBroker {
+    /// Connects with `config`, checking the endpoint and credentials with
+    /// one `ListQueues` call.
+    ///
+    /// # Errors
+    ///
+    /// As for [`connect`].
+    pub async fn connect(config: SqsConfig) -> Result<Self> {
+        use aws_config::{BehaviorVersion, Region, retry::RetryConfig, timeout::TimeoutConfig};
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(config.connect_timeout)
+                    .operation_timeout(config.request_timeout)
+                    .build(),
+            )
+            // Throttling and transient errors: retried with backoff.
+            .retry_config(RetryConfig::standard().with_max_attempts(3));
+        if let Some(r) = &config.region {
+            loader = loader.region(Region::new(r.clone()));
+        }
+        if let Some(e) = &config.endpoint {
+            loader = loader.endpoint_url(e);
+        }
+        if let Some((id, secret)) = &config.credentials {
+            loader = loader.credentials_provider(aws_credential_types::Credentials::new(
+                id.clone(),
+                secret.clone(),
+                None,
+                None,
+                "switchyard-static",
+            ));
+        }
+        let shared = tokio::time::timeout(config.connect_timeout * 2, loader.load())
+            .await
+            .map_err(|_| Error::Connection {
+                message: "loading the AWS configuration timed out".into(),
+                source: None,
+            })?;
+        if shared.region().is_none() {
+            return Err(Error::Config(
+                "no AWS region: set `region=` in the sqs:// URL or AWS_REGION".into(),
+            ));
+        }
+        let sqs = aws_sdk_sqs::Client::new(&shared);
+        let sns = aws_sdk_sns::Client::new(&shared);
+        let probe = sqs.list_queues().max_results(1).send();
+        match tokio::time::timeout(config.connect_timeout, probe).await {
+            Err(_) => {
+                return Err(Error::Connection {
+                    message: format!(
+                        "no SQS endpoint answered within {:?}",
+                        config.connect_timeout
+                    ),
+                    source: None,
+                });
+            }
+            Ok(Err(e)) => return Err(sdk_error("connecting to SQS", e)),
+            Ok(Ok(_)) => {}
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                sqs,
+                sns,
+                config,
+                queues: Mutex::new(HashMap::new()),
+                topics: Mutex::new(HashMap::new()),
+                closed: CancellationToken::new(),
+                receivers: ReceiverSet::new(),
+            }),
+        })
+    }
+
+    /// The native SQS client (escape hatch).
+    #[must_use]
+    pub fn sqs_client(&self) -> &aws_sdk_sqs::Client {
+        &self.inner.sqs
+    }
+
+    /// The native SNS client (escape hatch).
+    #[must_use]
+    pub fn sns_client(&self) -> &aws_sdk_sns::Client {
+        &self.inner.sns
+    }
+
+    /// The SQS queue a subscription reads (in queue mode, the topic's).
+    #[must_use]
+    pub fn queue_name(&self, topic: &str, subscription: &str) -> String {
+        match self.inner.config.mode {
+            Mode::Queue => names::topic_queue(topic),
+            Mode::FanOut => names::subscription_queue(topic, subscription),
+        }
+    }
+
+    fn limit(&self) -> usize {
+        self.inner
+            .config
+            .max_message_size
+            .saturating_sub(ATTRIBUTE_RESERVE)
+            / 4
+            * 3
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.closed.is_cancelled() {
+            Err(Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The URL of queue `name`, created when missing (cached).
+    async fn queue_url(&self, name: &str) -> Result<String> {
+        if let Some(u) = self
+            .inner
+            .queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+        {
+            return Ok(u.clone());
+        }
+        let out = self
+            .inner
+            .sqs
+            .create_queue()
+            .queue_name(name)
+            .send()
+            .await
+            .map_err(|e| sdk_error(&format!("creating queue {name}"), e))?;
+        let url = out
+            .queue_url()
+            .ok_or_else(|| Error::broker("CreateQueue returned no URL", true, None))?
+            .to_owned();
+        self.inner
+            .queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), url.clone());
+        Ok(url)
+    }
+
+    fn forget_queue(&self, name: &str) {
+        self.inner
+            .queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+    }
+
+    /// The SNS topic ARN of `topic`, created when missing (cached).
+    async fn topic_arn(&self, topic: &str) -> Result<String> {
+        if let Some(a) = self
+            .inner
+            .topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(topic)
+        {
+            return Ok(a.clone());
+        }
+        let name = names::sns_topic(topic);
+        let out = self
+            .inner
+            .sns
+            .create_topic()
+            .name(&name)
+            .send()
+            .await
+            .map_err(|e| sdk_error(&format!("creating SNS topic {name}"), e))?;
+        let arn = out
+            .topic_arn()
+            .ok_or_else(|| Error::broker("CreateTopic returned no ARN", true, None))?
+            .to_owned();
+        self.inner
+            .topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(topic.to_owned(), arn.clone());
+        Ok(arn)
+    }
+
+    /// Makes sure the subscription's queue exists (and, in fan-out mode,
+    /// receives the topic's messages); returns its URL.
+    async fn subscription_queue(&self, topic: &str, subscription: &str) -> Result<String> {
+        let name = self.queue_name(topic, subscription);
+        let known = self
+            .inner
+            .queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&name);
+        let url = self.queue_url(&name).await?;
+        if self.inner.config.mode == Mode::Queue || known {
+            return Ok(url);
+        }
+        let arn = self
+            .inner
+            .sqs
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .map_err(|e| sdk_error("reading the queue ARN", e))?
+            .attributes()
+            .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+            .ok_or_else(|| Error::broker("GetQueueAttributes returned no ARN", true, None))?;
+        let topic_arn = self.topic_arn(topic).await?;
+        // Let the topic deliver into the queue (AWS checks this policy).
+        let policy = serde_json::json!({
+            "Version": "2012-10-17",
+            "Statement": [{
+                "Effect": "Allow",
+                "Principal": {"Service": "sns.amazonaws.com"},
+                "Action": "sqs:SendMessage",
+                "Resource": arn,
+                "Condition": {"ArnEquals": {"aws:SourceArn": topic_arn}},
+            }],
+        });
+        self.inner
+            .sqs
+            .set_queue_attributes()
+            .queue_url(&url)
+            .attributes(QueueAttributeName::Policy, policy.to_string())
+            .send()
+            .await
+            .map_err(|e| sdk_error("allowing SNS to deliver to the queue", e))?;
+        self.inner
+            .sns
+            .subscribe()
+            .topic_arn(&topic_arn)
+            .protocol("sqs")
+            .endpoint(&arn)
+            .attributes("RawMessageDelivery", "true")
+            .return_subscription_arn(true)
+            .send()
+            .await
+            .map_err(|e| sdk_error("subscribing the queue to the topic", e))?;
+        Ok(url)
+    }
+
+    fn prepare(&self, message: &Message) -> Result<Encoded> {
+        let encoded = codec::encode(message);
+        let max = self.inner.config.max_message_size;
+        if encoded.size() > max {
+            // The client checked the payload against `limit`; headers can
+            // still push the whole over the service's maximum.
+            return Err(Error::PayloadTooLarge {
+                size: message.payload().len() + (encoded.size() - max),
+                limit: self.limit(),
+            });
+        }
+        Ok(encoded)
+    }
+
+    async fn send_one(&self, topic: &str, encoded: Encoded) -> Result<()> {
+        match self.inner.config.mode {
+            Mode::Queue => {
+                let name = names::topic_queue(topic);
+                let url = self.queue_url(&name).await?;
+                let r = self
+                    .inner
+                    .sqs
+                    .send_message()
+                    .queue_url(url)
+                    .message_body(&encoded.body)
+                    .set_message_attributes(Some(sqs_attributes(&encoded)))
+                    .send()
+                    .await;
+                r.map(|_| ()).map_err(|e| {
+                    self.forget_queue(&name);
+                    sdk_error("SendMessage", e)
+                })
+            }
+            Mode::FanOut => {
+                let arn = self.topic_arn(topic).await?;
+                self.inner
+                    .sns
+                    .publish()
+                    .topic_arn(arn)
+                    .message(&encoded.body)
+                    .set_message_attributes(Some(sns_attributes(&encoded)))
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| sdk_error("SNS Publish", e))
+            }
+        }
+    }
+
+    /// Sends up to 10 encoded messages in one batch call; one result each.
+    async fn send_batch(&self, topic: &str, batch: Vec<Encoded>) -> Vec<Result<()>> {
+        let n = batch.len();
+        let failed_all = |e: Error| -> Vec<Result<()>> {
+            let text = e.to_string();
+            let retryable = e.is_retryable();
+            (0..n)
+                .map(|_| Err(Error::broker(text.clone(), retryable, None)))
+                .collect()
+        };
+        let mut results: Vec<Result<()>> = (0..n).map(|_| Ok(())).collect();
+        let failures: Vec<(usize, String, bool)> = match self.inner.config.mode {
+            Mode::Queue => {
+                let name = names::topic_queue(topic);
+                let url = match self.queue_url(&name).await {
+                    Ok(u) => u,
+                    Err(e) => return failed_all(e),
+                };
+                let entries: Vec<SendMessageBatchRequestEntry> = batch
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, e)| {
+                        SendMessageBatchRequestEntry::builder()
+                            .id(i.to_string())
+                            .message_body(&e.body)
+                            .set_message_attributes(Some(sqs_attributes(e)))
+                            .build()
+                            .ok()
+                    })
+                    .collect();
+                match self
+                    .inner
+                    .sqs
+                    .send_message_batch()
+                    .queue_url(url)
+                    .set_entries(Some(entries))
+                    .send()
+                    .await
+                {
+                    Ok(out) => out
+                        .failed()
+                        .iter()
+                        .filter_map(|f| {
+                            Some((
+                                f.id().parse().ok()?,
+                                format!("{}: {}", f.code(), f.message().unwrap_or_default()),
+                                !f.sender_fault(),
+                            ))
+                        })
+                        .collect(),
+                    Err(e) => {
+                        self.forget_queue(&name);
+                        return failed_all(sdk_error("SendMessageBatch", e));
+                    }
+                }
+            }
+            Mode::FanOut => {
+                let arn = match self.topic_arn(topic).await {
+                    Ok(a) => a,
+                    Err(e) => return failed_all(e),
+                };
+                let entries: Vec<aws_sdk_sns::types::PublishBatchRequestEntry> = batch
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, e)| {
+                        aws_sdk_sns::types::PublishBatchRequestEntry::builder()
+                            .id(i.to_string())
+                            .message(&e.body)
+                            .set_message_attributes(Some(sns_attributes(e)))
+                            .build()
+                            .ok()
+                    })
+                    .collect();
+                match self
+                    .inner
+                    .sns
+                    .publish_batch()
+                    .topic_arn(arn)
+                    .set_publish_batch_request_entries(Some(entries))
+                    .send()
+                    .await
+                {
+                    Ok(out) => out
+                        .failed()
+                        .iter()
+                        .filter_map(|f| {
+                            Some((
+                                f.id().parse().ok()?,
+                                format!("{}: {}", f.code(), f.message().unwrap_or_default()),
+                                !f.sender_fault(),
+                            ))
+                        })
+                        .collect(),
+                    Err(e) => return failed_all(sdk_error("SNS PublishBatch", e)),
+                }
+            }
+        };
+        for (i, text, retryable) in failures {
+            if let Some(r) = results.get_mut(i) {
+                *r = Err(Error::broker(text, retryable, None));
+            }
+        }
+        results
+    }
+}
+
+#[async_trait]
+impl Publisher for SqsBroker {
+    async fn publish(&self, topic: &str, message: Message) -> Result<()> {
+        self.check_open()?;
+        let encoded = self.prepare(&message)?;
+        self.send_one(topic, encoded).await
+    }
+
+    /// Batches of 10 (`SendMessageBatch`, or SNS `PublishBatch` in fan-out
+    /// mode), with `publish_window` batches in flight.
+    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Vec<Result<()>> {
+        if self.check_open().is_err() {
+            return messages.iter().map(|_| Err(Error::Closed)).collect();
+        }
+        let mut results: Vec<Option<Result<()>>> = (0..messages.len()).map(|_| None).collect();
+        let mut ready: Vec<(usize, Encoded)> = Vec::with_capacity(messages.len());
+        for (i, m) in messages.iter().enumerate() {
+            match self.prepare(m) {
+                Ok(e) => ready.push((i, e)),
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        let mut chunks = Vec::new();
+        let mut it = ready.into_iter().peekable();
+        while it.peek().is_some() {
+            let chunk: Vec<(usize, Encoded)> = it.by_ref().take(BATCH).collect();
+            chunks.push(chunk);
+        }
+        let mut in_flight = FuturesOrdered::new();
+        let window = self.inner.config.publish_window;
+        let mut pending = chunks.into_iter();
+        loop {
+            while in_flight.len() < window {
+                let Some(chunk) = pending.next() else { break };
+                let (idx, enc): (Vec<usize>, Vec<Encoded>) = chunk.into_iter().unzip();
+                in_flight.push_back(async move { (idx, self.send_batch(topic, enc).await) });
+            }
+            let Some((idx, rs)) = in_flight.next().await else {
+                break;
+            };
+            for (i, r) in idx.into_iter().zip(rs) {
+                results[i] = Some(r);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::broker("publish result missing", true, None))))
+            .collect()
+    }
+
+    async fn close(&self) -> Result<()> {
+        // Every publish was confirmed by the service before it returned.
+        self.inner.closed.cancel();
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Subscriber for SqsBroker {
+    async fn ensure_topic(&self, topic: &str) -> Result<()> {
+        self.check_open()?;
+        match self.inner.config.mode {
+            Mode::Queue => self.queue_url(&names::topic_queue(topic)).await.map(|_| ()),
+            Mode::FanOut => self.topic_arn(topic).await.map(|_| ()),
+        }
+    }
+
+    async fn ensure_subscription(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
+        self.check_open()?;
+        self.subscription_queue(topic, options.name())
+            .await
+            .map(|_| ())
+    }
+
+    async fn receiver(&self, topic: &str, options: &SubscribeOptions) -> Result<Box<dyn Receiver>> {
+        self.check_open()?;
+        let url = self.subscription_queue(topic, options.name()).await?;
+        let prefetch = options.prefetch_limit();
+        let (tx, rx) = mpsc::channel(prefetch.max(1));
+        let shared = Arc::new(ReceiverShared {
+            sqs: self.inner.sqs.clone(),
+            url,
+            cancel: self.inner.closed.child_token(),
+            permits: Arc::new(Semaphore::new(prefetch)),
+            visibility: i32::try_from(options.ack_timeout_value().as_secs_f64().ceil() as u64)
+                .unwrap_or(43_200)
+                .clamp(1, 43_200),
+            wait: i32::try_from(self.inner.config.wait.as_secs()).unwrap_or(20),
+            rx: tokio::sync::Mutex::new(rx),
+        });
+        for _ in 0..self.inner.config.pollers.max(1) {
+            tokio::spawn(poll(Arc::clone(&shared), tx.clone()));
+        }
+        self.inner.receivers.insert(&shared);
+        Ok(Box::new(SqsReceiver { shared }))
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.closed.cancel();
+        for r in self.inner.receivers.take_live() {
+            r.shutdown().await;
+        }
+        Ok(())
+    }
+}
+
+impl Broker for SqsBroker {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(self.limit())
+            .with_backend("sqs")
+            // Standard queues do not keep order.
+            .with_ordering(KeyOrdering::None)
+            .with_native_delay(true)
+            .with_fan_out(self.inner.config.mode == Mode::FanOut)
+            .with_competing_consumers(true)
+            .with_replay(false)
+            .with_persistent(true)
+            .with_min_ack_timeout(Duration::from_secs(1))
+    }
+}
+
+/// A received message with the prefetch permit it holds.
+type Received = (aws_sdk_sqs::types::Message, OwnedSemaphorePermit);
+
+struct ReceiverShared {
+    sqs: aws_sdk_sqs::Client,
+    url: String,
+    cancel: CancellationToken,
+    /// One permit per message this consumer may hold (its prefetch).
+    permits: Arc<Semaphore>,
+    /// Visibility timeout (the ack timeout), in seconds.
+    visibility: i32,
+    /// Long-poll wait, in seconds.
+    wait: i32,
+    rx: tokio::sync::Mutex<mpsc::Receiver<Received>>,
+}
+
+impl fmt::Debug for ReceiverShared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReceiverShared")
+            .field("url", &self.url)
+            .field("closed", &self.cancel.is_cancelled())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReceiverShared {
+    /// Stops polling and makes what was received but never handed out
+    /// visible again at once.
+    async fn shutdown(&self) {
+        self.cancel.cancel();
+        let mut held = Vec::new();
+        if let Ok(mut rx) = self.rx.try_lock() {
+            rx.close();
+            while let Ok((m, _permit)) = rx.try_recv() {
+                held.push(m);
+            }
+        }
+        for m in held {
+            if let Some(h) = m.receipt_handle() {
+                let _ = self
+                    .sqs
+                    .change_message_visibility()
+                    .queue_url(&self.url)
+                    .receipt_handle(h)
+                    .visibility_timeout(0)
+                    .send()
+                    .await;
+            }
+        }
+    }
+
+    fn deliver(self: &Arc<Self>, (m, permit): Received) -> RawDelivery {
+        let system = m.attributes();
+        let attempt = system
+            .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(1)
+            .max(1);
+        let published_at = system
+            .and_then(|a| a.get(&MessageSystemAttributeName::SentTimestamp))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
+        let attr = |name: &str| {
+            m.message_attributes()
+                .and_then(|a| a.get(name))
+                .and_then(|v| v.string_value())
+                .map(str::to_owned)
+        };
+        let message = codec::decode(
+            m.body().unwrap_or_default().to_owned(),
+            attr(codec::ID),
+            attr(codec::META).as_deref(),
+            published_at,
+            || m.message_id().unwrap_or_default().to_owned(),
+        );
+        RawDelivery {
+            message,
+            attempt,
+            acker: Box::new(SqsAcker {
+                shared: Arc::clone(self),
+                receipt: m.receipt_handle().unwrap_or_default().to_owned(),
+                _permit: permit,
+            }),
+        }
+    }
+}
+
+/// One long-polling loop of a receiver: asks for as many messages as the
+/// receiver has free prefetch room (at most 10), holding those permits.
+async fn poll(shared: Arc<ReceiverShared>, tx: mpsc::Sender<Received>) {
+    loop {
+        let first = tokio::select! {
+            p = Arc::clone(&shared.permits).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            () = shared.cancel.cancelled() => return,
+        };
+        let mut permits = vec![first];
+        while permits.len() < BATCH {
+            match Arc::clone(&shared.permits).try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        let request = shared
+            .sqs
+            .receive_message()
+            .queue_url(&shared.url)
+            .max_number_of_messages(i32::try_from(permits.len()).unwrap_or(1))
+            .wait_time_seconds(shared.wait)
+            .visibility_timeout(shared.visibility)
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+            .message_attribute_names("All")
+            .send();
+        let out = tokio::select! {
+            r = request => r,
+            () = shared.cancel.cancelled() => return,
+        };
+        match out {
+            Ok(out) => {
+                for m in out.messages.unwrap_or_default() {
+                    let Some(permit) = permits.pop() else { break };
+                    if tx.send((m, permit)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(_) => {
+                tokio::select! {
+                    () = tokio::time::sleep(POLL_RETRY) => {}
+                    () = shared.cancel.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SqsReceiver {
+    shared: Arc<ReceiverShared>,
+}
+
+#[async_trait]
+impl Receiver for SqsReceiver {
+    /// The next message the receiver's long polls brought in.
+    ///
+    /// Cancel safe: polls run in background tasks and hand messages over a
+    /// channel; a cancelled receive leaves them there.
+    async fn recv(&self) -> Option<Result<RawDelivery>> {
+        let s = &self.shared;
+        let mut rx = tokio::select! {
+            rx = s.rx.lock() => rx,
+            () = s.cancel.cancelled() => return None,
+        };
+        let received = tokio::select! {
+            r = rx.recv() => r?,
+            () = s.cancel.cancelled() => return None,
+        };
+        Some(Ok(s.deliver(received)))
+    }
+
+    fn try_recv(&self) -> Option<Result<RawDelivery>> {
+        let s = &self.shared;
+        if s.cancel.is_cancelled() {
+            return None;
+        }
+        let received = s.rx.try_lock().ok()?.try_recv().ok()?;
+        Some(Ok(s.deliver(received)))
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.shared.shutdown().await;
+        Ok(())
+    }
+}
+
+impl Drop for SqsReceiver {
+    fn drop(&mut self) {
+        // What it received comes back after the visibility timeout.
+        self.shared.cancel.cancel();
+    }
+}
+
+struct SqsAcker {
+    shared: Arc<ReceiverShared>,
+    receipt: String,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl fmt::Debug for SqsAcker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqsAcker").finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl Acker for SqsAcker {
+    /// `DeleteMessage`; `Ok` once SQS confirmed it.
+    async fn ack(&self) -> Result<()> {
+        if self.shared.cancel.is_cancelled() {
+            return Err(Error::Closed);
+        }
+        self.shared
+            .sqs
+            .delete_message()
+            .queue_url(&self.shared.url)
+            .receipt_handle(&self.receipt)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| sdk_error("DeleteMessage", e))
+    }
+
+    /// `ChangeMessageVisibility` to the delay (whole seconds, rounded up;
+    /// 0 without one): SQS holds the message and counts the next receive.
+    async fn nack(&self, delay: Option<Duration>) -> Result<()> {
+        if self.shared.cancel.is_cancelled() {
+            return Err(Error::Closed);
+        }
+        let secs = delay.map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0));
+        let secs = i32::try_from(secs.min(43_200)).unwrap_or(43_200);
+        self.shared
+            .sqs
+            .change_message_visibility()
+            .queue_url(&self.shared.url)
+            .receipt_handle(&self.receipt)
+            .visibility_timeout(secs)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| sdk_error("ChangeMessageVisibility", e))
+    }
+}

@@ -1,0 +1,62 @@
+//! The conformance suite against an SQS endpoint (`SWITCHYARD_SQS_URL`,
+//! moto in CI), in both modes, plus SQS-specific tests. Credentials come
+//! from the standard AWS chain (scripts/brokers.sh exports test ones for
+//! moto).
+
+use std::time::Duration;
+
+use switchyard_conformance::Harness;
+use switchyard_core::{Client, Result};
+
+mod specific;
+
+#[derive(Debug)]
+struct SqsHarness {
+    url: String,
+}
+
+#[async_trait::async_trait]
+impl Harness for SqsHarness {
+    async fn client(&self) -> Result<Client> {
+        switchyard_sqs::connect(&self.url).await
+    }
+
+    fn ack_timeout(&self) -> Duration {
+        // SQS visibility timeouts are whole seconds.
+        Duration::from_secs(1)
+    }
+
+    fn receive_timeout(&self) -> Duration {
+        Duration::from_secs(10)
+    }
+
+    fn slack(&self) -> Duration {
+        Duration::from_millis(2500)
+    }
+}
+
+/// The configured URL with `mode` set.
+fn with_mode(url: &str, mode: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}mode={mode}")
+}
+
+async fn queue_mode() -> Option<SqsHarness> {
+    switchyard_conformance::broker_url("SWITCHYARD_SQS_URL").map(|u| SqsHarness {
+        url: with_mode(&u, "queue"),
+    })
+}
+
+async fn fanout_mode() -> Option<SqsHarness> {
+    switchyard_conformance::broker_url("SWITCHYARD_SQS_URL").map(|u| SqsHarness {
+        url: with_mode(&u, "fanout"),
+    })
+}
+
+mod queue {
+    switchyard_conformance::conformance_tests!(super::queue_mode);
+}
+
+mod fanout {
+    switchyard_conformance::conformance_tests!(super::fanout_mode);
+}

@@ -1,0 +1,1 @@
+//! SQS-specific behaviour: bad input, faults, mapping.
