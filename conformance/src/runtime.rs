@@ -12,7 +12,7 @@ use std::{
 };
 
 use switchyard_core::{
-    Client, Message, SubscribeOptions,
+    Client, KeyOrdering, Message, SubscribeOptions,
     consumer::{Backoff, Consumer, HandlerError},
     headers,
 };
@@ -157,6 +157,11 @@ pub async fn runtime_per_key_serialised_in_order(h: &dyn Harness) -> Outcome {
     );
     assert_eq!((report.panicked, report.retried), (0, 0), "{report:?}");
     assert_eq!(report.acked, 60);
+    // The runtime keeps the order it receives; only a broker that delivers
+    // a key in order (capabilities) lets the handlers see publish order.
+    if client.capabilities().ordering == KeyOrdering::None {
+        return Outcome::Passed;
+    }
     for (key, order) in seen.lock().unwrap().iter() {
         let mut sorted = order.clone();
         sorted.sort_unstable();

@@ -36,6 +36,8 @@ const ATTRIBUTE_RESERVE: usize = 8 * 1024;
 const BATCH: usize = 10;
 /// Pause after a failed receive before the next one.
 const POLL_RETRY: Duration = Duration::from_millis(500);
+/// Pause after an empty short poll.
+const SHORT_POLL_PAUSE: Duration = Duration::from_millis(100);
 
 /// Maps an SDK error: credentials and signatures → authentication;
 /// throttling, timeouts and transport → retryable; the rest → broker errors.
@@ -630,15 +632,19 @@ impl Subscriber for SqsBroker {
         let url = self.subscription_queue(topic, options.name()).await?;
         let prefetch = options.prefetch_limit();
         let (tx, rx) = mpsc::channel(prefetch.max(1));
+        let ack_timeout = options.ack_timeout_value();
+        let visibility = i32::try_from(
+            ack_timeout.as_secs() + u64::from(ack_timeout.subsec_nanos() > 0),
+        )
+        .unwrap_or(43_200)
+        .clamp(1, 43_200);
         let shared = Arc::new(ReceiverShared {
             sqs: self.inner.sqs.clone(),
             url,
             cancel: self.inner.closed.child_token(),
             permits: Arc::new(Semaphore::new(prefetch)),
-            visibility: i32::try_from(options.ack_timeout_value().as_secs_f64().ceil() as u64)
-                .unwrap_or(43_200)
-                .clamp(1, 43_200),
-            wait: i32::try_from(self.inner.config.wait.as_secs()).unwrap_or(20),
+            visibility,
+            wait: wait_for(self.inner.config.wait, visibility),
             rx: tokio::sync::Mutex::new(rx),
         });
         for _ in 0..self.inner.config.pollers.max(1) {
@@ -709,18 +715,7 @@ impl ReceiverShared {
                 held.push(m);
             }
         }
-        for m in held {
-            if let Some(h) = m.receipt_handle() {
-                let _ = self
-                    .sqs
-                    .change_message_visibility()
-                    .queue_url(&self.url)
-                    .receipt_handle(h)
-                    .visibility_timeout(0)
-                    .send()
-                    .await;
-            }
-        }
+        self.release(held).await;
     }
 
     fn deliver(self: &Arc<Self>, (m, permit): Received) -> RawDelivery {
@@ -759,8 +754,31 @@ impl ReceiverShared {
     }
 }
 
-/// One long-polling loop of a receiver: asks for as many messages as the
+impl ReceiverShared {
+    /// Makes messages visible again at once (received but not handed out).
+    async fn release(&self, messages: impl IntoIterator<Item = aws_sdk_sqs::types::Message>) {
+        for m in messages {
+            if let Some(h) = m.receipt_handle() {
+                let _ = self
+                    .sqs
+                    .change_message_visibility()
+                    .queue_url(&self.url)
+                    .receipt_handle(h)
+                    .visibility_timeout(0)
+                    .send()
+                    .await;
+            }
+        }
+    }
+}
+
+/// One polling loop of a receiver: asks for as many messages as the
 /// receiver has free prefetch room (at most 10), holding those permits.
+///
+/// A receive is never abandoned half-way: SQS would still hand messages to
+/// the abandoned request and hide them for the visibility timeout. After the
+/// receiver closes, the loop finishes its current receive and makes what it
+/// got visible again.
 async fn poll(shared: Arc<ReceiverShared>, tx: mpsc::Sender<Received>) {
     loop {
         let first = tokio::select! {
@@ -777,7 +795,7 @@ async fn poll(shared: Arc<ReceiverShared>, tx: mpsc::Sender<Received>) {
                 Err(_) => break,
             }
         }
-        let request = shared
+        let out = shared
             .sqs
             .receive_message()
             .queue_url(&shared.url)
@@ -787,28 +805,51 @@ async fn poll(shared: Arc<ReceiverShared>, tx: mpsc::Sender<Received>) {
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
             .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
             .message_attribute_names("All")
-            .send();
-        let out = tokio::select! {
-            r = request => r,
-            () = shared.cancel.cancelled() => return,
-        };
-        match out {
-            Ok(out) => {
-                for m in out.messages.unwrap_or_default() {
-                    let Some(permit) = permits.pop() else { break };
-                    if tx.send((m, permit)).await.is_err() {
-                        return;
-                    }
-                }
-            }
+            .send()
+            .await;
+        let messages = match out {
+            Ok(out) => out.messages.unwrap_or_default(),
             Err(_) => {
                 tokio::select! {
                     () = tokio::time::sleep(POLL_RETRY) => {}
                     () = shared.cancel.cancelled() => return,
                 }
+                continue;
+            }
+        };
+        if shared.cancel.is_cancelled() {
+            shared.release(messages).await;
+            return;
+        }
+        let empty = messages.is_empty();
+        let mut rest = messages.into_iter();
+        while let Some(m) = rest.next() {
+            let Some(permit) = permits.pop() else {
+                shared.release(std::iter::once(m).chain(rest)).await;
+                break;
+            };
+            if let Err(mpsc::error::SendError((m, _))) = tx.send((m, permit)).await {
+                shared.release(std::iter::once(m).chain(rest)).await;
+                return;
+            }
+        }
+        if empty && shared.wait == 0 {
+            // Short polling (see `wait_for`): do not spin on an empty queue.
+            tokio::select! {
+                () = tokio::time::sleep(SHORT_POLL_PAUSE) => {}
+                () = shared.cancel.cancelled() => return,
             }
         }
     }
+}
+
+/// The long-poll wait for a visibility timeout: shorter than it, so a
+/// receive still running when its receiver goes away ends before anything
+/// that receiver held becomes visible again (0 — short polling — for a
+/// one-second timeout).
+fn wait_for(configured: Duration, visibility: i32) -> i32 {
+    let configured = i32::try_from(configured.as_secs()).unwrap_or(20);
+    configured.min(visibility - 1).max(0)
 }
 
 #[derive(Debug)]

@@ -35,10 +35,12 @@ impl Harness for SqsHarness {
     }
 }
 
-/// The configured URL with `mode` set.
+/// The configured URL with `mode` set and one-second long polls: a receive
+/// still running when its consumer closes takes (and counts) messages that
+/// become visible meanwhile, and the cases restart consumers within seconds.
 fn with_mode(url: &str, mode: &str) -> String {
     let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}mode={mode}")
+    format!("{url}{sep}mode={mode}&wait=1s")
 }
 
 async fn queue_mode() -> Option<SqsHarness> {
