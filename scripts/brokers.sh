@@ -9,10 +9,11 @@
 # A broker whose port already answers is reused, never started twice.
 # Everything binds to 127.0.0.1; every wait is bounded.
 # Brokers: nats (JetStream, 127.0.0.1:${SWITCHYARD_NATS_PORT:-4222}),
-#          rabbitmq (127.0.0.1:${SWITCHYARD_RABBITMQ_PORT:-5672}, guest/guest).
+#          rabbitmq (127.0.0.1:${SWITCHYARD_RABBITMQ_PORT:-5672}, guest/guest),
+#          sqs (moto in server mode, SQS and SNS, 127.0.0.1:${SWITCHYARD_SQS_PORT:-4566}).
 
 SY_BROKER_DIR="${SWITCHYARD_BROKER_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/switchyard/brokers}"
-SY_ALL_BROKERS="nats rabbitmq"
+SY_ALL_BROKERS="nats rabbitmq sqs"
 
 _sy_log() { echo "[brokers] $*" >&2; }
 
@@ -125,12 +126,60 @@ _sy_start_rabbitmq() {
     fi
 }
 
+_sy_sqs_answers() { # port: an SQS ListQueues call answers (moto routes
+    # unsigned requests to S3, so the probe carries a SigV4-shaped header)
+    timeout 5 python3 - "$1" <<'PY' >/dev/null 2>&1
+import sys, urllib.request
+req = urllib.request.Request(
+    "http://127.0.0.1:%s/" % sys.argv[1],
+    data=b"Action=ListQueues&Version=2012-11-05",
+    headers={
+        "Content-Type": "application/x-www-form-urlencoded",
+        "Authorization": "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/sqs/aws4_request, SignedHeaders=host, Signature=0",
+    },
+)
+body = urllib.request.urlopen(req, timeout=4).read()
+sys.exit(0 if b"ListQueuesResponse" in body or b"ListQueuesResult" in body else 1)
+PY
+}
+
+_sy_start_sqs() {
+    local port="${SWITCHYARD_SQS_PORT:-4566}"
+    export SWITCHYARD_SQS_URL="${SWITCHYARD_SQS_URL:-sqs://?region=us-east-1&endpoint=http://127.0.0.1:$port}"
+    # moto accepts any credentials; the backend reads the standard AWS chain.
+    export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}" AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}"
+    if _sy_port_open 127.0.0.1 "$port"; then
+        if _sy_sqs_answers "$port"; then
+            _sy_log "sqs: reusing the endpoint on 127.0.0.1:$port"
+            return 0
+        fi
+        _sy_log "sqs: 127.0.0.1:$port is taken but does not answer SQS"
+        return 1
+    fi
+    if ! python3 -c 'import moto.server' 2>/dev/null; then
+        _sy_log "installing moto[server] (PyPI)"
+        python3 -m pip install -q 'moto[server]' >/dev/null || return 1
+    fi
+    mkdir -p "$SY_BROKER_DIR"
+    _sy_log "sqs: starting moto on 127.0.0.1:$port"
+    setsid python3 -m moto.server -H 127.0.0.1 -p "$port" \
+        </dev/null >"$SY_BROKER_DIR/moto-$port.log" 2>&1 &
+    _sy_started sqs $!
+    _sy_wait_port sqs 127.0.0.1 "$port" 30 || return 1
+    local deadline=$((SECONDS + 20))
+    until _sy_sqs_answers "$port"; do
+        ((SECONDS < deadline)) || { _sy_log "sqs: moto does not answer"; return 1; }
+        sleep 0.2
+    done
+}
+
 brokers_start() { # [broker...]
     local b
     for b in ${*:-$SY_ALL_BROKERS}; do
         case "$b" in
         nats) _sy_start_nats || return 1 ;;
         rabbitmq) _sy_start_rabbitmq || return 1 ;;
+        sqs) _sy_start_sqs || return 1 ;;
         *) _sy_log "unknown broker $b (known: $SY_ALL_BROKERS)"; return 1 ;;
         esac
     done
@@ -154,6 +203,8 @@ brokers_status() {
     if _sy_port_open 127.0.0.1 "$port"; then echo "nats: up (127.0.0.1:$port)"; else echo "nats: down"; fi
     port="${SWITCHYARD_RABBITMQ_PORT:-5672}"
     if _sy_port_open 127.0.0.1 "$port"; then echo "rabbitmq: up (127.0.0.1:$port)"; else echo "rabbitmq: down"; fi
+    port="${SWITCHYARD_SQS_PORT:-4566}"
+    if _sy_port_open 127.0.0.1 "$port"; then echo "sqs: up (127.0.0.1:$port)"; else echo "sqs: down"; fi
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then

@@ -18,7 +18,7 @@ fi
 
 cargo test --workspace --all-features "$@"
 
-# The examples must keep running: on the memory broker, NATS and RabbitMQ.
+# The examples must keep running: on the memory broker, NATS, RabbitMQ and SQS.
 echo "==> examples"
 cargo run -q --example quickstart >/dev/null
 cargo run -q --example order_pipeline >/dev/null
@@ -29,5 +29,10 @@ fi
 if [ -n "${SWITCHYARD_RABBITMQ_URL:-}" ]; then
     cargo run -q --features rabbitmq --example quickstart -- "$SWITCHYARD_RABBITMQ_URL" >/dev/null
     cargo run -q --features rabbitmq --example order_pipeline -- "$SWITCHYARD_RABBITMQ_URL" >/dev/null
+fi
+if [ -n "${SWITCHYARD_SQS_URL:-}" ]; then
+    # Fan-out mode: the order pipeline has two subscriptions on one topic.
+    cargo run -q --features sqs --example quickstart -- "$SWITCHYARD_SQS_URL&mode=fanout" >/dev/null
+    cargo run -q --features sqs --example order_pipeline -- "$SWITCHYARD_SQS_URL&mode=fanout" >/dev/null
 fi
 echo "examples ran: quickstart, order_pipeline"

@@ -13,7 +13,7 @@
 //! | `kafka://host:port` | `kafka` | Apache Kafka (not yet available) |
 //! | `amqp://user:pass@host:port/vhost` (or `amqps://`) | `rabbitmq` | RabbitMQ ([`rabbitmq`](https://docs.rs/switchyard-rabbitmq)) |
 //! | `nats://host:port` | `nats` | NATS JetStream ([`nats`](https://docs.rs/switchyard-nats)) |
-//! | `sqs://?region=…` | `sqs` | AWS SQS (not yet available) |
+//! | `sqs://?region=…[&endpoint=…&mode=queue\|fanout]` | `sqs` | AWS SQS, with SNS fan-out ([`sqs`](https://docs.rs/switchyard-sqs)) |
 //!
 //! # Example
 //!
@@ -66,6 +66,10 @@ pub use switchyard_nats as nats;
 /// The RabbitMQ backend (feature `rabbitmq`).
 #[cfg(feature = "rabbitmq")]
 pub use switchyard_rabbitmq as rabbitmq;
+
+/// The SQS backend (feature `sqs`).
+#[cfg(feature = "sqs")]
+pub use switchyard_sqs as sqs;
 
 /// Connects to the broker named by `url`, choosing the backend by scheme:
 /// `memory://`, `kafka://`, `amqp://` / `amqps://`, `nats://` (or `tls://`), `sqs://`.
@@ -134,7 +138,12 @@ pub async fn connect(url: &str) -> Result<Client> {
             #[cfg(not(feature = "nats"))]
             return Err(missing("nats"));
         }
-        "sqs" => Err(missing("sqs")),
+        "sqs" => {
+            #[cfg(feature = "sqs")]
+            return switchyard_sqs::connect(url).await;
+            #[cfg(not(feature = "sqs"))]
+            return Err(missing("sqs"));
+        }
         other => Err(Error::InvalidUrl {
             url: redact_url(url),
             reason: format!(
@@ -150,10 +159,10 @@ mod tests {
 
     #[tokio::test]
     async fn scheme_without_feature_names_the_feature() {
-        let mut cases = vec![
-            ("kafka://127.0.0.1:9092", "kafka"),
-            ("sqs://?region=us-east-1", "sqs"),
-        ];
+        let mut cases = vec![("kafka://127.0.0.1:9092", "kafka")];
+        if cfg!(not(feature = "sqs")) {
+            cases.push(("sqs://?region=us-east-1", "sqs"));
+        }
         if cfg!(not(feature = "rabbitmq")) {
             cases.push(("amqp://guest:guest@127.0.0.1:5672/%2f", "rabbitmq"));
             cases.push(("amqps://u:p@host/vh", "rabbitmq"));

@@ -633,11 +633,10 @@ impl Subscriber for SqsBroker {
         let prefetch = options.prefetch_limit();
         let (tx, rx) = mpsc::channel(prefetch.max(1));
         let ack_timeout = options.ack_timeout_value();
-        let visibility = i32::try_from(
-            ack_timeout.as_secs() + u64::from(ack_timeout.subsec_nanos() > 0),
-        )
-        .unwrap_or(43_200)
-        .clamp(1, 43_200);
+        let visibility =
+            i32::try_from(ack_timeout.as_secs() + u64::from(ack_timeout.subsec_nanos() > 0))
+                .unwrap_or(43_200)
+                .clamp(1, 43_200);
         let shared = Arc::new(ReceiverShared {
             sqs: self.inner.sqs.clone(),
             url,

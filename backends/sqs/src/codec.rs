@@ -112,8 +112,19 @@ mod tests {
 
     fn round_trip(m: &Message) -> Message {
         let e = encode(m);
-        let get = |n: &str| e.attributes.iter().find(|(k, _)| *k == n).map(|(_, v)| v.clone());
-        decode(e.body.clone(), get(ID), get(META).as_deref(), None, || unreachable!())
+        let get = |n: &str| {
+            e.attributes
+                .iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| v.clone())
+        };
+        decode(
+            e.body.clone(),
+            get(ID),
+            get(META).as_deref(),
+            None,
+            || unreachable!(),
+        )
     }
 
     #[test]

@@ -168,7 +168,11 @@ impl SqsConfig {
     /// Static credentials instead of the AWS chain (for local emulators
     /// such as moto or LocalStack).
     #[must_use]
-    pub fn static_credentials(mut self, key_id: impl Into<String>, secret: impl Into<String>) -> Self {
+    pub fn static_credentials(
+        mut self,
+        key_id: impl Into<String>,
+        secret: impl Into<String>,
+    ) -> Self {
         self.credentials = Some((key_id.into(), secret.into()));
         self
     }
@@ -185,7 +189,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.region.as_deref(), Some("eu-west-1"));
-        assert_eq!((c.mode, c.wait, c.pollers), (Mode::FanOut, Duration::from_secs(2), 8));
+        assert_eq!(
+            (c.mode, c.wait, c.pollers),
+            (Mode::FanOut, Duration::from_secs(2), 8)
+        );
         for (url, why) in [
             ("nats://x", "sqs://"),
             ("sqs://host", "query"),

@@ -69,8 +69,7 @@ mod tests {
 
     fn valid(n: &str, max: usize) -> bool {
         n.len() <= max
-            && n
-                .bytes()
+            && n.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
     }
 
