@@ -1,0 +1,220 @@
+//! switchyard-sqs (queue mode) vs raw aws-sdk-sqs against the same endpoint,
+//! same run: publish in batches of 10 with 16 batches in flight, and
+//! consume+delete with 4 concurrent receives of up to 10 messages.
+//!
+//! `SWITCHYARD_SQS_URL='sqs://?region=us-east-1&endpoint=http://127.0.0.1:4566' cargo bench -p switchyard-sqs`
+//! (credentials from the AWS chain; `SY_BENCH_MESSAGES`, default 5,000).
+//! The raw consumer deletes each message on its own, as switchyard does,
+//! and, in a second figure, ten at a time with `DeleteMessageBatch`.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures_util::{StreamExt, stream::FuturesUnordered};
+use switchyard_conformance::bench::{self, Rounds, SIZE, env_usize, rate};
+use switchyard_core::{Client, SubscribeOptions};
+use switchyard_sqs::{
+    SqsBroker, SqsConfig,
+    aws_sdk_sqs::{
+        self,
+        types::{
+            DeleteMessageBatchRequestEntry, MessageAttributeValue, SendMessageBatchRequestEntry,
+        },
+    },
+};
+
+const BOUND: Duration = Duration::from_secs(900);
+
+async fn raw_publish(sqs: &aws_sdk_sqs::Client, url: &str, n: usize) -> Duration {
+    let body = "x".repeat(SIZE);
+    let start = Instant::now();
+    let mut in_flight = FuturesUnordered::new();
+    let mut sent = 0;
+    while sent < n || !in_flight.is_empty() {
+        while sent < n && in_flight.len() < 16 {
+            let k = (n - sent).min(10);
+            let entries: Vec<_> = (0..k)
+                .map(|i| {
+                    SendMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .message_body(&body)
+                        .message_attributes(
+                            "sy-id",
+                            MessageAttributeValue::builder()
+                                .data_type("String")
+                                .string_value(switchyard_core::new_id())
+                                .build()
+                                .unwrap(),
+                        )
+                        .build()
+                        .unwrap()
+                })
+                .collect();
+            in_flight.push(
+                sqs.send_message_batch()
+                    .queue_url(url)
+                    .set_entries(Some(entries))
+                    .send(),
+            );
+            sent += k;
+        }
+        let out = in_flight.next().await.unwrap().unwrap();
+        assert!(out.failed().is_empty());
+    }
+    start.elapsed()
+}
+
+async fn raw_consume(sqs: &aws_sdk_sqs::Client, url: &str, n: usize, batched: bool) -> Duration {
+    let done = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut loops = Vec::new();
+    for _ in 0..4 {
+        let (sqs, url, done) = (sqs.clone(), url.to_owned(), done.clone());
+        loops.push(tokio::spawn(async move {
+            while done.load(Ordering::SeqCst) < n {
+                let out = sqs
+                    .receive_message()
+                    .queue_url(&url)
+                    .max_number_of_messages(10)
+                    .wait_time_seconds(1)
+                    .send()
+                    .await
+                    .unwrap();
+                let messages = out.messages.unwrap_or_default();
+                if batched && !messages.is_empty() {
+                    let entries: Vec<_> = messages
+                        .iter()
+                        .enumerate()
+                        .map(|(i, m)| {
+                            DeleteMessageBatchRequestEntry::builder()
+                                .id(i.to_string())
+                                .receipt_handle(m.receipt_handle().unwrap())
+                                .build()
+                                .unwrap()
+                        })
+                        .collect();
+                    sqs.delete_message_batch()
+                        .queue_url(&url)
+                        .set_entries(Some(entries))
+                        .send()
+                        .await
+                        .unwrap();
+                } else {
+                    for m in &messages {
+                        sqs.delete_message()
+                            .queue_url(&url)
+                            .receipt_handle(m.receipt_handle().unwrap())
+                            .send()
+                            .await
+                            .unwrap();
+                    }
+                }
+                done.fetch_add(messages.len(), Ordering::SeqCst);
+            }
+        }));
+    }
+    for l in loops {
+        l.await.unwrap();
+    }
+    start.elapsed()
+}
+
+/// Receives and acks through the consumer runtime with 4 handlers at once
+/// (the raw side's 4 loops each have one delete in flight) and prefetch 40
+/// (the raw side's 4 receives of 10).
+async fn sy_consume(client: &Client, topic: &str, n: usize) -> Duration {
+    let sub = client
+        .subscribe(topic, SubscribeOptions::new("bench").prefetch(40))
+        .await
+        .unwrap();
+    let done = Arc::new(AtomicUsize::new(0));
+    let d = done.clone();
+    let start = Instant::now();
+    let stop = async move {
+        while d.load(Ordering::SeqCst) < n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let report = switchyard_core::consumer::Consumer::new()
+        .concurrency(4)
+        .run(
+            sub,
+            move |_| {
+                let done = done.clone();
+                async move {
+                    done.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            },
+            stop,
+        )
+        .await
+        .unwrap();
+    assert!(report.acked >= n as u64);
+    start.elapsed()
+}
+
+async fn run(url: &str, n: usize) {
+    let config = SqsConfig::from_url(&format!("{url}&mode=queue&wait=1s")).unwrap();
+    let broker = SqsBroker::connect(config).await.unwrap();
+    let client = Client::new(broker.clone());
+    let sqs = broker.sqs_client().clone();
+    let run_id = &switchyard_core::new_id()[24..];
+    let raw_url = sqs
+        .create_queue()
+        .queue_name(format!("bench-raw-{run_id}"))
+        .send()
+        .await
+        .unwrap()
+        .queue_url()
+        .unwrap()
+        .to_owned();
+    let topic = format!("bench.switchyard.{run_id}");
+    client
+        .ensure_subscription(&topic, &SubscribeOptions::new("bench"))
+        .await
+        .unwrap();
+    println!("SQS at {url}: {n} messages of {SIZE} B (queue mode)");
+    let mut rounds = Rounds::default();
+    for round in 1..=2 {
+        let raw_p = raw_publish(&sqs, &raw_url, n).await;
+        let sy_p = bench::publish(&client, &topic, n).await;
+        let raw_c = raw_consume(&sqs, &raw_url, n, false).await;
+        let sy_c = sy_consume(&client, &topic, n).await;
+        rounds.push(round, n, [raw_p, sy_p, raw_c, sy_c]);
+    }
+    raw_publish(&sqs, &raw_url, n).await;
+    let batched = raw_consume(&sqs, &raw_url, n, true).await;
+    println!(
+        "raw consume with DeleteMessageBatch: {:.0} msg/s",
+        rate(n, batched)
+    );
+    rounds.print_mean("raw aws-sdk-sqs");
+    let _ = sqs.delete_queue().queue_url(&raw_url).send().await;
+    client.close().await.unwrap();
+}
+
+fn main() {
+    let Ok(url) = std::env::var("SWITCHYARD_SQS_URL") else {
+        println!(
+            "SWITCHYARD_SQS_URL is not set: SQS benchmark skipped (scripts/brokers.sh start sqs)"
+        );
+        return;
+    };
+    let n = env_usize("SY_BENCH_MESSAGES", 5_000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        tokio::time::timeout(BOUND, run(&url, n))
+            .await
+            .expect("benchmark exceeded its time bound");
+    });
+}
