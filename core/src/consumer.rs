@@ -397,8 +397,7 @@ impl Consumer {
                 outcome = tracing::field::Empty,
             );
             crate::telemetry::set_parent(&span, &ctx.message);
-            let (topic, subscription) = (ctx.topic.clone(), ctx.subscription.clone());
-            crate::telemetry::received(&topic, &subscription);
+            crate::telemetry::received(&ctx.topic, &ctx.subscription);
             let started = std::time::Instant::now();
             let outcome = match AssertUnwindSafe(handler(ctx).instrument(span.clone()))
                 .catch_unwind()
@@ -416,6 +415,9 @@ impl Consumer {
                 }
             };
             let handler_time = started.elapsed();
+            // Settling consumes the delivery; keep what the metrics need
+            // (nothing without the `metrics` feature).
+            let labels = crate::telemetry::Labels::of(&delivery);
             let attempt = delivery.attempt();
             let (outcome, settled) = match outcome {
                 Ok(()) => {
@@ -443,7 +445,7 @@ impl Consumer {
                 }
             };
             span.record("outcome", outcome);
-            crate::telemetry::settled(&topic, &subscription, outcome, handler_time);
+            crate::telemetry::settled(&labels, outcome, handler_time);
             if let Err(e) = &settled {
                 report.settle_errors += 1;
                 tracing::warn!(parent: &span, error = %e, "settling the delivery failed; it will be redelivered");

@@ -122,14 +122,33 @@ pub(crate) fn received(topic: &str, subscription: &str) {
     let _ = (topic, subscription);
 }
 
+/// What a settled delivery's metrics are labelled with; empty without the
+/// `metrics` feature, so the runtime copies nothing for them.
+pub(crate) struct Labels {
+    #[cfg(feature = "metrics")]
+    topic: String,
+    #[cfg(feature = "metrics")]
+    subscription: String,
+}
+
+impl Labels {
+    pub(crate) fn of(delivery: &crate::Delivery) -> Self {
+        #[cfg(feature = "metrics")]
+        return Self {
+            topic: delivery.topic().to_owned(),
+            subscription: delivery.subscription().to_owned(),
+        };
+        #[cfg(not(feature = "metrics"))]
+        {
+            let _ = delivery;
+            Self {}
+        }
+    }
+}
+
 /// Records how a delivery ended (`acked`, `retried` or `dead-lettered`)
 /// and how long its handler ran.
-pub(crate) fn settled(
-    topic: &str,
-    subscription: &str,
-    outcome: &'static str,
-    handler: std::time::Duration,
-) {
+pub(crate) fn settled(labels: &Labels, outcome: &'static str, handler: std::time::Duration) {
     #[cfg(feature = "metrics")]
     {
         let name = match outcome {
@@ -137,19 +156,19 @@ pub(crate) fn settled(
             "retried" => "switchyard_nacked_total",
             _ => "switchyard_dead_lettered_total",
         };
-        let labels = [
-            ("topic", topic.to_owned()),
-            ("subscription", subscription.to_owned()),
+        let pairs = [
+            ("topic", labels.topic.clone()),
+            ("subscription", labels.subscription.clone()),
         ];
-        metrics::counter!(name, &labels).increment(1);
+        metrics::counter!(name, &pairs).increment(1);
         metrics::histogram!(
             "switchyard_handler_seconds",
-            "topic" => topic.to_owned(),
-            "subscription" => subscription.to_owned(),
+            "topic" => labels.topic.clone(),
+            "subscription" => labels.subscription.clone(),
             "outcome" => outcome
         )
         .record(handler.as_secs_f64());
     }
     #[cfg(not(feature = "metrics"))]
-    let _ = (topic, subscription, outcome, handler);
+    let _ = (labels, outcome, handler);
 }
