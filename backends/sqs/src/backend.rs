@@ -84,6 +84,21 @@ where
     }
 }
 
+/// One failed entry of a batch call (SQS and SNS report them alike):
+/// (entry index, what went wrong, whether a retry may succeed).
+fn failure(
+    id: &str,
+    code: &str,
+    message: Option<&str>,
+    sender_fault: bool,
+) -> Option<(usize, String, bool)> {
+    Some((
+        id.parse().ok()?,
+        format!("{code}: {}", message.unwrap_or_default()),
+        !sender_fault,
+    ))
+}
+
 fn sqs_attributes(encoded: &Encoded) -> HashMap<String, MessageAttributeValue> {
     encoded
         .attributes
@@ -489,13 +504,7 @@ impl SqsBroker {
                     Ok(out) => out
                         .failed()
                         .iter()
-                        .filter_map(|f| {
-                            Some((
-                                f.id().parse().ok()?,
-                                format!("{}: {}", f.code(), f.message().unwrap_or_default()),
-                                !f.sender_fault(),
-                            ))
-                        })
+                        .filter_map(|f| failure(f.id(), f.code(), f.message(), f.sender_fault()))
                         .collect(),
                     Err(e) => {
                         self.forget_queue(&name);
@@ -532,13 +541,7 @@ impl SqsBroker {
                     Ok(out) => out
                         .failed()
                         .iter()
-                        .filter_map(|f| {
-                            Some((
-                                f.id().parse().ok()?,
-                                format!("{}: {}", f.code(), f.message().unwrap_or_default()),
-                                !f.sender_fault(),
-                            ))
-                        })
+                        .filter_map(|f| failure(f.id(), f.code(), f.message(), f.sender_fault()))
                         .collect(),
                     Err(e) => return failed_all(sdk_error("SNS PublishBatch", e)),
                 }

@@ -6,6 +6,7 @@ use std::{
 };
 
 use switchyard_core::{Error, Message, SubscribeOptions};
+use switchyard_sqs::{SqsBroker, SqsConfig};
 
 fn url() -> Option<String> {
     switchyard_conformance::broker_url("SWITCHYARD_SQS_URL")
@@ -16,16 +17,16 @@ async fn unreachable_endpoint_fails_within_the_connect_timeout() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     drop(listener);
-    let start = Instant::now();
-    let err = switchyard_sqs::connect(&format!(
+    // Credentials given, so only the endpoint can fail.
+    let config = SqsConfig::from_url(&format!(
         "sqs://?region=us-east-1&endpoint=http://127.0.0.1:{port}&connect_timeout=1s"
     ))
-    .await
-    .unwrap_err();
-    assert!(
-        matches!(err, Error::Connection { .. } | Error::Config(_)),
-        "{err:?}"
-    );
+    .unwrap()
+    .static_credentials("test", "test");
+    let start = Instant::now();
+    let err = SqsBroker::connect(config).await.unwrap_err();
+    assert!(matches!(err, Error::Connection { .. }), "{err:?}");
+    assert!(err.is_retryable());
     assert!(
         start.elapsed() < Duration::from_secs(5),
         "{:?}",
