@@ -58,11 +58,16 @@ async fn queue_mode_subscriptions_share_the_topic_queue() {
     let deadline = Instant::now() + Duration::from_secs(20);
     while seen.len() < 6 {
         assert!(Instant::now() < deadline, "only {} of 6", seen.len());
-        let d = tokio::select! {
-            d = sa.recv() => d,
-            d = sb.recv() => d,
-        }
-        .unwrap();
+        let next = async {
+            tokio::select! {
+                d = sa.recv() => d,
+                d = sb.recv() => d,
+            }
+        };
+        let d = tokio::time::timeout(Duration::from_secs(10), next)
+            .await
+            .unwrap_or_else(|_| panic!("nothing for 10 s; {} of 6 seen", seen.len()))
+            .unwrap();
         assert!(
             seen.insert(d.message().id().to_owned()) || d.attempt() > 1,
             "{} delivered to both names",
