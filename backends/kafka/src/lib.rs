@@ -1,0 +1,53 @@
+//! The Apache Kafka backend of [switchyard](https://docs.rs/switchyard),
+//! built on [`rdkafka`] (librdkafka).
+//!
+//! # Mapping
+//!
+//! | switchyard | Kafka |
+//! |---|---|
+//! | topic `orders.created` | topic `orders.created` (created through the admin API when missing; [`KafkaConfig::partitions`]) |
+//! | subscription `billing` | consumer group `orders.created:billing`, which `ensure_subscription` starts at the topic's current end |
+//! | key, id, headers, payload | record key, header `sy-id`, record headers, record value (byte-exact) |
+//! | publish | idempotent producer, `acks=all`, confirmed by the delivery report; `publish_batch` enqueues everything, then collects the reports |
+//! | ack | the record is settled; the group's offset advances to the lowest unsettled record, settled records above it ride in the commit metadata |
+//! | nack, nack with delay | a copy goes to the retry topic `orders.created.billing.retry` with its next attempt and due time, then the original is settled; the same group consumes the retry topic and holds each record until due |
+//! | ack timeout | a delivery unsettled that long is re-published to the retry topic (next attempt) and settled; a late ack is a no-op |
+//! | attempt | 1 + nacks and expiries (in the retry record) + crash redeliveries (counted in the commit metadata) |
+//! | prefetch | at most `prefetch` records handed out and unsettled per consumer |
+//!
+//! Kafka has no per-message acknowledgement: a group commits one offset per
+//! partition. switchyard never commits past an unsettled record, so a crash
+//! or a rebalance redelivers (at-least-once) and never loses; acks above it
+//! and delivery counts travel in the commit's metadata string, so an acked
+//! record is not delivered again and a record that kills its consumer is
+//! still dead-lettered after `max_attempts`. Delays and attempts live in the
+//! retry topic, so both survive restarts.
+//!
+//! Per-key order holds for one consumer while nothing is nacked (records
+//! with one key share a partition). Nothing here is specific to one broker
+//! implementation: no transactions, no compression is required.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use switchyard_core::{Message, SubscribeOptions};
+//!
+//! # #[tokio::main] async fn main() -> switchyard_core::Result<()> {
+//! let client = switchyard_kafka::connect("kafka://127.0.0.1:9092?partitions=6").await?;
+//! let opts = SubscribeOptions::new("billing");
+//! client.ensure_subscription("orders.created", &opts).await?;
+//! client.publish("orders.created", Message::new("hello").with_key("customer-7")).await?;
+//! let mut sub = client.subscribe("orders.created", opts).await?;
+//! sub.recv().await?.ack().await?;
+//! # Ok(()) }
+//! ```
+
+mod backend;
+mod codec;
+mod config;
+mod names;
+mod offsets;
+
+pub use backend::{KafkaBroker, connect};
+pub use config::KafkaConfig;
+pub use rdkafka;
