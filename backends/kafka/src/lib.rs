@@ -47,6 +47,7 @@ mod codec;
 mod config;
 mod names;
 mod offsets;
+mod receiver;
 
 pub use backend::{KafkaBroker, connect};
 pub use config::KafkaConfig;

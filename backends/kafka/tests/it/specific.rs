@@ -1,1 +1,99 @@
-//! Kafka-specific tests.
+//! Kafka-specific behaviour: what the mapping relies on, bad input, faults.
+
+use std::time::{Duration, Instant};
+
+use switchyard_core::{Error, Message, SubscribeOptions};
+use switchyard_kafka::{
+    KafkaBroker, KafkaConfig,
+    rdkafka::{
+        ClientConfig, Offset, TopicPartitionList,
+        consumer::{BaseConsumer, CommitMode, Consumer},
+    },
+};
+
+fn url() -> Option<String> {
+    switchyard_conformance::broker_url("SWITCHYARD_KAFKA_URL")
+}
+
+fn bootstrap(url: &str) -> String {
+    let rest = url.trim_start_matches("kafka://");
+    rest.split('?').next().unwrap_or(rest).to_owned()
+}
+
+/// The mapping keeps acks above the committed offset and delivery counts in
+/// the commit metadata: the broker must store it and return it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_keeps_commit_metadata() {
+    let Some(url) = url() else { return };
+    let client = switchyard_kafka::connect(&url).await.unwrap();
+    let topic = format!("sy-k.meta.{}", std::process::id());
+    client.ensure_topic(&topic).await.unwrap();
+    let servers = bootstrap(&url);
+    let result = tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &servers)
+            .set("group.id", format!("{topic}:meta"))
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&topic, 0)
+            .set_offset(Offset::Offset(0))
+            .unwrap();
+        for mut e in tpl.elements() {
+            e.set_metadata("sy1;2;5;1-3");
+        }
+        let mut list = TopicPartitionList::new();
+        let mut e = list.add_partition(&topic, 0);
+        e.set_offset(Offset::Offset(0)).unwrap();
+        e.set_metadata("sy1;2;5;1-3");
+        consumer.commit(&list, CommitMode::Sync).unwrap();
+        let mut ask = TopicPartitionList::new();
+        ask.add_partition(&topic, 0);
+        let got = consumer
+            .committed_offsets(ask, Duration::from_secs(10))
+            .unwrap();
+        let e = &got.elements()[0];
+        (e.offset(), e.metadata().to_owned())
+    })
+    .await
+    .unwrap();
+    assert_eq!(result, (Offset::Offset(0), "sy1;2;5;1-3".to_owned()));
+}
+
+#[tokio::test]
+async fn unreachable_broker_fails_within_the_connect_timeout() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let config =
+        KafkaConfig::from_url(&format!("kafka://127.0.0.1:{port}?connect_timeout=1s")).unwrap();
+    let start = Instant::now();
+    let err = KafkaBroker::connect(config).await.unwrap_err();
+    assert!(matches!(err, Error::Connection { .. }), "{err:?}");
+    assert!(err.is_retryable());
+    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_carry_the_mapping() {
+    let Some(url) = url() else { return };
+    let client = switchyard_kafka::connect(&url).await.unwrap();
+    let topic = format!("sy-k.map.{}", std::process::id());
+    let opts = SubscribeOptions::new("s");
+    client.ensure_subscription(&topic, &opts).await.unwrap();
+    let msg = Message::new(vec![0u8, 159, 146, 150])
+        .with_key("k")
+        .with_header("trace", "a b=c");
+    client.publish(&topic, msg.clone()).await.unwrap();
+    let mut sub = client.subscribe(&topic, opts).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(30), sub.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.message().id(), msg.id());
+    assert_eq!(d.message().payload(), msg.payload());
+    assert_eq!(d.message().headers(), msg.headers());
+    d.ack().await.unwrap();
+    sub.close().await.unwrap();
+}

@@ -1,0 +1,939 @@
+//! Receiving: one consumer-group member per subscription handle.
+//!
+//! A pump task keeps polling the consumer (so the member takes part in
+//! rebalances even while the application is busy) and admits records into
+//! a small ready queue; [`Receiver::recv`] hands them out within the
+//! prefetch limit. Records of the retry topic wait in a heap until due.
+//! A committer commits settled offsets shortly after acks; a reaper
+//! re-publishes deliveries that outlive the ack timeout.
+
+use std::{
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap, VecDeque},
+    fmt,
+    sync::{Arc, Mutex, MutexGuard, Weak},
+    time::{Duration, Instant, SystemTime},
+};
+
+use async_trait::async_trait;
+use rdkafka::{
+    Offset, TopicPartitionList,
+    client::ClientContext,
+    consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
+    error::KafkaError,
+    message::Message as _,
+};
+use switchyard_core::{Acker, Error, Message, RawDelivery, Receiver, Result, SubscribeOptions};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    backend::{BrokerInner, base_config, block_briefly, blocking, kafka_error, lock},
+    codec::{self, Retry},
+    names,
+    offsets::Track,
+};
+
+/// Pause before a failed expiry re-publish is tried again.
+const REAP_RETRY: Duration = Duration::from_secs(1);
+/// Most retry records held in memory until due; past it the pump pauses.
+const MAX_HELD: usize = 10_000;
+
+/// A partition of the subscription: the topic's (`false`) or the retry
+/// topic's (`true`).
+type Part = (bool, i32);
+
+/// A record handed out and not settled yet.
+struct Handed {
+    part: Part,
+    epoch: u64,
+    offset: i64,
+    message: Message,
+    attempt: u32,
+    deadline: Instant,
+    /// Being re-published (nack or expiry): not touched by anyone else.
+    busy: bool,
+}
+
+/// An admitted record: ready, or (from the retry topic) waiting until due.
+struct Admitted {
+    due_ms: i64,
+    seq: u64,
+    part: Part,
+    epoch: u64,
+    offset: i64,
+    message: Message,
+    attempt: u32,
+    redeliveries: u32,
+}
+
+impl PartialEq for Admitted {
+    fn eq(&self, other: &Self) -> bool {
+        (self.due_ms, self.seq) == (other.due_ms, other.seq)
+    }
+}
+impl Eq for Admitted {}
+impl PartialOrd for Admitted {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Admitted {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.due_ms, self.seq).cmp(&(other.due_ms, other.seq))
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// Assigned partitions, each with the epoch of its assignment.
+    tracks: HashMap<Part, (u64, Track)>,
+    next_epoch: u64,
+    /// An assignment (possibly empty) has been received.
+    assigned: bool,
+    ready: VecDeque<Admitted>,
+    held: BinaryHeap<Reverse<Admitted>>,
+    next_seq: u64,
+    handed: HashMap<u64, Handed>,
+    next_token: u64,
+    closed: bool,
+}
+
+impl State {
+    fn is_current(&self, part: Part, epoch: u64) -> bool {
+        self.tracks.get(&part).is_some_and(|(e, _)| *e == epoch)
+    }
+
+    fn settle(&mut self, part: Part, epoch: u64, offset: i64) {
+        if let Some((e, t)) = self.tracks.get_mut(&part)
+            && *e == epoch
+        {
+            t.settle(offset);
+        }
+    }
+
+    /// The offsets to commit: of dirty partitions, or of all of `only`.
+    fn commit_list(&mut self, names: &Names, only: Option<&[Part]>) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for (part, (_, track)) in &mut self.tracks {
+            let wanted = match only {
+                Some(parts) => parts.contains(part),
+                None => track.dirty,
+            };
+            if !wanted {
+                continue;
+            }
+            track.dirty = false;
+            if let Some((offset, meta)) = track.commit_point() {
+                let mut e = tpl.add_partition(names.of(part.0), part.1);
+                if e.set_offset(Offset::Offset(offset)).is_ok() {
+                    e.set_metadata(meta);
+                }
+            }
+        }
+        tpl
+    }
+
+    /// Forgets partitions: their records are fetched again by the next owner.
+    fn forget(&mut self, parts: &[Part]) {
+        for p in parts {
+            self.tracks.remove(p);
+        }
+        self.ready.retain(|a| !parts.contains(&a.part));
+        let held = std::mem::take(&mut self.held);
+        self.held = held
+            .into_iter()
+            .filter(|h| !parts.contains(&h.0.part))
+            .collect();
+    }
+}
+
+/// The two topic names of a subscription.
+#[derive(Debug, Clone)]
+struct Names {
+    topic: String,
+    retry: String,
+}
+
+impl Names {
+    fn of(&self, retry: bool) -> &str {
+        if retry { &self.retry } else { &self.topic }
+    }
+
+    fn part(&self, topic: &str, partition: i32) -> Option<Part> {
+        if topic == self.topic {
+            Some((false, partition))
+        } else if topic == self.retry {
+            Some((true, partition))
+        } else {
+            None
+        }
+    }
+}
+
+/// What the consumer's callbacks share with the receiver.
+struct Shared {
+    names: Names,
+    state: Mutex<State>,
+    request_timeout: Duration,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+}
+
+struct Ctx {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(list) = rebalance else {
+            return;
+        };
+        // Commit what is settled, then forget the partitions: deliveries
+        // still out are delivered again by the new owner (their acks become
+        // no-ops), records waiting here are fetched again there.
+        let names = &self.shared.names;
+        let parts: Vec<Part> = list
+            .elements()
+            .iter()
+            .filter_map(|e| names.part(e.topic(), e.partition()))
+            .collect();
+        let tpl = {
+            let mut st = self.shared.state();
+            let tpl = st.commit_list(names, Some(&parts));
+            st.forget(&parts);
+            tpl
+        };
+        if tpl.count() > 0
+            && let Err(e) = consumer.commit(&tpl, CommitMode::Sync)
+        {
+            tracing::warn!(error = %e, "kafka: commit on revoke failed; settled records may be delivered again");
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Assign(list) = rebalance else {
+            return;
+        };
+        let names = &self.shared.names;
+        let committed = if list.count() == 0 {
+            TopicPartitionList::new()
+        } else {
+            match consumer.committed_offsets((*list).clone(), self.shared.request_timeout) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka: reading committed offsets failed; delivery counts restart");
+                    (*list).clone()
+                }
+            }
+        };
+        let mut st = self.shared.state();
+        for e in committed.elements() {
+            let Some(part) = names.part(e.topic(), e.partition()) else {
+                continue;
+            };
+            let offset = match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            };
+            let epoch = st.next_epoch;
+            st.next_epoch += 1;
+            st.tracks
+                .insert(part, (epoch, Track::new(offset, e.metadata())));
+        }
+        st.assigned = true;
+    }
+}
+
+type KConsumer = StreamConsumer<Ctx>;
+
+pub(crate) struct RecvInner {
+    broker: Arc<BrokerInner>,
+    shared: Arc<Shared>,
+    consumer: Mutex<Option<Arc<KConsumer>>>,
+    /// `topic:subscription`, the tag of this subscription's retry records.
+    target: String,
+    prefetch: usize,
+    ack_timeout: Duration,
+    closed: CancellationToken,
+    /// Signalled when `recv` may have something to do (a record admitted,
+    /// a delivery settled).
+    wake: Arc<Notify>,
+    /// Signalled when the ready queue has room (for the pump).
+    space: Arc<Notify>,
+    /// Signalled when offsets need committing.
+    commit: Arc<Notify>,
+    /// One `recv` at a time.
+    recv_lock: tokio::sync::Mutex<()>,
+    /// The shutdown ran (or is running).
+    shut: std::sync::atomic::AtomicBool,
+}
+
+impl fmt::Debug for RecvInner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaReceiver")
+            .field("subscription", &self.target)
+            .field("prefetch", &self.prefetch)
+            .field("closed", &self.closed.is_cancelled())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A consumer on one subscription (see [`Receiver`]).
+#[derive(Debug)]
+pub(crate) struct KafkaReceiver {
+    pub(crate) inner: Arc<RecvInner>,
+}
+
+impl KafkaReceiver {
+    /// Joins the subscription's group and waits (up to the request timeout)
+    /// for the first assignment, so a consumer that `subscribe` returned is
+    /// a member that receives its share.
+    pub(crate) async fn open(
+        broker: &Arc<BrokerInner>,
+        topic: &str,
+        options: &SubscribeOptions,
+    ) -> Result<Self> {
+        let names = Names {
+            topic: topic.to_owned(),
+            retry: names::retry_topic(topic, options.name()),
+        };
+        let group = names::group(topic, options.name());
+        let config = &broker.config;
+        let mut cc = base_config(config);
+        cc.set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false");
+        for (k, v) in &config.properties {
+            cc.set(k, v);
+        }
+        let shared = Arc::new(Shared {
+            names: names.clone(),
+            state: Mutex::new(State::default()),
+            request_timeout: config.request_timeout,
+        });
+        let consumer: KConsumer = cc
+            .create_with_context(Ctx {
+                shared: Arc::clone(&shared),
+            })
+            .map_err(|e| Error::Config(format!("Kafka consumer: {e}")))?;
+        consumer
+            .subscribe(&[&names.topic, &names.retry])
+            .map_err(|e| kafka_error("subscribing", e))?;
+        let consumer = Arc::new(consumer);
+        let inner = Arc::new(RecvInner {
+            broker: Arc::clone(broker),
+            shared,
+            consumer: Mutex::new(Some(Arc::clone(&consumer))),
+            target: group,
+            prefetch: options.prefetch_limit(),
+            ack_timeout: options.ack_timeout_value(),
+            closed: CancellationToken::new(),
+            wake: Arc::new(Notify::new()),
+            space: Arc::new(Notify::new()),
+            commit: Arc::new(Notify::new()),
+            recv_lock: tokio::sync::Mutex::new(()),
+            shut: std::sync::atomic::AtomicBool::new(false),
+        });
+        tokio::spawn(pump(
+            Arc::downgrade(&inner),
+            consumer,
+            inner.closed.clone(),
+        ));
+        tokio::spawn(committer(Arc::downgrade(&inner)));
+        tokio::spawn(reaper(Arc::downgrade(&inner)));
+        let deadline = tokio::time::Instant::now() + config.request_timeout;
+        while !inner.shared.state().assigned && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(Self { inner })
+    }
+}
+
+/// Polls the consumer, admitting records, while the ready queue has room.
+async fn pump(inner: Weak<RecvInner>, consumer: Arc<KConsumer>, closed: CancellationToken) {
+    loop {
+        {
+            let Some(i) = inner.upgrade() else { return };
+            let space_signal = Arc::clone(&i.space);
+            let space = space_signal.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            let full = {
+                let st = i.shared.state();
+                st.ready.len() >= i.prefetch || st.held.len() >= MAX_HELD
+            };
+            drop(i);
+            if full {
+                tokio::select! {
+                    () = &mut space => {}
+                    () = closed.cancelled() => return,
+                    // Held records come due with time, not with a signal.
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+                continue;
+            }
+        }
+        let r = tokio::select! {
+            biased;
+            () = closed.cancelled() => return,
+            r = consumer.recv() => r,
+        };
+        let Some(i) = inner.upgrade() else { return };
+        let record = match r {
+            Ok(m) => m,
+            Err(e) => {
+                // Transient (a broker restarting, a topic being created):
+                // librdkafka recovers by itself.
+                tracing::debug!(error = %e, "kafka: consumer error");
+                if matches!(e, KafkaError::MessageConsumptionFatal(_)) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                continue;
+            }
+        };
+        let Some(part) = i.shared.names.part(record.topic(), record.partition()) else {
+            continue;
+        };
+        let offset = record.offset();
+        let decoded = codec::decode(&record, part.0);
+        drop(record);
+        let skipped = i.admit(part, offset, decoded);
+        if skipped {
+            i.commit.notify_one();
+        } else {
+            i.wake.notify_one();
+        }
+    }
+}
+
+impl RecvInner {
+    fn consumer(&self) -> Option<Arc<KConsumer>> {
+        lock(&self.consumer).clone()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.shared.state()
+    }
+
+    /// Registers a fetched record; `true` when it was skipped (settled).
+    fn admit(&self, part: Part, offset: i64, decoded: codec::Decoded) -> bool {
+        let mut st = self.state();
+        let Some((epoch, track)) = st.tracks.get_mut(&part) else {
+            return true;
+        };
+        let epoch = *epoch;
+        let Some(redeliveries) = track.fetched(offset) else {
+            return true;
+        };
+        let (attempt, due_ms) = if part.0 {
+            match decoded.retry {
+                Some(r) if r.target == self.target => (r.attempt.max(1), r.due_ms),
+                _ => {
+                    // Another subscription's retry (a shared retry topic) or
+                    // a foreign record: not ours to deliver.
+                    track.settle(offset);
+                    return true;
+                }
+            }
+        } else {
+            (1, 0)
+        };
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let a = Admitted {
+            due_ms,
+            seq,
+            part,
+            epoch,
+            offset,
+            message: decoded.message,
+            attempt,
+            redeliveries,
+        };
+        if due_ms > codec::unix_ms(SystemTime::now()) {
+            st.held.push(Reverse(a));
+        } else {
+            st.ready.push_back(a);
+        }
+        false
+    }
+
+    /// Hands out an admitted record (under the state lock); returns the
+    /// delivery and, for the head of an assignment, the offsets to commit
+    /// before handing it out.
+    fn hand_out(self: &Arc<Self>, st: &mut State, a: Admitted) -> (RawDelivery, TopicPartitionList) {
+        let mut head = TopicPartitionList::new();
+        if let Some((_, track)) = st.tracks.get_mut(&a.part)
+            && track.handed(a.offset, a.redeliveries)
+        {
+            head = st.commit_list(&self.shared.names, Some(&[a.part]));
+        }
+        let token = st.next_token;
+        st.next_token += 1;
+        let attempt = a.attempt.saturating_add(a.redeliveries);
+        st.handed.insert(
+            token,
+            Handed {
+                part: a.part,
+                epoch: a.epoch,
+                offset: a.offset,
+                message: a.message.clone(),
+                attempt,
+                deadline: Instant::now() + self.ack_timeout,
+                busy: false,
+            },
+        );
+        let delivery = RawDelivery {
+            message: a.message,
+            attempt,
+            acker: Box::new(KafkaAcker {
+                inner: Arc::downgrade(self),
+                token,
+            }),
+        };
+        (delivery, head)
+    }
+
+    /// The next record to hand out, if there is room and one is ready;
+    /// else when the next held record is due.
+    fn take(self: &Arc<Self>) -> std::result::Result<(RawDelivery, TopicPartitionList), Option<i64>> {
+        let mut st = self.state();
+        if st.closed || st.handed.len() >= self.prefetch {
+            return Err(None);
+        }
+        let now_ms = codec::unix_ms(SystemTime::now());
+        loop {
+            let due = st.held.peek().is_some_and(|h| h.0.due_ms <= now_ms);
+            let next = if due {
+                st.held.pop().map(|h| h.0)
+            } else {
+                let a = st.ready.pop_front();
+                if a.is_some() {
+                    self.space.notify_one();
+                }
+                a
+            };
+            let Some(a) = next else {
+                return Err(st.held.peek().map(|h| h.0.due_ms));
+            };
+            if st.is_current(a.part, a.epoch) {
+                return Ok(self.hand_out(&mut st, a));
+            }
+        }
+    }
+
+    async fn recv(self: &Arc<Self>) -> Option<Result<RawDelivery>> {
+        let _one = tokio::select! {
+            g = self.recv_lock.lock() => g,
+            () = self.closed.cancelled() => return None,
+        };
+        loop {
+            if self.closed.is_cancelled() {
+                return None;
+            }
+            let wake = self.wake.notified();
+            tokio::pin!(wake);
+            wake.as_mut().enable();
+            let next_due = match self.take() {
+                Ok((d, head)) => {
+                    if head.count() > 0
+                        && let Some(c) = self.consumer()
+                        && let Err(e) = block_briefly(|| c.commit(&head, CommitMode::Sync))
+                    {
+                        tracing::warn!(error = %e, "kafka: committing a delivery count failed");
+                    }
+                    return Some(Ok(d));
+                }
+                Err(due) => due,
+            };
+            let sleep = async {
+                match next_due {
+                    Some(due) => {
+                        let wait = due - codec::unix_ms(SystemTime::now());
+                        let wait = u64::try_from(wait.max(1)).unwrap_or(1);
+                        tokio::time::sleep(Duration::from_millis(wait)).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = self.closed.cancelled() => return None,
+                () = &mut wake => {}
+                () = sleep => {}
+            }
+        }
+    }
+
+    /// Settles a handed-out delivery for good.
+    fn settle(&self, token: u64) -> Result<()> {
+        let mut st = self.state();
+        if st.closed {
+            return Err(Error::Closed);
+        }
+        // Gone: expired (re-published by the reaper) or its partition was
+        // revoked (the new owner delivers it). Nothing left to do.
+        if let Some(h) = st.handed.remove(&token) {
+            st.settle(h.part, h.epoch, h.offset);
+            drop(st);
+            self.wake.notify_one();
+            self.commit.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Re-publishes a delivery to the retry topic with the next attempt,
+    /// due after `delay`, then settles the original.
+    async fn requeue(&self, token: u64, delay: Duration) -> Result<()> {
+        let (message, attempt) = {
+            let mut st = self.state();
+            if st.closed {
+                return Err(Error::Closed);
+            }
+            match st.handed.get_mut(&token) {
+                Some(h) if !h.busy => {
+                    h.busy = true;
+                    (h.message.clone(), h.attempt)
+                }
+                _ => return Ok(()),
+            }
+        };
+        match self.publish_retry(&message, attempt, delay).await {
+            Ok(()) => {
+                let mut st = self.state();
+                if let Some(h) = st.handed.remove(&token) {
+                    st.settle(h.part, h.epoch, h.offset);
+                }
+                drop(st);
+                self.wake.notify_one();
+                self.commit.notify_one();
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(h) = self.state().handed.get_mut(&token) {
+                    h.busy = false;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn publish_retry(&self, message: &Message, attempt: u32, delay: Duration) -> Result<()> {
+        retry(
+            &self.broker,
+            &self.shared.names.retry,
+            &self.target,
+            message,
+            attempt,
+            delay,
+        )
+        .await
+    }
+
+    /// Stops fetching, hands what is still out back to the subscription
+    /// (re-published with the next attempt), commits and leaves the group.
+    pub(crate) async fn shutdown(&self) -> Result<()> {
+        if self.shut.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.closed.cancel();
+        let _no_recv = self.recv_lock.lock().await;
+        let consumer = lock(&self.consumer).take();
+        finish(
+            Arc::clone(&self.broker),
+            Arc::clone(&self.shared),
+            self.target.clone(),
+            consumer,
+        )
+        .await
+    }
+}
+
+async fn retry(
+    broker: &BrokerInner,
+    retry_topic: &str,
+    target: &str,
+    message: &Message,
+    attempt: u32,
+    delay: Duration,
+) -> Result<()> {
+    let retry = Retry {
+        target: target.to_owned(),
+        attempt: attempt.saturating_add(1),
+        due_ms: codec::unix_ms(SystemTime::now() + delay),
+    };
+    broker.publish_retry(retry_topic, message, retry).await
+}
+
+/// The end of a receiver: unsettled deliveries go back to the subscription
+/// as retry records (next attempt, due now), settled offsets are committed,
+/// and the consumer leaves the group. Later acks of those deliveries fail
+/// with [`Error::Closed`].
+async fn finish(
+    broker: Arc<BrokerInner>,
+    shared: Arc<Shared>,
+    target: String,
+    consumer: Option<Arc<KConsumer>>,
+) -> Result<()> {
+    let out: Vec<Handed> = {
+        let mut st = shared.state();
+        st.closed = true;
+        st.ready.clear();
+        st.held.clear();
+        let out: Vec<Handed> = st.handed.drain().map(|(_, h)| h).collect();
+        out.into_iter()
+            .filter(|h| !h.busy && st.is_current(h.part, h.epoch))
+            .collect()
+    };
+    let bound = broker.config.publish_timeout;
+    let returned = tokio::time::timeout(
+        bound,
+        futures_util::future::join_all(out.iter().map(|h| {
+            retry(
+                &broker,
+                &shared.names.retry,
+                &target,
+                &h.message,
+                h.attempt,
+                Duration::ZERO,
+            )
+        })),
+    )
+    .await
+    .unwrap_or_default();
+    {
+        // Settle what went back; anything else stays unsettled and the next
+        // owner delivers it again.
+        let mut st = shared.state();
+        for (h, r) in out.iter().zip(returned.iter()) {
+            if r.is_ok() {
+                st.settle(h.part, h.epoch, h.offset);
+            }
+        }
+    }
+    let Some(consumer) = consumer else {
+        return Ok(());
+    };
+    let bound = broker.config.request_timeout * 3;
+    blocking("closing a Kafka consumer", bound, move || {
+        let tpl = {
+            let mut st = shared.state();
+            let parts: Vec<Part> = st.tracks.keys().copied().collect();
+            let tpl = st.commit_list(&shared.names, Some(&parts));
+            st.tracks.clear();
+            tpl
+        };
+        let committed = if tpl.count() > 0 {
+            consumer
+                .commit(&tpl, CommitMode::Sync)
+                .map_err(|e| kafka_error("committing on close", e))
+        } else {
+            Ok(())
+        };
+        close_consumer(consumer);
+        committed
+    })
+    .await
+}
+
+/// Drops the last handle on a consumer (which leaves the group), waiting
+/// briefly for tasks that still hold a clone.
+fn close_consumer(mut consumer: Arc<KConsumer>) {
+    for _ in 0..1000 {
+        match Arc::try_unwrap(consumer) {
+            Ok(c) => {
+                drop(c);
+                return;
+            }
+            Err(c) => {
+                consumer = c;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+}
+
+impl Drop for RecvInner {
+    fn drop(&mut self) {
+        self.closed.cancel();
+        if self.shut.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let consumer = self
+            .consumer
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let work = finish(
+            Arc::clone(&self.broker),
+            Arc::clone(&self.shared),
+            self.target.clone(),
+            consumer,
+        );
+        // Dropped without close: the same hand-back, in the background.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = work.await {
+                    tracing::warn!(error = %e, "kafka: closing a dropped receiver failed");
+                }
+            });
+        }
+    }
+}
+
+/// Commits settled offsets shortly after acks, coalescing them.
+async fn committer(inner: Weak<RecvInner>) {
+    loop {
+        let (interval, closed) = {
+            let Some(i) = inner.upgrade() else { return };
+            let signal = Arc::clone(&i.commit);
+            let notified = signal.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let closed = i.closed.clone();
+            let interval = i.broker.config.commit_interval;
+            drop(i);
+            tokio::select! {
+                () = &mut notified => {}
+                () = closed.cancelled() => return,
+            }
+            (interval, closed)
+        };
+        tokio::time::sleep(interval).await;
+        if closed.is_cancelled() {
+            return;
+        }
+        let Some(i) = inner.upgrade() else { return };
+        let Some(consumer) = i.consumer() else { return };
+        let mut st = i.state();
+        let tpl = st.commit_list(&i.shared.names, None);
+        if tpl.count() > 0 {
+            // Under the lock: a revoke's synchronous commit never overtakes it.
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+                tracing::debug!(error = %e, "kafka: commit failed");
+            }
+        }
+    }
+}
+
+/// Re-publishes deliveries that outlived the ack timeout (with the next
+/// attempt) and settles the originals; a late ack of one is a no-op.
+async fn reaper(inner: Weak<RecvInner>) {
+    let (tick, closed) = match inner.upgrade() {
+        Some(i) => (
+            (i.ack_timeout / 10).clamp(Duration::from_millis(5), Duration::from_secs(1)),
+            i.closed.clone(),
+        ),
+        None => return,
+    };
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(tick) => {}
+            () = closed.cancelled() => return,
+        }
+        let Some(i) = inner.upgrade() else { return };
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        let mut freed = false;
+        {
+            let mut st = i.state();
+            let stale: Vec<u64> = st
+                .handed
+                .iter()
+                .filter(|(_, h)| !h.busy && h.deadline <= now)
+                .map(|(t, _)| *t)
+                .collect();
+            for token in stale {
+                let current = {
+                    let h = &st.handed[&token];
+                    st.is_current(h.part, h.epoch)
+                };
+                if current {
+                    if let Some(h) = st.handed.get_mut(&token) {
+                        h.busy = true;
+                        expired.push((token, h.message.clone(), h.attempt));
+                    }
+                } else {
+                    // Revoked: the new owner delivers it; free the slot.
+                    st.handed.remove(&token);
+                    freed = true;
+                }
+            }
+        }
+        let results = futures_util::future::join_all(
+            expired
+                .iter()
+                .map(|(_, m, attempt)| i.publish_retry(m, *attempt, Duration::ZERO)),
+        )
+        .await;
+        let mut st = i.state();
+        for ((token, _, _), r) in expired.into_iter().zip(results) {
+            match r {
+                Ok(()) => {
+                    if let Some(h) = st.handed.remove(&token) {
+                        st.settle(h.part, h.epoch, h.offset);
+                        freed = true;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka: re-publishing an expired delivery failed");
+                    if let Some(h) = st.handed.get_mut(&token) {
+                        h.busy = false;
+                        h.deadline = Instant::now() + REAP_RETRY;
+                    }
+                }
+            }
+        }
+        drop(st);
+        if freed {
+            i.wake.notify_one();
+            i.commit.notify_one();
+        }
+    }
+}
+
+#[async_trait]
+impl Receiver for KafkaReceiver {
+    async fn recv(&self) -> Option<Result<RawDelivery>> {
+        self.inner.recv().await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.shutdown().await
+    }
+}
+
+struct KafkaAcker {
+    inner: Weak<RecvInner>,
+    token: u64,
+}
+
+impl fmt::Debug for KafkaAcker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaAcker")
+            .field("token", &self.token)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl Acker for KafkaAcker {
+    async fn ack(&self) -> Result<()> {
+        self.inner.upgrade().ok_or(Error::Closed)?.settle(self.token)
+    }
+
+    async fn nack(&self, delay: Option<Duration>) -> Result<()> {
+        let inner = self.inner.upgrade().ok_or(Error::Closed)?;
+        inner
+            .requeue(self.token, delay.unwrap_or(Duration::ZERO))
+            .await
+    }
+}
