@@ -10,10 +10,12 @@
 # Everything binds to 127.0.0.1; every wait is bounded.
 # Brokers: nats (JetStream, 127.0.0.1:${SWITCHYARD_NATS_PORT:-4222}),
 #          rabbitmq (127.0.0.1:${SWITCHYARD_RABBITMQ_PORT:-5672}, guest/guest),
-#          sqs (moto in server mode, SQS and SNS, 127.0.0.1:${SWITCHYARD_SQS_PORT:-4566}).
+#          sqs (moto in server mode, SQS and SNS, 127.0.0.1:${SWITCHYARD_SQS_PORT:-4566}),
+#          kafka (tansu, an Apache-Kafka-compatible broker, sqlite storage,
+#                 127.0.0.1:${SWITCHYARD_KAFKA_PORT:-9092}; installed with cargo when missing).
 
 SY_BROKER_DIR="${SWITCHYARD_BROKER_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/switchyard/brokers}"
-SY_ALL_BROKERS="nats rabbitmq sqs"
+SY_ALL_BROKERS="nats rabbitmq sqs kafka"
 
 _sy_log() { echo "[brokers] $*" >&2; }
 
@@ -173,6 +175,47 @@ _sy_start_sqs() {
     done
 }
 
+_sy_tansu_ready() { # port
+    timeout 10 tansu topic list --broker "tcp://127.0.0.1:$1" >/dev/null 2>&1
+}
+
+_sy_start_kafka() {
+    local port="${SWITCHYARD_KAFKA_PORT:-9092}"
+    export SWITCHYARD_KAFKA_URL="${SWITCHYARD_KAFKA_URL:-kafka://127.0.0.1:$port}"
+    if _sy_port_open 127.0.0.1 "$port"; then
+        _sy_log "kafka: reusing the broker on 127.0.0.1:$port"
+        # Which implementation answers: the tests check its documented
+        # deviations (see backends/kafka/tests/it/specific.rs).
+        if command -v ss >/dev/null && ss -ltnp 2>/dev/null | grep ":$port " | grep -q '"tansu"'; then
+            export SWITCHYARD_KAFKA_BROKER=tansu
+        fi
+        return 0
+    fi
+    # The libsql build is the one with durable storage (see BROKERS.md);
+    # its help does not say so, its binary does. Another build is replaced.
+    if ! command -v tansu >/dev/null || ! grep -q libsql "$(command -v tansu)"; then
+        _sy_log "kafka: installing tansu 0.6.0 with libsql storage (cargo install, ~9 min once)"
+        cargo install -q tansu@0.6.0 --locked --features libsql || return 1
+    fi
+    local dir="$SY_BROKER_DIR/kafka-$port"
+    mkdir -p "$dir"
+    _sy_log "kafka: starting tansu on 127.0.0.1:$port (data in $dir)"
+    (
+        cd "$dir" &&
+            exec setsid tansu broker --listener-url "tcp://127.0.0.1:$port" \
+                --advertised-listener-url "tcp://127.0.0.1:$port" \
+                --storage-engine sqlite://tansu.db </dev/null >"$dir/tansu.log" 2>&1
+    ) &
+    _sy_started kafka $!
+    export SWITCHYARD_KAFKA_BROKER=tansu
+    _sy_wait_port kafka 127.0.0.1 "$port" 30 || return 1
+    local deadline=$((SECONDS + 30))
+    until _sy_tansu_ready "$port"; do
+        ((SECONDS < deadline)) || { _sy_log "kafka: tansu does not answer (see $dir/tansu.log)"; return 1; }
+        sleep 0.2
+    done
+}
+
 brokers_start() { # [broker...]
     local b
     for b in ${*:-$SY_ALL_BROKERS}; do
@@ -180,6 +223,7 @@ brokers_start() { # [broker...]
         nats) _sy_start_nats || return 1 ;;
         rabbitmq) _sy_start_rabbitmq || return 1 ;;
         sqs) _sy_start_sqs || return 1 ;;
+        kafka) _sy_start_kafka || return 1 ;;
         *) _sy_log "unknown broker $b (known: $SY_ALL_BROKERS)"; return 1 ;;
         esac
     done
@@ -205,6 +249,8 @@ brokers_status() {
     if _sy_port_open 127.0.0.1 "$port"; then echo "rabbitmq: up (127.0.0.1:$port)"; else echo "rabbitmq: down"; fi
     port="${SWITCHYARD_SQS_PORT:-4566}"
     if _sy_port_open 127.0.0.1 "$port"; then echo "sqs: up (127.0.0.1:$port)"; else echo "sqs: down"; fi
+    port="${SWITCHYARD_KAFKA_PORT:-9092}"
+    if _sy_port_open 127.0.0.1 "$port"; then echo "kafka: up (127.0.0.1:$port)"; else echo "kafka: down"; fi
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then

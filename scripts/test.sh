@@ -18,7 +18,7 @@ fi
 
 cargo test --workspace --all-features "$@"
 
-# The examples must keep running: on the memory broker, NATS, RabbitMQ and SQS.
+# The examples must keep running: on the memory broker, NATS, RabbitMQ, SQS and Kafka.
 echo "==> examples"
 cargo run -q --example quickstart >/dev/null
 cargo run -q --example order_pipeline >/dev/null
@@ -34,5 +34,9 @@ if [ -n "${SWITCHYARD_SQS_URL:-}" ]; then
     # Fan-out mode: the order pipeline has two subscriptions on one topic.
     cargo run -q --features sqs --example quickstart -- "$SWITCHYARD_SQS_URL&mode=fanout" >/dev/null
     cargo run -q --features sqs --example order_pipeline -- "$SWITCHYARD_SQS_URL&mode=fanout" >/dev/null
+fi
+if [ -n "${SWITCHYARD_KAFKA_URL:-}" ]; then
+    cargo run -q --features kafka --example quickstart -- "$SWITCHYARD_KAFKA_URL" >/dev/null
+    cargo run -q --features kafka --example order_pipeline -- "$SWITCHYARD_KAFKA_URL" >/dev/null
 fi
 echo "examples ran: quickstart, order_pipeline"

@@ -10,7 +10,7 @@
 //! | scheme | feature | backend |
 //! |---|---|---|
 //! | `memory://[name]` | `memory` (default) | in-process broker ([`memory`]) |
-//! | `kafka://host:port` | `kafka` | Apache Kafka (not yet available) |
+//! | `kafka://host:port[,host:port…]` | `kafka` | Apache Kafka ([`kafka`](https://docs.rs/switchyard-kafka)) |
 //! | `amqp://user:pass@host:port/vhost` (or `amqps://`) | `rabbitmq` | RabbitMQ ([`rabbitmq`](https://docs.rs/switchyard-rabbitmq)) |
 //! | `nats://host:port` | `nats` | NATS JetStream ([`nats`](https://docs.rs/switchyard-nats)) |
 //! | `sqs://?region=…[&endpoint=…&mode=queue\|fanout]` | `sqs` | AWS SQS, with SNS fan-out ([`sqs`](https://docs.rs/switchyard-sqs)) |
@@ -58,6 +58,10 @@ pub use switchyard_core::*;
 /// The in-process broker (feature `memory`).
 #[cfg(feature = "memory")]
 pub use switchyard_memory as memory;
+
+/// The Apache Kafka backend (feature `kafka`).
+#[cfg(feature = "kafka")]
+pub use switchyard_kafka as kafka;
 
 /// The NATS JetStream backend (feature `nats`).
 #[cfg(feature = "nats")]
@@ -114,6 +118,7 @@ pub async fn connect(url: &str) -> Result<Client> {
             });
         }
     };
+    #[allow(unused_variables, reason = "unused when every backend is compiled in")]
     let missing = |feature: &'static str| Error::FeatureNotEnabled {
         scheme: scheme.clone(),
         feature,
@@ -125,7 +130,12 @@ pub async fn connect(url: &str) -> Result<Client> {
             #[cfg(not(feature = "memory"))]
             return Err(missing("memory"));
         }
-        "kafka" => Err(missing("kafka")),
+        "kafka" => {
+            #[cfg(feature = "kafka")]
+            return switchyard_kafka::connect(url).await;
+            #[cfg(not(feature = "kafka"))]
+            return Err(missing("kafka"));
+        }
         "amqp" | "amqps" => {
             #[cfg(feature = "rabbitmq")]
             return switchyard_rabbitmq::connect(url).await;
@@ -159,7 +169,10 @@ mod tests {
 
     #[tokio::test]
     async fn scheme_without_feature_names_the_feature() {
-        let mut cases = vec![("kafka://127.0.0.1:9092", "kafka")];
+        let mut cases = Vec::new();
+        if cfg!(not(feature = "kafka")) {
+            cases.push(("kafka://127.0.0.1:9092", "kafka"));
+        }
         if cfg!(not(feature = "sqs")) {
             cases.push(("sqs://?region=us-east-1", "sqs"));
         }

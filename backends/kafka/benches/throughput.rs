@@ -1,1 +1,126 @@
-fn main(){}
+//! switchyard-kafka vs raw rdkafka, same broker, same run: confirmed publish
+//! (delivery reports, `acks=all`, idempotence) and consume+commit of
+//! 256-byte messages.
+//!
+//! `SWITCHYARD_KAFKA_URL=kafka://127.0.0.1:9092 cargo bench -p switchyard-kafka`
+//! (`SY_BENCH_MESSAGES`, default 50,000; `SY_BENCH_ROUNDS`, default 3).
+//!
+//! The raw producer is configured as switchyard configures its own and
+//! sends each record with an id header (a UUIDv7, as switchyard does): it
+//! enqueues everything, then awaits every delivery report. The raw consumer
+//! is a fresh group that stores each offset after processing and lets
+//! librdkafka auto-commit them (librdkafka's at-least-once pattern);
+//! switchyard receives and acks each delivery through its public API.
+//! Topics have one partition each, so both sides read one ordered log.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::{
+    ClientConfig,
+    consumer::{Consumer, StreamConsumer},
+    message::{Header, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
+};
+use switchyard_conformance::bench::{self, Rounds, SIZE, env_usize};
+use switchyard_core::{Client, SubscribeOptions};
+use switchyard_kafka::{KafkaBroker, KafkaConfig};
+
+fn bootstrap(url: &str) -> String {
+    let rest = url.trim_start_matches("kafka://");
+    rest.split('?').next().unwrap_or(rest).to_owned()
+}
+
+async fn raw_publish(producer: &FutureProducer, topic: &str, n: usize) -> Duration {
+    let payload = vec![0xab_u8; SIZE];
+    let start = Instant::now();
+    let mut reports = Vec::with_capacity(n);
+    for _ in 0..n {
+        let id = switchyard_core::new_id();
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "sy-id",
+            value: Some(id.as_bytes()),
+        });
+        let mut record: FutureRecord<'_, (), [u8]> = FutureRecord::to(topic)
+            .payload(&payload[..])
+            .headers(headers);
+        loop {
+            match producer.send_result(record) {
+                Ok(f) => {
+                    reports.push(f);
+                    break;
+                }
+                Err((_, r)) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+    }
+    for f in reports {
+        f.await.unwrap().unwrap();
+    }
+    start.elapsed()
+}
+
+async fn raw_consume(servers: &str, topic: &str, group: &str, n: usize) -> Duration {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", servers)
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let start = Instant::now();
+    for _ in 0..n {
+        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .expect("raw consume stalled")
+            .unwrap();
+        consumer.store_offset_from_message(&m).unwrap();
+    }
+    let elapsed = start.elapsed();
+    tokio::task::spawn_blocking(move || drop(consumer))
+        .await
+        .unwrap();
+    elapsed
+}
+
+#[tokio::main]
+async fn main() {
+    let Ok(url) = std::env::var("SWITCHYARD_KAFKA_URL") else {
+        eprintln!("SWITCHYARD_KAFKA_URL is not set: nothing to measure");
+        return;
+    };
+    let n = env_usize("SY_BENCH_MESSAGES", 50_000);
+    let rounds = env_usize("SY_BENCH_ROUNDS", 3);
+    let config = KafkaConfig::from_url(&url).unwrap().partitions(1);
+    let broker = KafkaBroker::connect(config).await.unwrap();
+    let client = Client::new(broker.clone());
+    let servers = bootstrap(&url);
+    let raw: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &servers)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    let run_id = &switchyard_core::new_id()[24..];
+    println!("{n} messages of {SIZE} bytes per round, {rounds} rounds, {url}");
+    let mut all = Rounds::default();
+    for round in 1..=rounds {
+        let raw_topic = format!("bench.raw.{run_id}.{round}");
+        client.ensure_topic(&raw_topic).await.unwrap();
+        let topic = format!("bench.switchyard.{run_id}.{round}");
+        let opts = SubscribeOptions::new("bench").prefetch(1024);
+        client.ensure_subscription(&topic, &opts).await.unwrap();
+
+        let raw_pub = raw_publish(&raw, &raw_topic, n).await;
+        let sy_pub = bench::publish(&client, &topic, n).await;
+        let raw_con = raw_consume(&servers, &raw_topic, &format!("raw-{run_id}-{round}"), n).await;
+        let sy_con = bench::consume(&client, &topic, opts, n).await;
+        all.push(round, n, [raw_pub, sy_pub, raw_con, sy_con]);
+    }
+    all.print_mean("rdkafka");
+    client.close().await.unwrap();
+}

@@ -1,28 +1,25 @@
 //! The Kafka backend: producer, admin client, receivers, ackers.
 
 use std::{
-    cmp::Reverse,
-    collections::{BinaryHeap, HashMap, HashSet},
+    collections::HashSet,
     fmt,
-    sync::{Arc, Mutex, MutexGuard, Weak},
-    time::{Duration, Instant, SystemTime},
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
 use rdkafka::{
     ClientConfig, Offset, TopicPartitionList,
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
-    client::{ClientContext, DefaultClientContext},
-    consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
+    client::DefaultClientContext,
+    consumer::{BaseConsumer, CommitMode, Consumer},
     error::{KafkaError, RDKafkaErrorCode},
-    message::Message as _,
     producer::{FutureProducer, FutureRecord, Producer as _, future_producer::DeliveryFuture},
 };
 use switchyard_core::{
-    Acker, Broker, Capabilities, Client, Error, KeyOrdering, Message, Publisher, RawDelivery,
-    Receiver, Result, SubscribeOptions, Subscriber, driver::ReceiverSet,
+    Broker, Capabilities, Client, Error, KeyOrdering, Message, Publisher, Receiver, Result,
+    SubscribeOptions, Subscriber, driver::ReceiverSet,
 };
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -37,8 +34,6 @@ use crate::{
 const HEADER_RESERVE: usize = 64 * 1024;
 /// Pause between attempts to enqueue while librdkafka's queue is full.
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(1);
-/// Pause before a failed expiry re-publish is tried again.
-const REAP_RETRY: Duration = Duration::from_secs(1);
 
 /// Maps a librdkafka error: transport and timeouts → connection errors;
 /// authentication → [`Error::Authentication`]; the rest → broker errors.
@@ -190,15 +185,22 @@ impl KafkaBroker {
         let probe = producer.clone();
         let bound = config.connect_timeout;
         let servers = config.bootstrap.clone();
-        blocking("connecting to Kafka", bound + Duration::from_secs(1), move || {
-            probe
-                .client()
-                .fetch_metadata(None, bound)
-                .map(drop)
-                .map_err(|e| {
-                    Error::connection(format!("cannot reach Kafka at {servers} within {bound:?}"), e)
-                })
-        })
+        blocking(
+            "connecting to Kafka",
+            bound + Duration::from_secs(1),
+            move || {
+                probe
+                    .client()
+                    .fetch_metadata(None, bound)
+                    .map(drop)
+                    .map_err(|e| {
+                        Error::connection(
+                            format!("cannot reach Kafka at {servers} within {bound:?}"),
+                            e,
+                        )
+                    })
+            },
+        )
         .await?;
         Ok(Self {
             inner: Arc::new(BrokerInner {
@@ -215,7 +217,6 @@ impl KafkaBroker {
 
     /// The native producer (an escape hatch; switchyard's records carry the
     /// headers described in the crate docs).
-    #[must_use]
     pub fn producer(&self) -> &FutureProducer {
         &self.inner.producer
     }
@@ -277,7 +278,13 @@ impl BrokerInner {
         let c = &self.config;
         let new: Vec<NewTopic<'_>> = missing
             .iter()
-            .map(|t| NewTopic::new(t, c.partitions, TopicReplication::Fixed(c.replication_factor)))
+            .map(|t| {
+                NewTopic::new(
+                    t,
+                    c.partitions,
+                    TopicReplication::Fixed(c.replication_factor),
+                )
+            })
             .collect();
         let opts = AdminOptions::new()
             .request_timeout(Some(c.request_timeout))
@@ -351,7 +358,12 @@ impl BrokerInner {
     }
 
     /// Publishes a retry record for a nacked or expired delivery (confirmed).
-    pub(crate) async fn publish_retry(&self, retry_topic: &str, message: &Message, retry: Retry) -> Result<()> {
+    pub(crate) async fn publish_retry(
+        &self,
+        retry_topic: &str,
+        message: &Message,
+        retry: Retry,
+    ) -> Result<()> {
         self.ensure_topics(&[retry_topic]).await?;
         let encoded = codec::encode(message, Some(&retry));
         let f = self.enqueue(retry_topic, message, encoded).await?;
@@ -497,11 +509,15 @@ impl Publisher for KafkaBroker {
         }
         let producer = self.inner.producer.clone();
         let bound = self.inner.config.publish_timeout;
-        blocking("flushing the producer", bound + Duration::from_secs(1), move || {
-            producer
-                .flush(bound)
-                .map_err(|e| kafka_error("flushing the producer", e))
-        })
+        blocking(
+            "flushing the producer",
+            bound + Duration::from_secs(1),
+            move || {
+                producer
+                    .flush(bound)
+                    .map_err(|e| kafka_error("flushing the producer", e))
+            },
+        )
         .await
     }
 }
@@ -586,4 +602,3 @@ impl Broker for KafkaBroker {
             .with_min_ack_timeout(Duration::from_millis(10))
     }
 }
-

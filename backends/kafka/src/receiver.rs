@@ -343,11 +343,7 @@ impl KafkaReceiver {
             recv_lock: tokio::sync::Mutex::new(()),
             shut: std::sync::atomic::AtomicBool::new(false),
         });
-        tokio::spawn(pump(
-            Arc::downgrade(&inner),
-            consumer,
-            inner.closed.clone(),
-        ));
+        tokio::spawn(pump(Arc::downgrade(&inner), consumer, inner.closed.clone()));
         tokio::spawn(committer(Arc::downgrade(&inner)));
         tokio::spawn(reaper(Arc::downgrade(&inner)));
         let deadline = tokio::time::Instant::now() + config.request_timeout;
@@ -470,7 +466,11 @@ impl RecvInner {
     /// Hands out an admitted record (under the state lock); returns the
     /// delivery and, for the head of an assignment, the offsets to commit
     /// before handing it out.
-    fn hand_out(self: &Arc<Self>, st: &mut State, a: Admitted) -> (RawDelivery, TopicPartitionList) {
+    fn hand_out(
+        self: &Arc<Self>,
+        st: &mut State,
+        a: Admitted,
+    ) -> (RawDelivery, TopicPartitionList) {
         let mut head = TopicPartitionList::new();
         if let Some((_, track)) = st.tracks.get_mut(&a.part)
             && track.handed(a.offset, a.redeliveries)
@@ -505,7 +505,9 @@ impl RecvInner {
 
     /// The next record to hand out, if there is room and one is ready;
     /// else when the next held record is due.
-    fn take(self: &Arc<Self>) -> std::result::Result<(RawDelivery, TopicPartitionList), Option<i64>> {
+    fn take(
+        self: &Arc<Self>,
+    ) -> std::result::Result<(RawDelivery, TopicPartitionList), Option<i64>> {
         let mut st = self.state();
         if st.closed || st.handed.len() >= self.prefetch {
             return Err(None);
@@ -644,8 +646,9 @@ impl RecvInner {
         if self.shut.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return Ok(());
         }
+        // A pending `recv` sees the token and returns `None`; one parked
+        // (not being polled) does when next polled.
         self.closed.cancel();
-        let _no_recv = self.recv_lock.lock().await;
         let consumer = lock(&self.consumer).take();
         finish(
             Arc::clone(&self.broker),
@@ -927,7 +930,10 @@ impl fmt::Debug for KafkaAcker {
 #[async_trait]
 impl Acker for KafkaAcker {
     async fn ack(&self) -> Result<()> {
-        self.inner.upgrade().ok_or(Error::Closed)?.settle(self.token)
+        self.inner
+            .upgrade()
+            .ok_or(Error::Closed)?
+            .settle(self.token)
     }
 
     async fn nack(&self, delay: Option<Duration>) -> Result<()> {

@@ -21,7 +21,16 @@ fn bootstrap(url: &str) -> String {
 }
 
 /// The mapping keeps acks above the committed offset and delivery counts in
-/// the commit metadata: the broker must store it and return it.
+/// the commit metadata (for a consumer that crashes without closing): the
+/// broker must store it and return it, as Apache Kafka does.
+///
+/// Known broker deviation: tansu 0.6 accepts the metadata and returns it
+/// empty. `scripts/brokers.sh` says which broker it started in
+/// `SWITCHYARD_KAFKA_BROKER`; for tansu this test checks that the deviation
+/// is still there (so the README's note cannot go stale) instead of passing
+/// silently. On such a broker a consumer that crashes (no close, no drop)
+/// delivers its unsettled records again with attempt 1, and records it
+/// acked above an unsettled one again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_keeps_commit_metadata() {
     let Some(url) = url() else { return };
@@ -36,13 +45,6 @@ async fn the_broker_keeps_commit_metadata() {
             .set("enable.auto.commit", "false")
             .create()
             .unwrap();
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&topic, 0)
-            .set_offset(Offset::Offset(0))
-            .unwrap();
-        for mut e in tpl.elements() {
-            e.set_metadata("sy1;2;5;1-3");
-        }
         let mut list = TopicPartitionList::new();
         let mut e = list.add_partition(&topic, 0);
         e.set_offset(Offset::Offset(0)).unwrap();
@@ -58,7 +60,15 @@ async fn the_broker_keeps_commit_metadata() {
     })
     .await
     .unwrap();
-    assert_eq!(result, (Offset::Offset(0), "sy1;2;5;1-3".to_owned()));
+    if std::env::var("SWITCHYARD_KAFKA_BROKER").is_ok_and(|b| b == "tansu") {
+        assert_eq!(
+            result,
+            (Offset::Offset(0), String::new()),
+            "tansu now keeps commit metadata: drop the deviation from the README and this test"
+        );
+    } else {
+        assert_eq!(result, (Offset::Offset(0), "sy1;2;5;1-3".to_owned()));
+    }
 }
 
 #[tokio::test]
@@ -72,7 +82,11 @@ async fn unreachable_broker_fails_within_the_connect_timeout() {
     let err = KafkaBroker::connect(config).await.unwrap_err();
     assert!(matches!(err, Error::Connection { .. }), "{err:?}");
     assert!(err.is_retryable());
-    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
