@@ -38,6 +38,9 @@ const BATCH: usize = 10;
 const POLL_RETRY: Duration = Duration::from_millis(500);
 /// Pause after an empty short poll.
 const SHORT_POLL_PAUSE: Duration = Duration::from_millis(100);
+/// Longest a poller waits for more free prefetch room before receiving,
+/// while its consumer still has messages to work on.
+const GATHER: Duration = Duration::from_millis(25);
 
 /// Maps an SDK error: credentials and signatures → authentication;
 /// throttling, timeouts and transport → retryable; the rest → broker errors.
@@ -645,6 +648,7 @@ impl Subscriber for SqsBroker {
             url,
             cancel: self.inner.closed.child_token(),
             permits: Arc::new(Semaphore::new(prefetch)),
+            prefetch,
             visibility,
             wait: wait_for(self.inner.config.wait, visibility),
             rx: tokio::sync::Mutex::new(rx),
@@ -689,6 +693,7 @@ struct ReceiverShared {
     cancel: CancellationToken,
     /// One permit per message this consumer may hold (its prefetch).
     permits: Arc<Semaphore>,
+    prefetch: usize,
     /// Visibility timeout (the ack timeout), in seconds.
     visibility: i32,
     /// Long-poll wait, in seconds.
@@ -790,11 +795,27 @@ async fn poll(shared: Arc<ReceiverShared>, tx: mpsc::Sender<Received>) {
             },
             () = shared.cancel.cancelled() => return,
         };
+        // Gather room for a full receive while the consumer still has
+        // messages to work on: one receive of 10 instead of ten of 1 (each
+        // receive is a billed call, and emulators scan the queue on each).
         let mut permits = vec![first];
-        while permits.len() < BATCH {
-            match Arc::clone(&shared.permits).try_acquire_owned() {
-                Ok(p) => permits.push(p),
-                Err(_) => break,
+        let target = BATCH.min(shared.prefetch);
+        let gather_until = tokio::time::Instant::now() + GATHER;
+        while permits.len() < target {
+            if let Ok(p) = Arc::clone(&shared.permits).try_acquire_owned() {
+                permits.push(p);
+                continue;
+            }
+            if tx.capacity() == tx.max_capacity() {
+                break; // the consumer is waiting: receive now
+            }
+            tokio::select! {
+                p = Arc::clone(&shared.permits).acquire_owned() => match p {
+                    Ok(p) => permits.push(p),
+                    Err(_) => return,
+                },
+                () = tokio::time::sleep_until(gather_until) => break,
+                () = shared.cancel.cancelled() => return,
             }
         }
         let out = shared
