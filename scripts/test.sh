@@ -16,11 +16,7 @@ if [ -n "${SY_STARTED_BROKERS:-}" ]; then
     trap brokers_stop EXIT
 fi
 
-# Every suite but SQS's, then SQS's one case at a time: moto serves one
-# request at a time and scans a queue on every delete, so two of its
-# 1,600-message cases at once take longer than a case may (3 minutes).
-cargo test --workspace --all-features --exclude switchyard-sqs "$@"
-cargo test -p switchyard-sqs --all-features "$@" -- --test-threads=1
+cargo test --workspace --all-features "$@"
 
 # The examples must keep running: on the memory broker, NATS, RabbitMQ, SQS and Kafka.
 echo "==> examples"
