@@ -196,6 +196,49 @@ impl Error {
         }
     }
 
+    /// This error once more, for a failure that hits every message of a
+    /// batch (a `publish_batch` whose setup failed reports it per message).
+    /// The copy keeps the variant, text and retryability of connection,
+    /// authentication, broker, timeout, closed and size errors (without the
+    /// native source, which stays with the original); any other error
+    /// becomes an [`Error::Broker`] with the same text.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use switchyard_core::Error;
+    /// let e = Error::broker("topic creation refused", true, None);
+    /// let copies: Vec<Error> = (0..3).map(|_| e.replicate()).collect();
+    /// assert!(copies.iter().all(|c| c.is_retryable() && c.to_string() == e.to_string()));
+    /// assert!(Error::Closed.replicate().is_closed());
+    /// ```
+    #[must_use]
+    pub fn replicate(&self) -> Error {
+        match self {
+            Error::Closed => Error::Closed,
+            Error::Timeout { operation, after } => Error::Timeout {
+                operation,
+                after: *after,
+            },
+            Error::PayloadTooLarge { size, limit } => Error::PayloadTooLarge {
+                size: *size,
+                limit: *limit,
+            },
+            Error::Connection { message, .. } => Error::Connection {
+                message: message.clone(),
+                source: None,
+            },
+            Error::Authentication { message, .. } => Error::Authentication {
+                message: message.clone(),
+                source: None,
+            },
+            Error::Broker {
+                message, retryable, ..
+            } => Error::broker(message.clone(), *retryable, None),
+            other => Error::broker(other.to_string(), other.is_retryable(), None),
+        }
+    }
+
     /// Whether the same operation may succeed if tried again later:
     /// connection losses, timeouts and broker errors the backend marked as
     /// transient. Invalid input, oversize payloads, authentication failures

@@ -477,10 +477,10 @@ impl Publisher for KafkaBroker {
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Vec<Result<()>> {
         if let Err(e) = self.check_open() {
-            return messages.iter().map(|_| Err(e.clone_shallow())).collect();
+            return messages.iter().map(|_| Err(e.replicate())).collect();
         }
         if let Err(e) = self.inner.ensure_topics(&[topic]).await {
-            return messages.iter().map(|_| Err(e.clone_shallow())).collect();
+            return messages.iter().map(|_| Err(e.replicate())).collect();
         }
         // Enqueue everything (librdkafka batches and pipelines), then
         // collect the delivery reports in input order.
@@ -533,29 +533,6 @@ impl KafkaBroker {
             return Err(Error::PayloadTooLarge { size, limit });
         }
         Ok(encoded)
-    }
-}
-
-/// Errors are not `Clone` (they keep their source); a batch that fails as a
-/// whole reports the same failure for every message.
-trait CloneShallow {
-    fn clone_shallow(&self) -> Error;
-}
-
-impl CloneShallow for Error {
-    fn clone_shallow(&self) -> Error {
-        match self {
-            Error::Closed => Error::Closed,
-            Error::Timeout { operation, after } => Error::Timeout {
-                operation,
-                after: *after,
-            },
-            Error::Connection { message, .. } => Error::Connection {
-                message: message.clone(),
-                source: None,
-            },
-            other => Error::broker(other.to_string(), other.is_retryable(), None),
-        }
     }
 }
 

@@ -396,13 +396,7 @@ impl Publisher for NatsBroker {
         }
         let t = match self.topic(topic).await {
             Ok(t) => t,
-            Err(e) => {
-                let text = e.to_string();
-                return messages
-                    .iter()
-                    .map(|_| Err(Error::broker(text.clone(), e.is_retryable(), None)))
-                    .collect();
-            }
+            Err(e) => return messages.iter().map(|_| Err(e.replicate())).collect(),
         };
         // Pipeline: keep up to `publish_window` acknowledgements in flight.
         let window = self.inner.config.publish_window;

@@ -529,21 +529,7 @@ impl Publisher for RabbitBroker {
         };
         let (exchange, channel) = match setup.await {
             Ok(s) => s,
-            Err(e) => {
-                let text = e.to_string();
-                let retryable = e.is_retryable();
-                let closed = matches!(e, Error::Closed);
-                return messages
-                    .iter()
-                    .map(|_| {
-                        if closed {
-                            Err(Error::Closed)
-                        } else {
-                            Err(Error::broker(text.clone(), retryable, None))
-                        }
-                    })
-                    .collect();
-            }
+            Err(e) => return messages.iter().map(|_| Err(e.replicate())).collect(),
         };
         // Pipeline: keep up to `publish_window` confirms in flight.
         let window = self.inner.config.publish_window;
