@@ -577,19 +577,31 @@ impl RecvInner {
 
     /// Settles a handed-out delivery for good.
     fn settle(&self, token: u64) -> Result<()> {
-        let mut st = self.state();
+        let st = self.state();
         if st.closed {
             return Err(Error::Closed);
         }
         // Gone: expired (re-published by the reaper) or its partition was
         // revoked (the new owner delivers it). Nothing left to do.
-        if let Some(h) = st.handed.remove(&token) {
-            st.settle(h.part, h.epoch, h.offset);
-            drop(st);
+        self.release(st, &[token]);
+        Ok(())
+    }
+
+    /// Settles handed-out deliveries: frees their prefetch slots, advances
+    /// their partitions' offsets, and wakes `recv` and the committer.
+    fn release(&self, mut st: MutexGuard<'_, State>, tokens: &[u64]) {
+        let mut any = false;
+        for token in tokens {
+            if let Some(h) = st.handed.remove(token) {
+                st.settle(h.part, h.epoch, h.offset);
+                any = true;
+            }
+        }
+        drop(st);
+        if any {
             self.wake.notify_one();
             self.commit.notify_one();
         }
-        Ok(())
     }
 
     /// Re-publishes a delivery to the retry topic with the next attempt,
@@ -610,13 +622,7 @@ impl RecvInner {
         };
         match self.publish_retry(&message, attempt, delay).await {
             Ok(()) => {
-                let mut st = self.state();
-                if let Some(h) = st.handed.remove(&token) {
-                    st.settle(h.part, h.epoch, h.offset);
-                }
-                drop(st);
-                self.wake.notify_one();
-                self.commit.notify_one();
+                self.release(self.state(), &[token]);
                 Ok(())
             }
             Err(e) => {
@@ -845,7 +851,7 @@ async fn reaper(inner: Weak<RecvInner>) {
         let Some(i) = inner.upgrade() else { return };
         let now = Instant::now();
         let mut expired = Vec::new();
-        let mut freed = false;
+        let mut revoked = Vec::new();
         {
             let mut st = i.state();
             let stale: Vec<u64> = st
@@ -866,10 +872,10 @@ async fn reaper(inner: Weak<RecvInner>) {
                     }
                 } else {
                     // Revoked: the new owner delivers it; free the slot.
-                    st.handed.remove(&token);
-                    freed = true;
+                    revoked.push(token);
                 }
             }
+            i.release(st, &revoked);
         }
         let results = futures_util::future::join_all(
             expired
@@ -878,14 +884,10 @@ async fn reaper(inner: Weak<RecvInner>) {
         )
         .await;
         let mut st = i.state();
+        let mut returned = Vec::with_capacity(expired.len());
         for ((token, _, _), r) in expired.into_iter().zip(results) {
             match r {
-                Ok(()) => {
-                    if let Some(h) = st.handed.remove(&token) {
-                        st.settle(h.part, h.epoch, h.offset);
-                        freed = true;
-                    }
-                }
+                Ok(()) => returned.push(token),
                 Err(e) => {
                     tracing::warn!(error = %e, "kafka: re-publishing an expired delivery failed");
                     if let Some(h) = st.handed.get_mut(&token) {
@@ -895,11 +897,7 @@ async fn reaper(inner: Weak<RecvInner>) {
                 }
             }
         }
-        drop(st);
-        if freed {
-            i.wake.notify_one();
-            i.commit.notify_one();
-        }
+        i.release(st, &returned);
     }
 }
 
