@@ -2,7 +2,7 @@
 # Local brokers for switchyard's tests and benchmarks.
 #
 #   bash scripts/brokers.sh start [BROKER...]   # install when missing, start when not running
-#   bash scripts/brokers.sh stop                # stop only the brokers this script started (by PID)
+#   bash scripts/brokers.sh stop [BROKER...]    # stop only brokers this script started (by PID)
 #   bash scripts/brokers.sh status
 #   source scripts/brokers.sh; brokers_start    # same, and exports SWITCHYARD_*_URL
 #
@@ -15,6 +15,7 @@
 #                 127.0.0.1:${SWITCHYARD_KAFKA_PORT:-9092}; installed with cargo when missing).
 
 SY_BROKER_DIR="${SWITCHYARD_BROKER_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/switchyard/brokers}"
+SY_SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 SY_ALL_BROKERS="nats rabbitmq sqs kafka"
 
 _sy_log() { echo "[brokers] $*" >&2; }
@@ -163,8 +164,10 @@ _sy_start_sqs() {
         python3 -m pip install -q 'moto[server]' >/dev/null || return 1
     fi
     mkdir -p "$SY_BROKER_DIR"
+    # moto_server.py is moto's server with two fixes for its linear-time
+    # clock reads and retention check (see the file); same behaviour.
     _sy_log "sqs: starting moto on 127.0.0.1:$port"
-    setsid python3 -m moto.server -H 127.0.0.1 -p "$port" \
+    setsid python3 "$SY_SCRIPT_DIR/moto_server.py" -H 127.0.0.1 -p "$port" \
         </dev/null >"$SY_BROKER_DIR/moto-$port.log" 2>&1 &
     _sy_started sqs $!
     _sy_wait_port sqs 127.0.0.1 "$port" 30 || return 1
@@ -229,10 +232,13 @@ brokers_start() { # [broker...]
     done
 }
 
-brokers_stop() {
-    local f pid
+brokers_stop() { # [broker...]: those (default: every broker this script started)
+    local f pid names="${*:-}"
     for f in "$SY_BROKER_DIR"/*.pid; do
         [ -e "$f" ] || continue
+        if [ -n "$names" ] && [[ " $names " != *" $(basename "$f" .pid) "* ]]; then
+            continue
+        fi
         pid="$(cat "$f")"
         if kill -0 "$pid" 2>/dev/null; then
             _sy_log "stopping $(basename "$f" .pid) (pid $pid)"
@@ -259,7 +265,7 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
     shift || true
     case "$cmd" in
     start) brokers_start "$@"; env | grep '^SWITCHYARD_.*_URL=' || true ;;
-    stop) brokers_stop ;;
+    stop) brokers_stop "$@" ;;
     status) brokers_status ;;
     *) echo "usage: $0 start|stop|status [broker...]" >&2; exit 2 ;;
     esac

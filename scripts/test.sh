@@ -13,7 +13,8 @@ source scripts/brokers.sh
 brokers_start
 # Stop, on exit, only the brokers this run started (by PID).
 if [ -n "${SY_STARTED_BROKERS:-}" ]; then
-    trap brokers_stop EXIT
+    # shellcheck disable=SC2064 # the list is fixed now, on purpose
+    trap "brokers_stop $SY_STARTED_BROKERS" EXIT
 fi
 
 cargo test --workspace --all-features "$@"

@@ -64,6 +64,7 @@ mod error;
 mod ext;
 pub mod headers;
 mod message;
+pub mod migrate;
 mod names;
 mod options;
 mod subscription;

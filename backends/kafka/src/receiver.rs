@@ -16,6 +16,7 @@ use std::{
 };
 
 use async_trait::async_trait;
+use futures_util::FutureExt as _;
 use rdkafka::{
     Offset, TopicPartitionList,
     client::ClientContext,
@@ -38,6 +39,8 @@ use crate::{
 const REAP_RETRY: Duration = Duration::from_secs(1);
 /// Most retry records held in memory until due; past it the pump pauses.
 const MAX_HELD: usize = 10_000;
+/// Most records the pump admits at once (those librdkafka already has).
+const PUMP_RUN: usize = 64;
 
 /// A partition of the subscription: the topic's (`false`) or the retry
 /// topic's (`true`).
@@ -132,6 +135,57 @@ impl State {
             }
         }
         tpl
+    }
+
+    /// Registers one fetched record of this subscription (`target`):
+    /// ready, or held until due; `false` when it was skipped (settled
+    /// before, already tracked, or another subscription's retry).
+    fn admit_one(
+        &mut self,
+        target: &str,
+        now_ms: i64,
+        part: Part,
+        offset: i64,
+        decoded: codec::Decoded,
+    ) -> bool {
+        let Some((epoch, track)) = self.tracks.get_mut(&part) else {
+            return false;
+        };
+        let epoch = *epoch;
+        let Some(redeliveries) = track.fetched(offset) else {
+            return false;
+        };
+        let (attempt, due_ms) = if part.0 {
+            match decoded.retry {
+                Some(r) if r.target == target => (r.attempt.max(1), r.due_ms),
+                _ => {
+                    // Another subscription's retry (a shared retry topic) or
+                    // a foreign record: not ours to deliver.
+                    track.settle(offset);
+                    return false;
+                }
+            }
+        } else {
+            (1, 0)
+        };
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let a = Admitted {
+            due_ms,
+            seq,
+            part,
+            epoch,
+            offset,
+            message: decoded.message,
+            attempt,
+            redeliveries,
+        };
+        if due_ms > now_ms {
+            self.held.push(Reverse(a));
+        } else {
+            self.ready.push_back(a);
+        }
+        true
     }
 
     /// Forgets partitions: their records are fetched again by the next owner.
@@ -384,28 +438,39 @@ async fn pump(inner: Weak<RecvInner>, consumer: Arc<KConsumer>, closed: Cancella
             r = consumer.recv() => r,
         };
         let Some(i) = inner.upgrade() else { return };
-        let record = match r {
-            Ok(m) => m,
-            Err(e) => {
-                // Transient (a broker restarting, a topic being created):
-                // librdkafka recovers by itself.
-                tracing::debug!(error = %e, "kafka: consumer error");
-                if matches!(e, KafkaError::MessageConsumptionFatal(_)) {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+        // What librdkafka already has queued comes along without waiting:
+        // one lock and one wake-up per run of records, not per record.
+        let mut run = Vec::new();
+        let mut next = Some(r);
+        while let Some(r) = next.take() {
+            match r {
+                Ok(record) => {
+                    if let Some(part) = i.shared.names.part(record.topic(), record.partition()) {
+                        run.push((part, record.offset(), codec::decode(&record, part.0)));
+                    }
                 }
-                continue;
+                Err(e) => {
+                    // Transient (a broker restarting, a topic being
+                    // created): librdkafka recovers by itself.
+                    tracing::debug!(error = %e, "kafka: consumer error");
+                    if matches!(e, KafkaError::MessageConsumptionFatal(_)) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    break;
+                }
             }
-        };
-        let Some(part) = i.shared.names.part(record.topic(), record.partition()) else {
+            if run.len() < PUMP_RUN {
+                next = consumer.recv().now_or_never();
+            }
+        }
+        if run.is_empty() {
             continue;
-        };
-        let offset = record.offset();
-        let decoded = codec::decode(&record, part.0);
-        drop(record);
-        let skipped = i.admit(part, offset, decoded);
+        }
+        let (admitted, skipped) = i.admit(run);
         if skipped {
             i.commit.notify_one();
-        } else {
+        }
+        if admitted {
             i.wake.notify_one();
         }
     }
@@ -420,47 +485,20 @@ impl RecvInner {
         self.shared.state()
     }
 
-    /// Registers a fetched record; `true` when it was skipped (settled).
-    fn admit(&self, part: Part, offset: i64, decoded: codec::Decoded) -> bool {
+    /// Registers fetched records under one lock; returns whether any was
+    /// admitted and whether any was skipped (settled before).
+    fn admit(&self, run: Vec<(Part, i64, codec::Decoded)>) -> (bool, bool) {
         let mut st = self.state();
-        let Some((epoch, track)) = st.tracks.get_mut(&part) else {
-            return true;
-        };
-        let epoch = *epoch;
-        let Some(redeliveries) = track.fetched(offset) else {
-            return true;
-        };
-        let (attempt, due_ms) = if part.0 {
-            match decoded.retry {
-                Some(r) if r.target == self.target => (r.attempt.max(1), r.due_ms),
-                _ => {
-                    // Another subscription's retry (a shared retry topic) or
-                    // a foreign record: not ours to deliver.
-                    track.settle(offset);
-                    return true;
-                }
+        let now_ms = codec::unix_ms(SystemTime::now());
+        let (mut admitted, mut skipped) = (false, false);
+        for (part, offset, decoded) in run {
+            if st.admit_one(&self.target, now_ms, part, offset, decoded) {
+                admitted = true;
+            } else {
+                skipped = true;
             }
-        } else {
-            (1, 0)
-        };
-        let seq = st.next_seq;
-        st.next_seq += 1;
-        let a = Admitted {
-            due_ms,
-            seq,
-            part,
-            epoch,
-            offset,
-            message: decoded.message,
-            attempt,
-            redeliveries,
-        };
-        if due_ms > codec::unix_ms(SystemTime::now()) {
-            st.held.push(Reverse(a));
-        } else {
-            st.ready.push_back(a);
         }
-        false
+        (admitted, skipped)
     }
 
     /// Hands out an admitted record (under the state lock); returns the
@@ -547,12 +585,7 @@ impl RecvInner {
             wake.as_mut().enable();
             let next_due = match self.take() {
                 Ok((d, head)) => {
-                    if head.count() > 0
-                        && let Some(c) = self.consumer()
-                        && let Err(e) = block_briefly(|| c.commit(&head, CommitMode::Sync))
-                    {
-                        tracing::warn!(error = %e, "kafka: committing a delivery count failed");
-                    }
+                    self.commit_head(&head);
                     return Some(Ok(d));
                 }
                 Err(due) => due,
@@ -572,6 +605,29 @@ impl RecvInner {
                 () = &mut wake => {}
                 () = sleep => {}
             }
+        }
+    }
+
+    /// A record ready now, without waiting (the hot path of `recv`).
+    fn try_recv(self: &Arc<Self>) -> Option<Result<RawDelivery>> {
+        if self.closed.is_cancelled() {
+            return None;
+        }
+        // A `recv` in progress owns the hand-out; it will see the record.
+        let _one = self.recv_lock.try_lock().ok()?;
+        let (d, head) = self.take().ok()?;
+        self.commit_head(&head);
+        Some(Ok(d))
+    }
+
+    /// Commits the raised delivery count of a partition's head record
+    /// before it is handed out (see the `offsets` module).
+    fn commit_head(&self, head: &TopicPartitionList) {
+        if head.count() > 0
+            && let Some(c) = self.consumer()
+            && let Err(e) = block_briefly(|| c.commit(head, CommitMode::Sync))
+        {
+            tracing::warn!(error = %e, "kafka: committing a delivery count failed");
         }
     }
 
@@ -905,6 +961,10 @@ async fn reaper(inner: Weak<RecvInner>) {
 impl Receiver for KafkaReceiver {
     async fn recv(&self) -> Option<Result<RawDelivery>> {
         self.inner.recv().await
+    }
+
+    fn try_recv(&self) -> Option<Result<RawDelivery>> {
+        self.inner.try_recv()
     }
 
     async fn close(&self) -> Result<()> {

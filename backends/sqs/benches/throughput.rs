@@ -5,8 +5,9 @@
 //! `SWITCHYARD_SQS_URL='sqs://?region=us-east-1&endpoint=http://127.0.0.1:4566' cargo bench -p switchyard-sqs`
 //! (credentials from the AWS chain; `SY_BENCH_MESSAGES`, default 500: moto
 //! scans a queue on every receive, so large backlogs measure moto).
-//! The raw consumer deletes each message on its own, as switchyard does,
-//! and, in a second figure, ten at a time with `DeleteMessageBatch`.
+//! The raw consumer deletes what each receive brought with one
+//! `DeleteMessageBatch` (as switchyard batches its acks) and, in a second
+//! figure, each message on its own with `DeleteMessage`.
 
 use std::{
     sync::{
@@ -133,9 +134,9 @@ async fn raw_consume(sqs: &aws_sdk_sqs::Client, url: &str, n: usize, batched: bo
     end - start
 }
 
-/// Receives and acks through the consumer runtime with 4 handlers at once
-/// (the raw side's 4 loops each have one delete in flight) and prefetch 40
-/// (the raw side's 4 receives of 10).
+/// Receives and acks through the consumer runtime with prefetch 40 (the
+/// raw side's 4 receives of 10) and as many handlers, so acks can gather
+/// into batches of 10 as the raw side's do.
 async fn sy_consume(client: &Client, topic: &str, n: usize) -> Duration {
     let sub = client
         .subscribe(topic, SubscribeOptions::new("bench").prefetch(40))
@@ -150,7 +151,7 @@ async fn sy_consume(client: &Client, topic: &str, n: usize) -> Duration {
         }
     };
     let report = switchyard_core::consumer::Consumer::new()
-        .concurrency(4)
+        .concurrency(40)
         .run(
             sub,
             move |_| {
@@ -193,15 +194,15 @@ async fn run(url: &str, n: usize) {
     for round in 1..=2 {
         let raw_p = raw_publish(&sqs, &raw_url, n).await;
         let sy_p = bench::publish(&client, &topic, n).await;
-        let raw_c = raw_consume(&sqs, &raw_url, n, false).await;
+        let raw_c = raw_consume(&sqs, &raw_url, n, true).await;
         let sy_c = sy_consume(&client, &topic, n).await;
         rounds.push(round, n, [raw_p, sy_p, raw_c, sy_c]);
     }
     raw_publish(&sqs, &raw_url, n).await;
-    let batched = raw_consume(&sqs, &raw_url, n, true).await;
+    let single = raw_consume(&sqs, &raw_url, n, false).await;
     println!(
-        "raw consume with DeleteMessageBatch: {:.0} msg/s",
-        rate(n, batched)
+        "raw consume with one DeleteMessage per message: {:.0} msg/s",
+        rate(n, single)
     );
     rounds.print_mean("raw aws-sdk-sqs");
     let _ = sqs.delete_queue().queue_url(&raw_url).send().await;

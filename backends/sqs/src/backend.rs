@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use aws_sdk_sqs::{
     error::{DisplayErrorContext, ProvideErrorMetadata, SdkError},
     types::{
+        ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
         MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName,
         SendMessageBatchRequestEntry,
     },
@@ -20,7 +21,7 @@ use switchyard_core::{
     Acker, Broker, Capabilities, Client, Error, KeyOrdering, Message, Publisher, RawDelivery,
     Receiver, Result, SubscribeOptions, Subscriber, driver::ReceiverSet,
 };
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -41,6 +42,9 @@ const SHORT_POLL_PAUSE: Duration = Duration::from_millis(100);
 /// Longest a poller waits for more free prefetch room before receiving,
 /// while its consumer still has messages to work on.
 const GATHER: Duration = Duration::from_millis(25);
+/// `DeleteMessageBatch` calls a receiver keeps in flight; acks that arrive
+/// while they are all out wait and go together in the next batch.
+const DELETE_WINDOW: usize = 4;
 
 /// Maps an SDK error: credentials and signatures → authentication;
 /// throttling, timeouts and transport → retryable; the rest → broker errors.
@@ -262,9 +266,10 @@ impl SqsBroker {
     /// The SQS queue a subscription reads (in queue mode, the topic's).
     #[must_use]
     pub fn queue_name(&self, topic: &str, subscription: &str) -> String {
+        let fifo = self.inner.config.fifo;
         match self.inner.config.mode {
-            Mode::Queue => names::topic_queue(topic),
-            Mode::FanOut => names::subscription_queue(topic, subscription),
+            Mode::Queue => names::topic_queue(topic, fifo),
+            Mode::FanOut => names::subscription_queue(topic, subscription, fifo),
         }
     }
 
@@ -296,11 +301,11 @@ impl SqsBroker {
         {
             return Ok(u.clone());
         }
-        let out = self
-            .inner
-            .sqs
-            .create_queue()
-            .queue_name(name)
+        let mut create = self.inner.sqs.create_queue().queue_name(name);
+        if self.inner.config.fifo {
+            create = create.attributes(QueueAttributeName::FifoQueue, "true");
+        }
+        let out = create
             .send()
             .await
             .map_err(|e| sdk_error(&format!("creating queue {name}"), e))?;
@@ -335,12 +340,12 @@ impl SqsBroker {
         {
             return Ok(a.clone());
         }
-        let name = names::sns_topic(topic);
-        let out = self
-            .inner
-            .sns
-            .create_topic()
-            .name(&name)
+        let name = names::sns_topic(topic, self.inner.config.fifo);
+        let mut create = self.inner.sns.create_topic().name(&name);
+        if self.inner.config.fifo {
+            create = create.attributes("FifoTopic", "true");
+        }
+        let out = create
             .send()
             .await
             .map_err(|e| sdk_error(&format!("creating SNS topic {name}"), e))?;
@@ -417,7 +422,14 @@ impl SqsBroker {
     }
 
     fn prepare(&self, message: &Message) -> Result<Encoded> {
-        let encoded = codec::encode(message);
+        let mut encoded = codec::encode(message);
+        if self.inner.config.fifo {
+            // A fresh deduplication id per publish call: the SDK's retries of
+            // one call are de-duplicated, a deliberate re-publish of the same
+            // message id (redrive, a bridge) is not.
+            let group = names::group_id(message.key().unwrap_or(message.id()));
+            encoded.fifo = Some((group, switchyard_core::new_id()));
+        }
         let max = self.inner.config.max_message_size;
         if encoded.size() > max {
             // The client checked the payload against `limit`; headers can
@@ -433,7 +445,7 @@ impl SqsBroker {
     async fn send_one(&self, topic: &str, encoded: Encoded) -> Result<()> {
         match self.inner.config.mode {
             Mode::Queue => {
-                let name = names::topic_queue(topic);
+                let name = names::topic_queue(topic, self.inner.config.fifo);
                 let url = self.queue_url(&name).await?;
                 let r = self
                     .inner
@@ -442,6 +454,8 @@ impl SqsBroker {
                     .queue_url(url)
                     .message_body(&encoded.body)
                     .set_message_attributes(Some(sqs_attributes(&encoded)))
+                    .set_message_group_id(encoded.fifo.as_ref().map(|f| f.0.clone()))
+                    .set_message_deduplication_id(encoded.fifo.as_ref().map(|f| f.1.clone()))
                     .send()
                     .await;
                 r.map(|_| ()).map_err(|e| {
@@ -457,6 +471,8 @@ impl SqsBroker {
                     .topic_arn(arn)
                     .message(&encoded.body)
                     .set_message_attributes(Some(sns_attributes(&encoded)))
+                    .set_message_group_id(encoded.fifo.as_ref().map(|f| f.0.clone()))
+                    .set_message_deduplication_id(encoded.fifo.as_ref().map(|f| f.1.clone()))
                     .send()
                     .await
                     .map(|_| ())
@@ -478,7 +494,7 @@ impl SqsBroker {
         let mut results: Vec<Result<()>> = (0..n).map(|_| Ok(())).collect();
         let failures: Vec<(usize, String, bool)> = match self.inner.config.mode {
             Mode::Queue => {
-                let name = names::topic_queue(topic);
+                let name = names::topic_queue(topic, self.inner.config.fifo);
                 let url = match self.queue_url(&name).await {
                     Ok(u) => u,
                     Err(e) => return failed_all(e),
@@ -491,6 +507,8 @@ impl SqsBroker {
                             .id(i.to_string())
                             .message_body(&e.body)
                             .set_message_attributes(Some(sqs_attributes(e)))
+                            .set_message_group_id(e.fifo.as_ref().map(|f| f.0.clone()))
+                            .set_message_deduplication_id(e.fifo.as_ref().map(|f| f.1.clone()))
                             .build()
                             .ok()
                     })
@@ -528,6 +546,8 @@ impl SqsBroker {
                             .id(i.to_string())
                             .message(&e.body)
                             .set_message_attributes(Some(sns_attributes(e)))
+                            .set_message_group_id(e.fifo.as_ref().map(|f| f.0.clone()))
+                            .set_message_deduplication_id(e.fifo.as_ref().map(|f| f.1.clone()))
                             .build()
                             .ok()
                     })
@@ -621,7 +641,10 @@ impl Subscriber for SqsBroker {
     async fn ensure_topic(&self, topic: &str) -> Result<()> {
         self.check_open()?;
         match self.inner.config.mode {
-            Mode::Queue => self.queue_url(&names::topic_queue(topic)).await.map(|_| ()),
+            Mode::Queue => self
+                .queue_url(&names::topic_queue(topic, self.inner.config.fifo))
+                .await
+                .map(|_| ()),
             Mode::FanOut => self.topic_arn(topic).await.map(|_| ()),
         }
     }
@@ -643,9 +666,12 @@ impl Subscriber for SqsBroker {
             i32::try_from(ack_timeout.as_secs() + u64::from(ack_timeout.subsec_nanos() > 0))
                 .unwrap_or(43_200)
                 .clamp(1, 43_200);
+        let (deletes, delete_rx) = mpsc::unbounded_channel();
+        tokio::spawn(deleter(self.inner.sqs.clone(), url.clone(), delete_rx));
         let shared = Arc::new(ReceiverShared {
             sqs: self.inner.sqs.clone(),
             url,
+            deletes,
             cancel: self.inner.closed.child_token(),
             permits: Arc::new(Semaphore::new(prefetch)),
             prefetch,
@@ -673,8 +699,13 @@ impl Broker for SqsBroker {
     fn capabilities(&self) -> Capabilities {
         Capabilities::new(self.limit())
             .with_backend("sqs")
-            // Standard queues do not keep order.
-            .with_ordering(KeyOrdering::None)
+            // FIFO queues keep per-key order (the key is the message
+            // group); standard queues keep none.
+            .with_ordering(if self.inner.config.fifo {
+                KeyOrdering::PerKey
+            } else {
+                KeyOrdering::PerKeyInSpecialMode
+            })
             .with_native_delay(true)
             .with_fan_out(self.inner.config.mode == Mode::FanOut)
             .with_competing_consumers(true)
@@ -699,6 +730,14 @@ struct ReceiverShared {
     /// Long-poll wait, in seconds.
     wait: i32,
     rx: tokio::sync::Mutex<mpsc::Receiver<Received>>,
+    /// Acks, to the receiver's deleter (see [`deleter`]).
+    deletes: mpsc::UnboundedSender<Delete>,
+}
+
+/// One ack waiting for its `DeleteMessageBatch`.
+struct Delete {
+    receipt: String,
+    done: oneshot::Sender<Result<()>>,
 }
 
 impl fmt::Debug for ReceiverShared {
@@ -762,20 +801,110 @@ impl ReceiverShared {
 }
 
 impl ReceiverShared {
-    /// Makes messages visible again at once (received but not handed out).
+    /// Makes messages visible again at once (received but not handed out),
+    /// ten per `ChangeMessageVisibilityBatch`.
     async fn release(&self, messages: impl IntoIterator<Item = aws_sdk_sqs::types::Message>) {
-        for m in messages {
-            if let Some(h) = m.receipt_handle() {
-                let _ = self
-                    .sqs
-                    .change_message_visibility()
-                    .queue_url(&self.url)
-                    .receipt_handle(h)
-                    .visibility_timeout(0)
-                    .send()
-                    .await;
+        let handles: Vec<String> = messages
+            .into_iter()
+            .filter_map(|m| m.receipt_handle)
+            .collect();
+        for chunk in handles.chunks(BATCH) {
+            let entries: Vec<ChangeMessageVisibilityBatchRequestEntry> = chunk
+                .iter()
+                .enumerate()
+                .filter_map(|(i, h)| {
+                    ChangeMessageVisibilityBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(h)
+                        .visibility_timeout(0)
+                        .build()
+                        .ok()
+                })
+                .collect();
+            // Best effort: what is not released comes back after the
+            // visibility timeout anyway.
+            let _ = self
+                .sqs
+                .change_message_visibility_batch()
+                .queue_url(&self.url)
+                .set_entries(Some(entries))
+                .send()
+                .await;
+        }
+    }
+}
+
+/// Deletes what a receiver's ackers hand it, in `DeleteMessageBatch` calls
+/// of up to 10 with [`DELETE_WINDOW`] in flight, and answers each ack with
+/// its own entry's result. An ack that finds a free window goes at once
+/// (alone, if nothing else is waiting); under load the acks that queue up
+/// behind a full window share the next call. Ends when the receiver and all
+/// its ackers are gone.
+async fn deleter(sqs: aws_sdk_sqs::Client, url: String, mut rx: mpsc::UnboundedReceiver<Delete>) {
+    let window = Arc::new(Semaphore::new(DELETE_WINDOW));
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = Arc::clone(&window).acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(d) => batch.push(d),
+                Err(_) => break,
             }
         }
+        let (sqs, url) = (sqs.clone(), url.clone());
+        tokio::spawn(async move {
+            delete_batch(&sqs, &url, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn delete_batch(sqs: &aws_sdk_sqs::Client, url: &str, batch: Vec<Delete>) {
+    let entries: Vec<DeleteMessageBatchRequestEntry> = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| {
+            DeleteMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .receipt_handle(&d.receipt)
+                .build()
+                .ok()
+        })
+        .collect();
+    let out = sqs
+        .delete_message_batch()
+        .queue_url(url)
+        .set_entries(Some(entries))
+        .send()
+        .await;
+    let mut results: Vec<Result<()>> = match out {
+        Ok(out) => {
+            let mut results: Vec<Result<()>> = batch.iter().map(|_| Ok(())).collect();
+            for (i, text, retryable) in out
+                .failed()
+                .iter()
+                .filter_map(|f| failure(f.id(), f.code(), f.message(), f.sender_fault()))
+            {
+                if let Some(r) = results.get_mut(i) {
+                    *r = Err(Error::broker(
+                        format!("DeleteMessage: {text}"),
+                        retryable,
+                        None,
+                    ));
+                }
+            }
+            results
+        }
+        Err(e) => {
+            let e = sdk_error("DeleteMessageBatch", e);
+            batch.iter().map(|_| Err(e.replicate())).collect()
+        }
+    };
+    for d in batch.into_iter().rev() {
+        let r = results.pop().unwrap_or(Ok(()));
+        let _ = d.done.send(r);
     }
 }
 
@@ -935,20 +1064,27 @@ impl fmt::Debug for SqsAcker {
 
 #[async_trait]
 impl Acker for SqsAcker {
-    /// `DeleteMessage`; `Ok` once SQS confirmed it.
+    /// Deleted through the receiver's batched deletes (`DeleteMessageBatch`,
+    /// up to 10 per call); `Ok` once SQS confirmed this message's entry.
     async fn ack(&self) -> Result<()> {
         if self.shared.cancel.is_cancelled() {
             return Err(Error::Closed);
         }
+        let (done, result) = oneshot::channel();
         self.shared
-            .sqs
-            .delete_message()
-            .queue_url(&self.shared.url)
-            .receipt_handle(&self.receipt)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| sdk_error("DeleteMessage", e))
+            .deletes
+            .send(Delete {
+                receipt: self.receipt.clone(),
+                done,
+            })
+            .map_err(|_| Error::Closed)?;
+        result.await.unwrap_or_else(|_| {
+            Err(Error::broker(
+                "DeleteMessageBatch: the deleter stopped before answering",
+                true,
+                None,
+            ))
+        })
     }
 
     /// `ChangeMessageVisibility` to the delay (whole seconds, rounded up;

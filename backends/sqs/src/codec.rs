@@ -22,6 +22,8 @@ pub(crate) struct Encoded {
     pub(crate) body: String,
     /// (name, string value) pairs.
     pub(crate) attributes: Vec<(&'static str, String)>,
+    /// FIFO only: (`MessageGroupId`, `MessageDeduplicationId`).
+    pub(crate) fifo: Option<(String, String)>,
 }
 
 impl Encoded {
@@ -65,7 +67,11 @@ pub(crate) fn encode(message: &Message) -> Encoded {
     if !meta.is_empty() {
         attributes.push((META, serde_json::Value::Object(meta).to_string()));
     }
-    Encoded { body, attributes }
+    Encoded {
+        body,
+        attributes,
+        fifo: None,
+    }
 }
 
 /// Decodes a received message. Never fails: a message from another

@@ -34,6 +34,7 @@ pub struct SqsConfig {
     pub(crate) region: Option<String>,
     pub(crate) endpoint: Option<String>,
     pub(crate) mode: Mode,
+    pub(crate) fifo: bool,
     pub(crate) credentials: Option<(String, String)>,
     pub(crate) connect_timeout: Duration,
     pub(crate) request_timeout: Duration,
@@ -49,6 +50,7 @@ impl fmt::Debug for SqsConfig {
             .field("region", &self.region)
             .field("endpoint", &self.endpoint)
             .field("mode", &self.mode)
+            .field("fifo", &self.fifo)
             .field(
                 "credentials",
                 &self.credentials.as_ref().map(|(id, _)| (id, "***")),
@@ -69,6 +71,7 @@ impl Default for SqsConfig {
             region: None,
             endpoint: None,
             mode: Mode::Queue,
+            fifo: false,
             credentials: None,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
@@ -82,7 +85,8 @@ impl Default for SqsConfig {
 
 impl SqsConfig {
     /// Parses `sqs://?region=…&endpoint=…&mode=queue|fanout`, with the
-    /// optional `connect_timeout`, `request_timeout`, `wait` (long-poll wait,
+    /// optional `fifo` (`true`: FIFO queues and topics, see
+    /// [`SqsConfig::with_fifo`]), `connect_timeout`, `request_timeout`, `wait` (long-poll wait,
     /// 1–20 s), `pollers` (concurrent long polls per receiver),
     /// `publish_window` (batches of 10 in flight) and `max_message_size`
     /// (bytes; 262,144 by default, which every SQS accepts — set 1048576 where
@@ -134,6 +138,17 @@ impl SqsConfig {
                         }
                     };
                 }
+                "fifo" => {
+                    c.fifo = match &*v {
+                        "true" | "1" | "yes" => true,
+                        "false" | "0" | "no" => false,
+                        other => {
+                            return Err(invalid(format!(
+                                "fifo: {other:?} (expected true or false)"
+                            )));
+                        }
+                    };
+                }
                 "connect_timeout" => c.connect_timeout = duration()?,
                 "request_timeout" => c.request_timeout = duration()?,
                 "wait" => {
@@ -162,6 +177,34 @@ impl SqsConfig {
     #[must_use]
     pub fn with_mode(mut self, mode: Mode) -> Self {
         self.mode = mode;
+        self
+    }
+
+    /// Whether queues (and, in fan-out mode, SNS topics) are FIFO.
+    #[must_use]
+    pub fn fifo(&self) -> bool {
+        self.fifo
+    }
+
+    /// FIFO queues and topics (names end in `.fifo`): messages with the same
+    /// key reach a consumer in publish order (the key is the
+    /// `MessageGroupId`; a message without a key is its own group), and
+    /// SQS holds back a key's later messages while one of them is out for
+    /// processing or waiting out a nack delay. Default `false` (standard
+    /// queues: no order, higher throughput). FIFO and standard queues of one
+    /// topic are different queues: choose once per deployment.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use switchyard_sqs::SqsConfig;
+    /// let c = SqsConfig::from_url("sqs://?region=us-east-1&fifo=true").unwrap();
+    /// assert!(c.fifo());
+    /// assert!(!SqsConfig::default().with_fifo(false).fifo());
+    /// ```
+    #[must_use]
+    pub fn with_fifo(mut self, fifo: bool) -> Self {
+        self.fifo = fifo;
         self
     }
 
@@ -197,6 +240,7 @@ mod tests {
             ("nats://x", "sqs://"),
             ("sqs://host", "query"),
             ("sqs://?mode=kafka", "mode"),
+            ("sqs://?fifo=maybe", "fifo"),
             ("sqs://?wait=30s", "wait"),
             ("sqs://?bogus=1", "bogus"),
         ] {

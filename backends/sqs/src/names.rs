@@ -4,7 +4,8 @@
 //! topics 256), so a portable name is escaped into one token: `_` → `__`,
 //! `.` → `_d`. The escape is injective; `_s` (never produced by it) joins a
 //! topic and a subscription, and `_h` marks a shortened name ending in a
-//! SHA-256 digest of the full one.
+//! SHA-256 digest of the full one. FIFO queues and topics end in `.fifo`
+//! (within the same length limits).
 
 use sha2::{Digest, Sha256};
 
@@ -13,6 +14,7 @@ pub(crate) const MAX_QUEUE: usize = 80;
 /// Longest SNS topic name.
 pub(crate) const MAX_TOPIC: usize = 256;
 const PREFIX: &str = "sy-";
+const FIFO: &str = ".fifo";
 
 fn token(name: &str) -> String {
     let mut out = String::with_capacity(name.len() + 8);
@@ -26,13 +28,15 @@ fn token(name: &str) -> String {
     out
 }
 
-/// `PREFIX + body`, or a readable prefix of it plus a digest when longer
-/// than `max`.
-fn fit(body: &str, max: usize) -> String {
-    let full = format!("{PREFIX}{body}");
+/// `PREFIX + body (+ .fifo)`, or a readable prefix of the body plus a
+/// digest when longer than `max`.
+fn fit(body: &str, max: usize, fifo: bool) -> String {
+    let suffix = if fifo { FIFO } else { "" };
+    let full = format!("{PREFIX}{body}{suffix}");
     if full.len() <= max {
         return full;
     }
+    let max = max - suffix.len();
     let digest = Sha256::digest(body.as_bytes());
     let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
     let keep = max - PREFIX.len() - 2 - hex.len();
@@ -42,25 +46,39 @@ fn fit(body: &str, max: usize) -> String {
     if underscores % 2 == 1 {
         prefix = &prefix[..prefix.len() - 1];
     }
-    format!("{PREFIX}{prefix}_h{hex}")
+    format!("{PREFIX}{prefix}_h{hex}{suffix}")
 }
 
 /// The queue of a topic in queue mode.
-pub(crate) fn topic_queue(topic: &str) -> String {
-    fit(&token(topic), MAX_QUEUE)
+pub(crate) fn topic_queue(topic: &str, fifo: bool) -> String {
+    fit(&token(topic), MAX_QUEUE, fifo)
 }
 
 /// The queue of a subscription in fan-out mode.
-pub(crate) fn subscription_queue(topic: &str, subscription: &str) -> String {
+pub(crate) fn subscription_queue(topic: &str, subscription: &str, fifo: bool) -> String {
     fit(
         &format!("{}_s{}", token(topic), token(subscription)),
         MAX_QUEUE,
+        fifo,
     )
 }
 
 /// The SNS topic of a topic in fan-out mode.
-pub(crate) fn sns_topic(topic: &str) -> String {
-    fit(&token(topic), MAX_TOPIC)
+pub(crate) fn sns_topic(topic: &str, fifo: bool) -> String {
+    fit(&token(topic), MAX_TOPIC, fifo)
+}
+
+/// A FIFO `MessageGroupId` for a key (or, for a message without one, its
+/// id): the key itself when SQS accepts it (1–128 printable ASCII
+/// characters other than space), else a digest of it. Two keys sharing a
+/// group only share its order.
+pub(crate) fn group_id(key: &str) -> String {
+    if (1..=128).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic()) {
+        return key.to_owned();
+    }
+    let digest = Sha256::digest(key.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{PREFIX}h{hex}")
 }
 
 #[cfg(test)]
@@ -75,29 +93,57 @@ mod tests {
 
     #[test]
     fn names_are_valid_and_distinct() {
-        assert_eq!(topic_queue("orders.created"), "sy-orders_dcreated");
-        assert_ne!(
-            subscription_queue("a.b", "c"),
-            subscription_queue("a", "b.c")
+        assert_eq!(topic_queue("orders.created", false), "sy-orders_dcreated");
+        assert_eq!(
+            topic_queue("orders.created", true),
+            "sy-orders_dcreated.fifo"
         );
         assert_ne!(
-            subscription_queue("a_s", "b"),
-            subscription_queue("a", "s_b")
+            subscription_queue("a.b", "c", false),
+            subscription_queue("a", "b.c", false)
+        );
+        assert_ne!(
+            subscription_queue("a_s", "b", false),
+            subscription_queue("a", "s_b", false)
         );
         let long = "x.".repeat(100);
         for n in [
-            topic_queue(&long),
-            subscription_queue(&long, &long),
-            sns_topic(&long),
-            topic_queue("a"),
+            topic_queue(&long, false),
+            subscription_queue(&long, &long, false),
+            sns_topic(&long, false),
+            topic_queue("a", false),
         ] {
             assert!(valid(&n, MAX_QUEUE.max(n.len().min(MAX_TOPIC))), "{n}");
         }
-        assert!(topic_queue(&long).len() <= MAX_QUEUE);
-        assert!(subscription_queue(&long, "s").len() <= MAX_QUEUE);
-        assert_ne!(
-            subscription_queue(&long, "s1"),
-            subscription_queue(&long, "s2")
+        for fifo in [false, true] {
+            assert!(topic_queue(&long, fifo).len() <= MAX_QUEUE);
+            assert!(subscription_queue(&long, "s", fifo).len() <= MAX_QUEUE);
+            assert_ne!(
+                subscription_queue(&long, "s1", fifo),
+                subscription_queue(&long, "s2", fifo)
+            );
+        }
+        for n in [
+            topic_queue(&long, true),
+            subscription_queue(&long, &long, true),
+            sns_topic(&long, true),
+        ] {
+            let body = n.strip_suffix(".fifo").unwrap();
+            assert!(valid(body, MAX_QUEUE.max(n.len().min(MAX_TOPIC))), "{n}");
+        }
+    }
+
+    #[test]
+    fn group_ids_are_valid() {
+        assert_eq!(group_id("customer-7"), "customer-7");
+        let key = "caf\u{e9} with spaces";
+        let g = group_id(key);
+        assert!(
+            g.len() <= 128 && g.bytes().all(|b| b.is_ascii_graphic()),
+            "{g}"
         );
+        assert_eq!(g, group_id(key));
+        assert_ne!(g, group_id("other key"));
+        assert!(group_id(&"k".repeat(129)).len() <= 128);
     }
 }

@@ -1,5 +1,6 @@
 //! The conformance suite against an SQS endpoint (`SWITCHYARD_SQS_URL`,
-//! moto in CI), in both modes, plus SQS-specific tests. Credentials come
+//! moto in CI) in queue mode, fan-out mode and fan-out mode with FIFO
+//! topics and queues, plus SQS-specific tests. Credentials come
 //! from the standard AWS chain (scripts/brokers.sh exports test ones for
 //! moto).
 
@@ -67,10 +68,20 @@ async fn fanout_mode() -> Option<SqsHarness> {
     harness("fanout").await
 }
 
+/// FIFO topics and queues in fan-out mode: the whole contract, per-key
+/// order included.
+async fn fifo_mode() -> Option<SqsHarness> {
+    harness("fanout&fifo=true").await
+}
+
 mod queue {
     switchyard_conformance::conformance_tests!(super::queue_mode);
 }
 
 mod fanout {
     switchyard_conformance::conformance_tests!(super::fanout_mode);
+}
+
+mod fifo {
+    switchyard_conformance::conformance_tests!(super::fifo_mode);
 }

@@ -1,0 +1,528 @@
+//! Moving a live system from one broker to another: dual writes and
+//! de-duplication.
+//!
+//! A migration with nothing lost and nothing processed twice goes through
+//! these phases (the README's migration playbook describes each):
+//!
+//! 1. **Dual write**: publishers write through a [`Tee`], so every message is
+//!    confirmed by the old *and* the new broker before `publish` returns.
+//! 2. **Shadow consume / cutover**: consumers read both brokers for a while;
+//!    wrapping their handler in [`Dedup`] (keyed by the message id, which
+//!    switchyard keeps stable across brokers, bridges and redeliveries) makes
+//!    each message processed once, whichever broker delivered it first.
+//! 3. **Decommission**: publishers write to the new broker only; consumers
+//!    drain the old one and stop reading it.
+//!
+//! The `switchyard bridge` command moves what is already queued on the old
+//! broker (or a live stream) to the new one in the meantime.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    future::Future,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use futures_util::future::BoxFuture;
+
+use crate::{
+    Broker, Capabilities, Client, Message, Publisher, Receiver, SubscribeOptions, Subscriber,
+    consumer::{Context, HandlerError},
+    error::Result,
+};
+
+/// A broker that publishes every message to two brokers and reports
+/// success only when **both** confirmed it: the dual-write phase of a
+/// migration.
+///
+/// Subscriptions are ensured on both (so the new broker keeps messages for
+/// them from the start); receiving reads the primary. Capabilities are the
+/// primary's, with the smaller of the two payload limits. When one side
+/// fails, `publish` returns that side's error (the primary's when both
+/// fail); retrying the publish then re-sends to both, which duplicates the
+/// message on the side that had confirmed it — harmless, since consumers
+/// de-duplicate by id ([`Dedup`]).
+///
+/// # Examples
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> switchyard_core::Result<()> {
+/// # let (old, new) = (test_client(), test_client());
+/// use switchyard_core::{Client, Message, migrate::Tee};
+///
+/// let both = Client::new(Tee::new(old, new));
+/// both.publish("orders.created", Message::new("order 1")).await?; // confirmed by both
+/// # Ok(()) }
+/// # fn test_client() -> switchyard_core::Client { switchyard_core::migrate::doc_support::client() }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Tee {
+    primary: Arc<dyn Broker>,
+    secondary: Arc<dyn Broker>,
+}
+
+impl Tee {
+    /// Publishes to `primary` and `secondary`, receives from `primary`.
+    #[must_use]
+    pub fn new(primary: Client, secondary: Client) -> Self {
+        Self {
+            primary: Arc::clone(primary.broker()),
+            secondary: Arc::clone(secondary.broker()),
+        }
+    }
+}
+
+#[async_trait]
+impl Publisher for Tee {
+    async fn publish(&self, topic: &str, message: Message) -> Result<()> {
+        let (a, b) = futures_util::future::join(
+            self.primary.publish(topic, message.clone()),
+            self.secondary.publish(topic, message),
+        )
+        .await;
+        a.and(b)
+    }
+
+    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Vec<Result<()>> {
+        let (a, b) = futures_util::future::join(
+            self.primary.publish_batch(topic, messages.clone()),
+            self.secondary.publish_batch(topic, messages),
+        )
+        .await;
+        a.into_iter().zip(b).map(|(a, b)| a.and(b)).collect()
+    }
+
+    async fn close(&self) -> Result<()> {
+        let (a, b) = futures_util::future::join(
+            Publisher::close(&*self.primary),
+            Publisher::close(&*self.secondary),
+        )
+        .await;
+        a.and(b)
+    }
+}
+
+#[async_trait]
+impl Subscriber for Tee {
+    async fn ensure_topic(&self, topic: &str) -> Result<()> {
+        self.primary.ensure_topic(topic).await?;
+        self.secondary.ensure_topic(topic).await
+    }
+
+    async fn ensure_subscription(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
+        self.primary.ensure_subscription(topic, options).await?;
+        self.secondary.ensure_subscription(topic, options).await
+    }
+
+    async fn receiver(&self, topic: &str, options: &SubscribeOptions) -> Result<Box<dyn Receiver>> {
+        self.primary.receiver(topic, options).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        let (a, b) = futures_util::future::join(
+            Subscriber::close(&*self.primary),
+            Subscriber::close(&*self.secondary),
+        )
+        .await;
+        a.and(b)
+    }
+}
+
+impl Broker for Tee {
+    fn capabilities(&self) -> Capabilities {
+        let mut caps = self.primary.capabilities();
+        caps.max_payload = caps
+            .max_payload
+            .min(self.secondary.capabilities().max_payload);
+        caps
+    }
+}
+
+/// What a [`DedupStore`] knows about a message id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Claim {
+    /// Not seen (or its earlier claim expired): the caller now holds it.
+    New,
+    /// Processed already, within the store's memory.
+    Done,
+    /// Being processed by another consumer right now.
+    Busy,
+}
+
+/// Where [`Dedup`] remembers message ids. The in-memory store is
+/// [`MemoryDedupStore`]; a shared store (Redis `SET NX PX`, an SQL table with
+/// a unique key) lets consumers in several processes de-duplicate together.
+///
+/// # Contract
+///
+/// `claim` is atomic: of concurrent claims of one id, exactly one gets
+/// [`Claim::New`]. A claim lapses after its `lease` unless completed; a
+/// completed id is remembered for `ttl`.
+#[async_trait]
+pub trait DedupStore: Send + Sync + fmt::Debug {
+    /// Claims `id` for processing, for at most `lease`.
+    ///
+    /// # Errors
+    ///
+    /// When the store cannot be reached.
+    async fn claim(&self, id: &str, lease: Duration) -> Result<Claim>;
+
+    /// Records that `id` was processed; remembered for `ttl`.
+    ///
+    /// # Errors
+    ///
+    /// When the store cannot be reached.
+    async fn complete(&self, id: &str, ttl: Duration) -> Result<()>;
+
+    /// Gives a claim up (processing failed), so a redelivery may try again.
+    ///
+    /// # Errors
+    ///
+    /// When the store cannot be reached.
+    async fn release(&self, id: &str) -> Result<()>;
+}
+
+/// A [`DedupStore`] in process memory (one process's consumers share it).
+/// Expired entries are dropped as new ones arrive.
+#[derive(Debug, Default)]
+pub struct MemoryDedupStore {
+    /// id → (processed, until when the entry counts).
+    entries: Mutex<HashMap<String, (bool, Instant)>>,
+}
+
+impl MemoryDedupStore {
+    /// An empty store.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many ids it currently remembers (claimed or done, not expired).
+    #[must_use]
+    pub fn len(&self) -> usize {
+        let now = Instant::now();
+        self.lock()
+            .values()
+            .filter(|(_, until)| *until > now)
+            .count()
+    }
+
+    /// Whether it remembers no id.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (bool, Instant)>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl DedupStore for MemoryDedupStore {
+    async fn claim(&self, id: &str, lease: Duration) -> Result<Claim> {
+        let now = Instant::now();
+        let mut entries = self.lock();
+        // Amortised pruning: at most once per doubling of the map.
+        if entries.len() >= 1024 && entries.len().is_power_of_two() {
+            entries.retain(|_, (_, until)| *until > now);
+        }
+        match entries.get(id) {
+            Some((true, until)) if *until > now => Ok(Claim::Done),
+            Some((false, until)) if *until > now => Ok(Claim::Busy),
+            _ => {
+                entries.insert(id.to_owned(), (false, now + lease));
+                Ok(Claim::New)
+            }
+        }
+    }
+
+    async fn complete(&self, id: &str, ttl: Duration) -> Result<()> {
+        self.lock()
+            .insert(id.to_owned(), (true, Instant::now() + ttl));
+        Ok(())
+    }
+
+    async fn release(&self, id: &str) -> Result<()> {
+        let mut entries = self.lock();
+        if matches!(entries.get(id), Some((false, _))) {
+            entries.remove(id);
+        }
+        Ok(())
+    }
+}
+
+/// Processes each message id once within a time window, whichever broker
+/// or redelivery brings it: a layer around a [`Consumer`](crate::consumer::Consumer)
+/// handler.
+///
+/// The wrapped handler claims the message id first. A new id runs the
+/// handler: success marks it done (remembered for `ttl`), a failure gives
+/// the claim up so the redelivery tries again. An id already done is acked
+/// without running the handler. An id another consumer is processing right
+/// now is retried later (a transient failure), so it is acked once that
+/// consumer finished — or processed here, if it failed.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use switchyard_core::{consumer::Consumer, migrate::Dedup};
+///
+/// # async fn run(old: switchyard_core::Subscription, new: switchyard_core::Subscription) -> switchyard_core::Result<()> {
+/// // One window shared by the consumers of both brokers during a cutover.
+/// let dedup = Dedup::in_memory(Duration::from_secs(3600));
+/// let handler = dedup.wrap(|ctx| async move {
+///     println!("order {}", ctx.message.id());
+///     Ok(())
+/// });
+/// let (a, b) = tokio::join!(
+///     Consumer::new().run(old, handler.clone(), std::future::pending()),
+///     Consumer::new().run(new, handler, std::future::pending()),
+/// );
+/// # a?; b?; Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Dedup {
+    store: Arc<dyn DedupStore>,
+    ttl: Duration,
+    lease: Duration,
+    duplicates: Arc<AtomicU64>,
+}
+
+impl Dedup {
+    /// De-duplicates through `store`, remembering processed ids for `ttl`.
+    /// A claim lapses after 5 minutes (see [`Dedup::lease`]).
+    #[must_use]
+    pub fn new(store: Arc<dyn DedupStore>, ttl: Duration) -> Self {
+        Self {
+            store,
+            ttl,
+            lease: Duration::from_secs(300),
+            duplicates: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// De-duplicates in process memory ([`MemoryDedupStore`]).
+    #[must_use]
+    pub fn in_memory(ttl: Duration) -> Self {
+        Self::new(Arc::new(MemoryDedupStore::new()), ttl)
+    }
+
+    /// How long a claim holds while its handler runs (a consumer that
+    /// crashed mid-way holds an id at most this long). Default 5 minutes;
+    /// keep it above the longest handler run.
+    #[must_use]
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// How many deliveries were acked without running the handler because
+    /// their id was processed already.
+    #[must_use]
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates.load(Ordering::Relaxed)
+    }
+
+    /// Wraps a [`Consumer`](crate::consumer::Consumer) handler (see the type docs).
+    pub fn wrap<H, F>(
+        &self,
+        handler: H,
+    ) -> impl Fn(Context) -> BoxFuture<'static, std::result::Result<(), HandlerError>>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+    where
+        H: Fn(Context) -> F + Send + Sync + 'static,
+        F: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let this = self.clone();
+        move |ctx: Context| {
+            let handler = Arc::clone(&handler);
+            let this = this.clone();
+            Box::pin(async move {
+                let id = ctx.message.id().to_owned();
+                let claim = this
+                    .store
+                    .claim(&id, this.lease)
+                    .await
+                    .map_err(HandlerError::transient)?;
+                match claim {
+                    Claim::Done => {
+                        this.duplicates.fetch_add(1, Ordering::Relaxed);
+                        return Ok(());
+                    }
+                    Claim::Busy => {
+                        return Err(HandlerError::transient(
+                            "another consumer is processing this message id",
+                        ));
+                    }
+                    Claim::New => {}
+                }
+                let result = handler(ctx).await;
+                match &result {
+                    Ok(()) => this
+                        .store
+                        .complete(&id, this.ttl)
+                        .await
+                        .map_err(HandlerError::transient)?,
+                    Err(_) => {
+                        // The failure decides what happens; a failed
+                        // release only delays a retry until the lease ends.
+                        let _ = this.store.release(&id).await;
+                    }
+                }
+                result
+            })
+        }
+    }
+}
+
+#[doc(hidden)]
+pub mod doc_support {
+    //! A broker for the examples in these docs (core has no backend).
+
+    use super::{Arc, Broker, Capabilities, Client, Message, Publisher, Receiver, Result};
+    use crate::{SubscribeOptions, Subscriber};
+    use async_trait::async_trait;
+
+    #[derive(Debug)]
+    struct Sink;
+
+    #[async_trait]
+    impl Publisher for Sink {
+        async fn publish(&self, _: &str, _: Message) -> Result<()> {
+            Ok(())
+        }
+        async fn close(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[async_trait]
+    impl Subscriber for Sink {
+        async fn ensure_topic(&self, _: &str) -> Result<()> {
+            Ok(())
+        }
+        async fn ensure_subscription(&self, _: &str, _: &SubscribeOptions) -> Result<()> {
+            Ok(())
+        }
+        async fn receiver(&self, _: &str, _: &SubscribeOptions) -> Result<Box<dyn Receiver>> {
+            Err(crate::Error::Closed)
+        }
+        async fn close(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Broker for Sink {
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::new(1024)
+        }
+    }
+
+    /// A client whose broker accepts every publish and delivers nothing.
+    #[must_use]
+    pub fn client() -> Client {
+        Client::from_arc(Arc::new(Sink))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn claims_are_exclusive_and_expire() {
+        let store = MemoryDedupStore::new();
+        assert_eq!(
+            store.claim("a", Duration::from_secs(60)).await.unwrap(),
+            Claim::New
+        );
+        assert_eq!(
+            store.claim("a", Duration::from_secs(60)).await.unwrap(),
+            Claim::Busy
+        );
+        store.release("a").await.unwrap();
+        assert_eq!(
+            store.claim("a", Duration::from_secs(60)).await.unwrap(),
+            Claim::New
+        );
+        store.complete("a", Duration::from_secs(60)).await.unwrap();
+        assert_eq!(
+            store.claim("a", Duration::from_secs(60)).await.unwrap(),
+            Claim::Done
+        );
+        // A release does not forget a completed id.
+        store.release("a").await.unwrap();
+        assert_eq!(
+            store.claim("a", Duration::from_secs(60)).await.unwrap(),
+            Claim::Done
+        );
+        assert_eq!(store.claim("b", Duration::ZERO).await.unwrap(), Claim::New);
+        // A lapsed claim can be taken again.
+        assert_eq!(
+            store.claim("b", Duration::from_secs(60)).await.unwrap(),
+            Claim::New
+        );
+        assert_eq!(store.len(), 2);
+    }
+
+    fn ctx(id: &str) -> Context {
+        Context {
+            message: Message::new("x").with_id(id),
+            attempt: 1,
+            max_attempts: 5,
+            topic: "t".into(),
+            subscription: "s".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn each_id_is_processed_once_and_failures_retry() {
+        let dedup = Dedup::in_memory(Duration::from_secs(60));
+        let runs = Arc::new(Mutex::new(Vec::<String>::new()));
+        let r = Arc::clone(&runs);
+        let handler = dedup.wrap(move |ctx: Context| {
+            let r = Arc::clone(&r);
+            async move {
+                r.lock().unwrap().push(ctx.message.id().to_owned());
+                if ctx.message.id() == "fails-once" && ctx.attempt == 1 {
+                    return Err(HandlerError::transient("not yet"));
+                }
+                Ok(())
+            }
+        });
+        handler(ctx("a")).await.unwrap();
+        handler(ctx("a")).await.unwrap();
+        assert!(handler(ctx("fails-once")).await.is_err());
+        let mut again = ctx("fails-once");
+        again.attempt = 2;
+        handler(again.clone()).await.unwrap();
+        handler(again).await.unwrap();
+        assert_eq!(*runs.lock().unwrap(), ["a", "fails-once", "fails-once"]);
+        assert_eq!(dedup.duplicates(), 2);
+    }
+
+    #[tokio::test]
+    async fn tee_confirms_on_both_sides() {
+        let tee = Tee::new(doc_support::client(), doc_support::client());
+        let client = Client::new(tee);
+        client.publish("t", Message::new("x")).await.unwrap();
+        let results = client
+            .publish_batch("t", vec![Message::new("a"), Message::new("b")])
+            .await;
+        assert!(results.iter().all(Result::is_ok));
+        assert_eq!(client.capabilities().max_payload, 1024);
+    }
+}
