@@ -259,33 +259,22 @@ async fn publish(a: PublishArgs, quiet: bool) -> anyhow::Result<()> {
     let mut out = std::io::stdout();
     let mut published = 0;
     let mut first_error = None;
-    let mut failed = 0_u64;
-    while published + failed < a.count {
-        let n = (a.count - published - failed).min(PUBLISH_CHUNK);
+    while published < a.count && first_error.is_none() {
+        let n = (a.count - published).min(PUBLISH_CHUNK);
         let batch: Vec<Message> = (0..n).map(|_| template(a.id.as_deref())).collect();
         let ids: Vec<String> = batch.iter().map(|m| m.id().to_owned()).collect();
-        let results = if n == 1 {
-            let m = batch.into_iter().next().expect("one message");
-            vec![client.publish(&a.topic, m).await]
-        } else {
-            client.publish_batch(&a.topic, batch).await
-        };
-        for (id, r) in ids.iter().zip(results) {
+        for (id, r) in ids.iter().zip(client.publish_batch(&a.topic, batch).await) {
             match r {
                 Ok(()) => {
                     published += 1;
                     writeln!(out, "{id}")?;
                 }
                 Err(e) => {
-                    failed += 1;
                     first_error.get_or_insert(e);
                 }
             }
         }
         bar.set_position(published);
-        if first_error.is_some() {
-            break;
-        }
     }
     out.flush()?;
     bar.finish_and_clear();

@@ -51,15 +51,12 @@ use crate::{
 /// # Examples
 ///
 /// ```
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> switchyard_core::Result<()> {
-/// # let (old, new) = (test_client(), test_client());
 /// use switchyard_core::{Client, Message, migrate::Tee};
 ///
-/// let both = Client::new(Tee::new(old, new));
-/// both.publish("orders.created", Message::new("order 1")).await?; // confirmed by both
-/// # Ok(()) }
-/// # fn test_client() -> switchyard_core::Client { switchyard_core::migrate::doc_support::client() }
+/// async fn dual_write(old: Client, new: Client) -> switchyard_core::Result<()> {
+///     let both = Client::new(Tee::new(old, new));
+///     both.publish("orders.created", Message::new("order 1")).await // confirmed by both
+/// }
 /// ```
 #[derive(Debug, Clone)]
 pub struct Tee {
@@ -230,14 +227,14 @@ impl DedupStore for MemoryDedupStore {
     async fn claim(&self, id: &str, lease: Duration) -> Result<Claim> {
         let now = Instant::now();
         let mut entries = self.lock();
-        // Amortised pruning: at most once per doubling of the map.
-        if entries.len() >= 1024 && entries.len().is_power_of_two() {
-            entries.retain(|_, (_, until)| *until > now);
-        }
         match entries.get(id) {
             Some((true, until)) if *until > now => Ok(Claim::Done),
             Some((false, until)) if *until > now => Ok(Claim::Busy),
             _ => {
+                // Amortised pruning: before the map grows past a power of two.
+                if entries.len() >= 1024 && entries.len().is_power_of_two() {
+                    entries.retain(|_, (_, until)| *until > now);
+                }
                 entries.insert(id.to_owned(), (false, now + lease));
                 Ok(Claim::New)
             }
@@ -388,14 +385,11 @@ impl Dedup {
     }
 }
 
-#[doc(hidden)]
-pub mod doc_support {
-    //! A broker for the examples in these docs (core has no backend).
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    use super::{Arc, Broker, Capabilities, Client, Message, Publisher, Receiver, Result};
-    use crate::{SubscribeOptions, Subscriber};
-    use async_trait::async_trait;
-
+    /// A broker that accepts every publish and delivers nothing.
     #[derive(Debug)]
     struct Sink;
 
@@ -431,16 +425,9 @@ pub mod doc_support {
         }
     }
 
-    /// A client whose broker accepts every publish and delivers nothing.
-    #[must_use]
-    pub fn client() -> Client {
+    fn sink() -> Client {
         Client::from_arc(Arc::new(Sink))
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
 
     #[tokio::test]
     async fn claims_are_exclusive_and_expire() {
@@ -516,7 +503,7 @@ mod tests {
 
     #[tokio::test]
     async fn tee_confirms_on_both_sides() {
-        let tee = Tee::new(doc_support::client(), doc_support::client());
+        let tee = Tee::new(sink(), sink());
         let client = Client::new(tee);
         client.publish("t", Message::new("x")).await.unwrap();
         let results = client

@@ -27,6 +27,16 @@ pub(crate) struct Encoded {
 }
 
 impl Encoded {
+    /// FIFO only: the `MessageGroupId` to send.
+    pub(crate) fn group_id(&self) -> Option<String> {
+        self.fifo.as_ref().map(|(group, _)| group.clone())
+    }
+
+    /// FIFO only: the `MessageDeduplicationId` to send.
+    pub(crate) fn dedup_id(&self) -> Option<String> {
+        self.fifo.as_ref().map(|(_, dedup)| dedup.clone())
+    }
+
     /// The size SQS counts: body plus attribute names, types and values.
     pub(crate) fn size(&self) -> usize {
         self.body.len()

@@ -37,8 +37,7 @@ fn fit(body: &str, max: usize, fifo: bool) -> String {
         return full;
     }
     let max = max - suffix.len();
-    let digest = Sha256::digest(body.as_bytes());
-    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    let hex = digest_hex(body, 16);
     let keep = max - PREFIX.len() - 2 - hex.len();
     let mut prefix = &body[..keep.min(body.len())];
     // Do not end inside an escape (`_` starts one).
@@ -76,9 +75,15 @@ pub(crate) fn group_id(key: &str) -> String {
     if (1..=128).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic()) {
         return key.to_owned();
     }
-    let digest = Sha256::digest(key.as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{PREFIX}h{hex}")
+    format!("{PREFIX}h{}", digest_hex(key, 32))
+}
+
+/// The first `bytes` bytes of the SHA-256 digest of `text`, in hex.
+fn digest_hex(text: &str, bytes: usize) -> String {
+    Sha256::digest(text.as_bytes())[..bytes]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[cfg(test)]
