@@ -389,13 +389,22 @@ impl Dedup {
 mod tests {
     use super::*;
 
-    /// A broker that accepts every publish and delivers nothing.
-    #[derive(Debug)]
-    struct Sink;
+    /// A broker that records the ids published to it (or refuses every
+    /// publish) and delivers nothing.
+    #[derive(Debug, Default)]
+    struct Sink {
+        ids: Mutex<Vec<String>>,
+        refuse: bool,
+        max_payload: usize,
+    }
 
     #[async_trait]
     impl Publisher for Sink {
-        async fn publish(&self, _: &str, _: Message) -> Result<()> {
+        async fn publish(&self, _: &str, message: Message) -> Result<()> {
+            if self.refuse {
+                return Err(crate::Error::broker("refused", true, None));
+            }
+            self.ids.lock().unwrap().push(message.id().to_owned());
             Ok(())
         }
         async fn close(&self) -> Result<()> {
@@ -421,12 +430,16 @@ mod tests {
 
     impl Broker for Sink {
         fn capabilities(&self) -> Capabilities {
-            Capabilities::new(1024)
+            Capabilities::new(self.max_payload)
         }
     }
 
-    fn sink() -> Client {
-        Client::from_arc(Arc::new(Sink))
+    fn sink(refuse: bool, max_payload: usize) -> Arc<Sink> {
+        Arc::new(Sink {
+            refuse,
+            max_payload,
+            ..Sink::default()
+        })
     }
 
     #[tokio::test]
@@ -503,13 +516,41 @@ mod tests {
 
     #[tokio::test]
     async fn tee_confirms_on_both_sides() {
-        let tee = Tee::new(sink(), sink());
-        let client = Client::new(tee);
-        client.publish("t", Message::new("x")).await.unwrap();
-        let results = client
-            .publish_batch("t", vec![Message::new("a"), Message::new("b")])
-            .await;
+        let (old, new) = (sink(false, 2048), sink(false, 1024));
+        let client = Client::new(Tee::new(
+            Client::from_arc(old.clone()),
+            Client::from_arc(new.clone()),
+        ));
+        client
+            .publish("t", Message::new("x").with_id("one"))
+            .await
+            .unwrap();
+        let batch = vec![
+            Message::new("a").with_id("a"),
+            Message::new("b").with_id("b"),
+        ];
+        let results = client.publish_batch("t", batch).await;
         assert!(results.iter().all(Result::is_ok));
+        for side in [&old, &new] {
+            assert_eq!(*side.ids.lock().unwrap(), ["one", "a", "b"]);
+        }
+        // The smaller limit of the two, checked before anything is sent.
         assert_eq!(client.capabilities().max_payload, 1024);
+        let big = client.publish("t", Message::new(vec![0_u8; 1500])).await;
+        assert!(
+            matches!(big, Err(crate::Error::PayloadTooLarge { .. })),
+            "{big:?}"
+        );
+
+        // One side refusing fails the publish, whichever side it is.
+        for (a, b) in [(true, false), (false, true)] {
+            let client = Client::new(Tee::new(
+                Client::from_arc(sink(a, 1024)),
+                Client::from_arc(sink(b, 1024)),
+            ));
+            assert!(client.publish("t", Message::new("x")).await.is_err());
+            let results = client.publish_batch("t", vec![Message::new("y")]).await;
+            assert!(results[0].is_err());
+        }
     }
 }
