@@ -9,6 +9,7 @@
 //!     --subscription migration --to kafka://127.0.0.1:9092 --idle-timeout 30s
 //! switchyard dead-letters nats://127.0.0.1:4222 orders.created --subscription billing list
 //! switchyard dead-letters nats://127.0.0.1:4222 orders.created --subscription billing redrive
+//! switchyard bench nats://127.0.0.1:4222 --messages 50000 --size 256 --window 256 --json
 //! ```
 //!
 //! Results go to standard output (ids, JSON lines, counts), progress and
@@ -27,6 +28,8 @@ use clap::{Args, Parser, Subcommand};
 use futures_util::FutureExt as _;
 use indicatif::{ProgressBar, ProgressStyle};
 use switchyard::{Client, Delivery, Message, SubscribeOptions, Subscription};
+
+mod bench;
 
 /// How many messages `publish --count` hands to one `publish_batch`.
 const PUBLISH_CHUNK: u64 = 1000;
@@ -56,6 +59,9 @@ enum Command {
     Bridge(BridgeArgs),
     /// List or redrive the dead letters of a subscription.
     DeadLetters(DeadLettersArgs),
+    /// Measure confirmed publish and consume+ack throughput, or end-to-end
+    /// latency at a fixed rate, through switchyard.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -191,6 +197,7 @@ async fn main() -> ExitCode {
         Command::Tail(a) => tail(a).await,
         Command::Bridge(a) => bridge(a, quiet).await,
         Command::DeadLetters(a) => dead_letters(a).await,
+        Command::Bench(a) => bench::bench(a).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

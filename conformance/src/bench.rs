@@ -13,9 +13,10 @@
 //! assert_eq!(rate(1000, Duration::from_secs(1)), 1000.0);
 //! ```
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use switchyard_core::{Bytes, Client, Message, SubscribeOptions};
+use futures_util::{StreamExt as _, stream::FuturesUnordered};
+use switchyard_core::{Bytes, Client, Error, Message, Result, SubscribeOptions};
 
 /// Size of the messages the benchmarks move.
 pub const SIZE: usize = 256;
@@ -58,25 +59,218 @@ pub async fn publish(client: &Client, topic: &str, n: usize) -> Duration {
     start.elapsed()
 }
 
+/// Publishes `n` messages of `size` bytes with at most `window` single
+/// `publish` calls awaiting their confirmation at once (what a service
+/// publishing concurrently does); returns the wall time.
+///
+/// # Errors
+///
+/// The first publish that fails.
+pub async fn publish_windowed(
+    client: &Client,
+    topic: &str,
+    n: usize,
+    size: usize,
+    window: usize,
+) -> Result<Duration> {
+    let payload = Bytes::from(vec![0xab; size]);
+    let start = Instant::now();
+    let mut in_flight = FuturesUnordered::new();
+    for _ in 0..n {
+        if in_flight.len() >= window.max(1) {
+            if let Some(r) = in_flight.next().await {
+                r?;
+            }
+        }
+        in_flight.push(client.publish(topic, Message::new(payload.clone())));
+    }
+    while let Some(r) = in_flight.next().await {
+        r?;
+    }
+    Ok(start.elapsed())
+}
+
 /// Receives and acks `n` messages on a new subscription handle, one at a
-/// time; returns the wall time (closing not included).
+/// time; returns the wall time from the first delivery (subscribing and
+/// waiting for the first message are not consuming) to the last ack.
 ///
 /// # Panics
 ///
-/// When a receive fails or nothing arrives for 30 s.
+/// When a receive or an ack fails or nothing arrives for 60 s: a benchmark
+/// has no use for partial figures.
 pub async fn consume(client: &Client, topic: &str, opts: SubscribeOptions, n: usize) -> Duration {
-    let mut sub = client.subscribe(topic, opts).await.expect("subscribe");
-    let start = Instant::now();
+    try_consume(client, topic, opts, n)
+        .await
+        .expect("switchyard consume")
+}
+
+/// [`consume`] returning errors instead of panicking (a receive that waits
+/// 60 s is an [`Error::Timeout`]).
+///
+/// # Errors
+///
+/// The first failed subscribe, receive, ack or close, or a stall.
+pub async fn try_consume(
+    client: &Client,
+    topic: &str,
+    opts: SubscribeOptions,
+    n: usize,
+) -> Result<Duration> {
+    let mut sub = client.subscribe(topic, opts).await?;
+    let mut start = None;
     for _ in 0..n {
-        let d = tokio::time::timeout(Duration::from_secs(30), sub.recv())
+        let d = tokio::time::timeout(STALL, sub.recv())
             .await
-            .expect("switchyard consume stalled")
-            .expect("switchyard receive");
-        d.ack().await.expect("switchyard ack");
+            .map_err(|_| stalled())??;
+        start.get_or_insert_with(Instant::now);
+        d.ack().await?;
     }
-    let elapsed = start.elapsed();
-    sub.close().await.expect("close");
-    elapsed
+    let elapsed = start.map_or(Duration::ZERO, |s| s.elapsed());
+    sub.close().await?;
+    Ok(elapsed)
+}
+
+/// How long a benchmark waits for a message before calling it a stall.
+const STALL: Duration = Duration::from_secs(60);
+
+fn stalled() -> Error {
+    Error::Timeout {
+        operation: "waiting for the next benchmark message",
+        after: STALL,
+    }
+}
+
+/// End-to-end latencies: from just before `publish` was called to the
+/// consumer holding the delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Latencies {
+    /// Messages measured.
+    pub count: usize,
+    /// The rate they were published at, messages per second.
+    pub rate: f64,
+    /// Median.
+    pub p50: Duration,
+    /// 99th percentile.
+    pub p99: Duration,
+    /// Largest.
+    pub max: Duration,
+}
+
+impl Latencies {
+    /// The percentiles of `samples` (nanoseconds), published at `rate`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use switchyard_conformance::bench::Latencies;
+    /// let l = Latencies::from_samples((1..=100).map(|ms| ms * 1_000_000).collect(), 10.0);
+    /// assert_eq!(l.p50, Duration::from_millis(51));
+    /// assert_eq!(l.p99, Duration::from_millis(100));
+    /// assert_eq!(l.max, Duration::from_millis(100));
+    /// ```
+    #[must_use]
+    pub fn from_samples(mut samples: Vec<u64>, rate: f64) -> Self {
+        samples.sort_unstable();
+        let at = |q: usize| {
+            let i = (samples.len() * q / 100).min(samples.len().saturating_sub(1));
+            Duration::from_nanos(samples.get(i).copied().unwrap_or(0))
+        };
+        Self {
+            count: samples.len(),
+            rate,
+            p50: at(50),
+            p99: at(99),
+            max: Duration::from_nanos(samples.last().copied().unwrap_or(0)),
+        }
+    }
+}
+
+/// Nanoseconds since the Unix epoch: the stamp latency payloads carry.
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Publishes `n` messages of `size` bytes (at least 8: the first 8 carry the
+/// send time) at a fixed `rate` per second, each with a single `publish`,
+/// while a subscription receives and acks them; returns the end-to-end
+/// latencies. The publisher keeps its schedule whatever the confirmations
+/// take (publishes overlap).
+///
+/// # Errors
+///
+/// The first failed subscribe, publish, receive, ack or close, or a stall.
+pub async fn latency(
+    client: &Client,
+    topic: &str,
+    opts: SubscribeOptions,
+    n: usize,
+    size: usize,
+    rate: f64,
+) -> Result<Latencies> {
+    let mut sub = client.subscribe(topic, opts).await?;
+    let consumer = async {
+        let mut samples = Vec::with_capacity(n);
+        while samples.len() < n {
+            let d = tokio::time::timeout(STALL, sub.recv())
+                .await
+                .map_err(|_| stalled())??;
+            let now = now_nanos();
+            let mut stamp = [0_u8; 8];
+            let payload = d.message().payload();
+            let k = payload.len().min(8);
+            stamp[..k].copy_from_slice(&payload[..k]);
+            samples.push(now.saturating_sub(u64::from_le_bytes(stamp)));
+            d.ack().await?;
+        }
+        Ok::<_, Error>(samples)
+    };
+    let producer = async {
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(0.001)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut in_flight = FuturesUnordered::new();
+        for _ in 0..n {
+            loop {
+                tokio::select! {
+                    biased;
+                    Some(r) = in_flight.next(), if !in_flight.is_empty() => r?,
+                    _ = tick.tick() => break,
+                }
+            }
+            let mut payload = vec![0xab; size.max(8)];
+            payload[..8].copy_from_slice(&now_nanos().to_le_bytes());
+            in_flight.push(client.publish(topic, Message::new(payload)));
+        }
+        while let Some(r) = in_flight.next().await {
+            r?;
+        }
+        Ok::<_, Error>(())
+    };
+    let (samples, published) = tokio::join!(consumer, producer);
+    published?;
+    let samples = samples?;
+    sub.close().await?;
+    Ok(Latencies::from_samples(samples, rate))
+}
+
+/// Prints one row of the results table (`| backend | measure | switchyard |
+/// other | ratio |`), the lines `scripts/bench.sh` collects.
+pub fn row(backend: &str, measure: &str, switchyard: f64, other: &str, value: f64) {
+    println!(
+        "| {backend} | {measure} | {switchyard:.0} | {other} | {value:.0} | {:.2} |",
+        switchyard / value
+    );
+}
+
+/// Prints the latency row of the results table.
+pub fn latency_row(backend: &str, l: &Latencies) {
+    println!(
+        "| {backend} | latency p50 / p99 at {:.0} msg/s | {:.2} / {:.2} ms (max {:.1}) | | | |",
+        l.rate,
+        l.p50.as_secs_f64() * 1e3,
+        l.p99.as_secs_f64() * 1e3,
+        l.max.as_secs_f64() * 1e3,
+    );
 }
 
 /// Rates of rounds of (raw publish, switchyard publish, raw consume+ack,

@@ -184,6 +184,72 @@ async fn commands(url: &str) {
         String::from_utf8_lossy(&bad.stderr)
     );
     client.close().await.expect("close");
+    bench(url).await;
+}
+
+/// `bench`: a publish run leaves its messages for a later consume run of
+/// the same topic, which moves exactly that many; latency mode reports
+/// ordered percentiles over every message.
+async fn bench(url: &str) {
+    let first = bench_json(&[
+        "bench",
+        url,
+        "--mode",
+        "publish",
+        "--messages",
+        "300",
+        "--size",
+        "100",
+        "--window",
+        "32",
+    ])
+    .await;
+    assert_eq!(first["messages"], 300);
+    assert_eq!(first["size"], 100);
+    assert!(first["publish"]["msg_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(first["consume"].is_null());
+    let topic = first["topic"].as_str().expect("topic").to_owned();
+    let second = bench_json(&[
+        "bench",
+        url,
+        "--mode",
+        "consume",
+        "--topic",
+        &topic,
+        "--messages",
+        "300",
+        "--window",
+        "32",
+    ])
+    .await;
+    assert!(second["publish"].is_null());
+    assert!(second["consume"]["msg_per_sec"].as_f64().unwrap() > 0.0);
+    let latency = bench_json(&[
+        "bench",
+        url,
+        "--mode",
+        "latency",
+        "--messages",
+        "40",
+        "--rate",
+        "100",
+    ])
+    .await;
+    assert_latency(&latency["latency"], 40);
+}
+
+/// Runs `switchyard ARGS… --json`; its one JSON object.
+async fn bench_json(args: &[&str]) -> serde_json::Value {
+    let args = [args, &["--json"]].concat();
+    let lines = json_lines(&ok(&args, b"").await);
+    assert_eq!(lines.len(), 1, "one JSON object: {lines:?}");
+    lines.into_iter().next().unwrap()
+}
+
+fn assert_latency(l: &serde_json::Value, count: u64) {
+    assert_eq!(l["count"], count);
+    let [p50, p99, max] = ["p50_ms", "p99_ms", "max_ms"].map(|k| l[k].as_f64().unwrap());
+    assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{l}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -243,5 +309,39 @@ async fn bad_usage_is_explained() {
     assert_eq!(
         ok(&["publish", "memory://", "t", "--id", "m-1", "x"], b"").await,
         "m-1\n"
+    );
+    // `bench --mode consume` needs the topic an earlier run filled.
+    let out = run(&["bench", "memory://", "--mode", "consume"], b"").await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--topic"));
+}
+
+/// `bench` on the in-process broker: both directions in one process, then
+/// latency; the text form names every figure.
+#[tokio::test]
+async fn bench_in_memory() {
+    let both = bench_json(&["bench", "memory://", "--messages", "2000"]).await;
+    assert_eq!(both["messages"], 2000);
+    assert_eq!(both["window"], 256);
+    for k in ["publish", "consume"] {
+        assert!(both[k]["msg_per_sec"].as_f64().unwrap() > 0.0, "{both}");
+        assert!(both[k]["seconds"].as_f64().unwrap() > 0.0, "{both}");
+    }
+    let latency = bench_json(&[
+        "bench",
+        "memory://",
+        "--mode",
+        "latency",
+        "--messages",
+        "200",
+        "--rate",
+        "1000",
+    ])
+    .await;
+    assert_latency(&latency["latency"], 200);
+    let text = ok(&["bench", "memory://", "--messages", "100"], b"").await;
+    assert!(
+        text.contains("publish") && text.contains("consume+ack"),
+        "{text}"
     );
 }
