@@ -314,6 +314,15 @@ impl Rounds {
         sum.map(|s| s / k)
     }
 
+    /// Prints the means as two rows of the results table: publish against
+    /// `raw_publish`, consume+ack against `raw_consume` (the raw client and
+    /// how it was configured).
+    pub fn print_rows(&self, backend: &str, raw_publish: &str, raw_consume: &str) {
+        let [rp, sp, rc, sc] = self.mean();
+        row(backend, "publish (msg/s)", sp, raw_publish, rp);
+        row(backend, "consume+ack (msg/s)", sc, raw_consume, rc);
+    }
+
     /// Prints the means and their ratios.
     pub fn print_mean(&self, raw: &str) {
         let [rp, sp, rc, sc] = self.mean();

@@ -9,10 +9,20 @@
 //! messages with a UUIDv7 `message_id`, as switchyard does: the same work,
 //! not less. Its consumer acks each delivery, with `basic.qos` = window.
 //! Queues and exchanges are deleted afterwards.
+//!
+//! The compared raw consumer is lapin's best: one `basic.ack` with
+//! `multiple` per half window (acking each delivery, queued or awaited, is
+//! printed too). omniqueue (its RabbitMQ backend on lapin 2, with tokio's
+//! executor and reactor) runs on its own quorum queue in the same rounds:
+//! it publishes without publisher confirms (so its publish figure is not the
+//! same guarantee), and its consumer acks every delivery, each ack in its own
+//! task so they do not wait on one another. Then switchyard's end-to-end
+//! latency at 1,000 msg/s.
 
 use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt, stream::FuturesOrdered};
+use omniqueue::backends::rabbitmq as omni;
 use switchyard_conformance::bench::{self, Rounds, SIZE, env_usize, rate};
 use switchyard_core::{Client, SubscribeOptions};
 use switchyard_rabbitmq::{
@@ -29,6 +39,114 @@ use switchyard_rabbitmq::{
 };
 
 const BOUND: Duration = Duration::from_secs(600);
+
+/// omniqueue on lapin 2, with the best settings it offers: tokio's executor
+/// and reactor, prefetch = window, persistent messages.
+async fn omni_pair(
+    url: &str,
+    exchange: &str,
+    queue: &str,
+    window: usize,
+) -> (omni::RabbitMqProducer, omni::RabbitMqConsumer) {
+    let config = omni::RabbitMqConfig {
+        uri: url.to_owned(),
+        connection_properties: omni::ConnectionProperties::default()
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio),
+        publish_exchange: exchange.to_owned(),
+        publish_routing_key: String::new(),
+        publish_options: omni::BasicPublishOptions::default(),
+        publish_properties: omni::BasicProperties::default().with_delivery_mode(2),
+        consume_queue: queue.to_owned(),
+        consumer_tag: String::new(),
+        consume_options: omni::BasicConsumeOptions::default(),
+        consume_arguments: omni::FieldTable::default(),
+        consume_prefetch_count: Some(u16::try_from(window).unwrap()),
+        requeue_on_nack: true,
+    };
+    omni::RabbitMqBackend::builder(config)
+        .build_pair()
+        .await
+        .unwrap()
+}
+
+async fn omni_publish(producer: &omni::RabbitMqProducer, n: usize) -> Duration {
+    let payload = vec![0xab; SIZE];
+    let start = Instant::now();
+    for _ in 0..n {
+        producer.send_raw(&payload).await.unwrap();
+    }
+    start.elapsed()
+}
+
+async fn omni_consume(consumer: &mut omni::RabbitMqConsumer, n: usize) -> Duration {
+    let mut acks = Vec::with_capacity(n);
+    let mut start = None;
+    for _ in 0..n {
+        let d = tokio::time::timeout(Duration::from_secs(30), consumer.receive())
+            .await
+            .expect("omniqueue consume stalled")
+            .unwrap();
+        start.get_or_insert_with(Instant::now);
+        acks.push(tokio::spawn(async move {
+            d.ack().await.map_err(|(e, _)| e).unwrap();
+        }));
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+    start.unwrap().elapsed()
+}
+
+async fn declare(channel: &Channel, exchange: &str, queue: &str) {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+}
+
+async fn delete(channel: &Channel, exchange: &str, queue: &str) {
+    let _ = channel
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await;
+    let _ = channel
+        .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+        .await;
+}
 
 async fn raw_publish(channel: &Channel, exchange: &str, n: usize, window: usize) -> Duration {
     let payload = vec![0xab; SIZE];
@@ -138,44 +256,10 @@ async fn run(url: &str, n: usize, window: usize) {
     let consume = conn.create_channel().await.unwrap();
     let raw_exchange = format!("bench-raw-{run_id}");
     let raw_queue = format!("bench-raw-{run_id}");
-    publish
-        .exchange_declare(
-            raw_exchange.as_str().into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
-    publish
-        .queue_declare(
-            raw_queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            args,
-        )
-        .await
-        .unwrap();
-    publish
-        .queue_bind(
-            raw_queue.as_str().into(),
-            raw_exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    declare(&publish, &raw_exchange, &raw_queue).await;
+    let omni_name = format!("bench-omniqueue-{run_id}");
+    declare(&publish, &omni_name, &omni_name).await;
+    let (omni_producer, mut omni_consumer) = omni_pair(url, &omni_name, &omni_name, window).await;
 
     let topic = format!("bench.switchyard.{run_id}");
     let opts = SubscribeOptions::new("bench").prefetch(window);
@@ -186,6 +270,7 @@ async fn run(url: &str, n: usize, window: usize) {
         switchyard_core::redact_url(url)
     );
     let mut rounds = Rounds::default();
+    let mut omni_rates = Vec::new();
     for round in 1..=4 {
         // Alternate who goes first: the second publisher writes into a
         // broker that already holds the first one's unconsumed messages.
@@ -193,46 +278,52 @@ async fn run(url: &str, n: usize, window: usize) {
         if round % 2 == 1 {
             raw_p = raw_publish(&publish, &raw_exchange, n, window).await;
             sy_p = bench::publish(&client, &topic, n).await;
-            raw_c = raw_consume(&consume, &raw_queue, n, window, AckMode::Queued).await;
+            raw_c = raw_consume(&consume, &raw_queue, n, window, AckMode::Multiple).await;
             sy_c = bench::consume(&client, &topic, opts.clone(), n).await;
         } else {
             sy_p = bench::publish(&client, &topic, n).await;
             raw_p = raw_publish(&publish, &raw_exchange, n, window).await;
             sy_c = bench::consume(&client, &topic, opts.clone(), n).await;
-            raw_c = raw_consume(&consume, &raw_queue, n, window, AckMode::Queued).await;
+            raw_c = raw_consume(&consume, &raw_queue, n, window, AckMode::Multiple).await;
         }
         rounds.push(round, n, [raw_p, sy_p, raw_c, sy_c]);
+        let omni_p = rate(n, omni_publish(&omni_producer, n).await);
+        let omni_c = rate(n, omni_consume(&mut omni_consumer, n).await);
+        println!(
+            "round {round}: omniqueue publish (no confirms) {omni_p:>9.0} msg/s  consume+ack {omni_c:>9.0} msg/s"
+        );
+        omni_rates.push((omni_p, omni_c));
     }
-    for mode in [AckMode::Awaited, AckMode::Multiple] {
+    for mode in [AckMode::Awaited, AckMode::Queued] {
         raw_publish(&publish, &raw_exchange, n, window).await;
         let d = raw_consume(&consume, &raw_queue, n, window, mode).await;
         println!("raw consume+ack, acks {mode:?}: {:.0} msg/s", rate(n, d));
     }
-    rounds.print_mean("raw lapin");
+    rounds.print_mean("raw lapin (multiple acks)");
+    let latency = bench::latency(&client, &topic, opts.clone(), 5_000, SIZE, 1_000.0)
+        .await
+        .unwrap();
 
-    let _ = publish
-        .queue_delete(raw_queue.as_str().into(), QueueDeleteOptions::default())
-        .await;
-    let _ = publish
-        .exchange_delete(
-            raw_exchange.as_str().into(),
-            ExchangeDeleteOptions::default(),
-        )
-        .await;
+    let k = omni_rates.len() as f64;
+    let omni_p = omni_rates.iter().map(|r| r.0).sum::<f64>() / k;
+    let omni_c = omni_rates.iter().map(|r| r.1).sum::<f64>() / k;
+    let [_, sy_p, _, sy_c] = rounds.mean();
+    rounds.print_rows("RabbitMQ", "lapin, confirms", "lapin, multiple acks");
+    bench::row(
+        "RabbitMQ",
+        "publish (msg/s)",
+        sy_p,
+        "omniqueue, **no confirms**",
+        omni_p,
+    );
+    bench::row("RabbitMQ", "consume+ack (msg/s)", sy_c, "omniqueue", omni_c);
+    bench::latency_row("RabbitMQ", &latency);
+
+    delete(&publish, &raw_exchange, &raw_queue).await;
+    delete(&publish, &omni_name, &omni_name).await;
     let dlq = opts.dead_letter_topic_for(&topic);
     for (t, s) in [(topic.as_str(), "bench"), (dlq.as_str(), "dead-letters")] {
-        let _ = publish
-            .queue_delete(
-                broker.queue_name(t, s).as_str().into(),
-                QueueDeleteOptions::default(),
-            )
-            .await;
-        let _ = publish
-            .exchange_delete(
-                broker.exchange_name(t).as_str().into(),
-                ExchangeDeleteOptions::default(),
-            )
-            .await;
+        delete(&publish, &broker.exchange_name(t), &broker.queue_name(t, s)).await;
     }
     client.close().await.unwrap();
 }
