@@ -8,6 +8,12 @@
 //! The raw consumer deletes what each receive brought with one
 //! `DeleteMessageBatch` (as switchyard batches its acks) and, in a second
 //! figure, each message on its own with `DeleteMessage`.
+//!
+//! omniqueue (its SQS backend, on the same SDK client configuration) runs on
+//! its own queue in the same rounds at its best: `send_raw_batch` of 10 with
+//! 16 in flight, and 4 concurrent `receive_all(10)` loops whose deliveries
+//! are acked concurrently (omniqueue deletes each message on its own).
+//! Then switchyard's end-to-end latency at 20 msg/s.
 
 use std::{
     sync::{
@@ -18,6 +24,7 @@ use std::{
 };
 
 use futures_util::{StreamExt, stream::FuturesUnordered};
+use omniqueue::{QueueProducer as _, backends::sqs as omni};
 use switchyard_conformance::bench::{self, Rounds, SIZE, env_usize, rate};
 use switchyard_core::{Client, SubscribeOptions};
 use switchyard_sqs::{
@@ -134,6 +141,53 @@ async fn raw_consume(sqs: &aws_sdk_sqs::Client, url: &str, n: usize, batched: bo
     end - start
 }
 
+async fn omni_publish(producer: &omni::SqsProducer, n: usize) -> Duration {
+    let body = Arc::new("x".repeat(SIZE));
+    let start = Instant::now();
+    let mut in_flight = FuturesUnordered::new();
+    let mut sent = 0;
+    while sent < n || !in_flight.is_empty() {
+        while sent < n && in_flight.len() < 16 {
+            let k = (n - sent).min(10);
+            in_flight.push(producer.send_raw_batch(vec![body.clone(); k]));
+            sent += k;
+        }
+        in_flight.next().await.unwrap().unwrap();
+    }
+    start.elapsed()
+}
+
+async fn omni_consume(consumer: Arc<omni::SqsConsumer>, n: usize) -> Duration {
+    let done = Arc::new(AtomicUsize::new(0));
+    let finished = Arc::new(std::sync::Mutex::new(None::<Instant>));
+    let start = Instant::now();
+    let mut loops = Vec::new();
+    for _ in 0..4 {
+        let (consumer, done, finished) = (consumer.clone(), done.clone(), finished.clone());
+        loops.push(tokio::spawn(async move {
+            while done.load(Ordering::SeqCst) < n {
+                let batch = consumer
+                    .receive_all(10, Duration::from_secs(1))
+                    .await
+                    .unwrap();
+                let k = batch.len();
+                for r in futures_util::future::join_all(batch.into_iter().map(|d| d.ack())).await {
+                    r.map_err(|(e, _)| e).unwrap();
+                }
+                let before = done.fetch_add(k, Ordering::SeqCst);
+                if before < n && before + k >= n {
+                    *finished.lock().unwrap() = Some(Instant::now());
+                }
+            }
+        }));
+    }
+    for l in loops {
+        l.await.unwrap();
+    }
+    let end = finished.lock().unwrap().unwrap_or_else(Instant::now);
+    end - start
+}
+
 /// Receives and acks through the consumer runtime with prefetch 40 (the
 /// raw side's 4 receives of 10) and as many handlers, so acks can gather
 /// into batches of 10 as the raw side's do.
@@ -184,19 +238,39 @@ async fn run(url: &str, n: usize) {
         .queue_url()
         .unwrap()
         .to_owned();
-    let topic = format!("bench.switchyard.{run_id}");
-    client
-        .ensure_subscription(&topic, &SubscribeOptions::new("bench"))
+    let omni_url = sqs
+        .create_queue()
+        .queue_name(format!("bench-omniqueue-{run_id}"))
+        .send()
+        .await
+        .unwrap()
+        .queue_url()
+        .unwrap()
+        .to_owned();
+    let (omni_producer, omni_consumer) = omni::SqsBackend::builder(omni_url.as_str())
+        .sqs_config(sqs.config().to_owned())
+        .build_pair()
         .await
         .unwrap();
+    let omni_consumer = Arc::new(omni_consumer);
+    let topic = format!("bench.switchyard.{run_id}");
+    let opts = SubscribeOptions::new("bench");
+    client.ensure_subscription(&topic, &opts).await.unwrap();
     println!("SQS at {url}: {n} messages of {SIZE} B (queue mode)");
     let mut rounds = Rounds::default();
+    let mut omni_rates = Vec::new();
     for round in 1..=2 {
         let raw_p = raw_publish(&sqs, &raw_url, n).await;
         let sy_p = bench::publish(&client, &topic, n).await;
         let raw_c = raw_consume(&sqs, &raw_url, n, true).await;
         let sy_c = sy_consume(&client, &topic, n).await;
         rounds.push(round, n, [raw_p, sy_p, raw_c, sy_c]);
+        let omni_p = rate(n, omni_publish(&omni_producer, n).await);
+        let omni_c = rate(n, omni_consume(omni_consumer.clone(), n).await);
+        println!(
+            "round {round}: omniqueue publish {omni_p:>9.0} msg/s  consume+ack {omni_c:>9.0} msg/s"
+        );
+        omni_rates.push((omni_p, omni_c));
     }
     raw_publish(&sqs, &raw_url, n).await;
     let single = raw_consume(&sqs, &raw_url, n, false).await;
@@ -205,6 +279,28 @@ async fn run(url: &str, n: usize) {
         rate(n, single)
     );
     rounds.print_mean("raw aws-sdk-sqs");
+    let latency = bench::latency(&client, &topic, opts, 200, SIZE, 20.0)
+        .await
+        .unwrap();
+    let k = omni_rates.len() as f64;
+    let omni_p = omni_rates.iter().map(|r| r.0).sum::<f64>() / k;
+    let omni_c = omni_rates.iter().map(|r| r.1).sum::<f64>() / k;
+    let [_, sy_p, _, sy_c] = rounds.mean();
+    rounds.print_rows(
+        "SQS (moto)",
+        "aws-sdk-sqs, batches of 10",
+        "aws-sdk-sqs, batched deletes",
+    );
+    bench::row("SQS (moto)", "publish (msg/s)", sy_p, "omniqueue", omni_p);
+    bench::row(
+        "SQS (moto)",
+        "consume+ack (msg/s)",
+        sy_c,
+        "omniqueue",
+        omni_c,
+    );
+    bench::latency_row("SQS (moto)", &latency);
+    let _ = sqs.delete_queue().queue_url(&omni_url).send().await;
     let _ = sqs.delete_queue().queue_url(&raw_url).send().await;
     client.close().await.unwrap();
 }
