@@ -173,5 +173,17 @@ async fn main() {
         all.push(round, n, [raw_pub, sy_pub, raw_con, sy_con]);
     }
     all.print_mean("rdkafka");
+    let topic = format!("bench.latency.{run_id}");
+    let opts = SubscribeOptions::new("bench");
+    client.ensure_subscription(&topic, &opts).await.unwrap();
+    let latency = bench::latency(&client, &topic, opts, 5_000, SIZE, 1_000.0)
+        .await
+        .unwrap();
+    all.print_rows(
+        "Kafka (tansu)",
+        "rdkafka, delivery reports",
+        "rdkafka, stored offsets",
+    );
+    bench::latency_row("Kafka (tansu)", &latency);
     client.close().await.unwrap();
 }

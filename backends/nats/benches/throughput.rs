@@ -16,7 +16,7 @@ use async_nats::jetstream::{
 };
 use futures_util::{StreamExt, stream::FuturesOrdered};
 use switchyard_conformance::bench::{self, Rounds, SIZE, env_usize, rate};
-use switchyard_core::{Bytes, Client, Message, SubscribeOptions};
+use switchyard_core::{Bytes, Client, SubscribeOptions};
 use switchyard_nats::{NatsBroker, NatsConfig};
 
 const BOUND: Duration = Duration::from_secs(300);
@@ -95,25 +95,6 @@ async fn raw_consume_after_publish(
     rate(n, raw_consume(consumer, n, batch).await)
 }
 
-/// Single confirmed publishes, 256 in flight: the same shape as the raw loop.
-async fn sy_publish_windowed(client: &Client, topic: &str, n: usize, window: usize) -> Duration {
-    let payload = Bytes::from(vec![0xab; SIZE]);
-    let start = Instant::now();
-    let mut in_flight = FuturesOrdered::new();
-    for _ in 0..n {
-        if in_flight.len() >= window {
-            let done: switchyard_core::Result<()> = in_flight.next().await.unwrap();
-            done.unwrap();
-        }
-        let message = Message::new(payload.clone());
-        in_flight.push_back(client.publish(topic, message));
-    }
-    while let Some(r) = in_flight.next().await {
-        r.unwrap();
-    }
-    start.elapsed()
-}
-
 async fn run(url: &str, n: usize, window: usize) {
     let broker = NatsBroker::connect(NatsConfig::from_url(url).unwrap().publish_window(window))
         .await
@@ -184,7 +165,9 @@ async fn run(url: &str, n: usize, window: usize) {
     );
     // The same publishes, as single `publish` calls with 256 in flight.
     let before = cpu();
-    let windowed = sy_publish_windowed(&client, &topic, n, window).await;
+    let windowed = bench::publish_windowed(&client, &topic, n, SIZE, window)
+        .await
+        .unwrap();
     let windowed_cpu = cpu().saturating_sub(before);
     println!(
         "switchyard publish, single calls with {window} in flight: {:.0} msg/s ({:.2} µs CPU per message)",
@@ -202,6 +185,15 @@ async fn run(url: &str, n: usize, window: usize) {
         raw_same
     );
     rounds.print_mean("raw async-nats");
+    let latency = bench::latency(&client, &topic, opts.clone(), 5_000, SIZE, 1_000.0)
+        .await
+        .unwrap();
+    rounds.print_rows(
+        "NATS JetStream",
+        "async-nats, PubAcks in flight",
+        "async-nats, pull stream",
+    );
+    bench::latency_row("NATS JetStream", &latency);
 
     let _ = js.delete_stream(&raw_stream).await;
     let _ = js.delete_stream(broker.stream_name(&topic)).await;
