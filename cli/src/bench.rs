@@ -23,8 +23,8 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=16_777_216))]
     size: u64,
     /// Publishes awaiting their confirmation at once, and the
-    /// subscription's prefetch.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65_535))]
+    /// subscription's prefetch (which a backend may cap: RabbitMQ at 65,535).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     window: u64,
     /// What to measure. `both` publishes, then consumes what it published;
     /// `consume` alone reads `--topic` (filled by an earlier `--mode publish`).

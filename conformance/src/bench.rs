@@ -195,7 +195,8 @@ fn now_nanos() -> u64 {
 /// send time) at a fixed `rate` per second, each with a single `publish`,
 /// while a subscription receives and acks them; returns the end-to-end
 /// latencies. The publisher keeps its schedule whatever the confirmations
-/// take (publishes overlap).
+/// take (publishes overlap). One warm-up message makes the trip first and
+/// is not counted.
 ///
 /// # Errors
 ///
@@ -209,6 +210,15 @@ pub async fn latency(
     rate: f64,
 ) -> Result<Latencies> {
     let mut sub = client.subscribe(topic, opts).await?;
+    // Steady state only: one message must make the whole trip first (a
+    // Kafka group member can take seconds to get its partitions).
+    client
+        .publish(topic, Message::new(vec![0_u8; size.max(8)]))
+        .await?;
+    let warm = tokio::time::timeout(STALL, sub.recv())
+        .await
+        .map_err(|_| stalled())??;
+    warm.ack().await?;
     let consumer = async {
         let mut samples = Vec::with_capacity(n);
         while samples.len() < n {

@@ -5,9 +5,12 @@
 //! `SWITCHYARD_KAFKA_URL=kafka://127.0.0.1:9092 cargo bench -p switchyard-kafka`
 //! (`SY_BENCH_MESSAGES`, default 50,000; `SY_BENCH_ROUNDS`, default 3).
 //!
-//! The raw producer is configured as switchyard configures its own and
-//! sends each record with an id header (a UUIDv7, as switchyard does): it
-//! enqueues everything, then awaits every delivery report. The raw consumer
+//! The raw producers are configured as switchyard configures its own and
+//! send each record with an id header (a UUIDv7, as switchyard does). The
+//! compared one is rdkafka's fastest confirmed publish: a `ThreadedProducer`
+//! whose delivery callback counts reports (done when all are confirmed). A
+//! `FutureProducer` that enqueues everything, then awaits every delivery
+//! future (what switchyard does) is printed too. The raw consumer
 //! is a fresh group that takes each record's payload and id out (owned, as
 //! any consumer must), stores its offset and lets librdkafka auto-commit
 //! (librdkafka's at-least-once pattern);
@@ -18,11 +21,20 @@
 
 use std::time::{Duration, Instant};
 
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
+
 use rdkafka::{
-    ClientConfig,
+    ClientConfig, ClientContext,
     consumer::{Consumer, StreamConsumer},
+    error::KafkaError,
     message::{Header, OwnedHeaders},
-    producer::{FutureProducer, FutureRecord},
+    producer::{
+        BaseRecord, DeliveryResult, FutureProducer, FutureRecord, ProducerContext, ThreadedProducer,
+    },
+    types::RDKafkaErrorCode,
 };
 use switchyard_conformance::bench::{self, Rounds, SIZE, env_usize};
 use switchyard_core::{Client, SubscribeOptions};
@@ -61,6 +73,70 @@ async fn raw_publish(producer: &FutureProducer, topic: &str, n: usize) -> Durati
     }
     for f in reports {
         f.await.unwrap().unwrap();
+    }
+    start.elapsed()
+}
+
+/// Delivery reports counted in librdkafka's callback: rdkafka's fastest
+/// confirmed publish (no future per record).
+#[derive(Default)]
+struct Reports {
+    ok: AtomicUsize,
+    failed: AtomicUsize,
+}
+
+struct Counting(Arc<Reports>);
+
+impl ClientContext for Counting {}
+
+impl ProducerContext for Counting {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, (): ()) {
+        match result {
+            Ok(_) => self.0.ok.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.0.failed.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+/// The same records through a `ThreadedProducer` whose delivery callback
+/// counts reports; done when all `n` are confirmed.
+async fn raw_publish_threaded(
+    producer: &ThreadedProducer<Counting>,
+    reports: &Reports,
+    topic: &str,
+    n: usize,
+) -> Duration {
+    let payload = vec![0xab_u8; SIZE];
+    let base = reports.ok.load(Ordering::Relaxed);
+    let start = Instant::now();
+    for _ in 0..n {
+        let id = switchyard_core::new_id();
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "sy-id",
+            value: Some(id.as_bytes()),
+        });
+        let mut record: BaseRecord<'_, (), [u8]> =
+            BaseRecord::to(topic).payload(&payload[..]).headers(headers);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err((e, _)) => panic!("raw send: {e}"),
+            }
+        }
+    }
+    while reports.ok.load(Ordering::Relaxed) - base < n {
+        assert_eq!(
+            reports.failed.load(Ordering::Relaxed),
+            0,
+            "raw delivery failed"
+        );
+        tokio::time::sleep(Duration::from_micros(200)).await;
     }
     start.elapsed()
 }
@@ -150,11 +226,15 @@ async fn main() {
     let broker = KafkaBroker::connect(config).await.unwrap();
     let client = Client::new(broker.clone());
     let servers = bootstrap(&url);
-    let raw: FutureProducer = ClientConfig::new()
+    let mut producer_config = ClientConfig::new();
+    producer_config
         .set("bootstrap.servers", &servers)
         .set("acks", "all")
-        .set("enable.idempotence", "true")
-        .create()
+        .set("enable.idempotence", "true");
+    let raw: FutureProducer = producer_config.create().unwrap();
+    let reports = Arc::new(Reports::default());
+    let threaded: ThreadedProducer<Counting> = producer_config
+        .create_with_context(Counting(Arc::clone(&reports)))
         .unwrap();
     let run_id = &switchyard_core::new_id()[24..];
     println!("{n} messages of {SIZE} bytes per round, {rounds} rounds, {url}");
@@ -166,7 +246,12 @@ async fn main() {
         let opts = SubscribeOptions::new("bench").prefetch(1024);
         client.ensure_subscription(&topic, &opts).await.unwrap();
 
-        let raw_pub = raw_publish(&raw, &raw_topic, n).await;
+        let raw_pub = raw_publish_threaded(&threaded, &reports, &raw_topic, n).await;
+        let future_pub = raw_publish(&raw, &raw_topic, n).await;
+        println!(
+            "round {round}: raw FutureProducer (a future per record, all enqueued first) {:.0} msg/s",
+            bench::rate(n, future_pub)
+        );
         let sy_pub = bench::publish(&client, &topic, n).await;
         let raw_con = raw_consume(&servers, &raw_topic, &format!("raw-{run_id}-{round}"), n).await;
         let sy_con = sy_consume(&client, &topic, opts, n).await;
@@ -181,8 +266,8 @@ async fn main() {
         .unwrap();
     all.print_rows(
         "Kafka (tansu)",
-        "rdkafka, delivery reports",
-        "rdkafka, stored offsets",
+        "rdkafka ThreadedProducer, delivery callbacks",
+        "rdkafka StreamConsumer, stored offsets",
     );
     bench::latency_row("Kafka (tansu)", &latency);
     client.close().await.unwrap();

@@ -557,7 +557,9 @@ impl RecvInner {
                 st.held.pop().map(|h| h.0)
             } else {
                 let a = st.ready.pop_front();
-                if a.is_some() {
+                // The pump refills from half full: one wake-up per half
+                // prefetch of records, not one per record.
+                if a.is_some() && st.ready.len() == self.prefetch / 2 {
                     self.space.notify_one();
                 }
                 a
