@@ -73,7 +73,7 @@ async fn omniqueue(n: usize) -> Duration {
     });
     let mut bytes = 0;
     for _ in 0..n {
-        let mut d = consumer.receive().await.unwrap();
+        let d = consumer.receive().await.unwrap();
         bytes += d.borrow_payload().map_or(0, <[u8]>::len);
         d.ack().await.map_err(|(e, _)| e).unwrap();
     }

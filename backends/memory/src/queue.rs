@@ -26,8 +26,12 @@ struct InFlight {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Ready messages by publish sequence (so redeliveries keep their place).
-    ready: BTreeMap<u64, Entry>,
+    /// Ready messages never handed out, in publish order (sequence
+    /// ascending): the common case, pushed and popped at the ends.
+    fresh: VecDeque<(u64, Entry)>,
+    /// Ready messages that came back (nack, expiry, a closed consumer), by
+    /// publish sequence, so they keep their place ahead of later ones.
+    returned: BTreeMap<u64, Entry>,
     /// Nacked-with-delay messages by (due, seq).
     delayed: BTreeMap<(Instant, u64), Entry>,
     /// Handed-out deliveries by delivery tag.
@@ -37,9 +41,35 @@ struct State {
     /// Unsettled deliveries per consumer.
     held: HashMap<u64, usize>,
     next_tag: u64,
+    /// Publish sequence of the next message.
+    next_seq: u64,
 }
 
 impl State {
+    /// The ready message with the lowest publish sequence.
+    fn pop_ready(&mut self) -> Option<(u64, Entry)> {
+        let fresh = self.fresh.front().map(|(seq, _)| *seq);
+        let returned = self.returned.first_key_value().map(|(seq, _)| *seq);
+        match (fresh, returned) {
+            (Some(f), Some(r)) if r < f => self.returned.pop_first(),
+            (Some(_), _) => self.fresh.pop_front(),
+            (None, _) => self.returned.pop_first(),
+        }
+    }
+
+    /// Appends a newly published message.
+    fn push_fresh(&mut self, message: Message) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.fresh.push_back((
+            seq,
+            Entry {
+                message,
+                deliveries: 0,
+            },
+        ));
+    }
+
     fn release(&mut self, tag: u64) -> Option<InFlight> {
         let f = self.in_flight.remove(&tag)?;
         self.deadlines.remove(&(f.deadline, tag));
@@ -56,14 +86,14 @@ impl State {
                 break;
             }
             let ((_, seq), e) = entry.remove_entry();
-            self.ready.insert(seq, e);
+            self.returned.insert(seq, e);
         }
         while let Some(&(deadline, tag)) = self.deadlines.first() {
             if deadline > now {
                 break;
             }
             if let Some(f) = self.release(tag) {
-                self.ready.insert(f.seq, f.entry);
+                self.returned.insert(f.seq, f.entry);
             }
         }
     }
@@ -92,7 +122,6 @@ pub(crate) struct Queue {
     state: Mutex<State>,
     /// Woken whenever something may have become receivable.
     pub(crate) changed: Notify,
-    next_seq: std::sync::atomic::AtomicU64,
 }
 
 impl Queue {
@@ -103,32 +132,14 @@ impl Queue {
     }
 
     pub(crate) fn push(&self, message: Message) {
-        let seq = self
-            .next_seq
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.lock().ready.insert(
-            seq,
-            Entry {
-                message,
-                deliveries: 0,
-            },
-        );
+        self.lock().push_fresh(message);
         self.changed.notify_waiters();
     }
 
     pub(crate) fn push_many(&self, messages: impl Iterator<Item = Message>) {
         let mut state = self.lock();
         for message in messages {
-            let seq = self
-                .next_seq
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            state.ready.insert(
-                seq,
-                Entry {
-                    message,
-                    deliveries: 0,
-                },
-            );
+            state.push_fresh(message);
         }
         drop(state);
         self.changed.notify_waiters();
@@ -150,7 +161,7 @@ impl Queue {
         let mut out = Vec::new();
         let deadline = now + ack_timeout;
         while out.len() < room {
-            let Some((seq, mut entry)) = state.ready.pop_first() else {
+            let Some((seq, mut entry)) = state.pop_ready() else {
                 break;
             };
             entry.deliveries += 1;
@@ -219,7 +230,7 @@ impl Queue {
                 state.delayed.insert((Instant::now() + d, f.seq), f.entry);
             }
             None => {
-                state.ready.insert(f.seq, f.entry);
+                state.returned.insert(f.seq, f.entry);
             }
         }
         drop(state);
@@ -237,7 +248,7 @@ impl Queue {
             .collect();
         for tag in tags {
             if let Some(f) = state.release(tag) {
-                state.ready.insert(f.seq, f.entry);
+                state.returned.insert(f.seq, f.entry);
             }
         }
         state.held.remove(&consumer);
@@ -252,7 +263,7 @@ impl Queue {
         for tag in tags {
             if let Some(mut f) = state.release(tag) {
                 f.entry.deliveries -= 1;
-                state.ready.insert(f.seq, f.entry);
+                state.returned.insert(f.seq, f.entry);
             }
         }
         drop(state);
