@@ -5,9 +5,11 @@
 //! `SWITCHYARD_SQS_URL='sqs://?region=us-east-1&endpoint=http://127.0.0.1:4566' cargo bench -p switchyard-sqs`
 //! (credentials from the AWS chain; `SY_BENCH_MESSAGES`, default 500: moto
 //! scans a queue on every receive, so large backlogs measure moto).
-//! The raw consumer deletes what each receive brought with one
-//! `DeleteMessageBatch` (as switchyard batches its acks) and, in a second
-//! figure, each message on its own with `DeleteMessage`.
+//! The raw consumer asks each receive for what switchyard reads (message
+//! attributes for the id, the receive count for the attempt) and deletes
+//! what it brought with one `DeleteMessageBatch` (as switchyard batches its
+//! acks); without the attributes, and with one `DeleteMessage` per message,
+//! are printed too.
 //!
 //! omniqueue (its SQS backend, on the same SDK client configuration) runs on
 //! its own queue in the same rounds at its best: `send_raw_batch` of 10 with
@@ -32,7 +34,8 @@ use switchyard_sqs::{
     aws_sdk_sqs::{
         self,
         types::{
-            DeleteMessageBatchRequestEntry, MessageAttributeValue, SendMessageBatchRequestEntry,
+            DeleteMessageBatchRequestEntry, MessageAttributeValue, MessageSystemAttributeName,
+            SendMessageBatchRequestEntry,
         },
     },
 };
@@ -78,7 +81,21 @@ async fn raw_publish(sqs: &aws_sdk_sqs::Client, url: &str, n: usize) -> Duration
     start.elapsed()
 }
 
-async fn raw_consume(sqs: &aws_sdk_sqs::Client, url: &str, n: usize, batched: bool) -> Duration {
+/// How the raw consumer works: `batched` deletes each receive's messages
+/// with one `DeleteMessageBatch` (else one `DeleteMessage` each);
+/// `attributes` asks for what switchyard reads of every message (its
+/// message attributes, for the id, and the receive count, for the attempt).
+#[derive(Debug, Clone, Copy)]
+struct RawConsume {
+    batched: bool,
+    attributes: bool,
+}
+
+async fn raw_consume(sqs: &aws_sdk_sqs::Client, url: &str, n: usize, how: RawConsume) -> Duration {
+    let RawConsume {
+        batched,
+        attributes,
+    } = how;
     let done = Arc::new(AtomicUsize::new(0));
     // When the last message was deleted: loops still in a long poll then
     // return empty up to a second later, which is not consume time.
@@ -90,14 +107,19 @@ async fn raw_consume(sqs: &aws_sdk_sqs::Client, url: &str, n: usize, batched: bo
         let finished = finished.clone();
         loops.push(tokio::spawn(async move {
             while done.load(Ordering::SeqCst) < n {
-                let out = sqs
+                let mut receive = sqs
                     .receive_message()
                     .queue_url(&url)
                     .max_number_of_messages(10)
-                    .wait_time_seconds(1)
-                    .send()
-                    .await
-                    .unwrap();
+                    .wait_time_seconds(1);
+                if attributes {
+                    receive = receive
+                        .message_system_attribute_names(
+                            MessageSystemAttributeName::ApproximateReceiveCount,
+                        )
+                        .message_attribute_names("All");
+                }
+                let out = receive.send().await.unwrap();
                 let messages = out.messages.unwrap_or_default();
                 if batched && !messages.is_empty() {
                     let entries: Vec<_> = messages
@@ -188,39 +210,38 @@ async fn omni_consume(consumer: Arc<omni::SqsConsumer>, n: usize) -> Duration {
     end - start
 }
 
-/// Receives and acks through the consumer runtime with prefetch 40 (the
-/// raw side's 4 receives of 10) and as many handlers, so acks can gather
-/// into batches of 10 as the raw side's do.
+/// Receives with prefetch 40 (the raw side's 4 receives of 10) and acks
+/// each delivery without waiting for the ack before the next receive (so
+/// acks gather into batches, as the raw side's deletes do); the clock stops
+/// when the last ack is confirmed, as the raw side's stops at its last
+/// delete. Closing (which lets long polls still out finish) is not timed,
+/// as the raw side's loops ending is not.
 async fn sy_consume(client: &Client, topic: &str, n: usize) -> Duration {
-    let sub = client
+    let mut sub = client
         .subscribe(topic, SubscribeOptions::new("bench").prefetch(40))
         .await
         .unwrap();
-    let done = Arc::new(AtomicUsize::new(0));
-    let d = done.clone();
     let start = Instant::now();
-    let stop = async move {
-        while d.load(Ordering::SeqCst) < n {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut acks = FuturesUnordered::new();
+    let (mut received, mut acked) = (0, 0);
+    while acked < n {
+        tokio::select! {
+            biased;
+            Some(r) = acks.next(), if !acks.is_empty() => {
+                let r: switchyard_core::Result<()> = r;
+                r.expect("switchyard ack");
+                acked += 1;
+            }
+            d = tokio::time::timeout(Duration::from_secs(60), sub.recv()), if received < n => {
+                let d = d.expect("switchyard consume stalled").expect("switchyard receive");
+                received += 1;
+                acks.push(d.ack());
+            }
         }
-    };
-    let report = switchyard_core::consumer::Consumer::new()
-        .concurrency(40)
-        .run(
-            sub,
-            move |_| {
-                let done = done.clone();
-                async move {
-                    done.fetch_add(1, Ordering::SeqCst);
-                    Ok(())
-                }
-            },
-            stop,
-        )
-        .await
-        .unwrap();
-    assert!(report.acked >= n as u64);
-    start.elapsed()
+    }
+    let elapsed = start.elapsed();
+    sub.close().await.unwrap();
+    elapsed
 }
 
 async fn run(url: &str, n: usize) {
@@ -262,7 +283,16 @@ async fn run(url: &str, n: usize) {
     for round in 1..=2 {
         let raw_p = raw_publish(&sqs, &raw_url, n).await;
         let sy_p = bench::publish(&client, &topic, n).await;
-        let raw_c = raw_consume(&sqs, &raw_url, n, true).await;
+        let raw_c = raw_consume(
+            &sqs,
+            &raw_url,
+            n,
+            RawConsume {
+                batched: true,
+                attributes: true,
+            },
+        )
+        .await;
         let sy_c = sy_consume(&client, &topic, n).await;
         rounds.push(round, n, [raw_p, sy_p, raw_c, sy_c]);
         let omni_p = rate(n, omni_publish(&omni_producer, n).await);
@@ -272,12 +302,20 @@ async fn run(url: &str, n: usize) {
         );
         omni_rates.push((omni_p, omni_c));
     }
-    raw_publish(&sqs, &raw_url, n).await;
-    let single = raw_consume(&sqs, &raw_url, n, false).await;
-    println!(
-        "raw consume with one DeleteMessage per message: {:.0} msg/s",
-        rate(n, single)
-    );
+    for how in [
+        RawConsume {
+            batched: true,
+            attributes: false,
+        },
+        RawConsume {
+            batched: false,
+            attributes: true,
+        },
+    ] {
+        raw_publish(&sqs, &raw_url, n).await;
+        let d = raw_consume(&sqs, &raw_url, n, how).await;
+        println!("raw consume {how:?}: {:.0} msg/s", rate(n, d));
+    }
     rounds.print_mean("raw aws-sdk-sqs");
     let latency = bench::latency(&client, &topic, opts, 200, SIZE, 20.0)
         .await
@@ -289,7 +327,7 @@ async fn run(url: &str, n: usize) {
     rounds.print_rows(
         "SQS (moto)",
         "aws-sdk-sqs, batches of 10",
-        "aws-sdk-sqs, batched deletes",
+        "aws-sdk-sqs, batched deletes, id + count read",
     );
     bench::row("SQS (moto)", "publish (msg/s)", sy_p, "omniqueue", omni_p);
     bench::row(

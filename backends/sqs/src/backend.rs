@@ -3,7 +3,10 @@
 use std::{
     collections::HashMap,
     fmt,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -678,6 +681,7 @@ impl Subscriber for SqsBroker {
             visibility,
             wait: wait_for(self.inner.config.wait, visibility),
             rx: tokio::sync::Mutex::new(rx),
+            receiving: AtomicUsize::new(0),
         });
         for _ in 0..self.inner.config.pollers.max(1) {
             tokio::spawn(poll(Arc::clone(&shared), tx.clone()));
@@ -732,6 +736,8 @@ struct ReceiverShared {
     rx: tokio::sync::Mutex<mpsc::Receiver<Received>>,
     /// Acks, to the receiver's deleter (see [`deleter`]).
     deletes: mpsc::UnboundedSender<Delete>,
+    /// Receive calls in flight, over all of the receiver's pollers.
+    receiving: AtomicUsize,
 }
 
 /// One ack waiting for its `DeleteMessageBatch`.
@@ -925,8 +931,9 @@ async fn poll(shared: Arc<ReceiverShared>, tx: mpsc::Sender<Received>) {
             () = shared.cancel.cancelled() => return,
         };
         // Gather room for a full receive while the consumer still has
-        // messages to work on: one receive of 10 instead of ten of 1 (each
-        // receive is a billed call, and emulators scan the queue on each).
+        // messages to work on, or another poller's receive is on its way to
+        // it: one receive of 10 instead of ten of 1 (each receive is a
+        // billed call, and emulators scan the queue on each).
         let mut permits = vec![first];
         let target = BATCH.min(shared.prefetch);
         let gather_until = tokio::time::Instant::now() + GATHER;
@@ -935,8 +942,8 @@ async fn poll(shared: Arc<ReceiverShared>, tx: mpsc::Sender<Received>) {
                 permits.push(p);
                 continue;
             }
-            if tx.capacity() == tx.max_capacity() {
-                break; // the consumer is waiting: receive now
+            if tx.capacity() == tx.max_capacity() && shared.receiving.load(Ordering::Acquire) == 0 {
+                break; // the consumer is waiting on nothing: receive now
             }
             tokio::select! {
                 p = Arc::clone(&shared.permits).acquire_owned() => match p {
@@ -947,6 +954,7 @@ async fn poll(shared: Arc<ReceiverShared>, tx: mpsc::Sender<Received>) {
                 () = shared.cancel.cancelled() => return,
             }
         }
+        shared.receiving.fetch_add(1, Ordering::AcqRel);
         let out = shared
             .sqs
             .receive_message()
@@ -959,6 +967,7 @@ async fn poll(shared: Arc<ReceiverShared>, tx: mpsc::Sender<Received>) {
             .message_attribute_names("All")
             .send()
             .await;
+        shared.receiving.fetch_sub(1, Ordering::AcqRel);
         let messages = match out {
             Ok(out) => out.messages.unwrap_or_default(),
             Err(_) => {
