@@ -299,7 +299,7 @@ async fn run(url: &str, n: usize, window: usize) {
         let d = raw_consume(&consume, &raw_queue, n, window, mode).await;
         println!("raw consume+ack, acks {mode:?}: {:.0} msg/s", rate(n, d));
     }
-    rounds.print_mean("raw lapin (multiple acks)");
+    rounds.print_mean("raw lapin");
     let latency = bench::latency(&client, &topic, opts.clone(), 5_000, SIZE, 1_000.0)
         .await
         .unwrap();
