@@ -14,7 +14,7 @@ use rdkafka::{
     client::DefaultClientContext,
     consumer::{BaseConsumer, CommitMode, Consumer},
     error::{KafkaError, RDKafkaErrorCode},
-    producer::{FutureProducer, FutureRecord, Producer as _, future_producer::DeliveryFuture},
+    producer::{BaseRecord, Producer as _},
 };
 use switchyard_core::{
     Broker, Capabilities, Client, Error, KeyOrdering, Message, Publisher, Receiver, Result,
@@ -26,6 +26,7 @@ use crate::{
     KafkaConfig,
     codec::{self, Retry},
     names,
+    producer::{Batch, DeliveryReports, KafkaProducer},
     receiver::{KafkaReceiver, RecvInner},
 };
 
@@ -126,7 +127,7 @@ pub struct KafkaBroker {
 
 pub(crate) struct BrokerInner {
     pub(crate) config: KafkaConfig,
-    producer: FutureProducer,
+    producer: KafkaProducer,
     admin: AdminClient<DefaultClientContext>,
     /// Topics known to exist (created or found).
     topics: Mutex<HashSet<String>>,
@@ -176,8 +177,8 @@ impl KafkaBroker {
         for (k, v) in &config.properties {
             producer_config.set(k, v);
         }
-        let producer: FutureProducer = producer_config
-            .create()
+        let producer: KafkaProducer = producer_config
+            .create_with_context(DeliveryReports::default())
             .map_err(|e| Error::Config(format!("Kafka producer: {e}")))?;
         let admin: AdminClient<DefaultClientContext> = base
             .create()
@@ -215,9 +216,10 @@ impl KafkaBroker {
         })
     }
 
-    /// The native producer (an escape hatch; switchyard's records carry the
-    /// headers described in the crate docs).
-    pub fn producer(&self) -> &FutureProducer {
+    /// The native producer (an escape hatch for metadata, the in-flight
+    /// count or a flush; switchyard's records carry the headers described in
+    /// the crate docs and go through [`Publisher::publish`]).
+    pub fn producer(&self) -> &KafkaProducer {
         &self.inner.producer
     }
 
@@ -316,14 +318,15 @@ impl BrokerInner {
         Ok(())
     }
 
-    /// Enqueues a record, waiting while librdkafka's queue is full.
+    /// Enqueues a record of `batch`, waiting while librdkafka's queue is full.
     async fn enqueue(
         &self,
         topic: &str,
         message: &Message,
         encoded: codec::Encoded,
-    ) -> Result<DeliveryFuture> {
-        let mut record = FutureRecord::to(topic)
+        batch: &Arc<Batch>,
+    ) -> Result<()> {
+        let mut record = BaseRecord::with_opaque_to(topic, Arc::clone(batch))
             .payload(message.payload().as_ref())
             .headers(encoded.headers)
             .timestamp(encoded.timestamp_ms);
@@ -332,8 +335,8 @@ impl BrokerInner {
         }
         let deadline = tokio::time::Instant::now() + self.config.publish_timeout;
         loop {
-            match self.producer.send_result(record) {
-                Ok(f) => return Ok(f),
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                     if tokio::time::Instant::now() >= deadline {
                         return Err(Error::Timeout {
@@ -349,12 +352,41 @@ impl BrokerInner {
         }
     }
 
-    async fn confirmed(f: DeliveryFuture) -> Result<()> {
-        match f.await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err((e, _))) => Err(kafka_error("publish not confirmed", e)),
-            Err(_) => Err(Error::Closed),
+    /// Publishes `messages` (with their encodings, or the error that kept
+    /// one from being sent) and waits for every delivery report: one result
+    /// per message, in order.
+    pub(crate) async fn publish_all(
+        &self,
+        topic: &str,
+        messages: Vec<(&Message, Result<codec::Encoded>)>,
+    ) -> Vec<Result<()>> {
+        let batch = Batch::new(messages.len());
+        let mut results = Vec::with_capacity(messages.len());
+        for (message, encoded) in messages {
+            let queued = match encoded {
+                Ok(encoded) => self.enqueue(topic, message, encoded, &batch).await,
+                Err(e) => Err(e),
+            };
+            if queued.is_err() {
+                // Never enqueued: no report will come for it.
+                batch.settle(None);
+            }
+            results.push((message.id(), queued));
         }
+        let failed = batch.reported().await;
+        results
+            .into_iter()
+            .map(|(id, queued)| {
+                queued?;
+                // A failed report names its record by id; records sharing an
+                // id share the failure (reported as not confirmed: at worst
+                // a confirmed record is published again, never the reverse).
+                match failed.iter().find(|(f, _)| f.as_deref() == Some(id)) {
+                    Some((_, e)) => Err(kafka_error("publish not confirmed", e.clone())),
+                    None => Ok(()),
+                }
+            })
+            .collect()
     }
 
     /// Publishes a retry record for a nacked or expired delivery (confirmed).
@@ -366,8 +398,10 @@ impl BrokerInner {
     ) -> Result<()> {
         self.ensure_topics(&[retry_topic]).await?;
         let encoded = codec::encode(message, Some(&retry));
-        let f = self.enqueue(retry_topic, message, encoded).await?;
-        Self::confirmed(f).await
+        self.publish_all(retry_topic, vec![(message, Ok(encoded))])
+            .await
+            .pop()
+            .unwrap_or(Err(Error::Closed))
     }
 
     /// Makes a new group start at the current end of `topic`, so it gets
@@ -471,8 +505,11 @@ impl Publisher for KafkaBroker {
         self.check_open()?;
         let encoded = self.prepare(&message)?;
         self.inner.ensure_topics(&[topic]).await?;
-        let f = self.inner.enqueue(topic, &message, encoded).await?;
-        BrokerInner::confirmed(f).await
+        self.inner
+            .publish_all(topic, vec![(&message, Ok(encoded))])
+            .await
+            .pop()
+            .unwrap_or(Err(Error::Closed))
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Vec<Result<()>> {
@@ -482,24 +519,10 @@ impl Publisher for KafkaBroker {
         if let Err(e) = self.inner.ensure_topics(&[topic]).await {
             return messages.iter().map(|_| Err(e.replicate())).collect();
         }
-        // Enqueue everything (librdkafka batches and pipelines), then
-        // collect the delivery reports in input order.
-        let mut pending = Vec::with_capacity(messages.len());
-        for m in &messages {
-            let queued = match self.prepare(m) {
-                Ok(encoded) => self.inner.enqueue(topic, m, encoded).await,
-                Err(e) => Err(e),
-            };
-            pending.push(queued);
-        }
-        let mut results = Vec::with_capacity(pending.len());
-        for p in pending {
-            results.push(match p {
-                Ok(f) => BrokerInner::confirmed(f).await,
-                Err(e) => Err(e),
-            });
-        }
-        results
+        // Enqueue everything (librdkafka batches and pipelines), then wait
+        // for the batch's delivery reports.
+        let prepared = messages.iter().map(|m| (m, self.prepare(m))).collect();
+        self.inner.publish_all(topic, prepared).await
     }
 
     async fn close(&self) -> Result<()> {
