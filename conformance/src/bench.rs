@@ -343,3 +343,48 @@ impl Rounds {
         );
     }
 }
+
+/// Rates of rounds of another client (omniqueue) doing (publish,
+/// consume+ack) next to switchyard, printed as they come and compared with
+/// switchyard's means at the end.
+#[derive(Debug, Default)]
+pub struct Others {
+    rates: Vec<(f64, f64)>,
+}
+
+impl Others {
+    /// Records and prints round `round` of the client `name`: the wall
+    /// times of `n` messages published and consumed.
+    pub fn push(
+        &mut self,
+        round: usize,
+        name: &str,
+        n: usize,
+        publish: Duration,
+        consume: Duration,
+    ) {
+        let (p, c) = (rate(n, publish), rate(n, consume));
+        println!("round {round}: {name} publish {p:>9.0} msg/s  consume+ack {c:>9.0} msg/s");
+        self.rates.push((p, c));
+    }
+
+    /// Prints the mean rates as rows of the results table, next to
+    /// switchyard's means in `switchyard`: publish against
+    /// `publish_label`, consume+ack against `consume_label`.
+    pub fn print_rows(
+        &self,
+        backend: &str,
+        switchyard: &Rounds,
+        publish_label: &str,
+        consume_label: &str,
+    ) {
+        let k = self.rates.len().max(1) as f64;
+        let (p, c) = self
+            .rates
+            .iter()
+            .fold((0.0, 0.0), |(p, c), r| (p + r.0, c + r.1));
+        let [_, sp, _, sc] = switchyard.mean();
+        row(backend, "publish (msg/s)", sp, publish_label, p / k);
+        row(backend, "consume+ack (msg/s)", sc, consume_label, c / k);
+    }
+}

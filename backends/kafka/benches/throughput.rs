@@ -191,29 +191,6 @@ async fn raw_consume(servers: &str, topic: &str, group: &str, n: usize) -> Durat
     elapsed
 }
 
-/// Receives and acks `n` deliveries; the clock starts at the first one, as
-/// for the raw consumer (a group join is not consuming; the memory build of
-/// tansu delays joins by seconds).
-async fn sy_consume(client: &Client, topic: &str, opts: SubscribeOptions, n: usize) -> Duration {
-    let mut sub = client.subscribe(topic, opts).await.expect("subscribe");
-    let first = tokio::time::timeout(Duration::from_secs(60), sub.recv())
-        .await
-        .expect("switchyard consumer never got a record")
-        .expect("receive");
-    let start = Instant::now();
-    first.ack().await.expect("ack");
-    for _ in 1..n {
-        let d = tokio::time::timeout(Duration::from_secs(30), sub.recv())
-            .await
-            .expect("switchyard consume stalled")
-            .expect("receive");
-        d.ack().await.expect("ack");
-    }
-    let elapsed = start.elapsed();
-    sub.close().await.expect("close");
-    elapsed
-}
-
 #[tokio::main]
 async fn main() {
     let Ok(url) = std::env::var("SWITCHYARD_KAFKA_URL") else {
@@ -254,7 +231,9 @@ async fn main() {
         );
         let sy_pub = bench::publish(&client, &topic, n).await;
         let raw_con = raw_consume(&servers, &raw_topic, &format!("raw-{run_id}-{round}"), n).await;
-        let sy_con = sy_consume(&client, &topic, opts, n).await;
+        // The clock starts at the first delivery, as for the raw consumer (a
+        // group join is not consuming; tansu's memory build delays joins).
+        let sy_con = bench::consume(&client, &topic, opts, n).await;
         all.push(round, n, [raw_pub, sy_pub, raw_con, sy_con]);
     }
     all.print_mean("rdkafka");

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt, stream::FuturesOrdered};
 use omniqueue::backends::rabbitmq as omni;
-use switchyard_conformance::bench::{self, Rounds, SIZE, env_usize, rate};
+use switchyard_conformance::bench::{self, Others, Rounds, SIZE, env_usize, rate};
 use switchyard_core::{Client, SubscribeOptions};
 use switchyard_rabbitmq::{
     RabbitBroker, RabbitConfig,
@@ -270,7 +270,7 @@ async fn run(url: &str, n: usize, window: usize) {
         switchyard_core::redact_url(url)
     );
     let mut rounds = Rounds::default();
-    let mut omni_rates = Vec::new();
+    let mut others = Others::default();
     for round in 1..=4 {
         // Alternate who goes first: the second publisher writes into a
         // broker that already holds the first one's unconsumed messages.
@@ -287,12 +287,15 @@ async fn run(url: &str, n: usize, window: usize) {
             raw_c = raw_consume(&consume, &raw_queue, n, window, AckMode::Multiple).await;
         }
         rounds.push(round, n, [raw_p, sy_p, raw_c, sy_c]);
-        let omni_p = rate(n, omni_publish(&omni_producer, n).await);
-        let omni_c = rate(n, omni_consume(&mut omni_consumer, n).await);
-        println!(
-            "round {round}: omniqueue publish (no confirms) {omni_p:>9.0} msg/s  consume+ack {omni_c:>9.0} msg/s"
+        let omni_p = omni_publish(&omni_producer, n).await;
+        let omni_c = omni_consume(&mut omni_consumer, n).await;
+        others.push(
+            round,
+            "omniqueue (publish without confirms)",
+            n,
+            omni_p,
+            omni_c,
         );
-        omni_rates.push((omni_p, omni_c));
     }
     for mode in [AckMode::Awaited, AckMode::Queued] {
         raw_publish(&publish, &raw_exchange, n, window).await;
@@ -304,19 +307,13 @@ async fn run(url: &str, n: usize, window: usize) {
         .await
         .unwrap();
 
-    let k = omni_rates.len() as f64;
-    let omni_p = omni_rates.iter().map(|r| r.0).sum::<f64>() / k;
-    let omni_c = omni_rates.iter().map(|r| r.1).sum::<f64>() / k;
-    let [_, sy_p, _, sy_c] = rounds.mean();
     rounds.print_rows("RabbitMQ", "lapin, confirms", "lapin, multiple acks");
-    bench::row(
+    others.print_rows(
         "RabbitMQ",
-        "publish (msg/s)",
-        sy_p,
+        &rounds,
         "omniqueue, **no confirms**",
-        omni_p,
+        "omniqueue",
     );
-    bench::row("RabbitMQ", "consume+ack (msg/s)", sy_c, "omniqueue", omni_c);
     bench::latency_row("RabbitMQ", &latency);
 
     delete(&publish, &raw_exchange, &raw_queue).await;

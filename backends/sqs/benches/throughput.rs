@@ -27,7 +27,7 @@ use std::{
 
 use futures_util::{StreamExt, stream::FuturesUnordered};
 use omniqueue::{QueueProducer as _, backends::sqs as omni};
-use switchyard_conformance::bench::{self, Rounds, SIZE, env_usize, rate};
+use switchyard_conformance::bench::{self, Others, Rounds, SIZE, env_usize, rate};
 use switchyard_core::{Client, SubscribeOptions};
 use switchyard_sqs::{
     SqsBroker, SqsConfig,
@@ -244,30 +244,26 @@ async fn sy_consume(client: &Client, topic: &str, n: usize) -> Duration {
     elapsed
 }
 
+/// Creates a standard queue; its URL.
+async fn create_queue(sqs: &aws_sdk_sqs::Client, name: &str) -> String {
+    sqs.create_queue()
+        .queue_name(name)
+        .send()
+        .await
+        .unwrap()
+        .queue_url()
+        .unwrap()
+        .to_owned()
+}
+
 async fn run(url: &str, n: usize) {
     let config = SqsConfig::from_url(&format!("{url}&mode=queue&wait=1s")).unwrap();
     let broker = SqsBroker::connect(config).await.unwrap();
     let client = Client::new(broker.clone());
     let sqs = broker.sqs_client().clone();
     let run_id = &switchyard_core::new_id()[24..];
-    let raw_url = sqs
-        .create_queue()
-        .queue_name(format!("bench-raw-{run_id}"))
-        .send()
-        .await
-        .unwrap()
-        .queue_url()
-        .unwrap()
-        .to_owned();
-    let omni_url = sqs
-        .create_queue()
-        .queue_name(format!("bench-omniqueue-{run_id}"))
-        .send()
-        .await
-        .unwrap()
-        .queue_url()
-        .unwrap()
-        .to_owned();
+    let raw_url = create_queue(&sqs, &format!("bench-raw-{run_id}")).await;
+    let omni_url = create_queue(&sqs, &format!("bench-omniqueue-{run_id}")).await;
     let (omni_producer, omni_consumer) = omni::SqsBackend::builder(omni_url.as_str())
         .sqs_config(sqs.config().to_owned())
         .build_pair()
@@ -279,7 +275,7 @@ async fn run(url: &str, n: usize) {
     client.ensure_subscription(&topic, &opts).await.unwrap();
     println!("SQS at {url}: {n} messages of {SIZE} B (queue mode)");
     let mut rounds = Rounds::default();
-    let mut omni_rates = Vec::new();
+    let mut others = Others::default();
     for round in 1..=2 {
         let raw_p = raw_publish(&sqs, &raw_url, n).await;
         let sy_p = bench::publish(&client, &topic, n).await;
@@ -295,12 +291,9 @@ async fn run(url: &str, n: usize) {
         .await;
         let sy_c = sy_consume(&client, &topic, n).await;
         rounds.push(round, n, [raw_p, sy_p, raw_c, sy_c]);
-        let omni_p = rate(n, omni_publish(&omni_producer, n).await);
-        let omni_c = rate(n, omni_consume(omni_consumer.clone(), n).await);
-        println!(
-            "round {round}: omniqueue publish {omni_p:>9.0} msg/s  consume+ack {omni_c:>9.0} msg/s"
-        );
-        omni_rates.push((omni_p, omni_c));
+        let omni_p = omni_publish(&omni_producer, n).await;
+        let omni_c = omni_consume(omni_consumer.clone(), n).await;
+        others.push(round, "omniqueue", n, omni_p, omni_c);
     }
     for how in [
         RawConsume {
@@ -320,23 +313,12 @@ async fn run(url: &str, n: usize) {
     let latency = bench::latency(&client, &topic, opts, 200, SIZE, 20.0)
         .await
         .unwrap();
-    let k = omni_rates.len() as f64;
-    let omni_p = omni_rates.iter().map(|r| r.0).sum::<f64>() / k;
-    let omni_c = omni_rates.iter().map(|r| r.1).sum::<f64>() / k;
-    let [_, sy_p, _, sy_c] = rounds.mean();
     rounds.print_rows(
         "SQS (moto)",
         "aws-sdk-sqs, batches of 10",
         "aws-sdk-sqs, batched deletes, id + count read",
     );
-    bench::row("SQS (moto)", "publish (msg/s)", sy_p, "omniqueue", omni_p);
-    bench::row(
-        "SQS (moto)",
-        "consume+ack (msg/s)",
-        sy_c,
-        "omniqueue",
-        omni_c,
-    );
+    others.print_rows("SQS (moto)", &rounds, "omniqueue", "omniqueue");
     bench::latency_row("SQS (moto)", &latency);
     let _ = sqs.delete_queue().queue_url(&omni_url).send().await;
     let _ = sqs.delete_queue().queue_url(&raw_url).send().await;

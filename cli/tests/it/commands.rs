@@ -55,23 +55,7 @@ async fn commands(url: &str) {
 
     // tail: one JSON object per message, acked.
     let wait = format!("{}s", WAIT.as_secs());
-    let lines = json_lines(
-        &ok(
-            &[
-                "tail",
-                url,
-                t,
-                "--subscription",
-                "cli",
-                "--count",
-                "5",
-                "--timeout",
-                &wait,
-            ],
-            b"",
-        )
-        .await,
-    );
+    let lines = tail_json(url, t, 5, &wait).await;
     let by_id: HashMap<&str, &serde_json::Value> = lines
         .iter()
         .map(|l| (l["id"].as_str().unwrap(), l))
@@ -153,23 +137,7 @@ async fn commands(url: &str) {
     )
     .await;
     assert!(moved.starts_with("redrove 1 "), "{moved}");
-    let back = json_lines(
-        &ok(
-            &[
-                "tail",
-                url,
-                t,
-                "--subscription",
-                "cli",
-                "--count",
-                "1",
-                "--timeout",
-                &wait,
-            ],
-            b"",
-        )
-        .await,
-    );
+    let back = tail_json(url, t, 1, &wait).await;
     assert_eq!(back.len(), 1);
     assert_eq!(back[0]["id"], "cli-3");
     assert_eq!(back[0]["attempt"], 1);
@@ -185,6 +153,24 @@ async fn commands(url: &str) {
     );
     client.close().await.expect("close");
     bench(url).await;
+}
+
+/// `tail URL TOPIC --subscription cli --count COUNT --timeout WAIT`: its
+/// JSON objects.
+async fn tail_json(url: &str, topic: &str, count: u32, wait: &str) -> Vec<serde_json::Value> {
+    let count = count.to_string();
+    let args = [
+        "tail",
+        url,
+        topic,
+        "--subscription",
+        "cli",
+        "--count",
+        &count,
+        "--timeout",
+        wait,
+    ];
+    json_lines(&ok(&args, b"").await)
 }
 
 /// `bench`: a publish run leaves its messages for a later consume run of
