@@ -173,7 +173,12 @@ impl KafkaBroker {
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("message.timeout.ms", millis(config.publish_timeout))
-            .set("message.max.bytes", config.max_message_bytes.to_string());
+            .set("message.max.bytes", config.max_message_bytes.to_string())
+            // A record without a key goes to a random partition, not to the
+            // partition librdkafka sticks to for 10 ms: a burst of keyless
+            // messages divides among a subscription's consumers, as it does
+            // on the other brokers. (Overridable in the URL.)
+            .set("sticky.partitioning.linger.ms", "0");
         for (k, v) in &config.properties {
             producer_config.set(k, v);
         }

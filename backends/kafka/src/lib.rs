@@ -7,7 +7,7 @@
 //! |---|---|
 //! | topic `orders.created` | topic `orders.created` (created through the admin API when missing; [`KafkaConfig::partitions`]) |
 //! | subscription `billing` | consumer group `orders.created:billing`, which `ensure_subscription` starts at the topic's current end |
-//! | key, id, headers, payload | record key, header `sy-id`, record headers, record value (byte-exact) |
+//! | key, id, headers, payload | record key, header `sy-id`, record headers, record value (byte-exact); a keyless record goes to a random partition (`sticky.partitioning.linger.ms=0`), so a burst divides among consumers |
 //! | publish | idempotent producer, `acks=all`, confirmed by the delivery report; `publish_batch` enqueues everything, then waits once for the batch's reports (counted in librdkafka's delivery callback, no future per record) |
 //! | ack | the record is settled; the group's offset advances to the lowest unsettled record, settled records above it ride in the commit metadata |
 //! | nack, nack with delay | a copy goes to the retry topic `orders.created.billing.retry` with its next attempt and due time, then the original is settled; the same group consumes the retry topic and holds each record until due |

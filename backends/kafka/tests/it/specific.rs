@@ -150,3 +150,56 @@ async fn records_carry_the_mapping() {
         ]
     );
 }
+
+/// Records without a key are spread over the partitions one by one (not
+/// stuck to one partition for librdkafka's sticky window), so a burst of
+/// keyless messages divides among a subscription's consumers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_keyless_records_spreads_over_the_partitions() {
+    let Some(url) = url() else { return };
+    let client = switchyard_kafka::connect(&url).await.unwrap();
+    let topic = format!("sy-k.spread.{}", std::process::id());
+    client.ensure_topic(&topic).await.unwrap();
+    // The producer learns the topic's partitions first: a burst published
+    // while they are unknown is placed later, and spread either way.
+    client.publish(&topic, Message::new("first")).await.unwrap();
+    let burst: Vec<Message> = (0..300).map(|i| Message::new(format!("b-{i}"))).collect();
+    for r in client.publish_batch(&topic, burst).await {
+        r.unwrap();
+    }
+    let servers = bootstrap(&url);
+    let counts = tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &servers)
+            .create()
+            .unwrap();
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .unwrap();
+        metadata.topics()[0]
+            .partitions()
+            .iter()
+            .map(|p| p.id())
+            .map(|p| {
+                let (low, high) = consumer
+                    .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                    .unwrap();
+                high - low
+            })
+            .collect::<Vec<i64>>()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        counts.iter().sum::<i64>(),
+        301,
+        "records per partition: {counts:?}"
+    );
+    // Each record picks one of the partitions (3 by default): the chance
+    // that one of 3 gets none of 300 is 3 × (2/3)^300, about 10^-52.
+    assert!(counts.len() > 1, "one partition: {counts:?}");
+    assert!(
+        counts.iter().all(|&n| n > 0),
+        "a partition got none of the burst: {counts:?}"
+    );
+}
