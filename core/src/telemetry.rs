@@ -13,7 +13,7 @@
 //! uses OpenTelemetry's global propagator, which the application installs
 //! once, as for any OpenTelemetry instrumentation:
 //!
-//! ```ignore
+//! ```
 //! opentelemetry::global::set_text_map_propagator(
 //!     opentelemetry_sdk::propagation::TraceContextPropagator::new(),
 //! );
