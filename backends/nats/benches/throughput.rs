@@ -42,6 +42,10 @@ async fn timed<F: std::future::Future<Output = Duration>>(f: F) -> (Duration, Du
     (wall, cpu().saturating_sub(before))
 }
 
+/// The raw messages' id header (not `Nats-Msg-Id`, which would add the
+/// server's de-duplication; switchyard does not use it either).
+const RAW_ID: &str = "id";
+
 async fn raw_publish(js: &jetstream::Context, subject: &str, n: usize, window: usize) -> Duration {
     let payload = Bytes::from(vec![0xab; SIZE]);
     let start = Instant::now();
@@ -50,8 +54,10 @@ async fn raw_publish(js: &jetstream::Context, subject: &str, n: usize, window: u
         if in_flight.len() >= window {
             in_flight.next().await.unwrap();
         }
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(RAW_ID, switchyard_core::new_id().as_str());
         let ack = js
-            .publish(subject.to_owned(), payload.clone())
+            .publish_with_headers(subject.to_owned(), headers, payload.clone())
             .await
             .unwrap();
         in_flight.push_back(async move { ack.await.unwrap() });
@@ -78,6 +84,13 @@ async fn raw_consume(
             .expect("raw consume stalled")
             .unwrap()
             .unwrap();
+        // Its id, taken out as an owned value (as switchyard's `Message` has it).
+        let id: Option<String> = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(RAW_ID))
+            .map(|v| v.as_str().to_owned());
+        assert!(id.is_some(), "a raw message without its id header");
         m.ack().await.unwrap();
     }
     start.elapsed()
