@@ -42,43 +42,59 @@ use switchyard_sqs::{
 
 const BOUND: Duration = Duration::from_secs(900);
 
-async fn raw_publish(sqs: &aws_sdk_sqs::Client, url: &str, n: usize) -> Duration {
-    let body = "x".repeat(SIZE);
+/// Sends `n` messages as batches of 10 with 16 batches in flight, the way
+/// both raw clients publish; `send(k)` sends one batch of `k` and checks it.
+/// Returns the wall time.
+async fn in_batches<F, Fut>(n: usize, mut send: F) -> Duration
+where
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = ()>,
+{
     let start = Instant::now();
     let mut in_flight = FuturesUnordered::new();
     let mut sent = 0;
     while sent < n || !in_flight.is_empty() {
         while sent < n && in_flight.len() < 16 {
             let k = (n - sent).min(10);
-            let entries: Vec<_> = (0..k)
-                .map(|i| {
-                    SendMessageBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .message_body(&body)
-                        .message_attributes(
-                            "sy-id",
-                            MessageAttributeValue::builder()
-                                .data_type("String")
-                                .string_value(switchyard_core::new_id())
-                                .build()
-                                .unwrap(),
-                        )
-                        .build()
-                        .unwrap()
-                })
-                .collect();
-            in_flight.push(
-                sqs.send_message_batch()
-                    .queue_url(url)
-                    .set_entries(Some(entries))
-                    .send(),
-            );
+            in_flight.push(send(k));
             sent += k;
         }
-        let out = in_flight.next().await.unwrap().unwrap();
-        assert!(out.failed().is_empty());
+        in_flight.next().await;
     }
     start.elapsed()
+}
+
+async fn raw_publish(sqs: &aws_sdk_sqs::Client, url: &str, n: usize) -> Duration {
+    let body = "x".repeat(SIZE);
+    in_batches(n, |k| {
+        let entries: Vec<_> = (0..k)
+            .map(|i| {
+                SendMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .message_body(&body)
+                    .message_attributes(
+                        "sy-id",
+                        MessageAttributeValue::builder()
+                            .data_type("String")
+                            .string_value(switchyard_core::new_id())
+                            .build()
+                            .unwrap(),
+                    )
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let call = sqs
+            .send_message_batch()
+            .queue_url(url)
+            .set_entries(Some(entries))
+            .send();
+        async move {
+            let out = call.await.unwrap();
+            assert!(out.failed().is_empty());
+        }
+    })
+    .await
 }
 
 /// How the raw consumer works: `batched` deletes each receive's messages
@@ -165,18 +181,11 @@ async fn raw_consume(sqs: &aws_sdk_sqs::Client, url: &str, n: usize, how: RawCon
 
 async fn omni_publish(producer: &omni::SqsProducer, n: usize) -> Duration {
     let body = Arc::new("x".repeat(SIZE));
-    let start = Instant::now();
-    let mut in_flight = FuturesUnordered::new();
-    let mut sent = 0;
-    while sent < n || !in_flight.is_empty() {
-        while sent < n && in_flight.len() < 16 {
-            let k = (n - sent).min(10);
-            in_flight.push(producer.send_raw_batch(vec![body.clone(); k]));
-            sent += k;
-        }
-        in_flight.next().await.unwrap().unwrap();
-    }
-    start.elapsed()
+    in_batches(n, |k| {
+        let call = producer.send_raw_batch(vec![body.clone(); k]);
+        async move { call.await.unwrap() }
+    })
+    .await
 }
 
 async fn omni_consume(consumer: Arc<omni::SqsConsumer>, n: usize) -> Duration {
