@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use switchyard_core::{Error, Message};
+use switchyard_core::{Client, Error, Message};
 use switchyard_kafka::{
     KafkaBroker, KafkaConfig,
     rdkafka::{
@@ -14,6 +14,14 @@ use switchyard_kafka::{
 
 fn url() -> Option<String> {
     switchyard_conformance::broker_url("SWITCHYARD_KAFKA_URL")
+}
+
+/// A client and a topic of its own (`sy-k.<name>.<pid>`), created.
+async fn with_topic(url: &str, name: &str) -> (Client, String) {
+    let client = switchyard_kafka::connect(url).await.unwrap();
+    let topic = format!("sy-k.{name}.{}", std::process::id());
+    client.ensure_topic(&topic).await.unwrap();
+    (client, topic)
 }
 
 fn bootstrap(url: &str) -> String {
@@ -35,9 +43,7 @@ fn bootstrap(url: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_keeps_commit_metadata() {
     let Some(url) = url() else { return };
-    let client = switchyard_kafka::connect(&url).await.unwrap();
-    let topic = format!("sy-k.meta.{}", std::process::id());
-    client.ensure_topic(&topic).await.unwrap();
+    let (_client, topic) = with_topic(&url, "meta").await;
     let servers = bootstrap(&url);
     let result = tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = ClientConfig::new()
@@ -98,9 +104,7 @@ async fn unreachable_broker_fails_within_the_connect_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_carry_the_mapping() {
     let Some(url) = url() else { return };
-    let client = switchyard_kafka::connect(&url).await.unwrap();
-    let topic = format!("sy-k.map.{}", std::process::id());
-    client.ensure_topic(&topic).await.unwrap();
+    let (client, topic) = with_topic(&url, "map").await;
     let msg = Message::new(vec![0u8, 159, 146, 150])
         .with_key("k")
         .with_header("trace", "a b=c");
@@ -157,9 +161,7 @@ async fn records_carry_the_mapping() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_keyless_records_spreads_over_the_partitions() {
     let Some(url) = url() else { return };
-    let client = switchyard_kafka::connect(&url).await.unwrap();
-    let topic = format!("sy-k.spread.{}", std::process::id());
-    client.ensure_topic(&topic).await.unwrap();
+    let (client, topic) = with_topic(&url, "spread").await;
     // The producer learns the topic's partitions first: a burst published
     // while they are unknown is placed later, and spread either way.
     client.publish(&topic, Message::new("first")).await.unwrap();
