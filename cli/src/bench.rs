@@ -76,7 +76,7 @@ pub(crate) async fn bench(a: BenchArgs) -> anyhow::Result<()> {
     let figures = result?;
     closed.context("closing the connection")?;
     if a.json {
-        println!("{}", figures.to_json(&a, &topic));
+        println!("{}", figures.to_json(&a, &topic, n));
     } else {
         figures.print(&topic, n, size, window);
     }
@@ -130,10 +130,6 @@ async fn measure(
     Ok(figures)
 }
 
-fn per_sec(n: usize, d: Duration) -> f64 {
-    n as f64 / d.as_secs_f64().max(1e-9)
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -144,14 +140,14 @@ impl Figures {
         if let Some(d) = self.publish {
             println!(
                 "publish      {:>10.0} msg/s  ({:.2} s, confirmed)",
-                per_sec(n, d),
+                bench::rate(n, d),
                 d.as_secs_f64()
             );
         }
         if let Some(d) = self.consume {
             println!(
                 "consume+ack  {:>10.0} msg/s  ({:.2} s from the first delivery)",
-                per_sec(n, d),
+                bench::rate(n, d),
                 d.as_secs_f64()
             );
         }
@@ -167,9 +163,8 @@ impl Figures {
         }
     }
 
-    fn to_json(&self, a: &BenchArgs, topic: &str) -> serde_json::Value {
-        let n = usize::try_from(a.messages).unwrap_or(usize::MAX);
-        let rate = |d: Duration| serde_json::json!({ "seconds": d.as_secs_f64(), "msg_per_sec": per_sec(n, d) });
+    fn to_json(&self, a: &BenchArgs, topic: &str, n: usize) -> serde_json::Value {
+        let rate = |d: Duration| serde_json::json!({ "seconds": d.as_secs_f64(), "msg_per_sec": bench::rate(n, d) });
         serde_json::json!({
             "url": switchyard::redact_url(&a.url),
             "topic": topic,

@@ -31,10 +31,10 @@ pub fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// Messages per second.
+/// Messages per second (a zero duration counts as one nanosecond).
 #[must_use]
 pub fn rate(n: usize, d: Duration) -> f64 {
-    n as f64 / d.as_secs_f64()
+    n as f64 / d.as_secs_f64().max(1e-9)
 }
 
 /// Publishes `n` messages of [`SIZE`] bytes through `publish_batch` (10,000

@@ -64,10 +64,11 @@ async fn raw_publish(producer: &FutureProducer, topic: &str, n: usize) -> Durati
                     reports.push(f);
                     break;
                 }
-                Err((_, r)) => {
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                     record = r;
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
+                Err((e, _)) => panic!("raw send: {e}"),
             }
         }
     }
