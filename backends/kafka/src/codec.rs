@@ -53,6 +53,34 @@ pub(crate) fn unix_ms(at: SystemTime) -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// The due time of a record held until `at`, in Unix milliseconds rounded
+/// up: a record is due when [`unix_ms`] of now reaches it, which is never
+/// before `at` (rounding down let a delay end up to 1 ms early).
+pub(crate) fn due_ms(at: SystemTime) -> i64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |d| {
+        i64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(i64::MAX)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use super::{due_ms, unix_ms};
+
+    #[test]
+    fn a_due_time_is_never_before_the_instant_it_stands_for() {
+        let at = UNIX_EPOCH + Duration::from_nanos(1_000_000_001);
+        assert_eq!(due_ms(at), 1001);
+        // Due once now's milliseconds reach it: 1 ns before is not.
+        assert!(unix_ms(at) < due_ms(at));
+        assert!(unix_ms(UNIX_EPOCH + Duration::from_millis(1001)) >= due_ms(at));
+        let whole = UNIX_EPOCH + Duration::from_millis(1000);
+        assert_eq!(due_ms(whole), 1000);
+        assert_eq!(due_ms(SystemTime::UNIX_EPOCH), 0);
+    }
+}
+
 /// Encodes a message's id, headers and time (key and payload travel as they
 /// are), plus the retry headers when given.
 pub(crate) fn encode(message: &Message, retry: Option<&Retry>) -> Encoded {

@@ -735,7 +735,7 @@ async fn retry(
     let retry = Retry {
         target: target.to_owned(),
         attempt: attempt.saturating_add(1),
-        due_ms: codec::unix_ms(SystemTime::now() + delay),
+        due_ms: codec::due_ms(SystemTime::now() + delay),
     };
     broker.publish_retry(retry_topic, message, retry).await
 }
