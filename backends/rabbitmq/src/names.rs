@@ -45,7 +45,9 @@ pub(crate) fn wait_queue(queue: &str, delay_ms: u64) -> String {
 /// Rounds a delay up to two significant digits of milliseconds (at most
 /// 10 % later, never earlier), so a subscription needs few wait queues.
 pub(crate) fn delay_bucket_ms(delay: std::time::Duration) -> u64 {
-    let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX).max(1);
+    let ms = u64::try_from(delay.as_nanos().div_ceil(1_000_000))
+        .unwrap_or(u64::MAX)
+        .max(1);
     let mut scale = 1u64;
     while ms / scale >= 100 {
         scale *= 10;
@@ -79,6 +81,9 @@ mod tests {
         assert_eq!(delay_bucket_ms(Duration::from_millis(2000)), 2000);
         assert_eq!(delay_bucket_ms(Duration::from_millis(1234)), 1300);
         assert_eq!(delay_bucket_ms(Duration::from_millis(45_601)), 46_000);
+        // A fraction of a millisecond rounds up, never down.
+        assert_eq!(delay_bucket_ms(Duration::from_micros(1_500)), 2);
+        assert_eq!(delay_bucket_ms(Duration::from_micros(2_000_001)), 2100);
         for ms in [1u64, 7, 101, 999, 1001, 12_345, 3_600_001] {
             let b = delay_bucket_ms(Duration::from_millis(ms));
             assert!(b >= ms && b * 10 <= ms * 11, "{ms} -> {b}");
