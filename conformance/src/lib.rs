@@ -209,6 +209,8 @@ macro_rules! conformance_tests {
             runtime_panics_are_transient_and_the_consumer_keeps_running,
             runtime_shutdown_abandons_slow_handlers_without_dead_lettering,
             runtime_trace_context_crosses_the_broker,
+            runtime_long_handler_keeps_its_lease,
+            runtime_queued_deliveries_keep_their_lease,
         );
     };
     (@cases $harness:path, $module:ident; $($case:ident),* $(,)?) => {

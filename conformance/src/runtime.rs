@@ -424,6 +424,180 @@ pub async fn runtime_shutdown_abandons_slow_handlers_without_dead_lettering(
     Outcome::Passed
 }
 
+/// Every handler invocation of a lease case: (id, attempt, started, ended).
+type Run = (String, u32, Instant, Option<Instant>);
+
+/// Asserts that the dead-letter topic of `opts` on `topic` receives nothing
+/// within `wait`: no healthy message was dead-lettered.
+async fn expect_no_dead_letters(
+    client: &Client,
+    topic: &str,
+    opts: &SubscribeOptions,
+    wait: Duration,
+    what: &str,
+) {
+    let dlq = opts.dead_letter_topic_for(topic);
+    let mut dead = client
+        .subscribe(&dlq, SubscribeOptions::dead_letters())
+        .await
+        .unwrap();
+    if let Ok(got) = tokio::time::timeout(wait, dead.recv()).await {
+        let d = got.unwrap_or_else(|e| panic!("{what}: reading the dead letters failed: {e}"));
+        panic!(
+            "{what}: healthy message {} was dead-lettered: {:?}",
+            d.message().id(),
+            d.message().headers().get(headers::DEAD_LETTER_REASON)
+        );
+    }
+    dead.close().await.unwrap();
+}
+
+/// Consumer runtime: a handler that runs three times the ack timeout keeps
+/// its delivery's lease — it is not redelivered meanwhile (nor after the
+/// ack), and is handled once, at attempt 1.
+pub async fn runtime_long_handler_keeps_its_lease(h: &dyn Harness) -> Outcome {
+    let ack_timeout = h.ack_timeout();
+    let opts = SubscribeOptions::new("s")
+        .ack_timeout(ack_timeout)
+        .max_attempts(2);
+    let id = format!("long-{}", crate::util::short_id());
+    let (client, topic) = prepare(
+        h,
+        "lease-long",
+        &opts,
+        vec![Message::new("slow").with_id(id.clone())],
+    )
+    .await;
+    let runs: Arc<Mutex<Vec<Run>>> = Arc::default();
+    let r = runs.clone();
+    // After the handler ended, watch for a redelivery one more ack timeout
+    // and the slack.
+    let quiet = ack_timeout + h.slack();
+    let report = run_until(
+        &client,
+        &topic,
+        opts.clone(),
+        quick(),
+        move |ctx| {
+            let r = r.clone();
+            async move {
+                let i = {
+                    let mut runs = r.lock().unwrap();
+                    runs.push((
+                        ctx.message.id().to_owned(),
+                        ctx.attempt,
+                        Instant::now(),
+                        None,
+                    ));
+                    runs.len() - 1
+                };
+                tokio::time::sleep(ack_timeout * 3).await;
+                r.lock().unwrap()[i].3 = Some(Instant::now());
+                Ok(())
+            }
+        },
+        {
+            let runs = runs.clone();
+            move || {
+                let runs = runs.lock().unwrap();
+                runs.len() > 1
+                    || runs
+                        .first()
+                        .and_then(|run| run.3)
+                        .is_some_and(|ended| ended.elapsed() >= quiet)
+            }
+        },
+    )
+    .await;
+    let runs = runs.lock().unwrap().clone();
+    let seen: Vec<(String, u32)> = runs.iter().map(|r| (r.0.clone(), r.1)).collect();
+    assert_eq!(
+        seen,
+        vec![(id, 1)],
+        "a handler running 3 × the ack timeout ({ack_timeout:?}) lost its lease: handled {seen:?}"
+    );
+    assert_eq!(report.acked, 1, "{report:?}");
+    assert_eq!(report.dead_lettered, 0, "{report:?}");
+    expect_no_dead_letters(&client, &topic, &opts, h.slack(), "long handler").await;
+    client.close().await.unwrap();
+    Outcome::Passed
+}
+
+/// Consumer runtime: deliveries queued behind a busy key (`per_key`) or
+/// behind the concurrency limit keep their lease. One key's messages, each
+/// handled for half the ack timeout, wait in the runtime for four ack
+/// timeouts in all; none is taken back, none is dead-lettered, each is
+/// handled once at attempt 1, in order. (Issue: a busy key dead-lettered 19
+/// of 20 healthy messages.)
+pub async fn runtime_queued_deliveries_keep_their_lease(h: &dyn Harness) -> Outcome {
+    let ack_timeout = h.ack_timeout();
+    let opts = SubscribeOptions::new("s")
+        .ack_timeout(ack_timeout)
+        .max_attempts(2);
+    let tag = crate::util::short_id();
+    // Eight of one key (serialised by `per_key`), four without a key
+    // (queued behind the concurrency limit of 2, which the key holds half).
+    let keyed: Vec<Message> = (0..8)
+        .map(|i| {
+            Message::new(format!("{i}"))
+                .with_id(format!("k{i}-{tag}"))
+                .with_key("busy")
+        })
+        .collect();
+    let loose: Vec<Message> = (0..4)
+        .map(|i| Message::new(format!("{i}")).with_id(format!("n{i}-{tag}")))
+        .collect();
+    let all: Vec<Message> = keyed.iter().chain(&loose).cloned().collect();
+    let expected = crate::util::ids(&all);
+    let (client, topic) = prepare(h, "lease-queued", &opts, all).await;
+    let runs: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
+    let r = runs.clone();
+    let report = run_until(
+        &client,
+        &topic,
+        opts.clone(),
+        quick().concurrency(2).per_key(true),
+        move |ctx| {
+            let r = r.clone();
+            async move {
+                r.lock()
+                    .unwrap()
+                    .push((ctx.message.id().to_owned(), ctx.attempt));
+                tokio::time::sleep(ack_timeout / 2).await;
+                Ok(())
+            }
+        },
+        {
+            let runs = runs.clone();
+            let n = expected.len();
+            move || runs.lock().unwrap().len() >= n
+        },
+    )
+    .await;
+    let runs = runs.lock().unwrap().clone();
+    let again: Vec<&(String, u32)> = runs.iter().filter(|(_, a)| *a != 1).collect();
+    assert!(
+        again.is_empty(),
+        "queued deliveries lost their lease and came back: {again:?} (report {report:?})"
+    );
+    let seen: std::collections::HashSet<String> = runs.iter().map(|r| r.0.clone()).collect();
+    assert_eq!(seen, expected, "not every message was handled");
+    assert_eq!(runs.len(), expected.len(), "handled twice: {runs:?}");
+    if client.capabilities().ordering == KeyOrdering::PerKey {
+        let order: Vec<&str> = runs
+            .iter()
+            .map(|r| r.0.as_str())
+            .filter(|id| id.starts_with('k'))
+            .collect();
+        let want: Vec<String> = keyed.iter().map(|m| m.id().to_owned()).collect();
+        assert_eq!(order, want, "one key's messages out of order");
+    }
+    assert_eq!(report.dead_lettered, 0, "{report:?}");
+    expect_no_dead_letters(&client, &topic, &opts, h.slack(), "queued deliveries").await;
+    client.close().await.unwrap();
+    Outcome::Passed
+}
+
 /// Consumer runtime: a trace started before publish is the parent of the
 /// delivery's `process` span (W3C `traceparent` carried in the headers).
 ///

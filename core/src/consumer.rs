@@ -168,6 +168,13 @@ pub struct Report {
 ///   [`Backoff`] delay, held by the broker, until the subscription's
 ///   `max_attempts`, then dead-letters with the last error as the reason; a
 ///   permanent error dead-letters at once;
+/// - **leases**: it keeps the lease of every delivery it holds — running in
+///   a handler, or queued behind its key or the concurrency limit — by
+///   extending it every third of the ack timeout
+///   ([`Delivery::extend`]), so a handler may run longer than the ack
+///   timeout and a busy key never makes the broker take back (and count an
+///   attempt for) what waits behind it; it holds at most the subscription's
+///   prefetch;
 /// - when `shutdown` completes it stops fetching, lets running handlers finish
 ///   within the [`shutdown_timeout`](Consumer::shutdown_timeout) and settles
 ///   them, leaves the rest unsettled (the broker redelivers them — nothing is
@@ -273,14 +280,30 @@ impl Consumer {
     {
         let handler = Arc::new(handler);
         let mut tasks: JoinSet<Done> = JoinSet::new();
-        // Deliveries waiting for their key to be free, by key.
+        // Received, not started: waiting for a free handler slot, in arrival
+        // order (with the key they hold, under `per_key`).
+        let mut ready: VecDeque<(Delivery, Option<String>)> = VecDeque::new();
+        // Deliveries waiting for their key to be free, by key. A key is busy
+        // while it has an entry here (its delivery runs or waits in `ready`).
         let mut waiting: HashMap<String, VecDeque<Delivery>> = HashMap::new();
         let mut report = Report::default();
         let mut result = Ok(());
+        // The runtime holds at most the subscription's prefetch (the backend
+        // bounds it too) and keeps the lease of every delivery it holds.
+        let prefetch = sub.prefetch();
+        let every = sub.lease_interval();
+        let mut leases = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        leases.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
 
         loop {
-            let room = tasks.len() < self.concurrency;
+            while tasks.len() < self.concurrency
+                && let Some((delivery, key)) = ready.pop_front()
+            {
+                self.spawn(&mut tasks, &handler, delivery, key);
+            }
+            let queued = ready.len() + waiting.values().map(VecDeque::len).sum::<usize>();
+            let room = tasks.len() + queued < prefetch;
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
@@ -288,8 +311,14 @@ impl Consumer {
                     if let Some(key) = self.finish(done, &mut report)
                         && let Some(next) = pop_waiting(&mut waiting, &key)
                     {
-                        self.spawn(&mut tasks, &handler, next, Some(key));
+                        ready.push_back((next, Some(key)));
                     }
+                }
+                _ = leases.tick(), if queued > 0 => {
+                    // Queued deliveries keep their lease: the broker must not
+                    // take back (and count an attempt for) what waits here.
+                    let held = ready.iter().map(|(d, _)| d).chain(waiting.values().flatten());
+                    extend_all(held).await;
                 }
                 got = sub.recv(), if room => match got {
                     Ok(delivery) => {
@@ -301,10 +330,10 @@ impl Consumer {
                                 Entry::Vacant(v) => {
                                     let key = v.key().clone();
                                     v.insert(VecDeque::new());
-                                    self.spawn(&mut tasks, &handler, delivery, Some(key));
+                                    ready.push_back((delivery, Some(key)));
                                 }
                             },
-                            None => self.spawn(&mut tasks, &handler, delivery, None),
+                            None => ready.push_back((delivery, None)),
                         }
                     }
                     Err(crate::Error::Closed) => break,
@@ -320,7 +349,9 @@ impl Consumer {
         }
 
         // Shutdown: stop fetching; queued deliveries go back unsettled.
-        report.abandoned += waiting.values().map(|q| q.len() as u64).sum::<u64>();
+        report.abandoned +=
+            (ready.len() + waiting.values().map(VecDeque::len).sum::<usize>()) as u64;
+        ready.clear();
         waiting.clear();
         let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
         while !tasks.is_empty() {
@@ -399,10 +430,8 @@ impl Consumer {
             crate::telemetry::set_parent(&span, &ctx.message);
             crate::telemetry::received(&ctx.topic, &ctx.subscription);
             let started = std::time::Instant::now();
-            let outcome = match AssertUnwindSafe(handler(ctx).instrument(span.clone()))
-                .catch_unwind()
-                .await
-            {
+            let work = AssertUnwindSafe(handler(ctx).instrument(span.clone())).catch_unwind();
+            let outcome = match leased(&delivery, work).await {
                 Ok(r) => r,
                 Err(panic) => {
                     report.panicked += 1;
@@ -452,6 +481,38 @@ impl Consumer {
             }
             Done { key, report }
         });
+    }
+}
+
+/// Runs `work` while keeping `delivery`'s lease (every
+/// [`lease_interval`](Delivery::lease_interval)), so a handler may run longer
+/// than the ack timeout without the broker taking the delivery back.
+async fn leased<F: Future>(delivery: &Delivery, work: F) -> F::Output {
+    let every = delivery.lease_interval();
+    let keep = async {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            extend_all(std::iter::once(delivery)).await;
+        }
+    };
+    tokio::select! {
+        biased;
+        out = work => out,
+        () = keep => unreachable!("the lease loop never ends"),
+    }
+}
+
+/// Extends the leases of `held`, all at once; a failure is logged (the next
+/// round tries again; past the ack timeout the broker redelivers).
+async fn extend_all<'a>(held: impl Iterator<Item = &'a Delivery>) {
+    let results =
+        futures_util::future::join_all(held.map(|d| async move { (d.extend().await, d) })).await;
+    for (r, d) in results {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, id = %d.message().id(), "extending a delivery's lease failed");
+        }
     }
 }
 

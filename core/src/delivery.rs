@@ -1,6 +1,10 @@
 //! Deliveries and the dead-letter rules (DESIGN §3.7), written once for every backend.
 
-use std::{fmt, sync::Arc, time::SystemTime};
+use std::{
+    fmt,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use crate::{
     Message, Retry,
@@ -15,7 +19,17 @@ pub(crate) struct SubscriptionContext {
     pub(crate) subscription: String,
     pub(crate) dead_letter_topic: String,
     pub(crate) max_attempts: u32,
+    pub(crate) ack_timeout: Duration,
+    pub(crate) prefetch: usize,
     pub(crate) broker: Arc<dyn Broker>,
+}
+
+impl SubscriptionContext {
+    /// How often a holder extends a lease: a third of the ack timeout, so
+    /// two extensions may fail or run late before the delivery is taken back.
+    pub(crate) fn lease_interval(&self) -> Duration {
+        (self.ack_timeout / 3).max(Duration::from_millis(1))
+    }
 }
 
 impl fmt::Debug for SubscriptionContext {
@@ -25,6 +39,7 @@ impl fmt::Debug for SubscriptionContext {
             .field("subscription", &self.subscription)
             .field("dead_letter_topic", &self.dead_letter_topic)
             .field("max_attempts", &self.max_attempts)
+            .field("ack_timeout", &self.ack_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -149,6 +164,42 @@ impl Delivery {
             reason.into(),
         )
         .await
+    }
+
+    /// Keeps this delivery's lease: restarts its ack timeout, so the broker
+    /// does not redeliver it for another ack timeout from now. Call it while
+    /// work on a delivery takes longer than the ack timeout (the
+    /// [`Consumer`](crate::consumer::Consumer) runtime does it for every
+    /// delivery it holds, running or queued).
+    ///
+    /// A delivery whose ack timeout already passed is not revived: the
+    /// broker redelivers it, and settling this one is then a no-op.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`](crate::Error::Closed) when the subscription was
+    /// closed; connection and broker errors (retryable: the next extension
+    /// may succeed).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # async fn demo(mut sub: switchyard_core::Subscription) -> switchyard_core::Result<()> {
+    /// let delivery = sub.recv().await?;
+    /// for _step in 0..3 {
+    ///     // ... a slow step, shorter than the ack timeout ...
+    ///     delivery.extend().await?;
+    /// }
+    /// delivery.ack().await
+    /// # }
+    /// ```
+    pub async fn extend(&self) -> Result<()> {
+        self.acker.extend().await
+    }
+
+    /// How often the runtime extends a lease (a third of the ack timeout).
+    pub(crate) fn lease_interval(&self) -> Duration {
+        self.ctx.lease_interval()
     }
 
     /// Takes the message out, leaving the delivery unsettled (it will be

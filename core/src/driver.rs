@@ -31,6 +31,11 @@
 //!   the ack timeout at the latest.
 //! - After [`Receiver::close`], `recv` returns `None` and the receiver's
 //!   unsettled deliveries go back to the subscription.
+//! - **Leases**: the ack timeout of a delivery runs from when `recv` handed
+//!   it out, and [`Acker::extend`] restarts it; a delivery is taken back
+//!   only when its holder let the ack timeout pass without extending it, or
+//!   is gone. Deliveries a receiver buffered and has not handed out are the
+//!   backend's to keep alive (or to not hold at all).
 
 use std::{fmt, time::Duration};
 
@@ -170,6 +175,24 @@ pub trait Acker: Send + Sync + fmt::Debug {
     ///
     /// As for [`Acker::ack`].
     async fn nack(&self, delay: Option<Duration>) -> Result<()>;
+
+    /// Keeps the delivery's lease: restarts its ack timeout, so the broker
+    /// does not take it back for another ack timeout from now (NATS
+    /// progress ack, SQS `ChangeMessageVisibility`, the backend's own
+    /// deadline elsewhere). Called any number of times before the
+    /// delivery is settled; the consumer runtime calls it every third of
+    /// the ack timeout for every delivery it holds.
+    ///
+    /// A delivery whose ack timeout already passed is not revived: the
+    /// broker redelivers it, and `Ok` may still be returned where the broker
+    /// does not say (settling it later is then a no-op, as for a late ack).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`](crate::Error::Closed) when the receiver was closed;
+    /// connection and broker errors (retryable: the next extension may
+    /// succeed).
+    async fn extend(&self) -> Result<()>;
 }
 
 /// A message as a backend receives it, before core wraps it into a

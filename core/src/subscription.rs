@@ -62,6 +62,16 @@ impl Subscription {
         &self.ctx.dead_letter_topic
     }
 
+    /// How often the runtime extends the leases it holds.
+    pub(crate) fn lease_interval(&self) -> std::time::Duration {
+        self.ctx.lease_interval()
+    }
+
+    /// The subscription's prefetch limit.
+    pub(crate) fn prefetch(&self) -> usize {
+        self.ctx.prefetch
+    }
+
     /// Waits for the next delivery.
     ///
     /// # Cancel safety

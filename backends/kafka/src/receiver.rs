@@ -1002,4 +1002,20 @@ impl Acker for KafkaAcker {
             .requeue(self.token, delay.unwrap_or(Duration::ZERO))
             .await
     }
+
+    /// Moves the reaper's deadline for the record to an ack timeout from now
+    /// (one already being re-published is not revived).
+    async fn extend(&self) -> Result<()> {
+        let inner = self.inner.upgrade().ok_or(Error::Closed)?;
+        let mut st = inner.state();
+        if st.closed {
+            return Err(Error::Closed);
+        }
+        if let Some(h) = st.handed.get_mut(&self.token)
+            && !h.busy
+        {
+            h.deadline = Instant::now() + inner.ack_timeout;
+        }
+        Ok(())
+    }
 }

@@ -497,4 +497,16 @@ impl Acker for MemoryAcker {
         self.receiver.queue.nack(self.tag, delay);
         Ok(())
     }
+
+    /// Moves the delivery's deadline to an ack timeout from now (a delivery
+    /// already expired is not revived).
+    async fn extend(&self) -> Result<()> {
+        if self.receiver.closed.is_cancelled() {
+            return Err(Error::Closed);
+        }
+        self.receiver
+            .queue
+            .restamp(self.tag, self.receiver.ack_timeout);
+        Ok(())
+    }
 }

@@ -892,4 +892,9 @@ impl Acker for NatsAcker {
     async fn nack(&self, delay: Option<Duration>) -> Result<()> {
         self.send(AckKind::Nak(delay), "nak").await
     }
+
+    /// A progress ack (`+WPI`): the server restarts the ack wait.
+    async fn extend(&self) -> Result<()> {
+        self.send(AckKind::Progress, "progress ack").await
+    }
 }

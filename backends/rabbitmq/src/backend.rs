@@ -1,7 +1,7 @@
 //! The AMQP backend: publisher, subscriber, receivers and ackers.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{HashMap, HashSet},
     fmt,
     sync::{
         Arc, Mutex,
@@ -29,7 +29,11 @@ use switchyard_core::{
 use tokio::{sync::Notify, time::Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::{RabbitConfig, codec, names};
+use crate::{
+    RabbitConfig,
+    book::{Acked, Book, Key, Wire},
+    codec, names,
+};
 
 /// Bytes of `max_message_size` kept for properties and headers: the payload
 /// limit switchyard reports is the configured size minus this.
@@ -655,104 +659,42 @@ impl Broker for RabbitBroker {
     }
 }
 
-/// A delivery's (channel generation, delivery tag).
-type Key = (u64, u64);
-
 /// How long an ack may wait to be coalesced with the next ones.
 const ACK_FLUSH_DELAY: Duration = Duration::from_millis(5);
 
-/// What a receiver knows about the deliveries it handed out.
-#[derive(Default)]
-struct Book {
-    /// Handed out, not settled, with the instant their ack timeout expires.
-    /// Tags grow on a channel and generations grow, so the first entry
-    /// expires first.
-    unsettled: BTreeMap<Key, (Instant, Arc<Channel>)>,
-    /// Acked by the application, `basic.ack` not sent yet (coalesced).
-    acked: BTreeSet<Key>,
-    /// When `acked` must be sent at the latest.
-    flush_at: Option<Instant>,
-    /// The highest delivery handed out, and its channel: a `multiple` ack
-    /// never reaches past it (deliveries not handed out yet are not acked).
-    handed: Option<(Key, Arc<Channel>)>,
-}
-
-/// Acks to send: one `multiple` ack up to a tag, then single ones.
-struct AckBatch {
-    channel: Arc<Channel>,
-    multiple_upto: Option<u64>,
-    singles: Vec<u64>,
-}
-
-impl AckBatch {
-    /// Queues the acks on the channel, in order with anything sent later
-    /// (a close included), without waiting for the I/O loop to write them:
-    /// the broker does not answer acks, so waiting tells nothing more.
-    fn send(self) -> Result<()> {
-        let mut sends = Vec::with_capacity(self.singles.len() + 1);
-        if let Some(upto) = self.multiple_upto {
-            sends.push((upto, true));
-        }
-        sends.extend(self.singles.into_iter().map(|t| (t, false)));
-        for (tag, multiple) in sends {
-            if let Some(Err(e)) = self
-                .channel
-                .basic_ack(tag, BasicAckOptions { multiple })
-                .now_or_never()
-            {
-                return Err(amqp_error("ack", e));
-            }
-        }
-        Ok(())
+impl Wire for Arc<Channel> {
+    fn connected(&self) -> bool {
+        self.status().connected()
     }
-}
 
-impl Book {
-    /// The acks that can be sent now: everything acked on the current
-    /// channel, as one `multiple` ack for the acked run below the first
-    /// unsettled delivery and single acks above it (so a slow delivery never
-    /// holds back the acks of later ones).
-    fn flush(&mut self) -> Option<AckBatch> {
-        self.flush_at = None;
-        let ((generation, handed_tag), channel) = self.handed.as_ref()?;
-        let acked = std::mem::take(&mut self.acked);
-        let floor = self
-            .unsettled
-            .range((*generation, 0)..)
-            .next()
-            .map_or(handed_tag + 1, |((_, tag), _)| *tag);
-        let mut multiple_upto = None;
-        let mut singles = Vec::new();
-        for (g, tag) in acked {
-            if g != *generation {
-                // Its channel is gone; the broker redelivers it.
-                continue;
-            }
-            if tag < floor {
-                // The tag of a `multiple` ack must itself be unacked on the
-                // broker (RabbitMQ closes the channel on an unknown tag), so
-                // it is the highest acked tag below the floor, not the floor.
-                multiple_upto = Some(tag);
-            } else {
-                singles.push(tag);
-            }
+    /// Queues the ack on the channel, in order with anything sent later (a
+    /// close included), without waiting for the I/O loop to write it.
+    fn ack(&self, tag: u64, multiple: bool) -> Result<()> {
+        match self
+            .basic_ack(tag, BasicAckOptions { multiple })
+            .now_or_never()
+        {
+            Some(Err(e)) => Err(amqp_error("ack", e)),
+            Some(Ok(())) | None => Ok(()),
         }
-        if multiple_upto.is_none() && singles.is_empty() {
-            return None;
+    }
+
+    fn reject(&self, tag: u64) -> Result<()> {
+        match self
+            .basic_reject(tag, BasicRejectOptions { requeue: true })
+            .now_or_never()
+        {
+            Some(Err(e)) => Err(amqp_error("nack", e)),
+            Some(Ok(())) | None => Ok(()),
         }
-        // Single acks below the floor are covered by the multiple one.
-        Some(AckBatch {
-            channel: Arc::clone(channel),
-            multiple_upto,
-            singles,
-        })
     }
 }
 
 /// Deliveries a receiver handed out and that are not settled, and acks
-/// waiting to be coalesced.
+/// waiting to be coalesced. Every settlement frame is queued under the
+/// book's lock (see [`book`](crate::book)).
 struct Inflight {
-    book: Mutex<Book>,
+    book: Mutex<Book<Arc<Channel>>>,
     /// Acks at or above this many are sent at once.
     flush_every: usize,
     /// Wakes the reaper when its next deadline may have moved earlier.
@@ -760,88 +702,46 @@ struct Inflight {
     cancel: CancellationToken,
 }
 
-/// What became of an ack.
-enum Acked {
-    /// Not unsettled any more: its ack timeout expired and it was returned,
-    /// or the receiver closed.
-    Late,
-    /// Recorded; sent with the next ones within [`ACK_FLUSH_DELAY`].
-    Deferred,
-    /// Send these now.
-    Send(AckBatch),
-}
-
 impl Inflight {
-    fn book(&self) -> std::sync::MutexGuard<'_, Book> {
+    fn book(&self) -> std::sync::MutexGuard<'_, Book<Arc<Channel>>> {
         self.book.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn insert(&self, key: Key, deadline: Instant, channel: &Arc<Channel>) {
-        let mut book = self.book();
-        let was_empty = book.unsettled.is_empty();
-        book.unsettled.insert(key, (deadline, Arc::clone(channel)));
-        if book.handed.as_ref().is_none_or(|(k, _)| k.0 != key.0) {
-            book.handed = Some((key, Arc::clone(channel)));
-        } else if let Some((k, _)) = &mut book.handed {
-            *k = key;
-        }
-        drop(book);
+        let was_empty = self.book().insert(key, deadline, channel);
         if was_empty {
             self.wake.notify_one();
         }
     }
 
-    /// Takes the delivery out for a settlement other than an ack; `false`
-    /// when it is not there (see [`Acked::Late`]).
-    fn take(&self, key: Key) -> bool {
-        self.book().unsettled.remove(&key).is_some()
-    }
-
     fn contains(&self, key: Key) -> bool {
-        self.book().unsettled.contains_key(&key)
+        self.book().contains(key)
     }
 
     fn ack(&self, key: Key) -> Acked {
-        let mut book = self.book();
-        if book.unsettled.remove(&key).is_none() {
-            return Acked::Late;
-        }
-        book.acked.insert(key);
-        if book.acked.len() >= self.flush_every {
-            return book.flush().map_or(Acked::Deferred, Acked::Send);
-        }
-        if book.flush_at.is_none() {
-            book.flush_at = Some(Instant::now() + ACK_FLUSH_DELAY);
-            drop(book);
+        let acked = self
+            .book()
+            .ack(key, self.flush_every, Instant::now() + ACK_FLUSH_DELAY);
+        if matches!(acked, Acked::Deferred) {
             self.wake.notify_one();
         }
-        Acked::Deferred
+        acked
     }
 
     /// Sends every ack recorded so far.
     fn flush(&self) {
-        let batch = self.book().flush();
-        if let Some(batch) = batch {
-            let _ = batch.send();
-        }
+        let _ = self.book().flush();
     }
 }
 
-/// Returns deliveries whose ack timeout expired to the queue
-/// (`basic.reject` with requeue, which counts as a delivery attempt), as
-/// JetStream's ack wait and SQS's visibility timeout do (AMQP itself only
-/// returns them when the channel closes); and sends coalesced acks that
-/// waited [`ACK_FLUSH_DELAY`].
+/// Returns deliveries whose lease expired to the queue (`basic.reject`
+/// with requeue, which counts as a delivery attempt), as JetStream's ack
+/// wait and SQS's visibility timeout do (AMQP itself only returns them when
+/// the channel closes); and sends coalesced acks that waited
+/// [`ACK_FLUSH_DELAY`].
 async fn reap(inflight: Arc<Inflight>) {
     loop {
-        let next = {
-            let book = inflight.book();
-            let expiry = book.unsettled.first_key_value().map(|(_, (d, _))| *d);
-            match (expiry, book.flush_at) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            }
-        };
+        let next = inflight.book().next_due();
         match next {
             None => tokio::select! {
                 () = inflight.wake.notified() => {}
@@ -853,35 +753,9 @@ async fn reap(inflight: Arc<Inflight>) {
                 () = inflight.cancel.cancelled() => return,
             },
             Some(_) => {
-                let now = Instant::now();
-                let (expired, acks) = {
-                    let mut book = inflight.book();
-                    let mut out: Vec<(Key, Arc<Channel>)> = Vec::new();
-                    while let Some(entry) = book.unsettled.first_entry() {
-                        if entry.get().0 > now {
-                            break;
-                        }
-                        let key = *entry.key();
-                        out.push((key, entry.remove().1));
-                    }
-                    let acks = if book.flush_at.is_some_and(|at| at <= now) {
-                        book.flush()
-                    } else {
-                        None
-                    };
-                    (out, acks)
-                };
-                if let Some(acks) = acks {
-                    let _ = acks.send();
-                }
-                for ((_, tag), channel) in expired {
-                    // A closed channel returned its deliveries already.
-                    if channel.status().connected() {
-                        let _ = channel
-                            .basic_reject(tag, BasicRejectOptions { requeue: true })
-                            .now_or_never();
-                    }
-                }
+                // A frame refused by a closing channel: the broker returns
+                // its deliveries itself.
+                let _ = inflight.book().reap(Instant::now());
             }
         }
     }
@@ -969,8 +843,11 @@ impl ReceiverShared {
     async fn shutdown(&self) {
         self.cancel().cancel();
         // Acks recorded before the close go out before it.
-        self.inflight.flush();
-        self.inflight.book().unsettled.clear();
+        {
+            let mut book = self.inflight.book();
+            let _ = book.flush();
+            book.clear();
+        }
         let taken = self
             .state
             .try_lock()
@@ -1165,19 +1042,10 @@ impl RabbitAcker {
     /// settlement of an unknown tag would close the channel), and one whose
     /// channel is gone was returned by the broker.
     fn reject(&self) -> Result<()> {
-        if !self.shared.inflight.take(self.key) {
-            return Ok(());
-        }
-        if !self.channel.status().connected() {
-            return Err(self.lost("nack"));
-        }
-        match self
-            .channel
-            .basic_reject(self.key.1, BasicRejectOptions { requeue: true })
-            .now_or_never()
-        {
-            Some(Err(e)) => Err(amqp_error("nack", e)),
-            Some(Ok(())) | None => Ok(()),
+        let connected = self.channel.status().connected();
+        match self.shared.inflight.book().reject(self.key)? {
+            true if !connected => Err(self.lost("nack")),
+            _ => Ok(()),
         }
     }
 
@@ -1190,7 +1058,7 @@ impl RabbitAcker {
             Acked::Late => Ok(()),
             Acked::Deferred if !self.channel.status().connected() => Err(self.lost(what)),
             Acked::Deferred => Ok(()),
-            Acked::Send(batch) => batch.send(),
+            Acked::Sent(result) => result,
         }
     }
 }
@@ -1228,5 +1096,16 @@ impl Acker for RabbitAcker {
                 self.ack_once("ack after a delayed nack")
             }
         }
+    }
+
+    /// Moves the receiver's deadline for the delivery to an ack timeout
+    /// from now (one already returned is not revived). RabbitMQ's own
+    /// `consumer_timeout` (30 minutes by default) still bounds how long a
+    /// channel may hold an unacked delivery.
+    async fn extend(&self) -> Result<()> {
+        self.check_open()?;
+        let deadline = Instant::now() + self.shared.ack_timeout;
+        self.shared.inflight.book().extend(self.key, deadline);
+        Ok(())
     }
 }

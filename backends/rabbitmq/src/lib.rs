@@ -44,6 +44,7 @@
 //! ```
 
 mod backend;
+mod book;
 mod codec;
 mod config;
 mod names;

@@ -1115,4 +1115,23 @@ impl Acker for SqsAcker {
             .map(|_| ())
             .map_err(|e| sdk_error("ChangeMessageVisibility", e))
     }
+
+    /// `ChangeMessageVisibility` to the subscription's visibility timeout:
+    /// SQS hides the message for that long from now. (It does not count a
+    /// receive.)
+    async fn extend(&self) -> Result<()> {
+        if self.shared.cancel.is_cancelled() {
+            return Err(Error::Closed);
+        }
+        self.shared
+            .sqs
+            .change_message_visibility()
+            .queue_url(&self.shared.url)
+            .receipt_handle(&self.receipt)
+            .visibility_timeout(self.shared.visibility)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| sdk_error("ChangeMessageVisibility", e))
+    }
 }
