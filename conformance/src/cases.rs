@@ -297,6 +297,33 @@ pub async fn unsettled_redelivered_after_ack_timeout(h: &dyn Harness) -> Outcome
     Outcome::Passed
 }
 
+/// 8b. A delivery whose holder extends its lease ([`Delivery::extend`]
+///     every third of the ack timeout) is not redelivered for three ack
+///     timeouts, and not after its ack either.
+///
+/// [`Delivery::extend`]: switchyard_core::Delivery::extend
+pub async fn extend_keeps_the_lease(h: &dyn Harness) -> Outcome {
+    let s = setup(h, "extend", |o| o.ack_timeout(h.ack_timeout())).await;
+    let msg = Message::new("held");
+    publish_each(&s.client, &s.topic, vec![msg.clone()]).await;
+    let mut sub = subscribe(&s.client, &s.topic, &s.opts).await;
+    let d = recv_one(&mut sub, h.receive_timeout(), "first delivery").await;
+    assert_eq!(d.message().id(), msg.id());
+    let step = h.ack_timeout() / 3;
+    for _ in 0..9 {
+        d.extend().await.expect("extend");
+        expect_nothing(&mut sub, step, "while the lease is extended").await;
+    }
+    d.ack().await.expect("ack");
+    expect_nothing(
+        &mut sub,
+        h.ack_timeout() + h.slack(),
+        "after the ack of an extended delivery",
+    )
+    .await;
+    Outcome::Passed
+}
+
 /// 9. Closing a subscription with unsettled deliveries hands them to
 ///    another consumer.
 pub async fn close_hands_over_unsettled(h: &dyn Harness) -> Outcome {

@@ -178,6 +178,7 @@ macro_rules! conformance_tests {
             nack_redelivers,
             nack_with_delay,
             unsettled_redelivered_after_ack_timeout,
+            extend_keeps_the_lease,
             close_hands_over_unsettled,
             nack_past_max_attempts_dead_letters,
             explicit_dead_letter_reason,
