@@ -279,6 +279,42 @@ pub async fn nack_with_delay(h: &dyn Harness) -> Outcome {
     Outcome::Passed
 }
 
+/// 7b. Every attempt counts once, whatever mix of settlements led to it:
+///     nack now, nack with a delay, nack now, nack with a delay → attempts
+///     1, 2, 3, 4, 5. (Issue: RabbitMQ's delayed copy kept the broker's
+///     stale `x-delivery-count`, so "nack now, then nack after 1 s" came
+///     back as attempt 4.)
+pub async fn attempts_count_each_nack_once(h: &dyn Harness) -> Outcome {
+    let s = setup(h, "nack-mix", |o| o.max_attempts(10)).await;
+    let msg = Message::new("again and again");
+    publish_each(&s.client, &s.topic, vec![msg.clone()]).await;
+    let mut sub = subscribe(&s.client, &s.topic, &s.opts).await;
+    let delay = Duration::from_millis(500);
+    let bound = delay + h.slack() + h.receive_timeout();
+    let retries = [
+        Retry::now(),
+        Retry::after(delay),
+        Retry::now(),
+        Retry::after(delay),
+    ];
+    let mut seen = Vec::new();
+    for retry in retries {
+        let d = recv_one(&mut sub, bound, "a redelivery").await;
+        assert_eq!(d.message().id(), msg.id());
+        seen.push(d.attempt());
+        d.nack(retry).await.expect("nack");
+    }
+    let last = recv_one(&mut sub, bound, "the last redelivery").await;
+    seen.push(last.attempt());
+    last.ack().await.expect("ack");
+    assert_eq!(
+        seen,
+        vec![1, 2, 3, 4, 5],
+        "attempts after nack now / after {delay:?} / now / after {delay:?}"
+    );
+    Outcome::Passed
+}
+
 /// 8. A delivery dropped unsettled is redelivered after the ack timeout.
 pub async fn unsettled_redelivered_after_ack_timeout(h: &dyn Harness) -> Outcome {
     let s = setup(h, "unsettled", |o| o.ack_timeout(h.ack_timeout())).await;

@@ -177,6 +177,7 @@ macro_rules! conformance_tests {
             ack_is_final,
             nack_redelivers,
             nack_with_delay,
+            attempts_count_each_nack_once,
             unsettled_redelivered_after_ack_timeout,
             extend_keeps_the_lease,
             close_hands_over_unsettled,

@@ -68,7 +68,16 @@ pub(crate) fn encode(message: &Message) -> (BasicProperties, usize) {
 
 /// Sets the attempts consumed so far on a copy headed for a wait queue.
 pub(crate) fn with_attempts(props: &BasicProperties, attempts: u32) -> BasicProperties {
-    let mut table = props.headers().clone().unwrap_or_default();
+    // The broker's own headers stay behind: the copy is a new message to
+    // the queue, whose `x-delivery-count` starts again (a stale one would
+    // count the attempts before the delay twice), and `x-death` would grow
+    // with every delay. A user's `x-` keys are escaped, so none is lost.
+    let mut table = FieldTable::default();
+    for (k, v) in props.headers().iter().flat_map(|t| t.inner()) {
+        if !k.as_str().starts_with("x-") {
+            table.insert(k.clone(), v.clone());
+        }
+    }
     table.insert(ATTEMPTS.into(), AMQPValue::LongLongInt(i64::from(attempts)));
     let mut out = props.clone().with_headers(table);
     // A delayed copy must not inherit an expiration from a foreign publisher.
@@ -203,6 +212,22 @@ mod tests {
         let (back, attempt) = decode(&props, bytes::Bytes::new(), || unreachable!());
         assert_eq!(back.id(), long);
         assert_eq!(attempt, 6);
+    }
+
+    #[test]
+    fn a_delayed_copy_leaves_the_brokers_count_behind() {
+        let (props, _) = encode(&Message::new("").with_header("x-mine", "kept"));
+        let mut table = props.headers().clone().unwrap();
+        table.insert(DELIVERY_COUNT.into(), AMQPValue::LongLongInt(1));
+        table.insert("x-death".into(), AMQPValue::FieldArray(Default::default()));
+        // Delivered at attempt 2 (1 + the broker's count), then delayed.
+        let copy = with_attempts(&props.with_headers(table), 2);
+        let headers = copy.headers().clone().unwrap();
+        assert!(!headers.contains_key(DELIVERY_COUNT));
+        assert!(!headers.contains_key("x-death"));
+        let (back, attempt) = decode(&copy, bytes::Bytes::new(), || unreachable!());
+        assert_eq!(attempt, 3, "the next delivery of the copy is attempt 3");
+        assert_eq!(back.headers().get("x-mine"), Some("kept"));
     }
 
     #[test]
