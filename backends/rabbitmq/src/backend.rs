@@ -719,10 +719,15 @@ impl Inflight {
     }
 
     fn ack(&self, key: Key) -> Acked {
-        let acked = self
-            .book()
-            .ack(key, self.flush_every, Instant::now() + ACK_FLUSH_DELAY);
-        if matches!(acked, Acked::Deferred) {
+        let (acked, newly_due) = {
+            let mut book = self.book();
+            let had_deadline = book.has_flush_deadline();
+            let acked = book.ack(key, self.flush_every, Instant::now() + ACK_FLUSH_DELAY);
+            (acked, !had_deadline && book.has_flush_deadline())
+        };
+        // Only the ack that sets the flush deadline wakes the reaper; the
+        // ones coalesced with it add nothing to wait for.
+        if newly_due {
             self.wake.notify_one();
         }
         acked

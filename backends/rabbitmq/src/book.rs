@@ -82,6 +82,11 @@ impl<C: Wire> Book<C> {
         was_empty
     }
 
+    /// Whether deferred acks wait for their flush deadline.
+    pub(crate) fn has_flush_deadline(&self) -> bool {
+        self.flush_at.is_some()
+    }
+
     /// Whether the delivery is handed out and unsettled.
     pub(crate) fn contains(&self, key: Key) -> bool {
         self.unsettled.contains_key(&key)
@@ -239,8 +244,13 @@ mod tests {
     }
 
     impl Model {
-        fn deliver(&self, tag: u64) {
-            self.0.lock().unwrap().unacked.insert(tag);
+        /// Delivers tags `1..=n` on channel generation 1, each handed out
+        /// into `book` with lease deadline `deadline`.
+        fn deliver(&self, book: &mut Book<Model>, n: u64, deadline: Instant) {
+            for tag in 1..=n {
+                self.0.lock().unwrap().unacked.insert(tag);
+                book.insert((1, tag), deadline, self);
+            }
         }
     }
 
@@ -284,10 +294,7 @@ mod tests {
         let mut book = Book::default();
         let t0 = Instant::now();
         let lease = Duration::from_secs(1);
-        for tag in 1..=3 {
-            wire.deliver(tag);
-            book.insert((1, tag), t0 + lease, &wire);
-        }
+        wire.deliver(&mut book, 3, t0 + lease);
         // 2 and 3 acked, deferred; their flush comes due with 1's expiry.
         let flush_at = t0 + lease;
         assert!(matches!(book.ack((1, 2), 100, flush_at), Acked::Deferred));
@@ -318,10 +325,7 @@ mod tests {
         let wire = Model::default();
         let mut book = Book::default();
         let t0 = Instant::now();
-        for tag in 1..=4 {
-            wire.deliver(tag);
-            book.insert((1, tag), t0 + Duration::from_secs(30), &wire);
-        }
+        wire.deliver(&mut book, 4, t0 + Duration::from_secs(30));
         assert!(matches!(book.ack((1, 2), 100, t0), Acked::Deferred));
         assert!(book.reject((1, 1)).unwrap());
         // The next acks reach the flush threshold: one batch for 2..=4.
@@ -345,10 +349,7 @@ mod tests {
         let mut book = Book::default();
         let t0 = Instant::now();
         let lease = Duration::from_secs(1);
-        for tag in 1..=2 {
-            wire.deliver(tag);
-            book.insert((1, tag), t0 + lease, &wire);
-        }
+        wire.deliver(&mut book, 2, t0 + lease);
         book.extend((1, 1), t0 + lease * 3);
         assert_eq!(book.next_due(), Some(t0 + lease));
         book.reap(t0 + lease).unwrap();
