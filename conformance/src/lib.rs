@@ -213,6 +213,7 @@ macro_rules! conformance_tests {
             runtime_trace_context_crosses_the_broker,
             runtime_long_handler_keeps_its_lease,
             runtime_queued_deliveries_keep_their_lease,
+            runtime_restarts_dead_letter_nothing,
         );
     };
     (@cases $harness:path, $module:ident; $($case:ident),* $(,)?) => {

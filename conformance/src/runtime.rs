@@ -725,3 +725,97 @@ mod otel {
         Outcome::Passed
     }
 }
+
+/// Consumer runtime: rolling restarts dead-letter nothing. 64 messages,
+/// `max_attempts` 5; six rounds of start → graceful stop after 0.7 s of a
+/// consumer whose handler takes 200 ms and succeeds (the issue's first
+/// scenario: RabbitMQ and SQS dead-lettered 44 of 64), then one more
+/// consumer until every message was handled. What a stopping consumer held
+/// goes back when it closes, not after the ack timeout (30 s here): the last
+/// consumer is given [`RETURNED_WITHIN`]. None reaches the dead-letter
+/// topic.
+pub async fn runtime_restarts_dead_letter_nothing(h: &dyn Harness) -> Outcome {
+    const ROUNDS: usize = 6;
+    let opts = SubscribeOptions::new("s")
+        .ack_timeout(Duration::from_secs(30))
+        .max_attempts(5);
+    let tag = crate::util::short_id();
+    let msgs: Vec<Message> = (0..64)
+        .map(|i| Message::new(format!("{i}")).with_id(format!("r{i}-{tag}")))
+        .collect();
+    let expected = crate::util::ids(&msgs);
+    let (client, topic) = prepare(h, "restarts", &opts, msgs).await;
+    let runs: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
+    let mut reports = Vec::new();
+    for round in 0..=ROUNDS {
+        let sub = client.subscribe(&topic, opts.clone()).await.unwrap();
+        let r = runs.clone();
+        let stop = {
+            let runs = runs.clone();
+            let expected = expected.clone();
+            async move {
+                if round < ROUNDS {
+                    tokio::time::sleep(Duration::from_millis(700)).await;
+                    return;
+                }
+                let until = Instant::now() + RETURNED_WITHIN;
+                while Instant::now() < until {
+                    let seen = runs
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .filter(|r| expected.contains(&r.0))
+                        .map(|r| r.0.clone())
+                        .collect::<std::collections::HashSet<_>>()
+                        .len();
+                    if seen == expected.len() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        let report = tokio::time::timeout(
+            BOUND,
+            quick().shutdown_timeout(Duration::from_secs(5)).run(
+                sub,
+                move |ctx| {
+                    let r = r.clone();
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        r.lock()
+                            .unwrap()
+                            .push((ctx.message.id().to_owned(), ctx.attempt));
+                        Ok(())
+                    }
+                },
+                stop,
+            ),
+        )
+        .await
+        .expect("a consumer round did not stop")
+        .unwrap();
+        reports.push(report);
+    }
+    let runs = runs.lock().unwrap().clone();
+    let dead: u64 = reports.iter().map(|r| r.dead_lettered).sum();
+    assert_eq!(
+        dead, 0,
+        "restarts dead-lettered healthy messages: {reports:?}"
+    );
+    let seen: std::collections::HashSet<String> = runs.iter().map(|r| r.0.clone()).collect();
+    let missing = expected.difference(&seen).count();
+    assert_eq!(
+        missing, 0,
+        "{missing} of 64 messages not handled after {ROUNDS} rounds of 0.7 s and \
+         {RETURNED_WITHIN:?} more (what a stopped consumer held did not come back \
+         when it closed?): {reports:?}"
+    );
+    expect_no_dead_letters(&client, &topic, &opts, h.slack(), "restarts").await;
+    client.close().await.unwrap();
+    Outcome::Passed
+}
+
+/// How soon what a closed consumer held must be deliverable again, in
+/// [`runtime_restarts_dead_letter_nothing`]: well under its 30 s ack timeout.
+pub const RETURNED_WITHIN: Duration = Duration::from_secs(8);

@@ -269,3 +269,90 @@ impl<T> fmt::Debug for ReceiverSet<T> {
         f.debug_struct("ReceiverSet").field("len", &n).finish()
     }
 }
+
+/// What a receiver handed out and has not seen settled, so that `close` can
+/// hand it back at once (a helper for backend authors whose broker returns
+/// unsettled deliveries only after the ack timeout, e.g. by their NATS reply
+/// subject or SQS receipt handle).
+///
+/// # Examples
+///
+/// ```
+/// use switchyard_core::driver::Outstanding;
+/// let out = Outstanding::new();
+/// let a = out.insert("receipt-a");
+/// let _b = out.insert("receipt-b");
+/// assert_eq!(out.settle(a), Some("receipt-a"));
+/// assert_eq!(out.take_all(), vec!["receipt-b"]);
+/// assert!(out.take_all().is_empty());
+/// ```
+pub struct Outstanding<T> {
+    inner: std::sync::Mutex<OutstandingInner<T>>,
+}
+
+struct OutstandingInner<T> {
+    next: u64,
+    held: std::collections::HashMap<u64, T>,
+}
+
+impl<T> Outstanding<T> {
+    /// Nothing outstanding.
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            inner: std::sync::Mutex::new(OutstandingInner {
+                next: 0,
+                held: std::collections::HashMap::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutstandingInner<T>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a delivery handed out; the ticket settles it.
+    pub fn insert(&self, handle: T) -> u64 {
+        let mut inner = self.lock();
+        let ticket = inner.next;
+        inner.next += 1;
+        inner.held.insert(ticket, handle);
+        ticket
+    }
+
+    /// Forgets a settled delivery; `None` when it was already taken.
+    pub fn settle(&self, ticket: u64) -> Option<T> {
+        self.lock().held.remove(&ticket)
+    }
+
+    /// Takes everything still outstanding (at close), oldest first.
+    pub fn take_all(&self) -> Vec<T> {
+        let mut held: Vec<(u64, T)> = self.lock().held.drain().collect();
+        held.sort_unstable_by_key(|(ticket, _)| *ticket);
+        held.into_iter().map(|(_, h)| h).collect()
+    }
+
+    /// How many deliveries are outstanding.
+    pub fn len(&self) -> usize {
+        self.lock().held.len()
+    }
+
+    /// Whether nothing is outstanding.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<T> Default for Outstanding<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> fmt::Debug for Outstanding<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outstanding")
+            .field("len", &self.len())
+            .finish()
+    }
+}

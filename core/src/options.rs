@@ -254,6 +254,17 @@ pub struct Capabilities {
     pub persistent: bool,
     /// Smallest ack timeout the broker honours.
     pub min_ack_timeout: std::time::Duration,
+    /// A delivery handed back unsettled counts as an attempt even when the
+    /// application never saw it: the broker's own delivery count rises on
+    /// every return (NATS `num_delivered`, RabbitMQ quorum queues'
+    /// `x-delivery-count`, SQS `ApproximateReceiveCount`). switchyard bounds
+    /// the cost (DESIGN §3.14): a receiver holds at most its prefetch, the
+    /// consumer runtime receives only while it holds less than that and
+    /// keeps the lease of all it holds, and `close` hands back at once what
+    /// is left — so a restart costs each returned delivery one attempt, and
+    /// what is handed back is delivered next. `false` where only deliveries
+    /// the application received count (memory, Kafka).
+    pub returns_count_attempts: bool,
 }
 
 impl Capabilities {
@@ -270,6 +281,7 @@ impl Capabilities {
             replay: false,
             persistent: true,
             min_ack_timeout: Duration::from_millis(1),
+            returns_count_attempts: false,
         }
     }
 
@@ -326,6 +338,14 @@ impl Capabilities {
     #[must_use]
     pub fn with_min_ack_timeout(mut self, d: Duration) -> Self {
         self.min_ack_timeout = d;
+        self
+    }
+
+    /// Sets whether a delivery handed back unseen still counts as an
+    /// attempt.
+    #[must_use]
+    pub fn with_returns_count_attempts(mut self, yes: bool) -> Self {
+        self.returns_count_attempts = yes;
         self
     }
 }

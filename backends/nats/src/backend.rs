@@ -19,7 +19,8 @@ use async_trait::async_trait;
 use futures_util::{FutureExt, StreamExt, stream::FuturesOrdered};
 use switchyard_core::{
     Acker, Broker, Capabilities, Client, Error, KeyOrdering, Message, Publisher, RawDelivery,
-    Receiver, Result, SubscribeOptions, Subscriber, driver::ReceiverSet,
+    Receiver, Result, SubscribeOptions, Subscriber,
+    driver::{Outstanding, ReceiverSet},
 };
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
@@ -32,8 +33,14 @@ use crate::{NatsConfig, codec, names::token};
 /// Bytes of the server's `max_payload` kept for headers: the payload limit
 /// switchyard reports is the server's minus this.
 const HEADER_RESERVE: usize = 16 * 1024;
-/// Longest a pull request waits on the server before it is renewed.
-const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// Longest a pull request waits on the server before it is renewed. Short,
+/// because a closing receiver cannot withdraw its open requests and must
+/// delay the NAKs of what it hands back until they expired (see
+/// `ReceiverShared::shutdown`).
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
+/// Added to a pull request's expiry for the server's view of it (it counts
+/// from when the request arrived).
+const EXPIRY_MARGIN: Duration = Duration::from_millis(250);
 /// Silence after which open pull requests are presumed lost (a reconnect
 /// drops them without the server reporting their end).
 const STALLED: Duration = Duration::from_secs(10);
@@ -489,6 +496,7 @@ impl Subscriber for NatsBroker {
             js: self.inner.js.clone(),
             client: self.inner.client.clone(),
             request_timeout: self.inner.config.request_timeout,
+            outstanding: Arc::default(),
         });
         self.inner.receivers.insert(&shared);
         Ok(Box::new(NatsReceiver { shared }))
@@ -512,6 +520,7 @@ impl Broker for NatsBroker {
             .with_backend("nats")
             .with_ordering(KeyOrdering::PerKey)
             .with_native_delay(true)
+            .with_returns_count_attempts(true)
             .with_fan_out(true)
             .with_competing_consumers(true)
             .with_replay(false)
@@ -528,8 +537,9 @@ struct PullState {
     inbox: async_nats::Subscriber,
     /// Permits of messages requested but not yet received.
     reserved: Vec<OwnedSemaphorePermit>,
-    /// Open pull requests (reply subject suffix) → messages still to come.
-    requests: HashMap<u64, usize>,
+    /// Open pull requests (reply subject suffix) → messages still to come,
+    /// and when the request was sent.
+    requests: HashMap<u64, (usize, Instant)>,
     next_request: u64,
     /// Last time the server said anything on the inbox (or we asked).
     last_activity: Instant,
@@ -551,23 +561,71 @@ struct ReceiverShared {
     client: async_nats::Client,
     /// Bound on sends to the connection and on flushing.
     request_timeout: Duration,
+    /// Reply subjects of the deliveries handed out and not settled: `close`
+    /// NAKs them, so they come back at once rather than after the ack wait.
+    outstanding: Arc<Outstanding<async_nats::Subject>>,
 }
 
 impl ReceiverShared {
-    /// Stops pulling. Messages pulled but never handed out are dropped
-    /// unsettled and come back after the ack wait: NAKing them here races the
-    /// pull requests still open on the server (they cannot be withdrawn), and
-    /// nats-server 2.9 then redelivers a NAKed message twice, the second time
-    /// with its delivery count reset.
+    /// Stops pulling and hands back everything this receiver holds: the
+    /// deliveries it handed out and that are not settled, and what it pulled
+    /// but never handed out — NAKed, so they come back within the pull
+    /// expiry ([`PULL_EXPIRES`], 2 s) instead of after the ack wait.
     ///
-    /// Never waits for the state lock: a cancelled `recv` may hold it.
+    /// Open pull requests cannot be withdrawn, and a message NAKed while one
+    /// is open goes back to it: to this receiver, which no longer reads
+    /// (nats-server 2.9 then also resets the message's delivery count, as
+    /// measured). So the inbox is drained first (`UNSUB` then `PING`: what
+    /// the server sent before it saw the `UNSUB` still arrives, then the
+    /// inbox ends), and the NAKs carry a delay that outlasts the open
+    /// requests' expiry (none when no request is open).
+    ///
+    /// Every step is bounded by the request timeout; a `recv` cancelled
+    /// while holding the state lock is waited for no longer than that.
     async fn shutdown(&self) {
         self.cancel.cancel();
-        if let Ok(mut state) = self.state.try_lock() {
+        let mut unseen = Vec::new();
+        let mut open_until = None;
+        if let Ok(mut state) = tokio::time::timeout(self.request_timeout, self.state.lock()).await {
             state.reserved.clear();
-            let _ = tokio::time::timeout(self.request_timeout, state.inbox.unsubscribe()).await;
+            if state.inbox.drain().await.is_ok() {
+                let inbox = &mut state.inbox;
+                let _ = tokio::time::timeout(self.request_timeout, async {
+                    while let Some(m) = inbox.next().await {
+                        if matches!(m.status.map(|s| s.as_u16()), None | Some(200))
+                            && let Some(reply) = m.reply
+                        {
+                            unseen.push(reply);
+                        }
+                    }
+                })
+                .await;
+            }
+            open_until = state
+                .requests
+                .drain()
+                .map(|(_, (_, sent))| sent + PULL_EXPIRES + EXPIRY_MARGIN)
+                .max();
         }
-        // Sends pending acks; bounded, as the server may be unreachable.
+        let delay = open_until
+            .map(|until| until.saturating_duration_since(Instant::now()))
+            .filter(|d| !d.is_zero());
+        let nak = match delay {
+            Some(d) => bytes::Bytes::from(format!(r#"-NAK {{"delay":{}}}"#, d.as_nanos())),
+            None => bytes::Bytes::from_static(b"-NAK"),
+        };
+        let handed_out = self.outstanding.take_all();
+        for reply in handed_out.into_iter().chain(unseen) {
+            let send = self.client.publish(reply, nak.clone());
+            if tokio::time::timeout(self.request_timeout, send)
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        // Sends pending acks and the NAKs; bounded, as the server may be
+        // unreachable.
         let _ = tokio::time::timeout(self.request_timeout, self.client.flush()).await;
     }
 
@@ -614,7 +672,7 @@ impl ReceiverShared {
             () = self.cancel.cancelled() => return Err(Error::Closed),
         }
         state.next_request += 1;
-        state.requests.insert(request, got.len());
+        state.requests.insert(request, (got.len(), Instant::now()));
         state.reserved.extend(got);
         state.last_activity = Instant::now();
         Ok(())
@@ -636,7 +694,7 @@ impl ReceiverShared {
         match message.status.map(|s| s.as_u16()) {
             None | Some(200) => {
                 if let Some(n) = request
-                    && let Some(left) = state.requests.get_mut(&n)
+                    && let Some((left, _)) = state.requests.get_mut(&n)
                 {
                     *left -= 1;
                     if *left == 0 {
@@ -660,7 +718,9 @@ impl ReceiverShared {
             // limits exceeded or consumer deleted, …): its unfilled room
             // comes back.
             Some(status) => {
-                let unfilled = request.and_then(|n| state.requests.remove(&n)).unwrap_or(0);
+                let unfilled = request
+                    .and_then(|n| state.requests.remove(&n))
+                    .map_or(0, |(left, _)| left);
                 let keep = state.reserved.len().saturating_sub(unfilled);
                 state.reserved.truncate(keep);
                 let description = message.description.unwrap_or_default();
@@ -690,6 +750,11 @@ impl ReceiverShared {
             ),
             Err(_) => (1, 0, None),
         };
+        let ticket = msg
+            .message
+            .reply
+            .clone()
+            .map(|reply| self.outstanding.insert(reply));
         let (message, acker) = msg.split();
         let message = codec::decode(message.headers.as_ref(), message.payload, published, || {
             format!("{}:{seq}", self.stream_name)
@@ -701,6 +766,8 @@ impl ReceiverShared {
                 acker,
                 cancel: self.cancel.clone(),
                 timeout: self.request_timeout,
+                outstanding: Arc::clone(&self.outstanding),
+                ticket,
                 _permit: permit,
             }),
         }))
@@ -830,12 +897,18 @@ impl Receiver for NatsReceiver {
 
 impl Drop for NatsReceiver {
     fn drop(&mut self) {
-        // A dropped consumer: stop pulling; what it pulled comes back after
-        // the ack wait.
-        self.shared.cancel.cancel();
-        if let Ok(mut state) = self.shared.state.try_lock() {
-            state.reserved.clear();
-            state.requests.clear();
+        // A consumer dropped without `close`: hand back what it held, as
+        // `close` does, in the background (outside a runtime, or when that
+        // fails, it comes back after the ack wait).
+        if self.shared.cancel.is_cancelled() {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let shared = Arc::clone(&self.shared);
+                runtime.spawn(async move { shared.shutdown().await });
+            }
+            Err(_) => self.shared.cancel.cancel(),
         }
     }
 }
@@ -846,6 +919,9 @@ struct NatsAcker {
     /// Bound on handing the ack to the connection (it blocks while the
     /// client is disconnected and its buffer is full).
     timeout: Duration,
+    /// Where this delivery is recorded as handed out, until it is settled.
+    outstanding: Arc<Outstanding<async_nats::Subject>>,
+    ticket: Option<u64>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -877,6 +953,16 @@ impl NatsAcker {
         };
         result.map_err(|e| Error::broker(format!("{what}: {e}"), true, Some(e)))
     }
+
+    /// Sends a settlement; once the connection took it, `close` no longer
+    /// hands the delivery back.
+    async fn settle(&self, kind: AckKind, what: &'static str) -> Result<()> {
+        self.send(kind, what).await?;
+        if let Some(ticket) = self.ticket {
+            self.outstanding.settle(ticket);
+        }
+        Ok(())
+    }
 }
 
 /// Acks are sent like RabbitMQ's `basic.ack`: `Ok` means the ack was handed
@@ -886,11 +972,11 @@ impl NatsAcker {
 #[async_trait]
 impl Acker for NatsAcker {
     async fn ack(&self) -> Result<()> {
-        self.send(AckKind::Ack, "ack").await
+        self.settle(AckKind::Ack, "ack").await
     }
 
     async fn nack(&self, delay: Option<Duration>) -> Result<()> {
-        self.send(AckKind::Nak(delay), "nak").await
+        self.settle(AckKind::Nak(delay), "nak").await
     }
 
     /// A progress ack (`+WPI`): the server restarts the ack wait.

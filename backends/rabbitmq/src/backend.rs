@@ -651,6 +651,7 @@ impl Broker for RabbitBroker {
             .with_backend("rabbitmq")
             .with_ordering(KeyOrdering::PerKey)
             .with_native_delay(true)
+            .with_returns_count_attempts(true)
             .with_fan_out(true)
             .with_competing_consumers(true)
             .with_replay(false)

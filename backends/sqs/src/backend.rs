@@ -22,7 +22,8 @@ use aws_sdk_sqs::{
 use futures_util::{StreamExt, stream::FuturesOrdered};
 use switchyard_core::{
     Acker, Broker, Capabilities, Client, Error, KeyOrdering, Message, Publisher, RawDelivery,
-    Receiver, Result, SubscribeOptions, Subscriber, driver::ReceiverSet,
+    Receiver, Result, SubscribeOptions, Subscriber,
+    driver::{Outstanding, ReceiverSet},
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -682,6 +683,8 @@ impl Subscriber for SqsBroker {
             wait: wait_for(self.inner.config.wait, visibility),
             rx: tokio::sync::Mutex::new(rx),
             receiving: AtomicUsize::new(0),
+            receive_started: std::sync::Mutex::new(None),
+            outstanding: Outstanding::new(),
         });
         for _ in 0..self.inner.config.pollers.max(1) {
             tokio::spawn(poll(Arc::clone(&shared), tx.clone()));
@@ -711,6 +714,7 @@ impl Broker for SqsBroker {
                 KeyOrdering::PerKeyInSpecialMode
             })
             .with_native_delay(true)
+            .with_returns_count_attempts(true)
             .with_fan_out(self.inner.config.mode == Mode::FanOut)
             .with_competing_consumers(true)
             .with_replay(false)
@@ -738,6 +742,12 @@ struct ReceiverShared {
     deletes: mpsc::UnboundedSender<Delete>,
     /// Receive calls in flight, over all of the receiver's pollers.
     receiving: AtomicUsize,
+    /// When the latest of them started.
+    receive_started: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Receipt handles of the messages handed out and not settled: `close`
+    /// makes them visible again at once, rather than after the visibility
+    /// timeout.
+    outstanding: Outstanding<String>,
 }
 
 /// One ack waiting for its `DeleteMessageBatch`.
@@ -756,15 +766,16 @@ impl fmt::Debug for ReceiverShared {
 }
 
 impl ReceiverShared {
-    /// Stops polling and makes what was received but never handed out
-    /// visible again at once.
+    /// Stops polling and makes everything this receiver holds visible again
+    /// at once: the messages it handed out and that are not settled, and
+    /// what it received but never handed out.
     async fn shutdown(&self) {
         self.cancel.cancel();
-        let mut held = Vec::new();
+        let mut held = self.outstanding.take_all();
         if let Ok(mut rx) = self.rx.try_lock() {
             rx.close();
             while let Ok((m, _permit)) = rx.try_recv() {
-                held.push(m);
+                held.extend(m.receipt_handle);
             }
         }
         self.release(held).await;
@@ -794,12 +805,15 @@ impl ReceiverShared {
             published_at,
             || m.message_id().unwrap_or_default().to_owned(),
         );
+        let receipt = m.receipt_handle().unwrap_or_default().to_owned();
+        let ticket = self.outstanding.insert(receipt.clone());
         RawDelivery {
             message,
             attempt,
             acker: Box::new(SqsAcker {
                 shared: Arc::clone(self),
-                receipt: m.receipt_handle().unwrap_or_default().to_owned(),
+                receipt,
+                ticket,
                 _permit: permit,
             }),
         }
@@ -807,13 +821,16 @@ impl ReceiverShared {
 }
 
 impl ReceiverShared {
-    /// Makes messages visible again at once (received but not handed out),
-    /// ten per `ChangeMessageVisibilityBatch`.
-    async fn release(&self, messages: impl IntoIterator<Item = aws_sdk_sqs::types::Message>) {
-        let handles: Vec<String> = messages
-            .into_iter()
-            .filter_map(|m| m.receipt_handle)
-            .collect();
+    /// Makes messages visible again, ten per `ChangeMessageVisibilityBatch`:
+    /// at once, or — while one of this closing receiver's own long polls is
+    /// still running (a receive is never abandoned, see [`poll`]) — once it
+    /// ended, since that poll would take them (counting a receive) and only
+    /// hand them back again.
+    async fn release(&self, handles: Vec<String>) {
+        if handles.is_empty() {
+            return;
+        }
+        let visibility = self.until_polls_end();
         for chunk in handles.chunks(BATCH) {
             let entries: Vec<ChangeMessageVisibilityBatchRequestEntry> = chunk
                 .iter()
@@ -822,7 +839,7 @@ impl ReceiverShared {
                     ChangeMessageVisibilityBatchRequestEntry::builder()
                         .id(i.to_string())
                         .receipt_handle(h)
-                        .visibility_timeout(0)
+                        .visibility_timeout(visibility)
                         .build()
                         .ok()
                 })
@@ -837,6 +854,24 @@ impl ReceiverShared {
                 .send()
                 .await;
         }
+    }
+}
+
+impl ReceiverShared {
+    /// Whole seconds until every receive this receiver has in flight ended
+    /// (0 when none is), with a second's margin for the server's view.
+    fn until_polls_end(&self) -> i32 {
+        if self.receiving.load(Ordering::Acquire) == 0 {
+            return 0;
+        }
+        let started = *self
+            .receive_started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let Some(started) = started else { return 0 };
+        let end = started + Duration::from_secs(u64::try_from(self.wait).unwrap_or(0) + 1);
+        let left = end.saturating_duration_since(tokio::time::Instant::now());
+        i32::try_from(left.as_secs() + u64::from(left.subsec_nanos() > 0)).unwrap_or(0)
     }
 }
 
@@ -955,6 +990,10 @@ async fn poll(shared: Arc<ReceiverShared>, tx: mpsc::Sender<Received>) {
             }
         }
         shared.receiving.fetch_add(1, Ordering::AcqRel);
+        *shared
+            .receive_started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(tokio::time::Instant::now());
         let out = shared
             .sqs
             .receive_message()
@@ -979,18 +1018,22 @@ async fn poll(shared: Arc<ReceiverShared>, tx: mpsc::Sender<Received>) {
             }
         };
         if shared.cancel.is_cancelled() {
-            shared.release(messages).await;
+            shared.release(receipts(messages)).await;
             return;
         }
         let empty = messages.is_empty();
         let mut rest = messages.into_iter();
         while let Some(m) = rest.next() {
             let Some(permit) = permits.pop() else {
-                shared.release(std::iter::once(m).chain(rest)).await;
+                shared
+                    .release(receipts(std::iter::once(m).chain(rest)))
+                    .await;
                 break;
             };
             if let Err(mpsc::error::SendError((m, _))) = tx.send((m, permit)).await {
-                shared.release(std::iter::once(m).chain(rest)).await;
+                shared
+                    .release(receipts(std::iter::once(m).chain(rest)))
+                    .await;
                 return;
             }
         }
@@ -1002,6 +1045,14 @@ async fn poll(shared: Arc<ReceiverShared>, tx: mpsc::Sender<Received>) {
             }
         }
     }
+}
+
+/// The receipt handles of received messages.
+fn receipts(messages: impl IntoIterator<Item = aws_sdk_sqs::types::Message>) -> Vec<String> {
+    messages
+        .into_iter()
+        .filter_map(|m| m.receipt_handle)
+        .collect()
 }
 
 /// The long-poll wait for a visibility timeout: shorter than it, so a
@@ -1054,14 +1105,27 @@ impl Receiver for SqsReceiver {
 
 impl Drop for SqsReceiver {
     fn drop(&mut self) {
-        // What it received comes back after the visibility timeout.
-        self.shared.cancel.cancel();
+        // A consumer dropped without `close`: hand back what it held, as
+        // `close` does, in the background (outside a runtime it comes back
+        // after the visibility timeout).
+        if self.shared.cancel.is_cancelled() {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let shared = Arc::clone(&self.shared);
+                runtime.spawn(async move { shared.shutdown().await });
+            }
+            Err(_) => self.shared.cancel.cancel(),
+        }
     }
 }
 
 struct SqsAcker {
     shared: Arc<ReceiverShared>,
     receipt: String,
+    /// Where this message is recorded as handed out, until it is settled.
+    ticket: u64,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -1087,13 +1151,17 @@ impl Acker for SqsAcker {
                 done,
             })
             .map_err(|_| Error::Closed)?;
-        result.await.unwrap_or_else(|_| {
+        let deleted = result.await.unwrap_or_else(|_| {
             Err(Error::broker(
                 "DeleteMessageBatch: the deleter stopped before answering",
                 true,
                 None,
             ))
-        })
+        });
+        if deleted.is_ok() {
+            self.shared.outstanding.settle(self.ticket);
+        }
+        deleted
     }
 
     /// `ChangeMessageVisibility` to the delay (whole seconds, rounded up;
@@ -1112,8 +1180,9 @@ impl Acker for SqsAcker {
             .visibility_timeout(secs)
             .send()
             .await
-            .map(|_| ())
-            .map_err(|e| sdk_error("ChangeMessageVisibility", e))
+            .map_err(|e| sdk_error("ChangeMessageVisibility", e))?;
+        self.shared.outstanding.settle(self.ticket);
+        Ok(())
     }
 
     /// `ChangeMessageVisibility` to the subscription's visibility timeout:
