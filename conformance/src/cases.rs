@@ -381,6 +381,44 @@ pub async fn close_hands_over_unsettled(h: &dyn Harness) -> Outcome {
     Outcome::Passed
 }
 
+/// Closing a subscription hands back what it held at once — the delivery
+/// it handed out and never settled, and whatever it prefetched — well
+/// before the ack timeout (30 s here); a delivery the application never saw
+/// comes back at attempt 1 where the broker lets it
+/// (`!returns_count_attempts`), at 2 at most where it counts every return;
+/// the one handed out comes back at attempt 2 (DESIGN §3.12, §3.14).
+pub async fn close_returns_held_at_once(h: &dyn Harness) -> Outcome {
+    let s = setup(h, "close-returns", |o| {
+        o.ack_timeout(Duration::from_secs(30)).prefetch(10)
+    })
+    .await;
+    let msgs = numbered(5, "cr");
+    publish_each(&s.client, &s.topic, msgs.clone()).await;
+    let mut a = subscribe(&s.client, &s.topic, &s.opts).await;
+    let seen = recv_one(&mut a, h.receive_timeout(), "first delivery").await;
+    let seen_id = seen.message().id().to_owned();
+    // Let the receiver prefetch the rest, where it does.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.close().await.expect("close");
+    drop(seen);
+    let started = tokio::time::Instant::now();
+    let mut b = subscribe(&s.client, &s.topic, &s.opts).await;
+    let bound = crate::runtime::RETURNED_WITHIN;
+    let got = collect_acked(&mut b, &ids(&msgs), bound, "after close").await;
+    let counted = s.client.capabilities().returns_count_attempts;
+    for (m, attempt) in &got {
+        if m.id() == seen_id {
+            assert_eq!(*attempt, 2, "the delivery handed out and returned at close");
+        } else if counted {
+            assert!(*attempt <= 2, "{} came back at attempt {attempt}", m.id());
+        } else {
+            assert_eq!(*attempt, 1, "{} was never handed out but counted", m.id());
+        }
+    }
+    assert!(started.elapsed() < bound);
+    Outcome::Passed
+}
+
 /// 10. Nacking past max_attempts dead-letters with all `sy-*` headers, and
 ///     the source does not deliver it again.
 pub async fn nack_past_max_attempts_dead_letters(h: &dyn Harness) -> Outcome {

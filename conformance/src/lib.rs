@@ -181,6 +181,7 @@ macro_rules! conformance_tests {
             unsettled_redelivered_after_ack_timeout,
             extend_keeps_the_lease,
             close_hands_over_unsettled,
+            close_returns_held_at_once,
             nack_past_max_attempts_dead_letters,
             explicit_dead_letter_reason,
             dead_letter_keeps_message,

@@ -177,8 +177,12 @@ pub struct Report {
 ///   prefetch;
 /// - when `shutdown` completes it stops fetching, lets running handlers finish
 ///   within the [`shutdown_timeout`](Consumer::shutdown_timeout) and settles
-///   them, leaves the rest unsettled (the broker redelivers them — nothing is
-///   dead-lettered because of shutdown), and closes the subscription.
+///   them, and closes the subscription, which hands the rest back unsettled
+///   at once (queued, prefetched, or still running at the deadline), so
+///   another consumer gets them next — nothing is dead-lettered because of
+///   shutdown. Where the broker counts every return
+///   ([`Capabilities::returns_count_attempts`](crate::Capabilities)), each
+///   delivery handed back costs one attempt, bounded by the prefetch.
 ///
 /// # Examples
 ///

@@ -897,18 +897,12 @@ impl Receiver for NatsReceiver {
 
 impl Drop for NatsReceiver {
     fn drop(&mut self) {
-        // A consumer dropped without `close`: hand back what it held, as
-        // `close` does, in the background (outside a runtime, or when that
-        // fails, it comes back after the ack wait).
-        if self.shared.cancel.is_cancelled() {
-            return;
-        }
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                let shared = Arc::clone(&self.shared);
-                runtime.spawn(async move { shared.shutdown().await });
-            }
-            Err(_) => self.shared.cancel.cancel(),
+        // A dropped consumer: stop pulling; what it held comes back after
+        // the ack wait (`close` hands it back at once).
+        self.shared.cancel.cancel();
+        if let Ok(mut state) = self.shared.state.try_lock() {
+            state.reserved.clear();
+            state.requests.clear();
         }
     }
 }

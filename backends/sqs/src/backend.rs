@@ -1105,19 +1105,9 @@ impl Receiver for SqsReceiver {
 
 impl Drop for SqsReceiver {
     fn drop(&mut self) {
-        // A consumer dropped without `close`: hand back what it held, as
-        // `close` does, in the background (outside a runtime it comes back
-        // after the visibility timeout).
-        if self.shared.cancel.is_cancelled() {
-            return;
-        }
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                let shared = Arc::clone(&self.shared);
-                runtime.spawn(async move { shared.shutdown().await });
-            }
-            Err(_) => self.shared.cancel.cancel(),
-        }
+        // What it held comes back after the visibility timeout (`close`
+        // hands it back at once).
+        self.shared.cancel.cancel();
     }
 }
 
