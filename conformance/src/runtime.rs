@@ -819,3 +819,170 @@ pub async fn runtime_restarts_dead_letter_nothing(h: &dyn Harness) -> Outcome {
 /// How soon what a closed consumer held must be deliverable again, in
 /// [`runtime_restarts_dead_letter_nothing`]: well under its 30 s ack timeout.
 pub const RETURNED_WITHIN: Duration = Duration::from_secs(8);
+
+/// Consumer runtime: a message that crashes its consumer process dies
+/// alone (DESIGN §3.6, §3.14). Messages A, B, P, C of one key,
+/// `max_attempts` 3; a consumer in a child process (`per_key`) acks A and B
+/// and kills its process on P; it is restarted until a run is quiet. P is
+/// handled at attempts 1, 2 and 3 and then dead-lettered; A, B and C are
+/// handled, and the dead-letter topic holds P alone. (Issue: RabbitMQ
+/// dead-lettered A, B and C with it, NATS and SQS C, and Kafka on tansu
+/// never dead-lettered P.)
+pub async fn runtime_poison_message_dies_alone(h: &dyn Harness) -> Outcome {
+    const MAX: u32 = 3;
+    let opts = SubscribeOptions::new("s")
+        .ack_timeout(h.ack_timeout())
+        .max_attempts(MAX);
+    if let Some(args) = crate::child::child_args() {
+        poison_child(h, opts, &args).await;
+    }
+    let probe = h.client().await.expect("connect");
+    let in_process = !probe.capabilities().persistent;
+    probe.close().await.unwrap();
+    if in_process {
+        return Outcome::Skipped(
+            "an in-process broker: no consumer process can crash apart from it".into(),
+        );
+    }
+    let tag = crate::util::short_id();
+    let [a, b, p, c] = ["a", "b", "p", "c"].map(|n| format!("{n}-{tag}"));
+    let msgs: Vec<Message> = [&a, &b, &p, &c]
+        .iter()
+        .map(|id| {
+            Message::new(id.to_string())
+                .with_id(id.as_str())
+                .with_key("k")
+        })
+        .collect();
+    let (client, topic) = prepare(h, "poison", &opts, msgs).await;
+    let log = crate::child::Log::new(&tag);
+    let log_path = log
+        .path()
+        .to_str()
+        .expect("a UTF-8 temporary path")
+        .to_owned();
+    // Long enough for what a crashed consumer held to come back (the ack
+    // timeout, or the broker noticing the dead connection) and be handled.
+    let quiet = h.ack_timeout() + h.slack() + h.receive_timeout();
+    let runs = MAX as usize + 4;
+    let mut crashes = 0;
+    let mut settled = false;
+    for _ in 0..runs {
+        let Some(mut child) = crate::child::Child::spawn(&[&topic, &log_path, &p]) else {
+            return Outcome::Skipped("not run by conformance_tests!: no test to re-run".into());
+        };
+        if child.ended_within(quiet).await {
+            crashes += 1;
+            continue;
+        }
+        // Quiet for a whole window: stop it (dropping it kills it).
+        settled = true;
+        break;
+    }
+    let lines = log.lines();
+    let errors: Vec<&String> = lines.iter().filter(|l| l.starts_with("error")).collect();
+    assert!(errors.is_empty(), "the child consumer failed: {errors:?}");
+    let handled: Vec<(String, u32)> = lines
+        .iter()
+        .filter_map(|l| {
+            let (id, attempt) = l.split_once(' ')?;
+            Some((id.to_owned(), attempt.parse().ok()?))
+        })
+        .collect();
+    assert!(
+        settled,
+        "the poison message never stopped crashing its consumer: {crashes} crashes in {runs} \
+         runs; handled {handled:?}"
+    );
+    let p_attempts: Vec<u32> = handled
+        .iter()
+        .filter(|(id, _)| *id == p)
+        .map(|(_, n)| *n)
+        .collect();
+    assert_eq!(
+        p_attempts,
+        (1..=MAX).collect::<Vec<_>>(),
+        "the poison message's attempts, one per crash (handled {handled:?})"
+    );
+    for id in [&a, &b, &c] {
+        assert!(
+            handled.iter().any(|(h, _)| h == id),
+            "{id} was never handled: {handled:?}"
+        );
+    }
+    // The dead-letter topic holds P alone.
+    let dlq = opts.dead_letter_topic_for(&topic);
+    let mut dead = client
+        .subscribe(&dlq, SubscribeOptions::dead_letters())
+        .await
+        .unwrap();
+    let mut dead_ids = Vec::new();
+    loop {
+        let wait = if dead_ids.is_empty() {
+            h.receive_timeout()
+        } else {
+            h.slack()
+        };
+        match tokio::time::timeout(wait, dead.recv()).await {
+            Ok(Ok(d)) => {
+                dead_ids.push(d.message().id().to_owned());
+                d.ack().await.unwrap();
+            }
+            Ok(Err(e)) => panic!("reading the dead letters failed: {e}"),
+            Err(_) => break,
+        }
+    }
+    assert_eq!(
+        dead_ids,
+        vec![p.clone()],
+        "the dead-letter topic must hold the poison message alone (A={a} B={b} P={p} C={c}; \
+         handled {handled:?})"
+    );
+    dead.close().await.unwrap();
+    client.close().await.unwrap();
+    Outcome::Passed
+}
+
+/// The child's part in [`runtime_poison_message_dies_alone`]: consume until
+/// the poison message, then end the process at once (no unwinding, no
+/// close).
+async fn poison_child(h: &dyn Harness, opts: SubscribeOptions, args: &[String]) -> ! {
+    let [topic, log, poison] = args else {
+        panic!("child arguments: {args:?}");
+    };
+    let log = std::path::PathBuf::from(log);
+    let fail = |what: String| -> ! {
+        crate::child::Log::append(&log, &format!("error {what}"));
+        std::process::exit(3);
+    };
+    let client = match h.client().await {
+        Ok(c) => c,
+        Err(e) => fail(format!("connect: {e}")),
+    };
+    let sub = match client.subscribe(topic, opts).await {
+        Ok(s) => s,
+        Err(e) => fail(format!("subscribe: {e}")),
+    };
+    let (path, poison) = (log.clone(), poison.clone());
+    let run = quick().per_key(true).run(
+        sub,
+        move |ctx| {
+            let (path, poison) = (path.clone(), poison.clone());
+            async move {
+                crate::child::Log::append(&path, &format!("{} {}", ctx.message.id(), ctx.attempt));
+                if ctx.message.id() == poison {
+                    // A crash: the process ends at once, with no destructor,
+                    // close or flush run (`exit`, not `abort`, only so that
+                    // no core file is left behind).
+                    std::process::exit(86);
+                }
+                Ok(())
+            }
+        },
+        std::future::pending::<()>(),
+    );
+    match run.await {
+        Ok(report) => fail(format!("the consumer stopped: {report:?}")),
+        Err(e) => fail(format!("the consumer failed: {e}")),
+    }
+}

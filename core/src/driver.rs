@@ -356,3 +356,82 @@ impl<T> fmt::Debug for Outstanding<T> {
             .finish()
     }
 }
+
+/// Crash-loop isolation for receivers on brokers that count every return
+/// ([`Capabilities::returns_count_attempts`](crate::Capabilities)): a
+/// receiver asks its broker for one delivery at a time from when it starts
+/// until it hands out a first delivery (attempt 1), and only then for its
+/// whole prefetch.
+///
+/// A consumer process that crashes on a message hands back everything it
+/// held, and each return counts an attempt; restarted, it is given the
+/// same head of the queue again. Taken one at a time, the redelivered head
+/// is the only delivery a crash can cost an attempt: the message that
+/// crashes its consumer reaches `max_attempts` and is dead-lettered alone,
+/// instead of taking the deliveries prefetched with it along. The price is
+/// that after a restart the redeliveries at the head (at most what the
+/// stopped consumer held) are handled one by one.
+///
+/// # Examples
+///
+/// ```
+/// use switchyard_core::driver::SlowStart;
+/// let start = SlowStart::new();
+/// assert_eq!(start.allowance(64), 1);
+/// start.handed_out(3); // a redelivery: maybe what crashed the last consumer
+/// assert_eq!(start.allowance(64), 1);
+/// start.handed_out(1); // a first delivery: the head is behind us
+/// assert_eq!(start.allowance(64), 64);
+/// ```
+#[derive(Debug, Default)]
+pub struct SlowStart {
+    open: std::sync::atomic::AtomicBool,
+    opened: tokio::sync::Notify,
+}
+
+impl SlowStart {
+    /// A receiver that just started: one delivery at a time.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records a delivery handed out with this attempt number.
+    pub fn handed_out(&self, attempt: u32) {
+        if attempt <= 1 {
+            self.open();
+        }
+    }
+
+    /// Opens without a first delivery: the receiver found its queue empty,
+    /// so nothing redelivered waits at its head.
+    pub fn open(&self) {
+        if !self.open.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            self.opened.notify_waiters();
+        }
+    }
+
+    /// Completes once the receiver is open (at once if it is).
+    pub async fn opened(&self) {
+        let notified = self.opened.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.is_open() {
+            return;
+        }
+        notified.await;
+    }
+
+    /// Whether the receiver may hold its whole prefetch.
+    #[must_use]
+    pub fn is_open(&self) -> bool {
+        self.open.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// How many deliveries the receiver may hold now (ask the broker for,
+    /// counting those it holds): `prefetch` once open, else 1.
+    #[must_use]
+    pub fn allowance(&self, prefetch: usize) -> usize {
+        if self.is_open() { prefetch } else { 1 }
+    }
+}

@@ -262,7 +262,10 @@ pub struct Capabilities {
     /// consumer runtime receives only while it holds less than that and
     /// keeps the lease of all it holds, and `close` hands back at once what
     /// is left — so a restart costs each returned delivery one attempt, and
-    /// what is handed back is delivered next. `false` where only deliveries
+    /// what is handed back is delivered next; and a receiver takes one
+    /// delivery at a time until it hands out a first delivery
+    /// ([`SlowStart`](crate::driver::SlowStart)), so a message that crashes
+    /// its consumer is dead-lettered alone. `false` where only deliveries
     /// the application received count (memory, Kafka).
     pub returns_count_attempts: bool,
 }

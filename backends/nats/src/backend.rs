@@ -20,7 +20,7 @@ use futures_util::{FutureExt, StreamExt, stream::FuturesOrdered};
 use switchyard_core::{
     Acker, Broker, Capabilities, Client, Error, KeyOrdering, Message, Publisher, RawDelivery,
     Receiver, Result, SubscribeOptions, Subscriber,
-    driver::{Outstanding, ReceiverSet},
+    driver::{Outstanding, ReceiverSet, SlowStart},
 };
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
@@ -497,6 +497,7 @@ impl Subscriber for NatsBroker {
             client: self.inner.client.clone(),
             request_timeout: self.inner.config.request_timeout,
             outstanding: Arc::default(),
+            slow: SlowStart::new(),
         });
         self.inner.receivers.insert(&shared);
         Ok(Box::new(NatsReceiver { shared }))
@@ -564,6 +565,9 @@ struct ReceiverShared {
     /// Reply subjects of the deliveries handed out and not settled: `close`
     /// NAKs them, so they come back at once rather than after the ack wait.
     outstanding: Arc<Outstanding<async_nats::Subject>>,
+    /// One message at a time until a first delivery shows that the head of
+    /// the stream is not what crashed the last consumer.
+    slow: SlowStart,
 }
 
 impl ReceiverShared {
@@ -629,10 +633,22 @@ impl ReceiverShared {
         let _ = tokio::time::timeout(self.request_timeout, self.client.flush()).await;
     }
 
+    /// Room for messages to ask for: the free prefetch, or — while
+    /// [`SlowStart`] holds the receiver to one at a time — 1 when nothing is
+    /// held or requested, else 0.
+    fn room(&self) -> usize {
+        let free = self.permits.available_permits();
+        if self.slow.is_open() {
+            free
+        } else {
+            usize::from(free == self.prefetch)
+        }
+    }
+
     /// Whether a pull request is worth sending: half the prefetch is free, or
     /// some room is free and nothing is outstanding.
     fn pull_due(&self, state: &PullState) -> bool {
-        let free = self.permits.available_permits();
+        let free = self.room();
         free > 0 && (free >= (self.prefetch / 2).max(1) || state.reserved.is_empty())
     }
 
@@ -642,7 +658,7 @@ impl ReceiverShared {
         if !self.pull_due(state) {
             return Ok(());
         }
-        let free = self.permits.available_permits();
+        let free = self.room();
         let mut got = Vec::with_capacity(free);
         while got.len() < free {
             match Arc::clone(&self.permits).try_acquire_owned() {
@@ -750,6 +766,7 @@ impl ReceiverShared {
             ),
             Err(_) => (1, 0, None),
         };
+        self.slow.handed_out(attempt);
         let ticket = msg
             .message
             .reply
@@ -829,9 +846,15 @@ impl Receiver for NatsReceiver {
                 continue;
             }
             if state.reserved.is_empty() {
-                // Nothing requested because there is no room: wait for some.
+                // Nothing requested because there is no room: wait for some
+                // (one at a time: for everything held to be settled).
+                let want = if s.slow.is_open() {
+                    1
+                } else {
+                    u32::try_from(s.prefetch).unwrap_or(u32::MAX)
+                };
                 tokio::select! {
-                    p = s.permits.acquire() => drop(p.ok()?),
+                    p = s.permits.acquire_many(want) => drop(p.ok()?),
                     () = s.cancel.cancelled() => return None,
                 }
                 continue;

@@ -16,15 +16,16 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind,
     ExchangeKind,
     options::{
-        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-        BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-        QueueDeclareOptions,
+        BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+        BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+        QueueBindOptions, QueueDeclareOptions,
     },
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
 use switchyard_core::{
     Acker, Broker, Capabilities, Client, Error, KeyOrdering, Message, Publisher, RawDelivery,
-    Receiver, Result, SubscribeOptions, Subscriber, driver::ReceiverSet,
+    Receiver, Result, SubscribeOptions, Subscriber,
+    driver::{ReceiverSet, SlowStart},
 };
 use tokio::{sync::Notify, time::Instant};
 use tokio_util::sync::CancellationToken;
@@ -611,9 +612,14 @@ impl Subscriber for RabbitBroker {
             state: tokio::sync::Mutex::new(ConsumeState {
                 consumer: None,
                 channel: None,
+                get: None,
+                starting: None,
+                last_get: None,
+                outside: None,
                 pause: REOPEN_PAUSE,
             }),
             inflight: Arc::clone(&inflight),
+            slow: SlowStart::new(),
         });
         // Open the consumer now, so errors surface here rather than on the
         // first receive.
@@ -660,6 +666,10 @@ impl Broker for RabbitBroker {
     }
 }
 
+/// How often a receiver taking one delivery at a time ([`SlowStart`])
+/// looks whether the one it handed out was settled.
+const SLOW_SETTLE_POLL: Duration = Duration::from_millis(5);
+
 /// How long an ack may wait to be coalesced with the next ones.
 const ACK_FLUSH_DELAY: Duration = Duration::from_millis(5);
 
@@ -704,6 +714,11 @@ struct Inflight {
 }
 
 impl Inflight {
+    /// Whether everything handed out is settled and its acks are sent.
+    fn is_settled(&self) -> bool {
+        self.book().is_settled()
+    }
+
     fn book(&self) -> std::sync::MutexGuard<'_, Book<Arc<Channel>>> {
         self.book.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -717,6 +732,10 @@ impl Inflight {
 
     fn contains(&self, key: Key) -> bool {
         self.book().contains(key)
+    }
+
+    fn unsettled(&self) -> usize {
+        self.book().unsettled()
     }
 
     fn ack(&self, key: Key) -> Acked {
@@ -770,6 +789,17 @@ async fn reap(inflight: Arc<Inflight>) {
 struct ConsumeState {
     consumer: Option<lapin::Consumer>,
     channel: Option<Arc<Channel>>,
+    /// The `basic.get` in flight while [`SlowStart`] holds the receiver to
+    /// one delivery at a time.
+    get: Option<tokio::task::JoinHandle<Result<Option<lapin::message::BasicGetMessage>>>>,
+    /// The `basic.consume` in flight.
+    starting: Option<tokio::task::JoinHandle<Result<lapin::Consumer>>>,
+    /// The last delivery taken by `basic.get`.
+    last_get: Option<Key>,
+    /// A `basic.get` delivery still unsettled when consuming started: the
+    /// broker's prefetch does not count it, so until it is settled the
+    /// receiver hands out no more than the prefetch itself.
+    outside: Option<Key>,
     /// Pause before the next reopen attempt after a failure.
     pause: Duration,
 }
@@ -785,6 +815,10 @@ struct ReceiverShared {
     generation: AtomicU64,
     state: tokio::sync::Mutex<ConsumeState>,
     inflight: Arc<Inflight>,
+    /// One delivery at a time (`basic.get`, no consumer yet) until a first
+    /// delivery or an empty queue shows that the head of the queue is not
+    /// what crashed the last consumer.
+    slow: SlowStart,
 }
 
 impl fmt::Debug for ReceiverShared {
@@ -818,29 +852,119 @@ impl ReceiverShared {
             channel.basic_qos(self.prefetch, BasicQosOptions::default()),
         )
         .await?;
-        let consumer = match bounded(
-            "starting to consume",
-            bound,
-            channel.basic_consume(
-                self.queue.as_str().into(),
-                ShortString::from(""),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            ),
-        )
-        .await
-        {
-            Ok(c) => c,
-            Err(e) => {
-                broker.set_declared(&self.queue, false);
-                return Err(e);
-            }
-        };
+        let channel = Arc::new(channel);
+        if let Some(stale) = state.get.take() {
+            stale.abort();
+        }
+        if let Some(stale) = state.starting.take() {
+            stale.abort();
+        }
+        state.last_get = None;
+        state.outside = None;
         self.generation.fetch_add(1, Ordering::Relaxed);
-        state.channel = Some(Arc::new(channel));
-        state.consumer = Some(consumer);
+        state.channel = Some(Arc::clone(&channel));
+        if self.slow.is_open() {
+            self.consume(state, &channel).await?;
+        }
         state.pause = REOPEN_PAUSE;
         Ok(())
+    }
+
+    /// Starts the channel's consumer (the broker then pushes up to the
+    /// prefetch).
+    async fn consume(&self, state: &mut ConsumeState, channel: &Arc<Channel>) -> Result<()> {
+        // In a task kept in the state, so a cancelled `recv` loses nothing:
+        // a consumer started on the broker but dropped here would hold its
+        // deliveries unseen until the channel closes.
+        let start = state.starting.get_or_insert_with(|| {
+            let (channel, queue) = (Arc::clone(channel), self.queue.clone());
+            let bound = self.broker.inner.config.request_timeout;
+            tokio::spawn(async move {
+                bounded(
+                    "starting to consume",
+                    bound,
+                    channel.basic_consume(
+                        queue.as_str().into(),
+                        ShortString::from(""),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    ),
+                )
+                .await
+            })
+        });
+        let started = start.await.unwrap_or_else(|e| {
+            Err(Error::broker(
+                format!("basic.consume task: {e}"),
+                true,
+                None,
+            ))
+        });
+        state.starting = None;
+        match started {
+            Ok(consumer) => {
+                state.consumer = Some(consumer);
+                Ok(())
+            }
+            Err(e) => {
+                self.broker.set_declared(&self.queue, false);
+                state.channel = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// One delivery while [`SlowStart`] holds the receiver to one at a time:
+    /// once everything handed out is settled (and its ack sent), a
+    /// `basic.get`. A first delivery, or an empty queue, opens the receiver:
+    /// it starts consuming with the whole prefetch (`None` then: receive
+    /// from the consumer).
+    async fn get_one(self: &Arc<Self>, state: &mut ConsumeState) -> Option<Result<RawDelivery>> {
+        let channel = state.channel.clone()?;
+        while !self.inflight.is_settled() {
+            self.inflight.flush();
+            tokio::select! {
+                () = tokio::time::sleep(SLOW_SETTLE_POLL) => {}
+                () = self.cancel().cancelled() => return None,
+            }
+        }
+        // In a task kept in the state, so a cancelled `recv` loses nothing:
+        // the next one takes up the same `basic.get`.
+        let get = state.get.get_or_insert_with(|| {
+            let (channel, queue) = (Arc::clone(&channel), self.queue.clone());
+            let bound = self.broker.inner.config.request_timeout;
+            tokio::spawn(async move {
+                bounded(
+                    "fetching one message (basic.get)",
+                    bound,
+                    channel.basic_get(queue.as_str().into(), BasicGetOptions::default()),
+                )
+                .await
+            })
+        });
+        let got = tokio::select! {
+            got = get => got.unwrap_or_else(|e| Err(Error::broker(format!("basic.get task: {e}"), true, None))),
+            () = self.cancel().cancelled() => return None,
+        };
+        state.get = None;
+        match got {
+            Ok(Some(message)) => {
+                let key = (
+                    self.generation.load(Ordering::Relaxed),
+                    message.delivery.delivery_tag,
+                );
+                state.last_get = Some(key);
+                self.deliver(Some(&channel), message.delivery)
+            }
+            Ok(None) => {
+                self.slow.open();
+                None
+            }
+            Err(e) => {
+                state.channel = None;
+                Some(Err(e))
+            }
+        }
     }
 
     /// Stops consuming: closing the channel returns every unsettled
@@ -890,6 +1014,7 @@ impl ReceiverShared {
         let generation = self.generation.load(Ordering::Relaxed);
         let (message, attempt) =
             codec::decode(&properties, payload.clone(), switchyard_core::new_id);
+        self.slow.handed_out(attempt);
         let key = (generation, delivery_tag);
         self.inflight
             .insert(key, Instant::now() + self.ack_timeout, channel);
@@ -935,6 +1060,36 @@ impl Receiver for RabbitReceiver {
             if s.cancel().is_cancelled() {
                 return None;
             }
+            if state.consumer.is_none()
+                && let Some(channel) = state.channel.clone()
+            {
+                // Open, but not consuming yet: one at a time, or start now.
+                if !s.slow.is_open()
+                    && let Some(got) = s.get_one(&mut state).await
+                {
+                    return Some(got);
+                }
+                if s.slow.is_open() && state.channel.is_some() {
+                    if let Err(e) = s.consume(&mut state, &channel).await {
+                        return Some(Err(e));
+                    }
+                    state.outside = state.last_get.take().filter(|k| s.inflight.contains(*k));
+                }
+                continue;
+            }
+            if let Some(key) = state.outside {
+                if !s.inflight.contains(key) {
+                    state.outside = None;
+                } else if s.inflight.unsettled() >= usize::from(s.prefetch) {
+                    // Full: wait for a settlement before taking the next.
+                    s.inflight.flush();
+                    tokio::select! {
+                        () = tokio::time::sleep(SLOW_SETTLE_POLL) => {}
+                        () = s.cancel().cancelled() => return None,
+                    }
+                    continue;
+                }
+            }
             let Some(consumer) = state.consumer.as_mut() else {
                 let pause = state.pause;
                 if let Err(e) = s.open(&mut state).await {
@@ -977,6 +1132,10 @@ impl Receiver for RabbitReceiver {
             return None;
         }
         let mut state = s.state.try_lock().ok()?;
+        // Counting against the prefetch itself: `recv`'s work.
+        if state.outside.is_some() {
+            return None;
+        }
         match state.consumer.as_mut()?.next().now_or_never()? {
             Some(Ok(delivery)) => s.deliver(state.channel.as_ref(), delivery),
             // Leave reopening to `recv`.

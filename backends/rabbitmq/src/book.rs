@@ -87,6 +87,16 @@ impl<C: Wire> Book<C> {
         self.flush_at.is_some()
     }
 
+    /// How many deliveries are handed out and unsettled.
+    pub(crate) fn unsettled(&self) -> usize {
+        self.unsettled.len()
+    }
+
+    /// Whether nothing is handed out unsettled or acked and not yet sent.
+    pub(crate) fn is_settled(&self) -> bool {
+        self.unsettled.is_empty() && self.acked.is_empty()
+    }
+
     /// Whether the delivery is handed out and unsettled.
     pub(crate) fn contains(&self, key: Key) -> bool {
         self.unsettled.contains_key(&key)

@@ -23,7 +23,7 @@ use futures_util::{StreamExt, stream::FuturesOrdered};
 use switchyard_core::{
     Acker, Broker, Capabilities, Client, Error, KeyOrdering, Message, Publisher, RawDelivery,
     Receiver, Result, SubscribeOptions, Subscriber,
-    driver::{Outstanding, ReceiverSet},
+    driver::{Outstanding, ReceiverSet, SlowStart},
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -681,10 +681,12 @@ impl Subscriber for SqsBroker {
             prefetch,
             visibility,
             wait: wait_for(self.inner.config.wait, visibility),
+            request_timeout: self.inner.config.request_timeout,
             rx: tokio::sync::Mutex::new(rx),
             receiving: AtomicUsize::new(0),
             receive_started: std::sync::Mutex::new(None),
             outstanding: Outstanding::new(),
+            slow: SlowStart::new(),
         });
         for _ in 0..self.inner.config.pollers.max(1) {
             tokio::spawn(poll(Arc::clone(&shared), tx.clone()));
@@ -737,6 +739,8 @@ struct ReceiverShared {
     visibility: i32,
     /// Long-poll wait, in seconds.
     wait: i32,
+    /// Bound on one SQS call.
+    request_timeout: Duration,
     rx: tokio::sync::Mutex<mpsc::Receiver<Received>>,
     /// Acks, to the receiver's deleter (see [`deleter`]).
     deletes: mpsc::UnboundedSender<Delete>,
@@ -748,6 +752,9 @@ struct ReceiverShared {
     /// makes them visible again at once, rather than after the visibility
     /// timeout.
     outstanding: Outstanding<String>,
+    /// One message at a time until a first delivery shows that the head of
+    /// the queue is not what crashed the last consumer.
+    slow: SlowStart,
 }
 
 /// One ack waiting for its `DeleteMessageBatch`.
@@ -769,8 +776,20 @@ impl ReceiverShared {
     /// Stops polling and makes everything this receiver holds visible again
     /// at once: the messages it handed out and that are not settled, and
     /// what it received but never handed out.
+    ///
+    /// Waits for the receives still in flight to end first (a long poll is
+    /// never abandoned, see [`poll`]; at most the poll `wait` plus the
+    /// request timeout): after `close` this receiver takes nothing more from
+    /// the queue — a poll left running would take messages published after
+    /// the close (counting a receive for each) only to hand them back.
     async fn shutdown(&self) {
         self.cancel.cancel();
+        let bound =
+            Duration::from_secs(u64::try_from(self.wait).unwrap_or(0)) + self.request_timeout;
+        let until = tokio::time::Instant::now() + bound;
+        while self.receiving.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let mut held = self.outstanding.take_all();
         if let Ok(mut rx) = self.rx.try_lock() {
             rx.close();
@@ -807,6 +826,7 @@ impl ReceiverShared {
         );
         let receipt = m.receipt_handle().unwrap_or_default().to_owned();
         let ticket = self.outstanding.insert(receipt.clone());
+        self.slow.handed_out(attempt);
         RawDelivery {
             message,
             attempt,
@@ -949,6 +969,44 @@ async fn delete_batch(sqs: &aws_sdk_sqs::Client, url: &str, batch: Vec<Delete>) 
     }
 }
 
+/// Takes room for a receive: one permit, then more while the consumer still
+/// has messages to work on, or another poller's receive is on its way to
+/// it: one receive of 10 instead of ten of 1 (each receive is a billed call,
+/// and emulators scan the queue on each). `None` when the receiver closed.
+async fn gather(
+    shared: &Arc<ReceiverShared>,
+    tx: &mpsc::Sender<Received>,
+) -> Option<Vec<OwnedSemaphorePermit>> {
+    let first = tokio::select! {
+        p = Arc::clone(&shared.permits).acquire_owned() => match p {
+            Ok(p) => p,
+            Err(_) => return None,
+        },
+        () = shared.cancel.cancelled() => return None,
+    };
+    let mut permits = vec![first];
+    let target = BATCH.min(shared.prefetch);
+    let gather_until = tokio::time::Instant::now() + GATHER;
+    while permits.len() < target {
+        if let Ok(p) = Arc::clone(&shared.permits).try_acquire_owned() {
+            permits.push(p);
+            continue;
+        }
+        if tx.capacity() == tx.max_capacity() && shared.receiving.load(Ordering::Acquire) == 0 {
+            break; // the consumer is waiting on nothing: receive now
+        }
+        tokio::select! {
+            p = Arc::clone(&shared.permits).acquire_owned() => match p {
+                Ok(p) => permits.push(p),
+                Err(_) => return None,
+            },
+            () = tokio::time::sleep_until(gather_until) => break,
+            () = shared.cancel.cancelled() => return None,
+        }
+    }
+    Some(permits)
+}
+
 /// One polling loop of a receiver: asks for as many messages as the
 /// receiver has free prefetch room (at most 10), holding those permits.
 ///
@@ -958,37 +1016,30 @@ async fn delete_batch(sqs: &aws_sdk_sqs::Client, url: &str, batch: Vec<Delete>) 
 /// got visible again.
 async fn poll(shared: Arc<ReceiverShared>, tx: mpsc::Sender<Received>) {
     loop {
-        let first = tokio::select! {
-            p = Arc::clone(&shared.permits).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            () = shared.cancel.cancelled() => return,
-        };
-        // Gather room for a full receive while the consumer still has
-        // messages to work on, or another poller's receive is on its way to
-        // it: one receive of 10 instead of ten of 1 (each receive is a
-        // billed call, and emulators scan the queue on each).
-        let mut permits = vec![first];
-        let target = BATCH.min(shared.prefetch);
-        let gather_until = tokio::time::Instant::now() + GATHER;
-        while permits.len() < target {
-            if let Ok(p) = Arc::clone(&shared.permits).try_acquire_owned() {
-                permits.push(p);
-                continue;
-            }
-            if tx.capacity() == tx.max_capacity() && shared.receiving.load(Ordering::Acquire) == 0 {
-                break; // the consumer is waiting on nothing: receive now
-            }
-            tokio::select! {
-                p = Arc::clone(&shared.permits).acquire_owned() => match p {
-                    Ok(p) => permits.push(p),
+        let mut permits = if shared.slow.is_open() {
+            let Some(permits) = gather(&shared, &tx).await else {
+                return;
+            };
+            permits
+        } else {
+            // One message at a time (see `SlowStart`): wait until nothing
+            // is held — all the room is free, which also keeps the other
+            // pollers out — and ask for one.
+            // (The wait ends too when a first delivery, handed out and
+            // still held, opens the receiver.)
+            let all = u32::try_from(shared.prefetch).unwrap_or(u32::MAX);
+            let wait = Arc::clone(&shared.permits).acquire_many_owned(all);
+            let room = tokio::select! {
+                p = wait => match p {
+                    Ok(p) => Some(p),
                     Err(_) => return,
                 },
-                () = tokio::time::sleep_until(gather_until) => break,
+                () = shared.slow.opened() => None,
                 () = shared.cancel.cancelled() => return,
-            }
-        }
+            };
+            let Some(mut room) = room else { continue };
+            room.split(1).into_iter().collect()
+        };
         shared.receiving.fetch_add(1, Ordering::AcqRel);
         *shared
             .receive_started

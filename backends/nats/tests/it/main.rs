@@ -37,3 +37,4 @@ async fn harness() -> Option<NatsHarness> {
 }
 
 switchyard_conformance::conformance_tests!(harness);
+switchyard_conformance::conformance_tests!(crash harness);

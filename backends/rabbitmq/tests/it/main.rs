@@ -32,11 +32,15 @@ impl Harness for RabbitHarness {
     }
 }
 
-/// Test queues go away ten minutes after their last use (`x-expires`): a
-/// quorum queue is a Raft group on the broker, and every run makes dozens.
+/// Test queues go away two minutes after their last use (`x-expires`; no
+/// case leaves a queue unused that long): a quorum queue is a Raft group
+/// holding open files on the broker, every run makes a few hundred, and a
+/// broker at its file-descriptor limit (927 with systemd's default 1024)
+/// stops accepting connections — as three runs within ten minutes did with
+/// a ten-minute expiry.
 fn with_expiry(url: &str) -> String {
     let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}queue_expires=10m")
+    format!("{url}{sep}queue_expires=2m")
 }
 
 async fn harness() -> Option<RabbitHarness> {
@@ -46,3 +50,4 @@ async fn harness() -> Option<RabbitHarness> {
 }
 
 switchyard_conformance::conformance_tests!(harness);
+switchyard_conformance::conformance_tests!(crash harness);

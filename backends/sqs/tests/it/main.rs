@@ -76,12 +76,15 @@ async fn fifo_mode() -> Option<SqsHarness> {
 
 mod queue {
     switchyard_conformance::conformance_tests!(super::queue_mode);
+    switchyard_conformance::conformance_tests!(crash super::queue_mode);
 }
 
 mod fanout {
     switchyard_conformance::conformance_tests!(super::fanout_mode);
+    switchyard_conformance::conformance_tests!(crash super::fanout_mode);
 }
 
 mod fifo {
     switchyard_conformance::conformance_tests!(super::fifo_mode);
+    switchyard_conformance::conformance_tests!(crash super::fifo_mode);
 }
