@@ -38,6 +38,10 @@ const HEADER_RESERVE: usize = 16 * 1024;
 /// delay the NAKs of what it hands back until they expired (see
 /// `ReceiverShared::shutdown`).
 const PULL_EXPIRES: Duration = Duration::from_secs(2);
+/// How long a closing receiver waits for its state: a receive being
+/// cancelled gives it up at once, one parked and never polled again never
+/// does.
+const STATE_WAIT: Duration = Duration::from_millis(200);
 /// Added to a pull request's expiry for the server's view of it (it counts
 /// from when the request arrived).
 const EXPIRY_MARGIN: Duration = Duration::from_millis(250);
@@ -584,13 +588,17 @@ impl ReceiverShared {
     /// inbox ends), and the NAKs carry a delay that outlasts the open
     /// requests' expiry (none when no request is open).
     ///
-    /// Every step is bounded by the request timeout; a `recv` cancelled
-    /// while holding the state lock is waited for no longer than that.
+    /// Every step is bounded by the request timeout; a `recv` parked while
+    /// holding the state lock is waited for no longer than [`STATE_WAIT`]
+    /// (then the inbox is left to the connection and the NAKs wait a whole
+    /// pull expiry).
     async fn shutdown(&self) {
         self.cancel.cancel();
         let mut unseen = Vec::new();
-        let mut open_until = None;
-        if let Ok(mut state) = tokio::time::timeout(self.request_timeout, self.state.lock()).await {
+        // Without the state (held by a receive parked and never polled
+        // again), the open requests are unknown: assume one was just sent.
+        let mut open_until = Some(Instant::now() + PULL_EXPIRES + EXPIRY_MARGIN);
+        if let Ok(mut state) = tokio::time::timeout(STATE_WAIT, self.state.lock()).await {
             state.reserved.clear();
             if state.inbox.drain().await.is_ok() {
                 let inbox = &mut state.inbox;
