@@ -645,12 +645,8 @@ impl ReceiverShared {
     /// [`SlowStart`] holds the receiver to one at a time — 1 when nothing is
     /// held or requested, else 0.
     fn room(&self) -> usize {
-        let free = self.permits.available_permits();
-        if self.slow.is_open() {
-            free
-        } else {
-            usize::from(free == self.prefetch)
-        }
+        let held = self.prefetch - self.permits.available_permits();
+        self.slow.allowance(self.prefetch).saturating_sub(held)
     }
 
     /// Whether a pull request is worth sending: half the prefetch is free, or

@@ -614,7 +614,6 @@ impl Subscriber for RabbitBroker {
                 channel: None,
                 get: None,
                 starting: None,
-                last_get: None,
                 outside: None,
                 pause: REOPEN_PAUSE,
             }),
@@ -794,11 +793,9 @@ struct ConsumeState {
     get: Option<tokio::task::JoinHandle<Result<Option<lapin::message::BasicGetMessage>>>>,
     /// The `basic.consume` in flight.
     starting: Option<tokio::task::JoinHandle<Result<lapin::Consumer>>>,
-    /// The last delivery taken by `basic.get`.
-    last_get: Option<Key>,
-    /// A `basic.get` delivery still unsettled when consuming started: the
-    /// broker's prefetch does not count it, so until it is settled the
-    /// receiver hands out no more than the prefetch itself.
+    /// The last delivery taken by `basic.get`: the broker's prefetch does
+    /// not count it, so once consuming, until it is settled, the receiver
+    /// hands out no more than the prefetch itself.
     outside: Option<Key>,
     /// Pause before the next reopen attempt after a failure.
     pause: Duration,
@@ -859,7 +856,6 @@ impl ReceiverShared {
         if let Some(stale) = state.starting.take() {
             stale.abort();
         }
-        state.last_get = None;
         state.outside = None;
         self.generation.fetch_add(1, Ordering::Relaxed);
         state.channel = Some(Arc::clone(&channel));
@@ -953,7 +949,7 @@ impl ReceiverShared {
                     self.generation.load(Ordering::Relaxed),
                     message.delivery.delivery_tag,
                 );
-                state.last_get = Some(key);
+                state.outside = Some(key);
                 self.deliver(Some(&channel), message.delivery)
             }
             Ok(None) => {
@@ -1073,7 +1069,6 @@ impl Receiver for RabbitReceiver {
                     if let Err(e) = s.consume(&mut state, &channel).await {
                         return Some(Err(e));
                     }
-                    state.outside = state.last_get.take().filter(|k| s.inflight.contains(*k));
                 }
                 continue;
             }
