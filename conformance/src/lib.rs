@@ -51,6 +51,7 @@ use switchyard_core::{Client, Result};
 pub mod bench;
 pub mod cases;
 mod child;
+pub mod fault;
 pub mod runtime;
 mod util;
 

@@ -10,7 +10,7 @@
 //! | publish | persistent message on a confirm-mode channel, `Ok` on the publisher confirm; `publish_batch` keeps a window of confirms in flight |
 //! | attempt | the quorum queue's `x-delivery-count` + 1 (durable, counted by the broker) |
 //! | nack | `basic.reject` with requeue |
-//! | nack with delay | a copy in a durable wait queue whose message TTL dead-letters it back to the subscription's queue; then `basic.ack` |
+//! | nack with delay | a confirmed copy in a quorum wait queue (one per delay and hour, deleted when idle) whose message TTL dead-letters it back to the subscription's queue at least once, through broker restarts; then `basic.ack` |
 //! | ack timeout | deliveries unsettled after it are rejected with requeue by the receiver |
 //! | ack | `basic.ack`, coalesced into `multiple` acks (sent within milliseconds, and before close) |
 //! | prefetch | `basic.qos` on the receiver's own channel |
@@ -23,7 +23,13 @@
 //! (so a topic may be called `amq.x`); queue names longer than 200 bytes end
 //! in a SHA-256 digest.
 //!
-//! Quorum queues need RabbitMQ 3.8 or later; the backend is tested on 3.10.
+//! Quorum queues need RabbitMQ 3.8 or later, and delayed nacks need 3.10
+//! (message TTL and at-least-once dead-lettering in quorum queues); the
+//! backend is tested on 3.10. On 3.10 a quorum queue declared less than
+//! about 3 s before its node is killed (not stopped) can come back empty
+//! (measured; the broker writes a new queue's registration through a 3 s
+//! cache): a crash right after a subscription or a delay is first used can
+//! lose what it holds.
 //! Queues get an explicit `x-delivery-limit`
 //! ([`RabbitConfig::delivery_limit`]) so RabbitMQ 4's default limit of 20
 //! never drops a message before switchyard dead-letters it.

@@ -9,7 +9,10 @@
 //!   portable name, so the pair is unambiguous); when that is longer than
 //!   [`MAX_QUEUE`] bytes, `sy.` + a readable prefix + `~` + a SHA-256
 //!   digest of `T:S` (`~` cannot occur in the verbatim form either);
-//! - the wait queue holding delayed nacks of `S` for `d` ms → `<queue>~d<d>`.
+//! - the wait queue holding delayed nacks of `S` for `d` ms during lease
+//!   period `e` of `l` seconds → `<queue>~w<d>~<l>s<e>` (the broker's
+//!   arguments are a function of the name, so two clients never declare
+//!   one name differently).
 
 use sha2::{Digest, Sha256};
 
@@ -37,9 +40,10 @@ pub(crate) fn queue(topic: &str, subscription: &str) -> String {
     format!("{PREFIX}{}~{hex}", &pair[..120])
 }
 
-/// The wait queue holding a subscription's nacks delayed by `delay_ms`.
-pub(crate) fn wait_queue(queue: &str, delay_ms: u64) -> String {
-    format!("{queue}~d{delay_ms}")
+/// The wait queue holding a subscription's nacks delayed by `delay_ms`
+/// during lease period `epoch` of `lease_s` seconds.
+pub(crate) fn wait_queue(queue: &str, delay_ms: u64, lease_s: u64, epoch: u64) -> String {
+    format!("{queue}~w{delay_ms}~{lease_s}s{epoch}")
 }
 
 /// Rounds a delay up to two significant digits of milliseconds (at most
@@ -70,8 +74,17 @@ mod tests {
         let q = queue(&long, &long);
         assert!(q.len() <= MAX_QUEUE, "{}", q.len());
         assert_ne!(q, queue(&long, &"u".repeat(200)));
-        assert!(wait_queue(&q, u64::MAX).len() <= 255);
-        assert!(wait_queue(&queue(&"x".repeat(98), &"y".repeat(98)), u64::MAX).len() <= 255);
+        assert!(wait_queue(&q, u64::MAX, 3600, u64::MAX).len() <= 255);
+        assert!(
+            wait_queue(
+                &queue(&"x".repeat(98), &"y".repeat(98)),
+                u64::MAX,
+                3600,
+                u64::MAX
+            )
+            .len()
+                <= 255
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::time::Duration;
 use switchyard_conformance::Harness;
 use switchyard_core::{Client, Result};
 
+mod node;
 mod specific;
 
 #[derive(Debug)]

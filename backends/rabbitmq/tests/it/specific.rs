@@ -420,3 +420,119 @@ async fn out_of_order_acks_and_nacks_coalesce_without_redelivery() {
     }
     client.close().await.unwrap();
 }
+
+/// Delayed nacks wait in a queue of the broker's; a broker crash while they
+/// wait, and their delay running out while it is down, loses none of them.
+/// (RabbitMQ dead-letters out of a classic queue at most once: when the
+/// TTL fires at recovery before the target queue is up, the copy is
+/// dropped — 1,000 of 1,000 here.)
+#[tokio::test]
+async fn delayed_nacks_survive_a_broker_kill() {
+    const N: usize = 1000;
+    const DELAY: Duration = Duration::from_secs(12);
+    // RabbitMQ 3.10 registers a new quorum queue's name with a write cache
+    // of about 3 s (Ra's `names.dets`): a node killed within that window
+    // comes back with the queue empty — any new quorum queue, not only a
+    // wait queue (measured: 1,000 of 1,000 lost when killed 1.5 s after
+    // the first nack, none at 5 s and 15 s). The crash comes later.
+    const SETTLED: Duration = Duration::from_secs(5);
+    let Some(mut node) = super::node::Node::start().await else {
+        return;
+    };
+    let url = super::with_expiry(&node.url());
+    let topic = unique("sy-test.delay-kill");
+    let opts = SubscribeOptions::new("s").prefetch(100);
+    let client = switchyard_rabbitmq::connect(&url).await.unwrap();
+    client.ensure_subscription(&topic, &opts).await.unwrap();
+    let msgs: Vec<Message> = (0..N)
+        .map(|i| Message::new("x").with_id(format!("m{i}")))
+        .collect();
+    for r in client.publish_batch(&topic, msgs).await {
+        r.unwrap();
+    }
+    let mut sub = client.subscribe(&topic, opts.clone()).await.unwrap();
+    let mut nacks = tokio::task::JoinSet::new();
+    let mut first_nack = None;
+    for _ in 0..N {
+        let d = recv(&mut sub, "a first delivery").await;
+        assert_eq!(d.attempt(), 1);
+        while nacks.len() >= 100 {
+            nacks.join_next().await.unwrap().unwrap();
+        }
+        first_nack.get_or_insert_with(Instant::now);
+        nacks.spawn(async move { d.nack(Retry::after(DELAY)).await.unwrap() });
+    }
+    while let Some(r) = nacks.join_next().await {
+        r.unwrap();
+    }
+    let start = first_nack.unwrap();
+    sub.close().await.unwrap();
+    client.close().await.unwrap();
+    tokio::time::sleep(SETTLED.saturating_sub(start.elapsed())).await;
+    assert!(
+        start.elapsed() + Duration::from_secs(2) < DELAY,
+        "nacking took {:?}: the first delays ran out before the crash",
+        start.elapsed()
+    );
+
+    node.kill();
+    // Every delay runs out while the broker is down.
+    tokio::time::sleep(DELAY.saturating_sub(start.elapsed()) + Duration::from_secs(1)).await;
+    node.restart().await;
+
+    let client = switchyard_rabbitmq::connect(&url).await.unwrap();
+    let mut sub = client.subscribe(&topic, opts).await.unwrap();
+    let mut seen = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.len() < N {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(d) = tokio::time::timeout(left, sub.recv()).await else {
+            panic!("{} of {N} delayed nacks lost in the crash", N - seen.len());
+        };
+        let d = d.unwrap();
+        assert_eq!(d.attempt(), 2, "{}", d.message().id());
+        seen.insert(d.message().id().to_owned());
+        d.ack().await.unwrap();
+    }
+    client.close().await.unwrap();
+}
+
+/// A message nacked with a delay again and again keeps coming back for
+/// longer than a wait queue's lease: RabbitMQ 3.10 deletes a quorum queue
+/// its `x-expires` after it was declared however busy it is (publishes and
+/// redeclaration do not renew it), taking the waiting copy with it.
+#[tokio::test]
+async fn delayed_nacks_keep_coming_back_past_a_wait_queue_lease() {
+    let Some(url) = switchyard_conformance::broker_url("SWITCHYARD_RABBITMQ_URL") else {
+        return;
+    };
+    // Leases of 3 s: a wait queue expires 3 × 2 + 1 s after its
+    // declaration.
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let client = switchyard_rabbitmq::connect(&format!("{url}{sep}queue_expires=3s"))
+        .await
+        .unwrap();
+    let topic = unique("sy-test.lease");
+    let opts = SubscribeOptions::new("s").max_attempts(20);
+    client.ensure_subscription(&topic, &opts).await.unwrap();
+    client
+        .publish(&topic, Message::new("x").with_id("a"))
+        .await
+        .unwrap();
+    let mut sub = client.subscribe(&topic, opts).await.unwrap();
+    let start = Instant::now();
+    for round in 1..=15 {
+        let d = recv(
+            &mut sub,
+            &format!("delivery {round} ({:?} in)", start.elapsed()),
+        )
+        .await;
+        assert_eq!(d.attempt(), round);
+        if round == 15 {
+            d.ack().await.unwrap();
+        } else {
+            d.nack(Retry::after(Duration::from_secs(1))).await.unwrap();
+        }
+    }
+    client.close().await.unwrap();
+}

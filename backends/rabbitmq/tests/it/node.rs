@@ -1,0 +1,117 @@
+//! A RabbitMQ node of the test's own, on spare loopback ports, to kill and
+//! restart (the machine's broker is never touched). Runs the installed
+//! server (`/usr/lib/rabbitmq/bin/rabbitmq-server`, or
+//! `SWITCHYARD_RABBITMQ_SERVER`) with its own node name, config, plugins
+//! (none) and data directory under the system temp directory.
+
+use std::{path::PathBuf, time::Duration};
+
+use switchyard_conformance::fault::{BrokerProcess, free_port};
+
+/// How long a node may take to boot (about 5 s here).
+const BOOT: Duration = Duration::from_secs(60);
+
+pub(crate) struct Node {
+    process: BrokerProcess,
+}
+
+impl Node {
+    /// The server binary, or `None` (with a note) when RabbitMQ is not
+    /// installed here.
+    fn server() -> Option<PathBuf> {
+        let path = std::env::var_os("SWITCHYARD_RABBITMQ_SERVER").map_or_else(
+            || "/usr/lib/rabbitmq/bin/rabbitmq-server".into(),
+            PathBuf::from,
+        );
+        path.exists().then_some(path)
+    }
+
+    /// Starts a fresh node; `None` when the server is not installed (a
+    /// failure when `SWITCHYARD_REQUIRE_BROKERS` is set).
+    pub(crate) async fn start() -> Option<Self> {
+        let Some(server) = Self::server() else {
+            assert!(
+                std::env::var_os("SWITCHYARD_REQUIRE_BROKERS").is_none(),
+                "SWITCHYARD_REQUIRE_BROKERS is set but rabbitmq-server is not installed"
+            );
+            eprintln!("skipped: rabbitmq-server is not installed");
+            return None;
+        };
+        let port = free_port().expect("a spare port");
+        let dist = free_port().expect("a spare port");
+        let dir = std::env::temp_dir().join(format!("switchyard-rabbit-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("rabbitmq.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listeners.tcp.1 = 127.0.0.1:{port}\n\
+                 log.file.level = info\n"
+            ),
+        )
+        .unwrap();
+        let plugins = dir.join("enabled_plugins");
+        std::fs::write(&plugins, "[].\n").unwrap();
+        let env_file = dir.join("rabbitmq-env.conf");
+        std::fs::write(&env_file, "").unwrap();
+        let mut process = BrokerProcess::new(server, port, &dir);
+        process
+            .env("RABBITMQ_NODENAME", format!("sy-fault-{port}@localhost"))
+            .env("RABBITMQ_CONF_ENV_FILE", &env_file)
+            .env("RABBITMQ_CONFIG_FILE", &conf)
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", &plugins)
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_PID_FILE", dir.join("node.pid"))
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", port.to_string())
+            .env("RABBITMQ_DIST_PORT", dist.to_string())
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            // The script then `exec`s the Erlang VM: the child's PID is the
+            // broker's, so a kill is a real crash.
+            .env("RABBITMQ_ALLOW_INPUT", "1")
+            .env(
+                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
+                "-noinput -kernel inet_dist_use_interface {127,0,0,1}",
+            );
+        let mut node = Self { process };
+        node.boot().await;
+        Some(node)
+    }
+
+    async fn boot(&mut self) {
+        self.process
+            .start(BOOT)
+            .await
+            .unwrap_or_else(|e| panic!("a private RabbitMQ node: {e}"));
+    }
+
+    /// The node's AMQP URL.
+    pub(crate) fn url(&self) -> String {
+        format!(
+            "amqp://guest:guest@127.0.0.1:{}/%2f?connect_timeout=5s",
+            self.process.port()
+        )
+    }
+
+    /// `SIGKILL`: a crash, nothing flushed on the way down.
+    pub(crate) fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// Starts the node again on the same port and data.
+    pub(crate) async fn restart(&mut self) {
+        self.boot().await;
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.process.kill();
+        let dir = self.process.dir().to_owned();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
