@@ -174,8 +174,8 @@ pub fn broker_url(var: &str) -> Option<String> {
 ///
 /// `conformance_tests!(crash harness)` expands the cases that crash a
 /// consumer process (the test binary re-runs itself as a child, running only
-/// that case; the child is stopped by PID): so far NATS, RabbitMQ and SQS
-/// pass them; Kafka on tansu does not yet.
+/// that case; the child is stopped by PID): NATS, RabbitMQ, Kafka and SQS
+/// pass them.
 #[macro_export]
 macro_rules! conformance_tests {
     ($harness:path) => {
@@ -228,8 +228,7 @@ macro_rules! conformance_tests {
         );
     };
     // The cases that crash a consumer process (a child re-running the test
-    // binary): expanded by the backends that pass them so far — NATS,
-    // RabbitMQ and SQS; Kafka does not yet (issue 15).
+    // binary); the memory broker lives in its process and has none.
     (crash $harness:path) => {
         $crate::conformance_tests!(@cases $harness, runtime;
             runtime_poison_message_dies_alone,

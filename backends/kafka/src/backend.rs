@@ -104,15 +104,6 @@ pub(crate) async fn blocking<T: Send + 'static>(
     }
 }
 
-/// Runs a short blocking librdkafka call on an async thread, telling the
-/// runtime when it can move other tasks away.
-pub(crate) fn block_briefly<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}
-
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -12,15 +12,18 @@
 //! | ack | the record is settled; the group's offset advances to the lowest unsettled record, settled records above it ride in the commit metadata |
 //! | nack, nack with delay | a copy goes to the retry topic `orders.created.billing.retry` with its next attempt and due time, then the original is settled; the same group consumes the retry topic and holds each record until due |
 //! | ack timeout | a delivery unsettled that long is re-published to the retry topic (next attempt) and settled; a late ack is a no-op |
-//! | attempt | 1 + nacks and expiries (in the retry record) + crash redeliveries (counted in the commit metadata) |
+//! | attempt | 1 + nacks and expiries (in the retry record) + crash redeliveries (counted in the subscription's journal: the committed offsets of the member-less groups `<group>~h` and `<group>~n`) |
 //! | prefetch | at most `prefetch` records handed out and unsettled per consumer |
 //!
 //! Kafka has no per-message acknowledgement: a group commits one offset per
 //! partition. switchyard never commits past an unsettled record, so a crash
 //! or a rebalance redelivers (at-least-once) and never loses; acks above it
-//! and delivery counts travel in the commit's metadata string, so an acked
-//! record is not delivered again and a record that kills its consumer is
-//! still dead-lettered after `max_attempts`. Delays and attempts live in the
+//! travel in the commit's metadata string, so an acked record is not
+//! delivered again. Before records are handed out, a journal records how far
+//! they reach, and a new owner hands the records a crashed one may have held
+//! out one at a time, each with its count recorded first, so a record that
+//! kills its consumer is dead-lettered after `max_attempts`, on any broker
+//! that stores committed offsets. Delays and attempts live in the
 //! retry topic, so both survive restarts.
 //!
 //! Per-key order holds for one consumer while nothing is nacked (records

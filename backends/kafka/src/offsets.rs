@@ -9,14 +9,23 @@
 //!   4 KiB `offset.metadata.max.bytes`), so the next owner of the partition
 //!   skips them: an ack stays final across restarts and rebalances. (The
 //!   technique Confluent's parallel-consumer uses.)
-//! - The metadata also carries delivery counts, so attempts survive a crash:
-//!   `n`, how many times the record at the committed offset was handed out,
-//!   and `h`, the highest offset ever handed out. A new owner reports the
-//!   head record as redelivered `n` times, the other records up to `h` as
-//!   redelivered once (a lower bound), and later records as new. Before the
-//!   head is handed out, the raised count is committed synchronously, so a
-//!   record that kills its consumer is still dead-lettered after
-//!   `max_attempts`.
+//! - Delivery counts survive a crash through a [`Journal`] per partition,
+//!   written (and confirmed) *before* the records it covers are handed out,
+//!   so it never depends on a commit that a crash can lose, nor on commit
+//!   metadata (which some Kafka-compatible brokers drop):
+//!   - `high`, a reservation: no record above it was handed out. The
+//!     receiver raises it a reservation (`reserve` records) at a time.
+//!   - `head` and `n`: the last *suspect* handed out and how many times.
+//! - A new owner treats the records from the committed offset up to `high`
+//!   as suspects: each may have been handed out (and may have killed its
+//!   consumer). It hands them out one at a time, each after recording it
+//!   as the journal's head with its raised count (the head's `n` + 1, any
+//!   other suspect's 1 + 1), so a record that crashes its consumer every
+//!   time counts one attempt per crash and is dead-lettered after
+//!   `max_attempts`, whichever record was committed. A clean close or
+//!   revoke lowers `high` back to what was handed out, so a restart costs
+//!   nothing; a crash costs at most one attempt to the records of its
+//!   reservation.
 //!
 //! Metadata another client wrote is ignored.
 
@@ -98,6 +107,67 @@ impl Meta {
     }
 }
 
+/// The durable delivery counts of one partition (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Journal {
+    /// The last suspect handed out (-1: none).
+    pub(crate) head: i64,
+    /// Times `head` was handed out.
+    pub(crate) n: u32,
+    /// No record above it was handed out (-1: none was).
+    pub(crate) high: i64,
+}
+
+impl Default for Journal {
+    fn default() -> Self {
+        Self {
+            head: -1,
+            n: 0,
+            high: -1,
+        }
+    }
+}
+
+impl Journal {
+    /// Counts kept per head (a higher count is kept as this one: well past
+    /// any sensible `max_attempts`).
+    const MAX_N: u32 = 255;
+
+    /// `head` and `n` as one committed offset.
+    pub(crate) fn pack_head(head: i64, n: u32) -> i64 {
+        head.saturating_mul(256)
+            .saturating_add(i64::from(n.min(Self::MAX_N)))
+    }
+
+    /// The inverse of [`pack_head`](Self::pack_head).
+    pub(crate) fn unpack_head(v: i64) -> (i64, u32) {
+        let n = u32::try_from(v.rem_euclid(256)).unwrap_or(0);
+        (v.div_euclid(256), n)
+    }
+}
+
+/// A write to the journal that must be confirmed before a record is handed
+/// out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Write {
+    /// The suspect at `offset` is handed out for the `n`-th time.
+    Head { offset: i64, n: u32 },
+    /// Raise the reservation to this offset.
+    High(i64),
+}
+
+/// Whether a fetched record may be handed out now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Gate {
+    /// Yes.
+    Go,
+    /// Not yet: a suspect of its partition is out, or it is a suspect and
+    /// other records of its partition are out.
+    Wait,
+    /// After this journal write is confirmed.
+    Record(Write),
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Slot {
     settled: bool,
@@ -111,6 +181,18 @@ pub(crate) struct Track {
     /// The committed offset when the partition was assigned.
     start: Option<i64>,
     prior: Meta,
+    /// The journal as the previous owner left it.
+    journal: Journal,
+    /// The reservation confirmed in the journal.
+    reserved: i64,
+    /// Records a reservation covers.
+    reserve: i64,
+    /// The journal's head as this owner last wrote it.
+    recorded: Option<(i64, u32)>,
+    /// Records handed out and not settled.
+    out: usize,
+    /// The suspect handed out and not settled, if any.
+    suspect_out: Option<i64>,
     /// Fetched records from the lowest unsettled one up.
     pending: BTreeMap<i64, Slot>,
     /// One past the highest fetched offset.
@@ -123,8 +205,14 @@ pub(crate) struct Track {
 
 impl Track {
     /// A partition whose group has committed `committed` with `metadata`
-    /// (or nothing).
-    pub(crate) fn new(committed: Option<i64>, metadata: &str) -> Self {
+    /// (or nothing), and whose journal reads `journal`; reservations cover
+    /// `reserve` records.
+    pub(crate) fn new(
+        committed: Option<i64>,
+        metadata: &str,
+        journal: Journal,
+        reserve: usize,
+    ) -> Self {
         let prior = committed.map_or(
             Meta {
                 n: 0,
@@ -136,6 +224,12 @@ impl Track {
         Self {
             start: committed,
             prior,
+            journal,
+            reserved: journal.high,
+            reserve: i64::try_from(reserve.max(1)).unwrap_or(i64::MAX),
+            recorded: None,
+            out: 0,
+            suspect_out: None,
             pending: BTreeMap::new(),
             next: committed,
             high: -1,
@@ -172,29 +266,70 @@ impl Track {
         Some(self.prior_redeliveries(offset))
     }
 
+    /// How many times the previous owners handed a record out, as far as
+    /// the journal tells (at least once for any suspect).
     fn prior_redeliveries(&self, offset: i64) -> u32 {
-        if Some(offset) == self.start {
-            self.prior.n
-        } else if offset <= self.prior.high {
+        if offset == self.journal.head {
+            self.journal.n.max(1)
+        } else if offset <= self.journal.high && self.start.is_none_or(|s| offset >= s) {
             1
         } else {
             0
         }
     }
 
-    /// Marks a fetched record as handed out with `redeliveries`; `true`
-    /// when it is the head of the assignment, whose raised count must be
-    /// committed before it is handed out.
-    pub(crate) fn handed(&mut self, offset: i64, redeliveries: u32) -> bool {
-        if let Some(slot) = self.pending.get_mut(&offset) {
+    /// Whether the fetched record at `offset`, redelivered `redeliveries`
+    /// times before, may be handed out now.
+    pub(crate) fn gate(&self, offset: i64, redeliveries: u32) -> Gate {
+        if self.suspect_out.is_some() {
+            return Gate::Wait;
+        }
+        if redeliveries > 0 {
+            if self.out > 0 {
+                return Gate::Wait;
+            }
+            let n = redeliveries.saturating_add(1);
+            if self.recorded != Some((offset, n)) {
+                return Gate::Record(Write::Head { offset, n });
+            }
+            return Gate::Go;
+        }
+        if offset > self.reserved {
+            return Gate::Record(Write::High(offset.saturating_add(self.reserve)));
+        }
+        Gate::Go
+    }
+
+    /// A journal write was confirmed.
+    pub(crate) fn recorded(&mut self, write: Write) {
+        match write {
+            Write::Head { offset, n } => self.recorded = Some((offset, n)),
+            Write::High(h) => self.reserved = self.reserved.max(h),
+        }
+    }
+
+    /// The reservation to leave in the journal when this owner stops
+    /// cleanly (nothing it holds is out): what it handed out, and the
+    /// suspects it did not get to; `None` when that is what the journal
+    /// says already.
+    pub(crate) fn release(&self) -> Option<i64> {
+        let keep = self.high.max(self.journal.high);
+        (keep < self.reserved).then_some(keep)
+    }
+
+    /// Marks a fetched record as handed out with `redeliveries` (after
+    /// [`gate`](Self::gate) let it go).
+    pub(crate) fn handed(&mut self, offset: i64, redeliveries: u32) {
+        if let Some(slot) = self.pending.get_mut(&offset)
+            && slot.handed.is_none()
+        {
             slot.handed = Some(redeliveries);
             self.high = self.high.max(offset);
+            self.out += 1;
+            if redeliveries > 0 {
+                self.suspect_out = Some(offset);
+            }
         }
-        let head = Some(offset) == self.start && self.watermark() == Some(offset);
-        if head {
-            self.dirty = true;
-        }
-        head
     }
 
     /// Settles a fetched record.
@@ -203,6 +338,12 @@ impl Track {
             && !slot.settled
         {
             slot.settled = true;
+            if slot.handed.is_some() {
+                self.out = self.out.saturating_sub(1);
+            }
+            if self.suspect_out == Some(offset) {
+                self.suspect_out = None;
+            }
             self.dirty = true;
             self.pop_settled();
         }
@@ -284,13 +425,47 @@ mod tests {
         assert!(m.encode(0).len() <= MAX_METADATA);
     }
 
+    /// A partition with no history, reservations of `reserve`.
+    fn fresh(reserve: usize) -> Track {
+        Track::new(Some(0), "", Journal::default(), reserve)
+    }
+
+    /// Hands out `offset` as the receiver does: confirms the journal write
+    /// the gate asks for (into `journal`) first.
+    fn hand(t: &mut Track, journal: &mut Journal, offset: i64, r: u32) {
+        loop {
+            match t.gate(offset, r) {
+                Gate::Go => break,
+                Gate::Wait => panic!("{offset} must wait"),
+                Gate::Record(w) => {
+                    match w {
+                        Write::Head { offset, n } => (journal.head, journal.n) = (offset, n),
+                        Write::High(h) => journal.high = h,
+                    }
+                    t.recorded(w);
+                }
+            }
+        }
+        t.handed(offset, r);
+    }
+
+    #[test]
+    fn packed_heads_round_trip() {
+        for (head, n) in [(0, 0), (0, 1), (7, 255), (1 << 40, 3)] {
+            assert_eq!(Journal::unpack_head(Journal::pack_head(head, n)), (head, n));
+        }
+        assert_eq!(Journal::unpack_head(Journal::pack_head(5, 1000)), (5, 255));
+    }
+
     #[test]
     fn commits_stop_below_the_lowest_unsettled_record() {
-        let mut t = Track::new(Some(0), "");
+        let mut t = fresh(64);
+        let mut j = Journal::default();
         for o in 0..5 {
             assert_eq!(t.fetched(o), Some(0));
-            t.handed(o, 0);
+            hand(&mut t, &mut j, o, 0);
         }
+        assert_eq!(j.high, 64, "one reservation covers them all");
         t.settle(1);
         t.settle(2);
         let (w, meta) = t.commit_point().unwrap();
@@ -306,56 +481,105 @@ mod tests {
     }
 
     #[test]
-    fn a_new_owner_skips_acked_records_and_counts_redeliveries() {
-        // First owner: hands out 0..4, acks 2, crashes with 0, 1, 3 unsettled.
-        let mut a = Track::new(Some(0), "");
+    fn reservations_come_before_the_records_they_cover() {
+        let mut t = fresh(2);
         for o in 0..4 {
-            let r = a.fetched(o).unwrap();
-            a.handed(o, r);
+            t.fetched(o);
         }
-        a.settle(2);
-        let (w, meta) = a.commit_point().unwrap();
-        assert_eq!(w, 0);
-        // Second owner.
-        let mut b = Track::new(Some(w), &meta);
-        assert_eq!(b.fetched(0), Some(1), "the head was handed out once");
-        assert_eq!(b.fetched(1), Some(1));
-        assert_eq!(b.fetched(2), None, "acked before");
-        assert_eq!(b.fetched(3), Some(1));
-        assert_eq!(b.fetched(4), Some(0), "never handed out");
-        assert!(b.handed(0, 1), "the head's count is committed first");
-        let (w, meta) = b.commit_point().unwrap();
-        assert_eq!((w, Meta::decode(w, &meta).n), (0, 2));
+        assert_eq!(t.gate(0, 0), Gate::Record(Write::High(2)));
+        t.recorded(Write::High(2));
+        for o in 0..3 {
+            assert_eq!(t.gate(o, 0), Gate::Go);
+            t.handed(o, 0);
+        }
+        assert_eq!(t.gate(3, 0), Gate::Record(Write::High(5)));
     }
 
     #[test]
-    fn a_crash_loop_raises_the_head_count_every_time() {
-        let mut committed = (0, String::new());
-        for expected in 0..4 {
-            let mut t = Track::new(Some(committed.0), &committed.1);
-            let r = t.fetched(0).unwrap();
-            assert_eq!(r, expected);
-            assert!(t.handed(0, r));
-            committed = t.commit_point().unwrap();
+    fn a_new_owner_hands_out_suspects_one_at_a_time() {
+        // First owner: hands out 0..4, acks 2, crashes (nothing committed).
+        let mut j = Journal::default();
+        let mut a = fresh(8);
+        for o in 0..4 {
+            let r = a.fetched(o).unwrap();
+            hand(&mut a, &mut j, o, r);
         }
+        a.settle(2);
+        let (w, meta) = a.commit_point().unwrap();
+        assert_eq!((w, j.high), (0, 8));
+        // Second owner: everything up to the reservation is a suspect.
+        let mut b = Track::new(Some(w), &meta, j, 8);
+        assert_eq!(b.fetched(0), Some(1));
+        assert_eq!(b.fetched(1), Some(1));
+        assert_eq!(b.fetched(2), None, "acked before");
+        assert_eq!(b.fetched(3), Some(1));
+        assert_eq!(b.fetched(9), Some(0), "above the reservation: new");
+        assert_eq!(b.gate(0, 1), Gate::Record(Write::Head { offset: 0, n: 2 }));
+        hand(&mut b, &mut j, 0, 1);
+        assert_eq!(b.gate(1, 1), Gate::Wait, "one suspect at a time");
+        assert_eq!(b.gate(9, 0), Gate::Wait, "nothing overtakes a suspect");
+        b.settle(0);
+        assert_eq!(b.gate(1, 1), Gate::Record(Write::Head { offset: 1, n: 2 }));
+    }
+
+    #[test]
+    fn a_record_that_crashes_every_owner_counts_one_attempt_per_crash() {
+        // A and B are handled, P crashes its consumer every time; commits
+        // never reach the broker (the worst case).
+        let (a, b, p) = (0, 1, 2);
+        let mut j = Journal::default();
+        let mut p_attempts = Vec::new();
+        for _run in 0..4 {
+            let mut t = Track::new(Some(0), "", j, 16);
+            for o in 0..4 {
+                t.fetched(o);
+            }
+            for o in [a, b, p] {
+                let r = t.prior_redeliveries(o);
+                hand(&mut t, &mut j, o, r);
+                if o == p {
+                    p_attempts.push(r + 1);
+                    break; // the crash
+                }
+                t.settle(o);
+            }
+        }
+        assert_eq!(p_attempts, vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_clean_stop_gives_back_the_unused_reservation() {
+        let mut j = Journal::default();
+        let mut t = fresh(100);
+        for o in 0..3 {
+            t.fetched(o);
+            hand(&mut t, &mut j, o, 0);
+            t.settle(o);
+        }
+        assert_eq!(t.release(), Some(2));
+        j.high = 2;
+        let (w, meta) = t.commit_point().unwrap();
+        let mut next = Track::new(Some(w), &meta, j, 100);
+        assert_eq!(next.fetched(3), Some(0), "a restart costs no attempt");
     }
 
     #[test]
     fn acked_ranges_not_yet_fetched_are_kept() {
-        let mut a = Track::new(Some(0), "");
+        let mut j = Journal::default();
+        let mut a = fresh(64);
         for o in 0..6 {
             let r = a.fetched(o).unwrap();
-            a.handed(o, r);
+            hand(&mut a, &mut j, o, r);
         }
         for o in [2, 3, 5] {
             a.settle(o);
         }
         let (w, meta) = a.commit_point().unwrap();
-        let mut b = Track::new(Some(w), &meta);
+        let mut b = Track::new(Some(w), &meta, j, 64);
         // b commits before fetching anything beyond 1.
         b.fetched(0);
         b.fetched(1);
-        b.handed(0, 1);
+        hand(&mut b, &mut j, 0, 1);
         b.settle(0);
         let (w, meta) = b.commit_point().unwrap();
         assert_eq!(w, 1);
@@ -364,9 +588,9 @@ mod tests {
 
     #[test]
     fn an_empty_partition_commits_nothing_new() {
-        let t = Track::new(None, "");
+        let t = Track::new(None, "", Journal::default(), 8);
         assert_eq!(t.commit_point(), None);
-        let t = Track::new(Some(7), "sy1;0;-1;");
+        let t = Track::new(Some(7), "sy1;0;-1;", Journal::default(), 8);
         assert_eq!(t.commit_point().unwrap().0, 7);
         assert!(!t.dirty);
     }

@@ -5,7 +5,12 @@
 //! a small ready queue; [`Receiver::recv`] hands them out within the
 //! prefetch limit. Records of the retry topic wait in a heap until due.
 //! A committer commits settled offsets shortly after acks; a reaper
-//! re-publishes deliveries that outlive the ack timeout.
+//! re-publishes deliveries that outlive the ack timeout. Delivery counts
+//! that must survive a crash go to the subscription's journal (see the
+//! `offsets` module) before the records they cover are handed out: two
+//! consumer groups of their own, `<group>~n` and `<group>~h`, whose
+//! committed offsets (on the subscription's own partitions) hold each
+//! partition's head and count, and its reservation.
 
 use std::{
     cmp::Reverse,
@@ -29,10 +34,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    backend::{BrokerInner, base_config, block_briefly, blocking, kafka_error, lock},
+    backend::{BrokerInner, base_config, blocking, kafka_error, lock},
     codec::{self, Retry},
     names,
-    offsets::Track,
+    offsets::{Gate, Journal, Track, Write},
 };
 
 /// Pause before a failed expiry re-publish is tried again.
@@ -41,6 +46,19 @@ const REAP_RETRY: Duration = Duration::from_secs(1);
 const MAX_HELD: usize = 10_000;
 /// Most records the pump admits at once (those librdkafka already has).
 const PUMP_RUN: usize = 64;
+/// Fewest records one journal reservation covers (else the prefetch).
+const MIN_RESERVE: usize = 16;
+/// Pause before a failed journal write is tried again.
+const JOURNAL_RETRY: Duration = Duration::from_millis(200);
+
+/// Why [`RecvInner::take`] handed nothing out.
+enum Next {
+    /// Nothing may go now; the next held record is due then (Unix ms).
+    Idle(Option<i64>),
+    /// A record of this partition (and assignment) may go after this
+    /// journal write.
+    Record(Part, u64, Write),
+}
 
 /// A partition of the subscription: the topic's (`false`) or the retry
 /// topic's (`true`).
@@ -188,6 +206,15 @@ impl State {
         true
     }
 
+    /// The reservations to give back for `only` (or every) partition.
+    fn releases(&self, only: Option<&[Part]>) -> Vec<(Part, i64)> {
+        self.tracks
+            .iter()
+            .filter(|(p, _)| only.is_none_or(|o| o.contains(p)))
+            .filter_map(|(p, (_, t))| t.release().map(|h| (*p, h)))
+            .collect()
+    }
+
     /// Forgets partitions: their records are fetched again by the next owner.
     fn forget(&mut self, parts: &[Part]) {
         for p in parts {
@@ -230,11 +257,95 @@ struct Shared {
     names: Names,
     state: Mutex<State>,
     request_timeout: Duration,
+    journal: JournalGroups,
+    /// Records one journal reservation covers.
+    reserve: usize,
 }
 
 impl Shared {
     fn state(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
+    }
+}
+
+/// The two consumer groups whose committed offsets are a subscription's
+/// journal: `heads` holds each partition's [`Journal::pack_head`],
+/// `highs` its reservation. Neither ever has a member.
+struct JournalGroups {
+    heads: BaseConsumer,
+    highs: BaseConsumer,
+}
+
+impl JournalGroups {
+    fn open(config: &crate::KafkaConfig, group: &str) -> Result<Self> {
+        let make = |suffix: &str| -> Result<BaseConsumer> {
+            let mut cc = base_config(config);
+            cc.set("group.id", format!("{group}~{suffix}"))
+                .set("enable.auto.commit", "false");
+            cc.create()
+                .map_err(|e| Error::Config(format!("Kafka journal consumer: {e}")))
+        };
+        Ok(Self {
+            heads: make("n")?,
+            highs: make("h")?,
+        })
+    }
+
+    /// The journal of the partitions in `list` (blocking).
+    fn read(
+        &self,
+        names: &Names,
+        list: &TopicPartitionList,
+        timeout: Duration,
+    ) -> std::result::Result<HashMap<Part, Journal>, KafkaError> {
+        let mut out: HashMap<Part, Journal> = HashMap::new();
+        for (consumer, heads) in [(&self.heads, true), (&self.highs, false)] {
+            for e in consumer
+                .committed_offsets(list.clone(), timeout)?
+                .elements()
+            {
+                let (Some(part), Offset::Offset(v)) =
+                    (names.part(e.topic(), e.partition()), e.offset())
+                else {
+                    continue;
+                };
+                let j = out.entry(part).or_default();
+                if heads {
+                    (j.head, j.n) = Journal::unpack_head(v);
+                } else {
+                    j.high = v;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes one partition's journal entry and waits for the broker
+    /// (blocking).
+    fn write(
+        &self,
+        names: &Names,
+        part: Part,
+        write: Write,
+    ) -> std::result::Result<(), KafkaError> {
+        let (consumer, value) = match write {
+            Write::Head { offset, n } => (&self.heads, Journal::pack_head(offset, n)),
+            Write::High(h) => (&self.highs, h),
+        };
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(names.of(part.0), part.1, Offset::Offset(value))?;
+        consumer.commit(&tpl, CommitMode::Sync)
+    }
+
+    /// Gives back the unused reservations of partitions a clean stop or a
+    /// revoke lets go (blocking; a failure only costs their records an
+    /// attempt).
+    fn release(&self, names: &Names, releases: &[(Part, i64)]) {
+        for &(part, high) in releases {
+            if let Err(e) = self.write(names, part, Write::High(high)) {
+                tracing::debug!(error = %e, "kafka: giving back a journal reservation failed");
+            }
+        }
     }
 }
 
@@ -258,17 +369,19 @@ impl ConsumerContext for Ctx {
             .iter()
             .filter_map(|e| names.part(e.topic(), e.partition()))
             .collect();
-        let tpl = {
+        let (tpl, releases) = {
             let mut st = self.shared.state();
             let tpl = st.commit_list(names, Some(&parts));
+            let releases = st.releases(Some(&parts));
             st.forget(&parts);
-            tpl
+            (tpl, releases)
         };
         if tpl.count() > 0
             && let Err(e) = consumer.commit(&tpl, CommitMode::Sync)
         {
             tracing::warn!(error = %e, "kafka: commit on revoke failed; settled records may be delivered again");
         }
+        self.shared.journal.release(names, &releases);
     }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -287,6 +400,21 @@ impl ConsumerContext for Ctx {
                 }
             }
         };
+        let journal = if list.count() == 0 {
+            HashMap::new()
+        } else {
+            match self
+                .shared
+                .journal
+                .read(names, list, self.shared.request_timeout)
+            {
+                Ok(j) => j,
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka: reading the delivery journal failed; delivery counts restart");
+                    HashMap::new()
+                }
+            }
+        };
         let mut st = self.shared.state();
         for e in committed.elements() {
             let Some(part) = names.part(e.topic(), e.partition()) else {
@@ -298,8 +426,14 @@ impl ConsumerContext for Ctx {
             };
             let epoch = st.next_epoch;
             st.next_epoch += 1;
-            st.tracks
-                .insert(part, (epoch, Track::new(offset, e.metadata())));
+            let j = journal.get(&part).copied().unwrap_or_default();
+            st.tracks.insert(
+                part,
+                (
+                    epoch,
+                    Track::new(offset, e.metadata(), j, self.shared.reserve),
+                ),
+            );
         }
         st.assigned = true;
     }
@@ -373,6 +507,8 @@ impl KafkaReceiver {
             names: names.clone(),
             state: Mutex::new(State::default()),
             request_timeout: config.request_timeout,
+            journal: JournalGroups::open(config, &group)?,
+            reserve: options.prefetch_limit().max(MIN_RESERVE),
         });
         let consumer: KConsumer = cc
             .create_with_context(Ctx {
@@ -501,19 +637,11 @@ impl RecvInner {
         (admitted, skipped)
     }
 
-    /// Hands out an admitted record (under the state lock); returns the
-    /// delivery and, for the head of an assignment, the offsets to commit
-    /// before handing it out.
-    fn hand_out(
-        self: &Arc<Self>,
-        st: &mut State,
-        a: Admitted,
-    ) -> (RawDelivery, TopicPartitionList) {
-        let mut head = TopicPartitionList::new();
-        if let Some((_, track)) = st.tracks.get_mut(&a.part)
-            && track.handed(a.offset, a.redeliveries)
-        {
-            head = st.commit_list(&self.shared.names, Some(&[a.part]));
+    /// Hands out an admitted record (under the state lock) that its gate
+    /// let go.
+    fn hand_out(self: &Arc<Self>, st: &mut State, a: Admitted) -> RawDelivery {
+        if let Some((_, track)) = st.tracks.get_mut(&a.part) {
+            track.handed(a.offset, a.redeliveries);
         }
         let token = st.next_token;
         st.next_token += 1;
@@ -530,47 +658,105 @@ impl RecvInner {
                 busy: false,
             },
         );
-        let delivery = RawDelivery {
+        RawDelivery {
             message: a.message,
             attempt,
             acker: Box::new(KafkaAcker {
                 inner: Arc::downgrade(self),
                 token,
             }),
-        };
-        (delivery, head)
+        }
     }
 
-    /// The next record to hand out, if there is room and one is ready;
-    /// else when the next held record is due.
-    fn take(
-        self: &Arc<Self>,
-    ) -> std::result::Result<(RawDelivery, TopicPartitionList), Option<i64>> {
+    /// The next record to hand out, if there is room and one may go (in
+    /// each partition's order); else a journal write one needs first, or
+    /// nothing (and when the next held record is due).
+    fn take(self: &Arc<Self>) -> std::result::Result<RawDelivery, Next> {
         let mut st = self.state();
         if st.closed || st.handed.len() >= self.prefetch {
-            return Err(None);
+            return Err(Next::Idle(None));
         }
         let now_ms = codec::unix_ms(SystemTime::now());
-        loop {
-            let due = st.held.peek().is_some_and(|h| h.0.due_ms <= now_ms);
-            let next = if due {
-                st.held.pop().map(|h| h.0)
-            } else {
-                let a = st.ready.pop_front();
-                // The pump refills from half full: one wake-up per half
-                // prefetch of records, not one per record.
-                if a.is_some() && st.ready.len() == self.prefetch / 2 {
-                    self.space.notify_one();
+        // Records of stale assignments are dropped on the way.
+        let gate = |st: &State, a: &Admitted| {
+            st.tracks
+                .get(&a.part)
+                .filter(|(e, _)| *e == a.epoch)
+                .map(|(_, t)| t.gate(a.offset, a.redeliveries))
+        };
+        while let Some(h) = st.held.peek() {
+            if h.0.due_ms > now_ms {
+                break;
+            }
+            match gate(&st, &h.0) {
+                None => {
+                    st.held.pop();
                 }
-                a
-            };
-            let Some(a) = next else {
-                return Err(st.held.peek().map(|h| h.0.due_ms));
-            };
-            if st.is_current(a.part, a.epoch) {
-                return Ok(self.hand_out(&mut st, a));
+                Some(Gate::Go) => {
+                    let a = st.held.pop().expect("peeked").0;
+                    return Ok(self.hand_out(&mut st, a));
+                }
+                Some(Gate::Record(w)) => return Err(Next::Record(h.0.part, h.0.epoch, w)),
+                Some(Gate::Wait) => break,
             }
         }
+        let mut waiting: Vec<Part> = Vec::new();
+        let mut i = 0;
+        while i < st.ready.len() {
+            let a = &st.ready[i];
+            if waiting.contains(&a.part) {
+                i += 1;
+                continue;
+            }
+            match gate(&st, a) {
+                None => {
+                    st.ready.remove(i);
+                }
+                Some(Gate::Go) => {
+                    let a = st.ready.remove(i).expect("in range");
+                    // The pump refills from half full: one wake-up per half
+                    // prefetch of records, not one per record.
+                    if st.ready.len() == self.prefetch / 2 {
+                        self.space.notify_one();
+                    }
+                    return Ok(self.hand_out(&mut st, a));
+                }
+                Some(Gate::Record(w)) => return Err(Next::Record(a.part, a.epoch, w)),
+                Some(Gate::Wait) => {
+                    waiting.push(a.part);
+                    i += 1;
+                }
+            }
+        }
+        Err(Next::Idle(st.held.peek().map(|h| h.0.due_ms)))
+    }
+
+    /// Writes a journal entry (and, before a suspect, the partition's
+    /// settled offsets), then lets the gate know.
+    async fn record(self: &Arc<Self>, part: Part, epoch: u64, write: Write) -> Result<()> {
+        let shared = Arc::clone(&self.shared);
+        let consumer = self.consumer();
+        let bound = self.broker.config.request_timeout;
+        blocking("writing the delivery journal", bound, move || {
+            if let (Write::Head { .. }, Some(c)) = (write, consumer) {
+                let tpl = shared.state().commit_list(&shared.names, Some(&[part]));
+                if tpl.count() > 0 {
+                    c.commit(&tpl, CommitMode::Sync)
+                        .map_err(|e| kafka_error("committing before a redelivery", e))?;
+                }
+            }
+            shared
+                .journal
+                .write(&shared.names, part, write)
+                .map_err(|e| kafka_error("writing the delivery journal", e))
+        })
+        .await?;
+        if let Some((e, track)) = self.state().tracks.get_mut(&part)
+            && *e == epoch
+        {
+            track.recorded(write);
+        }
+        Ok(())
     }
 
     async fn recv(self: &Arc<Self>) -> Option<Result<RawDelivery>> {
@@ -586,11 +772,24 @@ impl RecvInner {
             tokio::pin!(wake);
             wake.as_mut().enable();
             let next_due = match self.take() {
-                Ok((d, head)) => {
-                    self.commit_head(&head);
-                    return Some(Ok(d));
+                Ok(d) => return Some(Ok(d)),
+                Err(Next::Record(part, epoch, write)) => {
+                    if let Err(e) = self.record(part, epoch, write).await {
+                        if !e.is_retryable() {
+                            // Denied, say: the application must know.
+                            return Some(Err(e));
+                        }
+                        // The records wait (their counts must be durable
+                        // first); the broker is probably restarting.
+                        tracing::warn!(error = %e, "kafka: writing the delivery journal failed; retrying");
+                        tokio::select! {
+                            () = self.closed.cancelled() => return None,
+                            () = tokio::time::sleep(JOURNAL_RETRY) => {}
+                        }
+                    }
+                    continue;
                 }
-                Err(due) => due,
+                Err(Next::Idle(due)) => due,
             };
             let sleep = async {
                 match next_due {
@@ -610,27 +809,15 @@ impl RecvInner {
         }
     }
 
-    /// A record ready now, without waiting (the hot path of `recv`).
+    /// A record ready now, without waiting (the hot path of `recv`; a
+    /// record that needs a journal write first is left to `recv`).
     fn try_recv(self: &Arc<Self>) -> Option<Result<RawDelivery>> {
         if self.closed.is_cancelled() {
             return None;
         }
         // A `recv` in progress owns the hand-out; it will see the record.
         let _one = self.recv_lock.try_lock().ok()?;
-        let (d, head) = self.take().ok()?;
-        self.commit_head(&head);
-        Some(Ok(d))
-    }
-
-    /// Commits the raised delivery count of a partition's head record
-    /// before it is handed out (see the `offsets` module).
-    fn commit_head(&self, head: &TopicPartitionList) {
-        if head.count() > 0
-            && let Some(c) = self.consumer()
-            && let Err(e) = block_briefly(|| c.commit(head, CommitMode::Sync))
-        {
-            tracing::warn!(error = %e, "kafka: committing a delivery count failed");
-        }
+        self.take().ok().map(Ok)
     }
 
     /// Settles a handed-out delivery for good.
@@ -791,13 +978,15 @@ async fn finish(
     };
     let bound = broker.config.request_timeout * 3;
     blocking("closing a Kafka consumer", bound, move || {
-        let tpl = {
+        let (tpl, releases) = {
             let mut st = shared.state();
             let parts: Vec<Part> = st.tracks.keys().copied().collect();
             let tpl = st.commit_list(&shared.names, Some(&parts));
+            let releases = st.releases(None);
             st.tracks.clear();
-            tpl
+            (tpl, releases)
         };
+        shared.journal.release(&shared.names, &releases);
         let committed = if tpl.count() > 0 {
             consumer
                 .commit(&tpl, CommitMode::Sync)

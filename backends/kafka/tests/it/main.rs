@@ -34,3 +34,19 @@ async fn harness() -> Option<KafkaHarness> {
 }
 
 switchyard_conformance::conformance_tests!(harness);
+/// For the cases that crash a consumer process: a crashed member holds its
+/// partitions until its session times out (45 s by default), so these
+/// consumers use 6 s.
+async fn crash_harness() -> Option<KafkaHarness> {
+    harness().await.map(|h| {
+        let sep = if h.url.contains('?') { '&' } else { '?' };
+        KafkaHarness {
+            url: format!(
+                "{}{sep}session.timeout.ms=6000&heartbeat.interval.ms=1000",
+                h.url
+            ),
+        }
+    })
+}
+
+switchyard_conformance::conformance_tests!(crash crash_harness);

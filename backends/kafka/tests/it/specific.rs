@@ -29,17 +29,17 @@ fn bootstrap(url: &str) -> String {
     rest.split('?').next().unwrap_or(rest).to_owned()
 }
 
-/// The mapping keeps acks above the committed offset and delivery counts in
-/// the commit metadata (for a consumer that crashes without closing): the
-/// broker must store it and return it, as Apache Kafka does.
+/// The mapping keeps acks above the committed offset in the commit metadata
+/// (for a consumer that crashes without closing): the broker must store it
+/// and return it, as Apache Kafka does.
 ///
 /// Known broker deviation: tansu 0.6 accepts the metadata and returns it
 /// empty. `scripts/brokers.sh` says which broker it started in
 /// `SWITCHYARD_KAFKA_BROKER`; for tansu this test checks that the deviation
 /// is still there (so the README's note cannot go stale) instead of passing
 /// silently. On such a broker a consumer that crashes (no close, no drop)
-/// delivers its unsettled records again with attempt 1, and records it
-/// acked above an unsettled one again.
+/// delivers the records it acked above an unsettled one again (delivery
+/// counts do not depend on the metadata).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_keeps_commit_metadata() {
     let Some(url) = url() else { return };
