@@ -102,6 +102,14 @@ pub trait Harness: Send + Sync + fmt::Debug {
         Duration::from_secs(180)
     }
 
+    /// A broker instance of the harness's own that the fault cases may
+    /// kill and restart ([`fault::PrivateBroker`]); `None` (the default)
+    /// where the broker cannot be restarted with its data (an emulator
+    /// that keeps everything in memory).
+    async fn private_broker(&self) -> Option<Box<dyn fault::PrivateBroker>> {
+        None
+    }
+
     /// A fresh name, unique per call, for a topic or subscription.
     fn unique(&self, prefix: &str) -> String {
         format!("sy-conf.{prefix}.{}", util::short_id())
@@ -232,6 +240,13 @@ macro_rules! conformance_tests {
     (crash $harness:path) => {
         $crate::conformance_tests!(@cases $harness, runtime;
             runtime_poison_message_dies_alone,
+        );
+    };
+    // The cases that kill a broker of the harness's own
+    // (`Harness::private_broker`).
+    (faults $harness:path) => {
+        $crate::conformance_tests!(@cases $harness, fault;
+            fault_broker_killed_twice,
         );
     };
     (@cases $harness:path, $module:ident; $($case:ident),* $(,)?) => {

@@ -166,6 +166,9 @@ pub(crate) enum Gate {
     Wait,
     /// After this journal write is confirmed.
     Record(Write),
+    /// Yes, and start this journal write (the next reservation, ahead of
+    /// need) without waiting for it.
+    Ahead(Write),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -185,6 +188,8 @@ pub(crate) struct Track {
     journal: Journal,
     /// The reservation confirmed in the journal.
     reserved: i64,
+    /// A reservation is being written.
+    reserving: bool,
     /// Records a reservation covers.
     reserve: i64,
     /// The journal's head as this owner last wrote it.
@@ -226,6 +231,7 @@ impl Track {
             prior,
             journal,
             reserved: journal.high,
+            reserving: false,
             reserve: i64::try_from(reserve.max(1)).unwrap_or(i64::MAX),
             recorded: None,
             out: 0,
@@ -295,16 +301,35 @@ impl Track {
             return Gate::Go;
         }
         if offset > self.reserved {
+            if self.reserving {
+                return Gate::Wait;
+            }
             return Gate::Record(Write::High(offset.saturating_add(self.reserve)));
+        }
+        if !self.reserving && offset.saturating_add(self.reserve / 2) > self.reserved {
+            return Gate::Ahead(Write::High(self.reserved.saturating_add(self.reserve)));
         }
         Gate::Go
     }
 
-    /// A journal write was confirmed.
-    pub(crate) fn recorded(&mut self, write: Write) {
+    /// A journal write is on its way (see [`Gate::Ahead`]).
+    pub(crate) fn recording(&mut self, write: Write) {
+        if matches!(write, Write::High(_)) {
+            self.reserving = true;
+        }
+    }
+
+    /// A journal write ended: confirmed (`true`) or failed.
+    pub(crate) fn recorded(&mut self, write: Write, confirmed: bool) {
         match write {
-            Write::Head { offset, n } => self.recorded = Some((offset, n)),
-            Write::High(h) => self.reserved = self.reserved.max(h),
+            Write::Head { offset, n } if confirmed => self.recorded = Some((offset, n)),
+            Write::Head { .. } => {}
+            Write::High(h) => {
+                self.reserving = false;
+                if confirmed {
+                    self.reserved = self.reserved.max(h);
+                }
+            }
         }
     }
 
@@ -434,16 +459,19 @@ mod tests {
     /// the gate asks for (into `journal`) first.
     fn hand(t: &mut Track, journal: &mut Journal, offset: i64, r: u32) {
         loop {
-            match t.gate(offset, r) {
+            let (w, go) = match t.gate(offset, r) {
                 Gate::Go => break,
                 Gate::Wait => panic!("{offset} must wait"),
-                Gate::Record(w) => {
-                    match w {
-                        Write::Head { offset, n } => (journal.head, journal.n) = (offset, n),
-                        Write::High(h) => journal.high = h,
-                    }
-                    t.recorded(w);
-                }
+                Gate::Record(w) => (w, false),
+                Gate::Ahead(w) => (w, true),
+            };
+            match w {
+                Write::Head { offset, n } => (journal.head, journal.n) = (offset, n),
+                Write::High(h) => journal.high = h,
+            }
+            t.recorded(w, true);
+            if go {
+                break;
             }
         }
         t.handed(offset, r);
@@ -482,17 +510,29 @@ mod tests {
 
     #[test]
     fn reservations_come_before_the_records_they_cover() {
-        let mut t = fresh(2);
-        for o in 0..4 {
+        let mut t = fresh(4);
+        for o in 0..10 {
             t.fetched(o);
         }
-        assert_eq!(t.gate(0, 0), Gate::Record(Write::High(2)));
-        t.recorded(Write::High(2));
+        assert_eq!(t.gate(0, 0), Gate::Record(Write::High(4)));
+        t.recorded(Write::High(4), true);
         for o in 0..3 {
             assert_eq!(t.gate(o, 0), Gate::Go);
             t.handed(o, 0);
         }
-        assert_eq!(t.gate(3, 0), Gate::Record(Write::High(5)));
+        // Past half the reservation the next one starts, without waiting.
+        assert_eq!(t.gate(3, 0), Gate::Ahead(Write::High(8)));
+        t.recording(Write::High(8));
+        t.handed(3, 0);
+        assert_eq!(t.gate(4, 0), Gate::Go);
+        t.handed(4, 0);
+        assert_eq!(t.gate(5, 0), Gate::Wait, "not covered until confirmed");
+        t.recorded(Write::High(8), false);
+        assert_eq!(
+            t.gate(5, 0),
+            Gate::Record(Write::High(9)),
+            "failed: asked again"
+        );
     }
 
     #[test]

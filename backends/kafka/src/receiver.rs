@@ -672,6 +672,24 @@ impl RecvInner {
     /// each partition's order); else a journal write one needs first, or
     /// nothing (and when the next held record is due).
     fn take(self: &Arc<Self>) -> std::result::Result<RawDelivery, Next> {
+        let (d, ahead) = self.take_one()?;
+        if let Some((part, epoch, write)) = ahead {
+            let inner = Arc::clone(self);
+            tokio::spawn(async move {
+                if let Err(e) = inner.record(part, epoch, write).await {
+                    tracing::debug!(error = %e, "kafka: a journal reservation ahead of need failed");
+                }
+                inner.wake.notify_one();
+            });
+        }
+        Ok(d)
+    }
+
+    /// [`take`](Self::take), and a journal write to start in the background.
+    #[allow(clippy::type_complexity)]
+    fn take_one(
+        self: &Arc<Self>,
+    ) -> std::result::Result<(RawDelivery, Option<(Part, u64, Write)>), Next> {
         let mut st = self.state();
         if st.closed || st.handed.len() >= self.prefetch {
             return Err(Next::Idle(None));
@@ -694,7 +712,11 @@ impl RecvInner {
                 }
                 Some(Gate::Go) => {
                     let a = st.held.pop().expect("peeked").0;
-                    return Ok(self.hand_out(&mut st, a));
+                    return Ok((self.hand_out(&mut st, a), None));
+                }
+                Some(Gate::Ahead(w)) => {
+                    let a = st.held.pop().expect("peeked").0;
+                    return Ok(self.hand_out_ahead(&mut st, a, w));
                 }
                 Some(Gate::Record(w)) => return Err(Next::Record(h.0.part, h.0.epoch, w)),
                 Some(Gate::Wait) => break,
@@ -712,14 +734,17 @@ impl RecvInner {
                 None => {
                     st.ready.remove(i);
                 }
-                Some(Gate::Go) => {
+                Some(gate @ (Gate::Go | Gate::Ahead(_))) => {
                     let a = st.ready.remove(i).expect("in range");
                     // The pump refills from half full: one wake-up per half
                     // prefetch of records, not one per record.
                     if st.ready.len() == self.prefetch / 2 {
                         self.space.notify_one();
                     }
-                    return Ok(self.hand_out(&mut st, a));
+                    return Ok(match gate {
+                        Gate::Ahead(w) => self.hand_out_ahead(&mut st, a, w),
+                        _ => (self.hand_out(&mut st, a), None),
+                    });
                 }
                 Some(Gate::Record(w)) => return Err(Next::Record(a.part, a.epoch, w)),
                 Some(Gate::Wait) => {
@@ -731,13 +756,27 @@ impl RecvInner {
         Err(Next::Idle(st.held.peek().map(|h| h.0.due_ms)))
     }
 
+    /// Hands out a record whose gate starts a journal write.
+    fn hand_out_ahead(
+        self: &Arc<Self>,
+        st: &mut State,
+        a: Admitted,
+        write: Write,
+    ) -> (RawDelivery, Option<(Part, u64, Write)>) {
+        let (part, epoch) = (a.part, a.epoch);
+        if let Some((_, track)) = st.tracks.get_mut(&part) {
+            track.recording(write);
+        }
+        (self.hand_out(st, a), Some((part, epoch, write)))
+    }
+
     /// Writes a journal entry (and, before a suspect, the partition's
     /// settled offsets), then lets the gate know.
     async fn record(self: &Arc<Self>, part: Part, epoch: u64, write: Write) -> Result<()> {
         let shared = Arc::clone(&self.shared);
         let consumer = self.consumer();
         let bound = self.broker.config.request_timeout;
-        blocking("writing the delivery journal", bound, move || {
+        let done = blocking("writing the delivery journal", bound, move || {
             if let (Write::Head { .. }, Some(c)) = (write, consumer) {
                 let tpl = shared.state().commit_list(&shared.names, Some(&[part]));
                 if tpl.count() > 0 {
@@ -750,13 +789,13 @@ impl RecvInner {
                 .write(&shared.names, part, write)
                 .map_err(|e| kafka_error("writing the delivery journal", e))
         })
-        .await?;
+        .await;
         if let Some((e, track)) = self.state().tracks.get_mut(&part)
             && *e == epoch
         {
-            track.recorded(write);
+            track.recorded(write, done.is_ok());
         }
-        Ok(())
+        done
     }
 
     async fn recv(self: &Arc<Self>) -> Option<Result<RawDelivery>> {

@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
-use switchyard_conformance::Harness;
+use switchyard_conformance::{
+    Harness,
+    fault::{BrokerProcess, PrivateBroker, free_port},
+};
 use switchyard_core::{Client, Result};
 
 mod specific;
@@ -26,6 +29,74 @@ impl Harness for KafkaHarness {
     fn receive_timeout(&self) -> Duration {
         // A new consumer first joins its group.
         Duration::from_secs(20)
+    }
+
+    async fn private_broker(&self) -> Option<Box<dyn PrivateBroker>> {
+        Some(Box::new(OwnTansu::start().await))
+    }
+}
+
+/// A tansu of the test's own (sqlite storage in its own directory), for the
+/// fault cases: the Kafka-compatible broker `scripts/brokers.sh` installs.
+struct OwnTansu {
+    process: BrokerProcess,
+}
+
+impl OwnTansu {
+    async fn start() -> Self {
+        let bin = std::env::var_os("SWITCHYARD_TANSU").unwrap_or_else(|| "tansu".into());
+        let port = free_port().expect("a spare port");
+        let dir = std::env::temp_dir().join(format!("switchyard-tansu-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let url = format!("tcp://127.0.0.1:{port}");
+        let mut process = BrokerProcess::new(bin, port, &dir);
+        process
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "sqlite://tansu.db"]);
+        let mut own = Self { process };
+        own.boot().await;
+        own
+    }
+
+    async fn boot(&mut self) {
+        self.process
+            .start(Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("a private tansu: {e}"));
+    }
+}
+
+#[async_trait::async_trait]
+impl PrivateBroker for OwnTansu {
+    async fn client(&self) -> Result<Client> {
+        switchyard_kafka::connect(&format!(
+            "kafka://127.0.0.1:{}?session.timeout.ms=6000&heartbeat.interval.ms=1000",
+            self.process.port()
+        ))
+        .await
+    }
+
+    fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    async fn restart(&mut self) {
+        self.boot().await;
+    }
+}
+
+impl Drop for OwnTansu {
+    fn drop(&mut self) {
+        self.process.kill();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(self.process.dir());
+        }
     }
 }
 
@@ -50,3 +121,4 @@ async fn crash_harness() -> Option<KafkaHarness> {
 }
 
 switchyard_conformance::conformance_tests!(crash crash_harness);
+switchyard_conformance::conformance_tests!(faults harness);

@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
-use switchyard_conformance::Harness;
+use switchyard_conformance::{
+    Harness,
+    fault::{BrokerProcess, PrivateBroker, free_port},
+};
 use switchyard_core::{Client, Result};
 
 mod specific;
@@ -30,6 +33,66 @@ impl Harness for NatsHarness {
     fn slack(&self) -> Duration {
         Duration::from_millis(1500)
     }
+
+    async fn private_broker(&self) -> Option<Box<dyn PrivateBroker>> {
+        Some(Box::new(OwnNats::start().await))
+    }
+}
+
+/// A nats-server of the test's own (JetStream, file storage in its own
+/// directory), for the fault cases.
+struct OwnNats {
+    process: BrokerProcess,
+}
+
+impl OwnNats {
+    async fn start() -> Self {
+        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or("nats-server");
+        let port = free_port().expect("a spare port");
+        let dir = std::env::temp_dir().join(format!("switchyard-nats-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut process = BrokerProcess::new(bin, port, &dir);
+        process
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir.join("store"));
+        let mut own = Self { process };
+        own.boot().await;
+        own
+    }
+
+    async fn boot(&mut self) {
+        self.process
+            .start(Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|e| panic!("a private nats-server: {e}"));
+    }
+}
+
+#[async_trait::async_trait]
+impl PrivateBroker for OwnNats {
+    async fn client(&self) -> Result<Client> {
+        switchyard_nats::connect(&format!("nats://127.0.0.1:{}", self.process.port())).await
+    }
+
+    fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    async fn restart(&mut self) {
+        self.boot().await;
+    }
+}
+
+impl Drop for OwnNats {
+    fn drop(&mut self) {
+        self.process.kill();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(self.process.dir());
+        }
+    }
 }
 
 async fn harness() -> Option<NatsHarness> {
@@ -38,3 +101,4 @@ async fn harness() -> Option<NatsHarness> {
 
 switchyard_conformance::conformance_tests!(harness);
 switchyard_conformance::conformance_tests!(crash harness);
+switchyard_conformance::conformance_tests!(faults harness);

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use switchyard_conformance::Harness;
+use switchyard_conformance::{Harness, fault::PrivateBroker};
 use switchyard_core::{Client, Result};
 
 mod node;
@@ -31,6 +31,10 @@ impl Harness for RabbitHarness {
     fn slack(&self) -> Duration {
         Duration::from_millis(1500)
     }
+
+    async fn private_broker(&self) -> Option<Box<dyn PrivateBroker>> {
+        Some(Box::new(node::Node::start().await?))
+    }
 }
 
 /// Test queues go away two minutes after their last use (`x-expires`; no
@@ -52,3 +56,4 @@ async fn harness() -> Option<RabbitHarness> {
 
 switchyard_conformance::conformance_tests!(harness);
 switchyard_conformance::conformance_tests!(crash harness);
+switchyard_conformance::conformance_tests!(faults harness);

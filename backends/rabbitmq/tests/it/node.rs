@@ -6,7 +6,8 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use switchyard_conformance::fault::{BrokerProcess, free_port};
+use switchyard_conformance::fault::{BrokerProcess, PrivateBroker, free_port};
+use switchyard_core::{Client, Result};
 
 /// How long a node may take to boot (about 5 s here).
 const BOOT: Duration = Duration::from_secs(60);
@@ -103,6 +104,21 @@ impl Node {
     /// Starts the node again on the same port and data.
     pub(crate) async fn restart(&mut self) {
         self.boot().await;
+    }
+}
+
+#[async_trait::async_trait]
+impl PrivateBroker for Node {
+    async fn client(&self) -> Result<Client> {
+        switchyard_rabbitmq::connect(&super::with_expiry(&self.url())).await
+    }
+
+    fn kill(&mut self) {
+        Node::kill(self);
+    }
+
+    async fn restart(&mut self) {
+        Node::restart(self).await;
     }
 }
 
