@@ -312,6 +312,17 @@ impl Track {
         Gate::Go
     }
 
+    /// The reservation to write when the partition is assigned, before
+    /// anything is fetched (so the first records need not wait for it);
+    /// `None` when the start is unknown or the journal covers it already.
+    pub(crate) fn first_reservation(&self) -> Option<i64> {
+        let high = self
+            .start?
+            .saturating_add(self.reserve - 1)
+            .max(self.journal.high);
+        (high > self.reserved).then_some(high)
+    }
+
     /// A journal write is on its way (see [`Gate::Ahead`]).
     pub(crate) fn recording(&mut self, write: Write) {
         if matches!(write, Write::High(_)) {
@@ -532,6 +543,27 @@ mod tests {
             t.gate(5, 0),
             Gate::Record(Write::High(9)),
             "failed: asked again"
+        );
+    }
+
+    #[test]
+    fn an_assignment_reserves_ahead_of_its_first_fetch() {
+        let mut t = Track::new(Some(10), "", Journal::default(), 4);
+        assert_eq!(t.first_reservation(), Some(13));
+        t.recorded(Write::High(13), true);
+        assert_eq!(t.first_reservation(), None);
+        t.fetched(10);
+        assert_eq!(t.gate(10, 0), Gate::Go);
+        let suspects = Journal {
+            head: -1,
+            n: 0,
+            high: 40,
+        };
+        let t = Track::new(Some(10), "", suspects, 4);
+        assert_eq!(t.first_reservation(), None, "never below the journal's");
+        assert_eq!(
+            Track::new(None, "", Journal::default(), 4).first_reservation(),
+            None
         );
     }
 

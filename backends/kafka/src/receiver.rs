@@ -337,6 +337,19 @@ impl JournalGroups {
         consumer.commit(&tpl, CommitMode::Sync)
     }
 
+    /// Writes several partitions' reservations at once (blocking).
+    fn write_highs(
+        &self,
+        names: &Names,
+        highs: &[(Part, i64)],
+    ) -> std::result::Result<(), KafkaError> {
+        let mut tpl = TopicPartitionList::new();
+        for &(part, h) in highs {
+            tpl.add_partition_offset(names.of(part.0), part.1, Offset::Offset(h))?;
+        }
+        self.highs.commit(&tpl, CommitMode::Sync)
+    }
+
     /// Gives back the unused reservations of partitions a clean stop or a
     /// revoke lets go (blocking; a failure only costs their records an
     /// attempt).
@@ -434,6 +447,30 @@ impl ConsumerContext for Ctx {
                     Track::new(offset, e.metadata(), j, self.shared.reserve),
                 ),
             );
+        }
+        // The first reservations, in one write, before anything is fetched.
+        let first: Vec<(Part, u64, i64)> = st
+            .tracks
+            .iter()
+            .filter_map(|(p, (e, t))| t.first_reservation().map(|h| (*p, *e, h)))
+            .collect();
+        drop(st);
+        let confirmed = if first.is_empty() {
+            Ok(())
+        } else {
+            let highs: Vec<(Part, i64)> = first.iter().map(|&(p, _, h)| (p, h)).collect();
+            self.shared.journal.write_highs(names, &highs)
+        };
+        if let Err(e) = &confirmed {
+            tracing::debug!(error = %e, "kafka: reserving in the delivery journal failed; asked again on fetch");
+        }
+        let mut st = self.shared.state();
+        for (p, epoch, h) in first {
+            if let Some((e, t)) = st.tracks.get_mut(&p)
+                && *e == epoch
+            {
+                t.recorded(Write::High(h), confirmed.is_ok());
+            }
         }
         st.assigned = true;
     }
