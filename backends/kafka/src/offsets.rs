@@ -306,7 +306,9 @@ impl Track {
             }
             return Gate::Record(Write::High(offset.saturating_add(self.reserve)));
         }
-        if !self.reserving && offset.saturating_add(self.reserve / 2) > self.reserved {
+        // Always one reservation on its way while the last quarter of the
+        // current one goes out.
+        if !self.reserving && offset.saturating_add(self.reserve * 3 / 4) > self.reserved {
             return Gate::Ahead(Write::High(self.reserved.saturating_add(self.reserve)));
         }
         Gate::Go
@@ -527,16 +529,19 @@ mod tests {
         }
         assert_eq!(t.gate(0, 0), Gate::Record(Write::High(4)));
         t.recorded(Write::High(4), true);
-        for o in 0..3 {
+        for o in 0..2 {
             assert_eq!(t.gate(o, 0), Gate::Go);
             t.handed(o, 0);
         }
-        // Past half the reservation the next one starts, without waiting.
-        assert_eq!(t.gate(3, 0), Gate::Ahead(Write::High(8)));
+        // Past a quarter of the reservation the next one starts, without
+        // waiting.
+        assert_eq!(t.gate(2, 0), Gate::Ahead(Write::High(8)));
         t.recording(Write::High(8));
-        t.handed(3, 0);
-        assert_eq!(t.gate(4, 0), Gate::Go);
-        t.handed(4, 0);
+        t.handed(2, 0);
+        for o in 3..5 {
+            assert_eq!(t.gate(o, 0), Gate::Go);
+            t.handed(o, 0);
+        }
         assert_eq!(t.gate(5, 0), Gate::Wait, "not covered until confirmed");
         t.recorded(Write::High(8), false);
         assert_eq!(
@@ -578,18 +583,18 @@ mod tests {
         }
         a.settle(2);
         let (w, meta) = a.commit_point().unwrap();
-        assert_eq!((w, j.high), (0, 8));
+        assert_eq!((w, j.high), (0, 16), "reserved ahead once");
         // Second owner: everything up to the reservation is a suspect.
         let mut b = Track::new(Some(w), &meta, j, 8);
         assert_eq!(b.fetched(0), Some(1));
         assert_eq!(b.fetched(1), Some(1));
         assert_eq!(b.fetched(2), None, "acked before");
         assert_eq!(b.fetched(3), Some(1));
-        assert_eq!(b.fetched(9), Some(0), "above the reservation: new");
+        assert_eq!(b.fetched(17), Some(0), "above the reservation: new");
         assert_eq!(b.gate(0, 1), Gate::Record(Write::Head { offset: 0, n: 2 }));
         hand(&mut b, &mut j, 0, 1);
         assert_eq!(b.gate(1, 1), Gate::Wait, "one suspect at a time");
-        assert_eq!(b.gate(9, 0), Gate::Wait, "nothing overtakes a suspect");
+        assert_eq!(b.gate(17, 0), Gate::Wait, "nothing overtakes a suspect");
         b.settle(0);
         assert_eq!(b.gate(1, 1), Gate::Record(Write::Head { offset: 1, n: 2 }));
     }

@@ -46,8 +46,11 @@ const REAP_RETRY: Duration = Duration::from_secs(1);
 const MAX_HELD: usize = 10_000;
 /// Most records the pump admits at once (those librdkafka already has).
 const PUMP_RUN: usize = 64;
-/// Fewest records one journal reservation covers (else the prefetch).
-const MIN_RESERVE: usize = 16;
+/// Fewest records one journal reservation covers (else four prefetches:
+/// what a crash can cost one attempt each, handed out one at a time by the
+/// next owner; large enough that reserving ahead keeps up with the fastest
+/// consumer).
+const MIN_RESERVE: usize = 64;
 /// Pause before a failed journal write is tried again.
 const JOURNAL_RETRY: Duration = Duration::from_millis(200);
 
@@ -270,7 +273,8 @@ impl Shared {
 
 /// The two consumer groups whose committed offsets are a subscription's
 /// journal: `heads` holds each partition's [`Journal::pack_head`],
-/// `highs` its reservation. Neither ever has a member.
+/// `highs` its reservation plus one (librdkafka does not commit negative,
+/// logical offsets). Neither ever has a member.
 struct JournalGroups {
     heads: BaseConsumer,
     highs: BaseConsumer,
@@ -313,7 +317,8 @@ impl JournalGroups {
                 if heads {
                     (j.head, j.n) = Journal::unpack_head(v);
                 } else {
-                    j.high = v;
+                    // Stored one past: a committed offset is never negative.
+                    j.high = v - 1;
                 }
             }
         }
@@ -330,7 +335,7 @@ impl JournalGroups {
     ) -> std::result::Result<(), KafkaError> {
         let (consumer, value) = match write {
             Write::Head { offset, n } => (&self.heads, Journal::pack_head(offset, n)),
-            Write::High(h) => (&self.highs, h),
+            Write::High(h) => (&self.highs, h.saturating_add(1).max(0)),
         };
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(names.of(part.0), part.1, Offset::Offset(value))?;
@@ -345,7 +350,11 @@ impl JournalGroups {
     ) -> std::result::Result<(), KafkaError> {
         let mut tpl = TopicPartitionList::new();
         for &(part, h) in highs {
-            tpl.add_partition_offset(names.of(part.0), part.1, Offset::Offset(h))?;
+            tpl.add_partition_offset(
+                names.of(part.0),
+                part.1,
+                Offset::Offset(h.saturating_add(1).max(0)),
+            )?;
         }
         self.highs.commit(&tpl, CommitMode::Sync)
     }
@@ -545,7 +554,7 @@ impl KafkaReceiver {
             state: Mutex::new(State::default()),
             request_timeout: config.request_timeout,
             journal: JournalGroups::open(config, &group)?,
-            reserve: options.prefetch_limit().max(MIN_RESERVE),
+            reserve: options.prefetch_limit().saturating_mul(4).max(MIN_RESERVE),
         });
         let consumer: KConsumer = cc
             .create_with_context(Ctx {
