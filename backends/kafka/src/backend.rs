@@ -73,6 +73,13 @@ pub(crate) fn kafka_error(what: &str, e: KafkaError) -> Error {
                         | RDKafkaErrorCode::CoordinatorNotAvailable
                         | RDKafkaErrorCode::NotCoordinator
                         | RDKafkaErrorCode::RebalanceInProgress
+                        | RDKafkaErrorCode::KafkaStorageError
+                        // UNKNOWN_SERVER_ERROR: the broker failed the
+                        // request unexpectedly (tansu answers produces so
+                        // while it restarts); nothing was stored, and a
+                        // retry with the same id cannot lose or reorder
+                        // more than at-least-once allows.
+                        | RDKafkaErrorCode::Unknown
                 )
             );
             Error::broker(text, retryable, Some(Box::new(e)))
