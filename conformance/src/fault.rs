@@ -28,6 +28,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// `sh -c` script: `$1` is the test process, the rest the broker's command.
+const WATCHDOG: &str = r#"parent=$1; shift
+broker=$$
+( while kill -0 "$parent" 2>/dev/null && kill -0 "$broker" 2>/dev/null; do sleep 1; done
+  kill -0 "$parent" 2>/dev/null || kill -9 "$broker" 2>/dev/null ) </dev/null >/dev/null 2>&1 &
+exec "$@""#;
+
 /// A loopback TCP port nothing listens on now (the OS picks it; a
 /// following bind by another process may still race for it).
 ///
@@ -121,7 +128,16 @@ impl BrokerProcess {
             .create(true)
             .append(true)
             .open(self.log_path())?;
-        let child = Command::new(&self.program)
+        // `sh` execs the broker (its PID stays the child's, so a kill is the
+        // broker's crash) after starting a watchdog that kills it once this
+        // test process is gone: a test killed by a signal (Ctrl-C, a CI
+        // timeout) leaves no broker behind. The watchdog ends with either.
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(WATCHDOG)
+            .arg("sh")
+            .arg(std::process::id().to_string())
+            .arg(&self.program)
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .current_dir(&self.dir)
