@@ -333,13 +333,15 @@ impl JournalGroups {
         part: Part,
         write: Write,
     ) -> std::result::Result<(), KafkaError> {
-        let (consumer, value) = match write {
-            Write::Head { offset, n } => (&self.heads, Journal::pack_head(offset, n)),
-            Write::High(h) => (&self.highs, h.saturating_add(1).max(0)),
-        };
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(names.of(part.0), part.1, Offset::Offset(value))?;
-        consumer.commit(&tpl, CommitMode::Sync)
+        match write {
+            Write::Head { offset, n } => {
+                let mut tpl = TopicPartitionList::new();
+                let value = Journal::pack_head(offset, n);
+                tpl.add_partition_offset(names.of(part.0), part.1, Offset::Offset(value))?;
+                self.heads.commit(&tpl, CommitMode::Sync)
+            }
+            Write::High(h) => self.write_highs(names, &[(part, h)]),
+        }
     }
 
     /// Writes several partitions' reservations at once (blocking).
@@ -363,10 +365,12 @@ impl JournalGroups {
     /// revoke lets go (blocking; a failure only costs their records an
     /// attempt).
     fn release(&self, names: &Names, releases: &[(Part, i64)]) {
-        for &(part, high) in releases {
-            if let Err(e) = self.write(names, part, Write::High(high)) {
-                tracing::debug!(error = %e, "kafka: giving back a journal reservation failed");
-            }
+        if releases.is_empty() {
+            return;
+        }
+        // One commit for all of them, as at assignment.
+        if let Err(e) = self.write_highs(names, releases) {
+            tracing::debug!(error = %e, "kafka: giving back journal reservations failed");
         }
     }
 }
