@@ -28,6 +28,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod link;
+
+pub use link::Link;
+
 /// `sh -c` script: `$1` is the test process, the rest the broker's command.
 const WATCHDOG: &str = r#"parent=$1; shift
 broker=$$
@@ -229,6 +233,105 @@ pub trait PrivateBroker: Send + Sync {
     async fn restart(&mut self);
 }
 
+/// The broker under test reached through a [`Link`] of the harness's own,
+/// for the network fault cases
+/// ([`Harness::linked`](crate::Harness::linked)).
+#[async_trait::async_trait]
+pub trait Linked: Send + Sync {
+    /// The link every connection of [`client`](Linked::client) goes
+    /// through.
+    fn link(&self) -> &Link;
+
+    /// A new client whose connections all go through the link.
+    ///
+    /// # Errors
+    ///
+    /// When the broker cannot be reached.
+    async fn client(&self) -> switchyard_core::Result<switchyard_core::Client>;
+
+    /// The longest one `publish`, `ack`, subscription `close` or client
+    /// `close` of such a client may take while the link is dead: what its
+    /// configured timeouts promise, with some slack.
+    fn bound(&self) -> Duration;
+}
+
+/// A [`Linked`] made of a [`Link`] and a function that connects a client to
+/// an address (the link's): what most harnesses need.
+///
+/// ```no_run
+/// # async fn demo() -> std::io::Result<()> {
+/// use std::time::Duration;
+/// use switchyard_conformance::fault::{Link, Via};
+///
+/// let link = Link::start(0, "127.0.0.1:4222".parse().unwrap()).await?;
+/// let linked = Via::new(link, Duration::from_secs(5), |addr| async move {
+///     unimplemented!("connect a client to {addr}, with timeouts below the bound")
+/// });
+/// # Ok(()) }
+/// ```
+pub struct Via {
+    link: Link,
+    bound: Duration,
+    connect: Box<dyn Fn(std::net::SocketAddr) -> ConnectFuture + Send + Sync>,
+    keep: Option<Box<dyn Send + Sync>>,
+}
+
+type ConnectFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = switchyard_core::Result<switchyard_core::Client>> + Send>,
+>;
+
+impl Via {
+    /// Clients made by `connect(link.addr())`, each operation bounded by
+    /// `bound` while the link is dead.
+    pub fn new<F, Fut>(link: Link, bound: Duration, connect: F) -> Self
+    where
+        F: Fn(std::net::SocketAddr) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = switchyard_core::Result<switchyard_core::Client>>
+            + Send
+            + 'static,
+    {
+        Self {
+            link,
+            bound,
+            connect: Box::new(move |addr| Box::pin(connect(addr))),
+            keep: None,
+        }
+    }
+
+    /// Keeps `guard` (e.g. a broker process the link leads to) alive as
+    /// long as this value.
+    #[must_use]
+    pub fn keeping(mut self, guard: impl Send + Sync + 'static) -> Self {
+        self.keep = Some(Box::new(guard));
+        self
+    }
+}
+
+impl std::fmt::Debug for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Via")
+            .field("link", &self.link)
+            .field("bound", &self.bound)
+            .field("keeps", &self.keep.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait::async_trait]
+impl Linked for Via {
+    fn link(&self) -> &Link {
+        &self.link
+    }
+
+    async fn client(&self) -> switchyard_core::Result<switchyard_core::Client> {
+        (self.connect)(self.link.addr()).await
+    }
+
+    fn bound(&self) -> Duration {
+        self.bound
+    }
+}
+
 /// Fault case: the broker is killed (`SIGKILL`) and restarted twice while
 /// one long-lived [`Client`](switchyard_core::Client) publishes at a steady
 /// rate (retrying a failed publish with the same id, as a careful
@@ -243,20 +346,7 @@ pub trait PrivateBroker: Send + Sync {
 ///
 /// When a confirmed message is lost or a bound is exceeded.
 pub async fn fault_broker_killed_twice(h: &dyn crate::Harness) -> crate::Outcome {
-    use std::{
-        collections::HashMap,
-        sync::{Arc, Mutex},
-    };
-
-    use switchyard_core::{
-        Message, SubscribeOptions,
-        consumer::{Backoff, Consumer},
-    };
-
-    const N: usize = 1500;
-    const EVERY: Duration = Duration::from_millis(5);
     const DOWN: Duration = Duration::from_secs(2);
-    const BOUND: Duration = Duration::from_secs(90);
 
     let Some(mut broker) = h.private_broker().await else {
         return crate::Outcome::Skipped("the harness has no private broker".into());
@@ -266,119 +356,12 @@ pub async fn fault_broker_killed_twice(h: &dyn crate::Harness) -> crate::Outcome
         .await
         .expect("connect to the private broker");
     let topic = h.unique("fault-kill");
-    let (runtime_opts, raw_opts) = (
-        SubscribeOptions::new("runtime"),
-        SubscribeOptions::new("raw"),
-    );
-    client
-        .ensure_subscription(&topic, &runtime_opts)
-        .await
-        .unwrap();
-    client.ensure_subscription(&topic, &raw_opts).await.unwrap();
+    let flow = Flow::prepare(&client, &topic).await;
     // RabbitMQ 3.10 loses a quorum queue declared within about 3 s of a
     // kill (see the RabbitMQ backend's docs); no broker is killed sooner,
     // with room for a loaded machine.
     tokio::time::sleep(Duration::from_secs(6)).await;
-
-    type Seen = Arc<Mutex<HashMap<String, u32>>>;
-    let (by_runtime, by_raw): (Seen, Seen) = Default::default();
-    let stop = Stop::default();
-    let runtime = {
-        let sub = client.subscribe(&topic, runtime_opts).await.unwrap();
-        let seen = Arc::clone(&by_runtime);
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            Consumer::new()
-                .concurrency(8)
-                .backoff(Backoff::new(
-                    Duration::from_millis(100),
-                    Duration::from_secs(1),
-                ))
-                .shutdown_timeout(Duration::from_secs(2))
-                .run(
-                    sub,
-                    move |ctx| {
-                        let seen = Arc::clone(&seen);
-                        async move {
-                            *seen
-                                .lock()
-                                .unwrap()
-                                .entry(ctx.message.id().to_owned())
-                                .or_default() += 1;
-                            Ok(())
-                        }
-                    },
-                    async move { stop.wait().await },
-                )
-                .await
-        })
-    };
-    let raw = {
-        let mut sub = client.subscribe(&topic, raw_opts).await.unwrap();
-        let seen = Arc::clone(&by_raw);
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut errors = 0u32;
-            loop {
-                let next = tokio::select! {
-                    () = stop.wait() => break,
-                    next = sub.recv() => next,
-                };
-                match next {
-                    Ok(d) => {
-                        *seen
-                            .lock()
-                            .unwrap()
-                            .entry(d.message().id().to_owned())
-                            .or_default() += 1;
-                        // An ack lost with the connection comes back.
-                        let _ = d.ack().await;
-                    }
-                    Err(e) if e.is_retryable() => {
-                        errors += 1;
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    Err(e) => panic!("raw recv failed for good: {e}"),
-                }
-            }
-            let _ = sub.close().await;
-            errors
-        })
-    };
-    let publisher = {
-        let client = client.clone();
-        let topic = topic.clone();
-        tokio::spawn(async move {
-            let start = Instant::now();
-            let mut confirmed = Vec::with_capacity(N);
-            let mut failures = 0u32;
-            let mut last_ok = Vec::new();
-            for i in 0..N {
-                let id = format!("m{i:05}");
-                loop {
-                    assert!(
-                        start.elapsed() < BOUND,
-                        "publishing {id} did not succeed within {BOUND:?}"
-                    );
-                    let attempt = Instant::now();
-                    match client.publish(&topic, Message::new("x").with_id(&id)).await {
-                        Ok(()) => {
-                            last_ok.push((attempt, Instant::now()));
-                            break;
-                        }
-                        Err(e) => {
-                            assert!(e.is_retryable(), "publish failed for good: {e}");
-                            failures += 1;
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                    }
-                }
-                confirmed.push(id);
-                tokio::time::sleep(EVERY).await;
-            }
-            (confirmed, failures, last_ok)
-        })
-    };
+    let flow = flow.start(&client, &topic, 1500).await;
 
     let mut restarts = Vec::new();
     for _ in 0..2 {
@@ -388,61 +371,436 @@ pub async fn fault_broker_killed_twice(h: &dyn crate::Harness) -> crate::Outcome
         broker.restart().await;
         restarts.push(Instant::now());
     }
-    let (confirmed, failures, oks) = publisher.await.expect("the publisher");
-    // Seconds from each restart until the next publish confirmed.
-    let recovery: Vec<f64> = restarts
-        .iter()
-        .map(|r| {
-            oks.iter()
-                .find(|(_, done)| done >= r)
-                .map_or(f64::NAN, |(_, done)| done.duration_since(*r).as_secs_f64())
-        })
-        .collect();
-    let deadline = Instant::now() + BOUND;
-    let missing = |seen: &Seen| -> Vec<String> {
-        let seen = seen.lock().unwrap();
-        confirmed
-            .iter()
-            .filter(|id| !seen.contains_key(*id))
-            .cloned()
-            .collect()
+    let end = flow.finish(&restarts).await;
+    end.report("fault_broker_killed_twice", "the restarts");
+    end.assert_nothing_lost("two broker kills");
+    let _ = client.close().await;
+    crate::Outcome::Passed
+}
+
+/// Fault case: the same flow as [`fault_broker_killed_twice`] through a
+/// [`Link`] that is reset for 10 s (every connection closed with `RST`,
+/// new ones too) and later blackholed for 10 s (nothing passes, nothing
+/// closes). Meanwhile no `publish` and no `ack` takes longer than the
+/// harness's [`Linked::bound`], and a second client closes a subscription
+/// and itself inside the blackhole within the bound too; once the link is
+/// back, publishing and both subscriptions resume by themselves and every
+/// confirmed message arrives.
+///
+/// # Panics
+///
+/// When a confirmed message is lost or a bound is exceeded.
+pub async fn fault_link_reset_then_blackhole(h: &dyn crate::Harness) -> crate::Outcome {
+    use switchyard_core::SubscribeOptions;
+
+    const FAULT: Duration = Duration::from_secs(10);
+
+    let Some(linked) = h.linked().await else {
+        return crate::Outcome::Skipped("the harness has no cuttable link".into());
     };
-    while (!missing(&by_runtime).is_empty() || !missing(&by_raw).is_empty())
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let bound = linked.bound();
+    let client = linked.client().await.expect("connect through the link");
+    let closer = linked.client().await.expect("connect through the link");
+    let topic = h.unique("fault-link");
+    let flow = Flow::prepare(&client, &topic).await;
+    let closing_opts = SubscribeOptions::new("closing");
+    closer
+        .ensure_subscription(&topic, &closing_opts)
+        .await
+        .unwrap();
+    let mut closing = closer.subscribe(&topic, closing_opts).await.unwrap();
+    let flow = flow.start(&client, &topic, 100_000).await;
+    // The closing subscription is live: it has delivered.
+    let first = tokio::time::timeout(h.receive_timeout(), closing.recv())
+        .await
+        .expect("the closing subscription delivers before the faults")
+        .expect("the closing subscription delivers before the faults");
+    if !flow.fan_out {
+        // It took its message from the flow's queue.
+        flow.seen_by_raw(first.message().id());
     }
-    stop.set();
-    let report = runtime.await.expect("the consumer task");
-    let raw_errors = raw.await.expect("the raw receiver");
-    for (name, seen) in [("Consumer", &by_runtime), ("Subscription", &by_raw)] {
-        let lost = missing(seen);
-        let dups: u32 = seen.lock().unwrap().values().map(|n| n - 1).sum();
-        let _ = writeln!(
-            std::io::stderr(),
-            "fault_broker_killed_twice [{name}]: {N} published, {} confirmed, {} lost, {dups} \
-             duplicates; {failures} failed publishes retried; publishing back {recovery:.1?} s \
-             after the restarts",
-            confirmed.len(),
-            lost.len(),
-        );
-        assert!(
-            lost.is_empty(),
-            "{name} lost {} of {} confirmed messages through two broker kills, e.g. {:?}",
-            lost.len(),
-            confirmed.len(),
-            &lost[..lost.len().min(5)]
-        );
-    }
-    let report = report.expect("the Consumer keeps running through broker kills");
+    first.ack().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let link = linked.link();
+    link.reset();
+    tokio::time::sleep(FAULT).await;
+    link.heal();
+    let mut heals = vec![Instant::now()];
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    link.blackhole();
+    let blackholed = tokio::time::Instant::now();
+    tokio::time::sleep(FAULT / 2).await;
+    // A shutdown while the network is dead: bounded, not a hang.
+    let started = Instant::now();
+    let closed = tokio::time::timeout(bound, closing.close()).await;
+    let sub_close = started.elapsed();
+    assert!(
+        closed.is_ok(),
+        "closing a subscription took longer than {bound:?} while the link was blackholed"
+    );
+    let started = Instant::now();
+    let closed = tokio::time::timeout(bound, closer.close()).await;
+    let client_close = started.elapsed();
+    assert!(
+        closed.is_ok(),
+        "closing a client took longer than {bound:?} while the link was blackholed"
+    );
+    tokio::time::sleep_until(blackholed + FAULT).await;
+    link.heal();
+    heals.push(Instant::now());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    flow.publishing.set();
+    let end = flow.finish(&heals).await;
+    end.report("fault_link_reset_then_blackhole", "the link healed");
     let _ = writeln!(
         std::io::stderr(),
-        "fault_broker_killed_twice: the Consumer acked {}, the Subscription saw {raw_errors} \
-         retryable errors",
-        report.acked
+        "fault_link_reset_then_blackhole: longest publish {:.1?}, longest ack {:.1?}; closing a \
+         subscription took {sub_close:.1?} and a client {client_close:.1?} inside the blackhole \
+         (bound {bound:?})",
+        end.longest_publish,
+        end.longest_ack,
+    );
+    end.assert_nothing_lost("a reset and a blackhole of the link");
+    assert!(
+        end.longest_publish <= bound,
+        "a publish took {:?} while the link was dead (bound {bound:?})",
+        end.longest_publish
+    );
+    assert!(
+        end.longest_ack <= bound,
+        "an ack took {:?} while the link was dead (bound {bound:?})",
+        end.longest_ack
     );
     let _ = client.close().await;
     crate::Outcome::Passed
+}
+
+/// Ids seen by one subscription, with how often.
+type Seen = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>;
+
+/// The fault cases' traffic: a publisher, a `Consumer` and a raw
+/// `Subscription` on one topic.
+struct Flow {
+    /// Whether each subscription gets every message.
+    fan_out: bool,
+    by_runtime: Seen,
+    by_raw: Seen,
+    stop: Stop,
+    publishing: Stop,
+    runtime: tokio::task::JoinHandle<switchyard_core::Result<switchyard_core::consumer::Report>>,
+    raw: tokio::task::JoinHandle<(u32, Duration)>,
+    publisher: tokio::task::JoinHandle<Published>,
+}
+
+/// The flow's two subscriptions, declared.
+struct Prepared;
+
+struct Published {
+    confirmed: Vec<String>,
+    failures: u32,
+    /// When each confirmed publish returned.
+    oks: Vec<Instant>,
+    longest: Duration,
+}
+
+/// What a flow saw, once everything confirmed arrived (or the bound ran
+/// out).
+struct End {
+    published: Published,
+    groups: Vec<Group>,
+    /// Seconds from each fault's end until the next confirmed publish.
+    recovery: Vec<f64>,
+    raw_errors: u32,
+    acked: u64,
+    longest_publish: Duration,
+    longest_ack: Duration,
+}
+
+/// The longest a fault case waits for publishing or delivery to finish.
+const FLOW_BOUND: Duration = Duration::from_secs(90);
+const RUNTIME: &str = "runtime";
+const RAW: &str = "raw";
+
+impl Flow {
+    async fn prepare(client: &switchyard_core::Client, topic: &str) -> Prepared {
+        use switchyard_core::SubscribeOptions;
+        for name in [RUNTIME, RAW] {
+            client
+                .ensure_subscription(topic, &SubscribeOptions::new(name))
+                .await
+                .unwrap();
+        }
+        Prepared
+    }
+}
+
+impl Prepared {
+    /// Subscribes both and publishes up to `n` messages, one every 5 ms,
+    /// until [`Flow::publishing`] is set.
+    async fn start(self, client: &switchyard_core::Client, topic: &str, n: usize) -> Flow {
+        use switchyard_core::{
+            Message, SubscribeOptions,
+            consumer::{Backoff, Consumer},
+        };
+
+        let (by_runtime, by_raw): (Seen, Seen) = Default::default();
+        let (stop, publishing) = (Stop::default(), Stop::default());
+        let runtime = {
+            let sub = client
+                .subscribe(topic, SubscribeOptions::new(RUNTIME))
+                .await
+                .unwrap();
+            let seen = std::sync::Arc::clone(&by_runtime);
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                Consumer::new()
+                    .concurrency(8)
+                    .backoff(Backoff::new(
+                        Duration::from_millis(100),
+                        Duration::from_secs(1),
+                    ))
+                    .shutdown_timeout(Duration::from_secs(2))
+                    .run(
+                        sub,
+                        move |ctx| {
+                            let seen = std::sync::Arc::clone(&seen);
+                            async move {
+                                *seen
+                                    .lock()
+                                    .unwrap()
+                                    .entry(ctx.message.id().to_owned())
+                                    .or_default() += 1;
+                                Ok(())
+                            }
+                        },
+                        async move { stop.wait().await },
+                    )
+                    .await
+            })
+        };
+        let raw = {
+            let mut sub = client
+                .subscribe(topic, SubscribeOptions::new(RAW))
+                .await
+                .unwrap();
+            let seen = std::sync::Arc::clone(&by_raw);
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let (mut errors, mut longest_ack) = (0u32, Duration::ZERO);
+                loop {
+                    let next = tokio::select! {
+                        () = stop.wait() => break,
+                        next = sub.recv() => next,
+                    };
+                    match next {
+                        Ok(d) => {
+                            *seen
+                                .lock()
+                                .unwrap()
+                                .entry(d.message().id().to_owned())
+                                .or_default() += 1;
+                            // An ack lost with the connection comes back.
+                            let started = Instant::now();
+                            let _ = d.ack().await;
+                            longest_ack = longest_ack.max(started.elapsed());
+                        }
+                        Err(e) if e.is_retryable() => {
+                            errors += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Err(e) => panic!("raw recv failed for good: {e}"),
+                    }
+                }
+                let _ = sub.close().await;
+                (errors, longest_ack)
+            })
+        };
+        let publisher = {
+            let client = client.clone();
+            let topic = topic.to_owned();
+            let publishing = publishing.clone();
+            tokio::spawn(async move {
+                let start = Instant::now();
+                let mut out = Published {
+                    confirmed: Vec::new(),
+                    failures: 0,
+                    oks: Vec::new(),
+                    longest: Duration::ZERO,
+                };
+                for i in 0..n {
+                    if publishing.is_set() {
+                        break;
+                    }
+                    let id = format!("m{i:05}");
+                    loop {
+                        assert!(
+                            start.elapsed() < FLOW_BOUND,
+                            "publishing {id} did not succeed within {FLOW_BOUND:?}"
+                        );
+                        let attempt = Instant::now();
+                        let result = client.publish(&topic, Message::new("x").with_id(&id)).await;
+                        out.longest = out.longest.max(attempt.elapsed());
+                        match result {
+                            Ok(()) => {
+                                out.oks.push(Instant::now());
+                                break;
+                            }
+                            Err(e) => {
+                                assert!(e.is_retryable(), "publish failed for good: {e}");
+                                out.failures += 1;
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                        }
+                    }
+                    out.confirmed.push(id);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                out
+            })
+        };
+        Flow {
+            fan_out: client.capabilities().fan_out,
+            by_runtime,
+            by_raw,
+            stop,
+            publishing,
+            runtime,
+            raw,
+            publisher,
+        }
+    }
+}
+
+impl Flow {
+    /// Counts `id` as received by the raw subscription (by another raw
+    /// subscription of the same queue).
+    fn seen_by_raw(&self, id: &str) {
+        *self
+            .by_raw
+            .lock()
+            .unwrap()
+            .entry(id.to_owned())
+            .or_default() += 1;
+    }
+
+    /// Waits for the publisher, then until both subscriptions have every
+    /// confirmed message (at most [`FLOW_BOUND`]), and stops them. `faults`
+    /// are the instants each fault ended.
+    async fn finish(self, faults: &[Instant]) -> End {
+        let published = self.publisher.await.expect("the publisher");
+        let recovery = faults
+            .iter()
+            .map(|f| {
+                published
+                    .oks
+                    .iter()
+                    .find(|done| *done >= f)
+                    .map_or(f64::NAN, |done| done.duration_since(*f).as_secs_f64())
+            })
+            .collect();
+        // Without fan-out (an SQS queue) the two subscriptions share one
+        // queue: each message reaches one of them.
+        let groups: Vec<(&'static str, Vec<Seen>)> = if self.fan_out {
+            vec![
+                ("Consumer", vec![self.by_runtime.clone()]),
+                ("Subscription", vec![self.by_raw.clone()]),
+            ]
+        } else {
+            vec![(
+                "Consumer and Subscription (one queue)",
+                vec![self.by_runtime.clone(), self.by_raw.clone()],
+            )]
+        };
+        let count = |sets: &[Seen], id: &str| -> u32 {
+            sets.iter()
+                .map(|s| s.lock().unwrap().get(id).copied().unwrap_or(0))
+                .sum()
+        };
+        let missing = |sets: &[Seen]| -> Vec<String> {
+            published
+                .confirmed
+                .iter()
+                .filter(|id| count(sets, id) == 0)
+                .cloned()
+                .collect()
+        };
+        let deadline = Instant::now() + FLOW_BOUND;
+        while groups.iter().any(|(_, sets)| !missing(sets).is_empty()) && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.stop.set();
+        let report = self.runtime.await.expect("the consumer task");
+        let (raw_errors, longest_ack) = self.raw.await.expect("the raw receiver");
+        let groups = groups
+            .iter()
+            .map(|(name, sets)| Group {
+                name,
+                lost: missing(sets),
+                duplicates: published
+                    .confirmed
+                    .iter()
+                    .map(|id| count(sets, id).saturating_sub(1))
+                    .sum(),
+            })
+            .collect();
+        let report = report.expect("the Consumer keeps running through the faults");
+        End {
+            longest_publish: published.longest,
+            published,
+            groups,
+            recovery,
+            raw_errors,
+            acked: report.acked,
+            longest_ack,
+        }
+    }
+}
+
+/// What the subscriptions of a flow that share a queue (or one that has
+/// its own) received.
+struct Group {
+    name: &'static str,
+    lost: Vec<String>,
+    duplicates: u32,
+}
+
+impl End {
+    /// Prints the figures of case `case`; `after` names the fault ends.
+    fn report(&self, case: &str, after: &str) {
+        for g in &self.groups {
+            let _ = writeln!(
+                std::io::stderr(),
+                "{case} [{}]: {} confirmed, {} lost, {} duplicates; {} failed publishes \
+                 retried; publishing back {:.1?} s after {after}",
+                g.name,
+                self.published.confirmed.len(),
+                g.lost.len(),
+                g.duplicates,
+                self.published.failures,
+                self.recovery,
+            );
+        }
+        let _ = writeln!(
+            std::io::stderr(),
+            "{case}: the Consumer acked {}, the Subscription saw {} retryable errors",
+            self.acked,
+            self.raw_errors
+        );
+    }
+
+    fn assert_nothing_lost(&self, through: &str) {
+        for Group { name, lost, .. } in &self.groups {
+            assert!(
+                lost.is_empty(),
+                "{name} lost {} of {} confirmed messages through {through}, e.g. {:?}",
+                lost.len(),
+                self.published.confirmed.len(),
+                &lost[..lost.len().min(5)]
+            );
+        }
+    }
 }
 
 /// A one-shot stop signal for the fault cases' tasks.
@@ -455,12 +813,16 @@ impl Stop {
         self.0.1.notify_waiters();
     }
 
+    fn is_set(&self) -> bool {
+        self.0.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     async fn wait(&self) {
         loop {
             let notified = self.0.1.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.0.0.load(std::sync::atomic::Ordering::SeqCst) {
+            if self.is_set() {
                 return;
             }
             notified.await;

@@ -110,6 +110,12 @@ pub trait Harness: Send + Sync + fmt::Debug {
         None
     }
 
+    /// The broker under test behind a cuttable [`fault::Link`], for the
+    /// network fault cases; `None` (the default) skips them.
+    async fn linked(&self) -> Option<Box<dyn fault::Linked>> {
+        None
+    }
+
     /// A fresh name, unique per call, for a topic or subscription.
     fn unique(&self, prefix: &str) -> String {
         format!("sy-conf.{prefix}.{}", util::short_id())
@@ -183,7 +189,11 @@ pub fn broker_url(var: &str) -> Option<String> {
 /// `conformance_tests!(crash harness)` expands the cases that crash a
 /// consumer process (the test binary re-runs itself as a child, running only
 /// that case; the child is stopped by PID): NATS, RabbitMQ, Kafka and SQS
-/// pass them.
+/// pass them. `conformance_tests!(faults harness)` expands the fault cases
+/// of [`fault`] (a broker of the harness's own killed and restarted, a
+/// cuttable link reset and blackholed); `conformance_tests!(link_faults
+/// harness)` only the link's, for a broker that cannot be restarted with its
+/// data.
 #[macro_export]
 macro_rules! conformance_tests {
     ($harness:path) => {
@@ -243,10 +253,18 @@ macro_rules! conformance_tests {
         );
     };
     // The cases that kill a broker of the harness's own
-    // (`Harness::private_broker`).
+    // (`Harness::private_broker`) or cut its link (`Harness::linked`).
     (faults $harness:path) => {
         $crate::conformance_tests!(@cases $harness, fault;
             fault_broker_killed_twice,
+        );
+        $crate::conformance_tests!(link_faults $harness);
+    };
+    // The network faults alone, for a broker that cannot be restarted with
+    // its data (an SQS endpoint).
+    (link_faults $harness:path) => {
+        $crate::conformance_tests!(@cases $harness, fault;
+            fault_link_reset_then_blackhole,
         );
     };
     (@cases $harness:path, $module:ident; $($case:ident),* $(,)?) => {

@@ -697,9 +697,9 @@ impl Subscriber for SqsBroker {
 
     async fn close(&self) -> Result<()> {
         self.inner.closed.cancel();
-        for r in self.inner.receivers.take_live() {
-            r.shutdown().await;
-        }
+        // At once, so closing takes one receiver's bound, not their sum.
+        let live = self.inner.receivers.take_live();
+        futures_util::future::join_all(live.iter().map(|r| r.shutdown())).await;
         Ok(())
     }
 }
@@ -782,11 +782,16 @@ impl ReceiverShared {
     /// request timeout): after `close` this receiver takes nothing more from
     /// the queue — a poll left running would take messages published after
     /// the close (counting a receive for each) only to hand them back.
+    /// Stops the pollers and hands back what the receiver holds. Takes at
+    /// most the long-poll wait plus one request timeout, however much it
+    /// holds and whether or not SQS answers: a receive in flight is waited
+    /// for (within that bound), the hand-back gets what is left of it (its
+    /// batches at once), and what it could not hand back comes back after
+    /// the visibility timeout.
     async fn shutdown(&self) {
         self.cancel.cancel();
-        let bound =
-            Duration::from_secs(u64::try_from(self.wait).unwrap_or(0)) + self.request_timeout;
-        let until = tokio::time::Instant::now() + bound;
+        let wait = Duration::from_secs(u64::try_from(self.wait).unwrap_or(0));
+        let until = tokio::time::Instant::now() + wait + self.request_timeout;
         while self.receiving.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -797,7 +802,7 @@ impl ReceiverShared {
                 held.extend(m.receipt_handle);
             }
         }
-        self.release(held).await;
+        let _ = tokio::time::timeout_at(until, self.release(held)).await;
     }
 
     fn deliver(self: &Arc<Self>, (m, permit): Received) -> RawDelivery {
@@ -851,7 +856,7 @@ impl ReceiverShared {
             return;
         }
         let visibility = self.until_polls_end();
-        for chunk in handles.chunks(BATCH) {
+        let calls = handles.chunks(BATCH).map(|chunk| {
             let entries: Vec<ChangeMessageVisibilityBatchRequestEntry> = chunk
                 .iter()
                 .enumerate()
@@ -866,14 +871,13 @@ impl ReceiverShared {
                 .collect();
             // Best effort: what is not released comes back after the
             // visibility timeout anyway.
-            let _ = self
-                .sqs
+            self.sqs
                 .change_message_visibility_batch()
                 .queue_url(&self.url)
                 .set_entries(Some(entries))
                 .send()
-                .await;
-        }
+        });
+        let _ = futures_util::future::join_all(calls).await;
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use switchyard_conformance::{
     Harness,
-    fault::{BrokerProcess, PrivateBroker, free_port},
+    fault::{BrokerProcess, Link, Linked, PrivateBroker, Via, free_port},
 };
 use switchyard_core::{Client, Result};
 
@@ -36,6 +36,34 @@ impl Harness for NatsHarness {
 
     async fn private_broker(&self) -> Option<Box<dyn PrivateBroker>> {
         Some(Box::new(OwnNats::start().await))
+    }
+
+    /// The machine's server behind a link; clients time requests out after
+    /// 3 s (bound: 5 s).
+    async fn linked(&self) -> Option<Box<dyn Linked>> {
+        let server = self
+            .url
+            .trim_start_matches("nats://")
+            .split(['/', '?', ','])
+            .next()
+            .and_then(|s| s.rsplit('@').next())
+            .expect("a server in SWITCHYARD_NATS_URL");
+        let target = tokio::net::lookup_host(server)
+            .await
+            .ok()?
+            .next()
+            .expect("the server's address");
+        let link = Link::start(0, target).await.expect("a link");
+        Some(Box::new(Via::new(
+            link,
+            Duration::from_secs(5),
+            |addr| async move {
+                switchyard_nats::connect(&format!(
+                    "nats://{addr}?request_timeout=3s&connect_timeout=2s"
+                ))
+                .await
+            },
+        )))
     }
 }
 

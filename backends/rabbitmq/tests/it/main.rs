@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
-use switchyard_conformance::{Harness, fault::PrivateBroker};
+use switchyard_conformance::{
+    Harness,
+    fault::{Link, Linked, PrivateBroker, Via},
+};
 use switchyard_core::{Client, Result};
 
 mod node;
@@ -34,6 +37,34 @@ impl Harness for RabbitHarness {
 
     async fn private_broker(&self) -> Option<Box<dyn PrivateBroker>> {
         Some(Box::new(node::Node::start().await?))
+    }
+
+    /// The machine's broker behind a link; clients time requests out after
+    /// 3 s (bound: 5 s).
+    async fn linked(&self) -> Option<Box<dyn Linked>> {
+        let url = url::Url::parse(&self.url).expect("SWITCHYARD_RABBITMQ_URL");
+        let server = format!(
+            "{}:{}",
+            url.host_str().expect("a host"),
+            url.port().unwrap_or(5672)
+        );
+        let target = tokio::net::lookup_host(server).await.ok()?.next()?;
+        let link = Link::start(0, target).await.expect("a link");
+        Some(Box::new(Via::new(
+            link,
+            Duration::from_secs(5),
+            move |addr| {
+                let mut url = url.clone();
+                async move {
+                    url.set_port(Some(addr.port())).expect("a port");
+                    let sep = if url.query().is_some() { '&' } else { '?' };
+                    switchyard_rabbitmq::connect(&format!(
+                        "{url}{sep}request_timeout=3s&connect_timeout=2s"
+                    ))
+                    .await
+                }
+            },
+        )))
     }
 }
 

@@ -6,7 +6,10 @@
 
 use std::time::Duration;
 
-use switchyard_conformance::Harness;
+use switchyard_conformance::{
+    Harness,
+    fault::{Link, Linked, Via},
+};
 use switchyard_core::{Client, Result};
 
 mod specific;
@@ -41,6 +44,37 @@ impl Harness for SqsHarness {
 
     fn slack(&self) -> Duration {
         Duration::from_millis(2500)
+    }
+
+    /// The endpoint behind a link; clients time requests out after 3 s, and
+    /// a receiver's close takes at most the 1 s long-poll wait plus that
+    /// (bound: 6 s). moto cannot restart with its state, so SQS gets the
+    /// network faults only.
+    async fn linked(&self) -> Option<Box<dyn Linked>> {
+        let endpoint = self
+            .url
+            .split(['?', '&'])
+            .find_map(|p| p.strip_prefix("endpoint="))?
+            .to_owned();
+        let server = endpoint
+            .trim_start_matches("http://")
+            .split('/')
+            .next()?
+            .to_owned();
+        let target = tokio::net::lookup_host(server).await.ok()?.next()?;
+        let link = Link::start(0, target).await.expect("a link");
+        let url = self.url.clone();
+        Some(Box::new(Via::new(
+            link,
+            Duration::from_secs(6),
+            move |addr| {
+                let url = url.replace(&endpoint, &format!("http://{addr}"));
+                async move {
+                    switchyard_sqs::connect(&format!("{url}&request_timeout=3s&connect_timeout=2s"))
+                        .await
+                }
+            },
+        )))
     }
 }
 
@@ -77,11 +111,13 @@ async fn fifo_mode() -> Option<SqsHarness> {
 mod queue {
     switchyard_conformance::conformance_tests!(super::queue_mode);
     switchyard_conformance::conformance_tests!(crash super::queue_mode);
+    switchyard_conformance::conformance_tests!(link_faults super::queue_mode);
 }
 
 mod fanout {
     switchyard_conformance::conformance_tests!(super::fanout_mode);
     switchyard_conformance::conformance_tests!(crash super::fanout_mode);
+    switchyard_conformance::conformance_tests!(link_faults super::fanout_mode);
 }
 
 mod fifo {
