@@ -633,10 +633,12 @@ impl Prepared {
                         break;
                     }
                     let id = format!("m{i:05}");
+                    let mut last = None;
                     loop {
                         assert!(
                             start.elapsed() < FLOW_BOUND,
-                            "publishing {id} did not succeed within {FLOW_BOUND:?}"
+                            "publishing {id} did not succeed within {FLOW_BOUND:?}; the last \
+                             error: {last:?}"
                         );
                         let attempt = Instant::now();
                         let result = client.publish(&topic, Message::new("x").with_id(&id)).await;
@@ -648,6 +650,7 @@ impl Prepared {
                             }
                             Err(e) => {
                                 assert!(e.is_retryable(), "publish failed for good: {e}");
+                                last = Some(e.to_string());
                                 out.failures += 1;
                                 tokio::time::sleep(Duration::from_millis(100)).await;
                             }

@@ -35,6 +35,9 @@ use crate::{
 const HEADER_RESERVE: usize = 64 * 1024;
 /// Pause between attempts to enqueue while librdkafka's queue is full.
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(1);
+/// How much longer than `publish_timeout` a publish waits for librdkafka's
+/// own verdict (its message timeouts are scanned about once a second).
+const REPORT_MARGIN: Duration = Duration::from_secs(1);
 
 /// Maps a librdkafka error: transport and timeouts → connection errors;
 /// authentication → [`Error::Authentication`]; the rest → broker errors.
@@ -363,6 +366,8 @@ impl BrokerInner {
         topic: &str,
         messages: Vec<(&Message, Result<codec::Encoded>)>,
     ) -> Vec<Result<()>> {
+        let bound = self.config.publish_timeout + REPORT_MARGIN;
+        let until = tokio::time::Instant::now() + bound;
         let batch = Batch::new(messages.len());
         let mut results = Vec::with_capacity(messages.len());
         for (message, encoded) in messages {
@@ -376,7 +381,23 @@ impl BrokerInner {
             }
             results.push((message.id(), queued));
         }
-        let failed = batch.reported().await;
+        // librdkafka times a message out after `message.timeout.ms` only
+        // once its produce request is answered or times out itself; on a
+        // blackholed link that is `socket.timeout.ms` later. The caller
+        // gets its answer within the publish timeout regardless (a record
+        // that still lands later is a duplicate on retry, never a loss).
+        let Ok(failed) = tokio::time::timeout_at(until, batch.reported()).await else {
+            return results
+                .into_iter()
+                .map(|(_, queued)| {
+                    queued?;
+                    Err(Error::Timeout {
+                        operation: "publish (waiting for the broker's acknowledgement)",
+                        after: bound,
+                    })
+                })
+                .collect();
+        };
         results
             .into_iter()
             .map(|(id, queued)| {
@@ -528,14 +549,15 @@ impl Publisher for KafkaBroker {
         self.inner.publish_all(topic, prepared).await
     }
 
+    /// Closes the receivers and flushes the producer, all at once: at most
+    /// `publish_timeout + request_timeout` (a receiver's close), also on a
+    /// dead network. The first error is returned, after everything closed.
     async fn close(&self) -> Result<()> {
         self.inner.closed.cancel();
-        for r in self.inner.receivers.take_live() {
-            r.shutdown().await?;
-        }
+        let receivers = self.inner.receivers.take_live();
         let producer = self.inner.producer.clone();
         let bound = self.inner.config.publish_timeout;
-        blocking(
+        let flush = blocking(
             "flushing the producer",
             bound + Duration::from_secs(1),
             move || {
@@ -543,8 +565,13 @@ impl Publisher for KafkaBroker {
                     .flush(bound)
                     .map_err(|e| kafka_error("flushing the producer", e))
             },
-        )
-        .await
+        );
+        let (closed, flushed) = tokio::join!(
+            futures_util::future::join_all(receivers.iter().map(|r| r.shutdown())),
+            flush
+        );
+        closed.into_iter().collect::<Result<Vec<()>>>()?;
+        flushed
     }
 }
 
@@ -586,10 +613,11 @@ impl Subscriber for KafkaBroker {
     }
 
     async fn close(&self) -> Result<()> {
-        for r in self.inner.receivers.take_live() {
-            r.shutdown().await?;
-        }
-        Ok(())
+        let receivers = self.inner.receivers.take_live();
+        futures_util::future::join_all(receivers.iter().map(|r| r.shutdown()))
+            .await
+            .into_iter()
+            .collect()
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use switchyard_conformance::{
     Harness,
-    fault::{BrokerProcess, PrivateBroker, free_port},
+    fault::{BrokerProcess, Link, Linked, PrivateBroker, Via, free_port},
 };
 use switchyard_core::{Client, Result};
 
@@ -34,6 +34,36 @@ impl Harness for KafkaHarness {
     async fn private_broker(&self) -> Option<Box<dyn PrivateBroker>> {
         Some(Box::new(OwnTansu::start().await))
     }
+
+    /// A private tansu behind a link: it advertises the link's address (a
+    /// Kafka client connects to the address the broker advertises, so it
+    /// would go around a link in front of the machine's broker). Clients
+    /// time requests and publishes out after 3 s; a close takes at most
+    /// both (bound: 8 s).
+    ///
+    /// Its producers are not idempotent: a librdkafka producer that loses
+    /// produce requests in flight (the reset) bumps its producer epoch
+    /// (KIP-360), and tansu 0.6.0 then panics in its idempotence check
+    /// (`producer_select_for_update` finds no row for the new epoch,
+    /// tansu-storage `lite.rs:503`) and fails every produce until it is
+    /// restarted — 3 of 3 runs on 2026-12-03. Apache Kafka takes the bump.
+    async fn linked(&self) -> Option<Box<dyn Linked>> {
+        let port = free_port().expect("a spare port");
+        let tansu = OwnTansu::start_advertising(port).await;
+        let target = ([127, 0, 0, 1], tansu.process.port()).into();
+        let link = Link::start(port, target).await.expect("a link");
+        Some(Box::new(
+            Via::new(link, Duration::from_secs(8), |addr| async move {
+                switchyard_kafka::connect(&format!(
+                    "kafka://{addr}?request_timeout=3s&connect_timeout=2s&publish_timeout=3s\
+                     &session.timeout.ms=6000&heartbeat.interval.ms=1000\
+                     &enable.idempotence=false"
+                ))
+                .await
+            })
+            .keeping(tansu),
+        ))
+    }
 }
 
 /// A tansu of the test's own (sqlite storage in its own directory), for the
@@ -44,11 +74,21 @@ struct OwnTansu {
 
 impl OwnTansu {
     async fn start() -> Self {
+        Self::on(None).await
+    }
+
+    /// One whose clients are told to connect to `127.0.0.1:advertised`.
+    async fn start_advertising(advertised: u16) -> Self {
+        Self::on(Some(advertised)).await
+    }
+
+    async fn on(advertised: Option<u16>) -> Self {
         let bin = std::env::var_os("SWITCHYARD_TANSU").unwrap_or_else(|| "tansu".into());
         let port = free_port().expect("a spare port");
         let dir = std::env::temp_dir().join(format!("switchyard-tansu-{port}"));
         let _ = std::fs::remove_dir_all(&dir);
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised = format!("tcp://127.0.0.1:{}", advertised.unwrap_or(port));
         let mut process = BrokerProcess::new(bin, port, &dir);
         process
             .args([
@@ -56,7 +96,7 @@ impl OwnTansu {
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
             ])
             .args(["--storage-engine", "sqlite://tansu.db"]);
         let mut own = Self { process };
@@ -134,6 +174,28 @@ async fn fault_broker_killed_twice() {
         &h,
         "fault_broker_killed_twice",
         Box::pin(switchyard_conformance::fault::fault_broker_killed_twice(&h)),
+    )
+    .await;
+}
+
+/// The link fault case against a private tansu behind a link. Ignored (run
+/// it with `cargo test -p switchyard-kafka --test it -- --ignored fault_`):
+/// it fails, an open defect of the Kafka backend (issue "Faults", case 2).
+/// Measured on 2026-12-03, 5 runs: after the 10 s reset the raw
+/// `Subscription` never delivers again (the `Consumer` does once librdkafka's
+/// `socket.timeout.ms` is set to the request timeout, not with its 60 s
+/// default), and one publish call takes up to 14–18 s although the publish
+/// timeout is 3 s (a bound on the delivery report alone did not change it,
+/// so the time goes elsewhere: probably a runtime worker blocked in a
+/// rebalance callback's synchronous commit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "open defect: the Kafka raw subscription does not resume after a 10 s link reset"]
+async fn fault_link_reset_then_blackhole() {
+    let Some(h) = harness().await else { return };
+    switchyard_conformance::run(
+        &h,
+        "fault_link_reset_then_blackhole",
+        Box::pin(switchyard_conformance::fault::fault_link_reset_then_blackhole(&h)),
     )
     .await;
 }
