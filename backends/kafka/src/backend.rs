@@ -259,10 +259,16 @@ impl KafkaBroker {
 
 pub(crate) fn base_config(config: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &config.bootstrap).set(
-        "socket.connection.setup.timeout.ms",
-        millis(config.connect_timeout),
-    );
+    c.set("bootstrap.servers", &config.bootstrap)
+        .set(
+            "socket.connection.setup.timeout.ms",
+            millis(config.connect_timeout),
+        )
+        // Every request librdkafka sends (a commit, an offset fetch, a
+        // produce) gives up after the request timeout, not its 60 s
+        // default: a synchronous commit on a dead link returns in bounded
+        // time.
+        .set("socket.timeout.ms", millis(config.request_timeout));
     for (k, v) in &config.properties {
         c.set(k, v);
     }

@@ -383,9 +383,33 @@ impl ClientContext for Ctx {}
 
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Revoke(list) = rebalance else {
-            return;
-        };
+        if let Rebalance::Revoke(list) = rebalance {
+            off_the_runtime(|| self.revoke(consumer, list));
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            off_the_runtime(|| self.assign(consumer, list));
+        }
+    }
+}
+
+/// Runs a rebalance callback's blocking broker calls (commits, offset
+/// fetches: each up to a request timeout) without stalling the runtime:
+/// librdkafka calls it inside the pump's `recv`, on a runtime worker, and
+/// two consumers rebalancing at once would otherwise block both workers of
+/// a small runtime — every timer and task of the application with them. On
+/// a current-thread runtime it runs in place.
+fn off_the_runtime<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+impl Ctx {
+    fn revoke(&self, consumer: &BaseConsumer<Ctx>, list: &TopicPartitionList) {
         // Commit what is settled, then forget the partitions: deliveries
         // still out are delivered again by the new owner (their acks become
         // no-ops), records waiting here are fetched again there.
@@ -410,10 +434,7 @@ impl ConsumerContext for Ctx {
         self.shared.journal.release(names, &releases);
     }
 
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Assign(list) = rebalance else {
-            return;
-        };
+    fn assign(&self, consumer: &BaseConsumer<Ctx>, list: &TopicPartitionList) {
         let names = &self.shared.names;
         let committed = if list.count() == 0 {
             TopicPartitionList::new()
