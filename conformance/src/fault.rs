@@ -298,6 +298,26 @@ impl Via {
         }
     }
 
+    /// A new [`Link`] on a spare port in front of `server` (`host:port`),
+    /// and clients made by `connect(link.addr())`, as [`Via::new`].
+    ///
+    /// # Errors
+    ///
+    /// When `server` does not resolve or no port can be bound.
+    pub async fn to<F, Fut>(server: &str, bound: Duration, connect: F) -> io::Result<Self>
+    where
+        F: Fn(std::net::SocketAddr) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = switchyard_core::Result<switchyard_core::Client>>
+            + Send
+            + 'static,
+    {
+        let target = tokio::net::lookup_host(server)
+            .await?
+            .next()
+            .ok_or_else(|| io::Error::other(format!("{server} resolves to no address")))?;
+        Ok(Self::new(Link::start(0, target).await?, bound, connect))
+    }
+
     /// Keeps `guard` (e.g. a broker process the link leads to) alive as
     /// long as this value.
     #[must_use]
@@ -424,29 +444,18 @@ pub async fn fault_link_reset_then_blackhole(h: &dyn crate::Harness) -> crate::O
 
     let link = linked.link();
     link.reset();
+    let reset = Instant::now();
     tokio::time::sleep(FAULT).await;
     link.heal();
     let mut heals = vec![Instant::now()];
     tokio::time::sleep(Duration::from_secs(4)).await;
     link.blackhole();
-    let blackholed = tokio::time::Instant::now();
+    let blackholed = Instant::now();
     tokio::time::sleep(FAULT / 2).await;
     // A shutdown while the network is dead: bounded, not a hang.
-    let started = Instant::now();
-    let closed = tokio::time::timeout(bound, closing.close()).await;
-    let sub_close = started.elapsed();
-    assert!(
-        closed.is_ok(),
-        "closing a subscription took longer than {bound:?} while the link was blackholed"
-    );
-    let started = Instant::now();
-    let closed = tokio::time::timeout(bound, closer.close()).await;
-    let client_close = started.elapsed();
-    assert!(
-        closed.is_ok(),
-        "closing a client took longer than {bound:?} while the link was blackholed"
-    );
-    tokio::time::sleep_until(blackholed + FAULT).await;
+    let sub_close = within(bound, "closing a subscription", closing.close()).await;
+    let client_close = within(bound, "closing a client", closer.close()).await;
+    tokio::time::sleep_until((blackholed + FAULT).into()).await;
     link.heal();
     heals.push(Instant::now());
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -462,6 +471,20 @@ pub async fn fault_link_reset_then_blackhole(h: &dyn crate::Harness) -> crate::O
         end.longest_ack,
     );
     end.assert_nothing_lost("a reset and a blackhole of the link");
+    // The faults were real: nothing was confirmed while the link was down
+    // (past a second for answers already on their way).
+    for (from, to) in [(reset, heals[0]), (blackholed, heals[1])] {
+        let during = end
+            .published
+            .oks
+            .iter()
+            .filter(|ok| **ok > from + Duration::from_secs(1) && **ok < to)
+            .count();
+        assert_eq!(
+            during, 0,
+            "{during} publishes were confirmed while the link was cut: the link did not cut"
+        );
+    }
     assert!(
         end.longest_publish <= bound,
         "a publish took {:?} while the link was dead (bound {bound:?})",
@@ -474,6 +497,25 @@ pub async fn fault_link_reset_then_blackhole(h: &dyn crate::Harness) -> crate::O
     );
     let _ = client.close().await;
     crate::Outcome::Passed
+}
+
+/// Runs `op` (named `what`) inside the blackhole; returns how long it took.
+///
+/// # Panics
+///
+/// When it takes longer than `bound`.
+async fn within<T>(
+    bound: Duration,
+    what: &str,
+    op: impl std::future::Future<Output = T>,
+) -> Duration {
+    let started = Instant::now();
+    let done = tokio::time::timeout(bound, op).await;
+    assert!(
+        done.is_ok(),
+        "{what} took longer than {bound:?} while the link was blackholed"
+    );
+    started.elapsed()
 }
 
 /// Ids seen by one subscription, with how often.

@@ -193,7 +193,8 @@ impl KafkaConfig {
     }
 
     /// Bound on each admin or group round trip (creating topics, reading and
-    /// committing offsets). Default 10 s.
+    /// committing offsets), and on every request librdkafka sends
+    /// (`socket.timeout.ms`). Default 10 s.
     #[must_use]
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;

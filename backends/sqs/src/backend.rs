@@ -856,28 +856,34 @@ impl ReceiverShared {
             return;
         }
         let visibility = self.until_polls_end();
-        let calls = handles.chunks(BATCH).map(|chunk| {
-            let entries: Vec<ChangeMessageVisibilityBatchRequestEntry> = chunk
-                .iter()
-                .enumerate()
-                .filter_map(|(i, h)| {
-                    ChangeMessageVisibilityBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .receipt_handle(h)
-                        .visibility_timeout(visibility)
-                        .build()
-                        .ok()
-                })
-                .collect();
-            // Best effort: what is not released comes back after the
-            // visibility timeout anyway.
-            self.sqs
-                .change_message_visibility_batch()
-                .queue_url(&self.url)
-                .set_entries(Some(entries))
-                .send()
-        });
-        let _ = futures_util::future::join_all(calls).await;
+        let calls: Vec<_> = handles
+            .chunks(BATCH)
+            .map(|chunk| {
+                let entries: Vec<ChangeMessageVisibilityBatchRequestEntry> = chunk
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, h)| {
+                        ChangeMessageVisibilityBatchRequestEntry::builder()
+                            .id(i.to_string())
+                            .receipt_handle(h)
+                            .visibility_timeout(visibility)
+                            .build()
+                            .ok()
+                    })
+                    .collect();
+                // Best effort: what is not released comes back after the
+                // visibility timeout anyway.
+                self.sqs
+                    .change_message_visibility_batch()
+                    .queue_url(&self.url)
+                    .set_entries(Some(entries))
+                    .send()
+            })
+            .collect();
+        // As many in flight as acks get (a large hand-back on a dead network
+        // is cut by its caller's deadline).
+        let mut calls = futures_util::stream::iter(calls).buffer_unordered(DELETE_WINDOW);
+        while calls.next().await.is_some() {}
     }
 }
 

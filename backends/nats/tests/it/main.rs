@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use switchyard_conformance::{
     Harness,
-    fault::{BrokerProcess, Link, Linked, PrivateBroker, Via, free_port},
+    fault::{BrokerProcess, Linked, PrivateBroker, Via, free_port},
 };
 use switchyard_core::{Client, Result};
 
@@ -48,22 +48,15 @@ impl Harness for NatsHarness {
             .next()
             .and_then(|s| s.rsplit('@').next())
             .expect("a server in SWITCHYARD_NATS_URL");
-        let target = tokio::net::lookup_host(server)
+        let linked = Via::to(server, Duration::from_secs(5), |addr| async move {
+            switchyard_nats::connect(&format!(
+                "nats://{addr}?request_timeout=3s&connect_timeout=2s"
+            ))
             .await
-            .ok()?
-            .next()
-            .expect("the server's address");
-        let link = Link::start(0, target).await.expect("a link");
-        Some(Box::new(Via::new(
-            link,
-            Duration::from_secs(5),
-            |addr| async move {
-                switchyard_nats::connect(&format!(
-                    "nats://{addr}?request_timeout=3s&connect_timeout=2s"
-                ))
-                .await
-            },
-        )))
+        })
+        .await
+        .expect("a link in front of the NATS server");
+        Some(Box::new(linked))
     }
 }
 

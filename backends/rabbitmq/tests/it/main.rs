@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use switchyard_conformance::{
     Harness,
-    fault::{Link, Linked, PrivateBroker, Via},
+    fault::{Linked, PrivateBroker, Via},
 };
 use switchyard_core::{Client, Result};
 
@@ -48,23 +48,20 @@ impl Harness for RabbitHarness {
             url.host_str().expect("a host"),
             url.port().unwrap_or(5672)
         );
-        let target = tokio::net::lookup_host(server).await.ok()?.next()?;
-        let link = Link::start(0, target).await.expect("a link");
-        Some(Box::new(Via::new(
-            link,
-            Duration::from_secs(5),
-            move |addr| {
-                let mut url = url.clone();
-                async move {
-                    url.set_port(Some(addr.port())).expect("a port");
-                    let sep = if url.query().is_some() { '&' } else { '?' };
-                    switchyard_rabbitmq::connect(&format!(
-                        "{url}{sep}request_timeout=3s&connect_timeout=2s"
-                    ))
-                    .await
-                }
-            },
-        )))
+        let linked = Via::to(&server, Duration::from_secs(5), move |addr| {
+            let mut url = url.clone();
+            async move {
+                url.set_port(Some(addr.port())).expect("a port");
+                let sep = if url.query().is_some() { '&' } else { '?' };
+                switchyard_rabbitmq::connect(&format!(
+                    "{url}{sep}request_timeout=3s&connect_timeout=2s"
+                ))
+                .await
+            }
+        })
+        .await
+        .expect("a link in front of RabbitMQ");
+        Some(Box::new(linked))
     }
 }
 
