@@ -509,13 +509,25 @@ async fn within<T>(
     what: &str,
     op: impl std::future::Future<Output = T>,
 ) -> Duration {
+    bounded(bound, what, op).await.1
+}
+
+/// Runs `op` (named `what`) while the link is cut; returns its output and
+/// how long it took.
+///
+/// # Panics
+///
+/// When it takes longer than `bound`.
+async fn bounded<T>(
+    bound: Duration,
+    what: &str,
+    op: impl std::future::Future<Output = T>,
+) -> (T, Duration) {
     let started = Instant::now();
-    let done = tokio::time::timeout(bound, op).await;
-    assert!(
-        done.is_ok(),
-        "{what} took longer than {bound:?} while the link was blackholed"
-    );
-    started.elapsed()
+    match tokio::time::timeout(bound, op).await {
+        Ok(out) => (out, started.elapsed()),
+        Err(_) => panic!("{what} took longer than {bound:?} while the link was cut"),
+    }
 }
 
 /// Ids seen by one subscription, with how often.
@@ -873,4 +885,363 @@ impl Stop {
             notified.await;
         }
     }
+}
+
+/// Fault case: a consumer process holds a full prefetch, acks the first
+/// half of it (the half it received first, as a consumer working through a
+/// batch in order does), and is killed with `SIGKILL` — a real process
+/// death, not a dropped value. Another consumer of the subscription then
+/// receives every message the dead one held but did not ack, each with its
+/// attempt counted (the dead consumer had seen it), and none of the acked
+/// ones. The acks are given a second to leave the process before the kill
+/// (every backend sends them within milliseconds: acks still in a buffer
+/// when a process dies are lost, which at-least-once allows).
+///
+/// The memory broker lives inside its process: skipped there.
+///
+/// # Panics
+///
+/// When an unacked message is not redelivered, comes back uncounted, or an
+/// acked one comes back.
+pub async fn fault_consumer_killed_mid_batch(h: &dyn crate::Harness) -> crate::Outcome {
+    use switchyard_core::{Message, SubscribeOptions};
+
+    const PREFETCH: usize = 10;
+    let opts = SubscribeOptions::new("s")
+        .ack_timeout(h.ack_timeout())
+        .prefetch(PREFETCH)
+        .max_attempts(5);
+    if let Some(args) = crate::child::child_args() {
+        killed_child(h, opts, PREFETCH, &args).await;
+    }
+    let client = h.client().await.expect("connect");
+    if !client.capabilities().persistent {
+        client.close().await.unwrap();
+        return crate::Outcome::Skipped(
+            "an in-process broker: no consumer process can die apart from it".into(),
+        );
+    }
+    let tag = crate::util::short_id();
+    let topic = h.unique("killed");
+    client.ensure_subscription(&topic, &opts).await.unwrap();
+    let ids: Vec<String> = (0..PREFETCH).map(|i| format!("m{i:02}-{tag}")).collect();
+    crate::util::publish_each(
+        &client,
+        &topic,
+        ids.iter()
+            .map(|id| Message::new(id.clone()).with_id(id))
+            .collect(),
+    )
+    .await;
+
+    let log = crate::child::Log::new(&tag);
+    let log_path = log.path().to_str().expect("a UTF-8 path").to_owned();
+    let Some(mut child) = crate::child::Child::spawn(&[&topic, &log_path]) else {
+        return crate::Outcome::Skipped("not run by conformance_tests!: no test to re-run".into());
+    };
+    // The child receives the whole prefetch, acks half and says `ready`.
+    let ready_within = h.receive_timeout() * 2;
+    let started = Instant::now();
+    while !log.lines().iter().any(|l| l == "ready") {
+        let errors: Vec<String> = log
+            .lines()
+            .into_iter()
+            .filter(|l| l.starts_with("error"))
+            .collect();
+        assert!(errors.is_empty(), "the child consumer failed: {errors:?}");
+        assert!(
+            started.elapsed() < ready_within && !child.ended_within(Duration::ZERO).await,
+            "the child consumer did not get ready within {ready_within:?}: {:?}",
+            log.lines()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(child); // SIGKILL, and reaped.
+    let killed = Instant::now();
+    let lines = log.lines();
+    let field = |prefix: &str| -> Vec<String> {
+        lines
+            .iter()
+            .filter_map(|l| l.strip_prefix(prefix))
+            .map(|rest| rest.split(' ').next().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let (held, acked) = (field("held "), field("acked "));
+    assert_eq!(held.len(), PREFETCH, "the child held the whole prefetch");
+    assert_eq!(acked.len(), PREFETCH / 2, "the child acked half of it");
+    let unacked: std::collections::HashSet<String> = held
+        .iter()
+        .filter(|id| !acked.contains(id))
+        .cloned()
+        .collect();
+
+    // Another consumer takes over: every unacked message, counted; then
+    // a quiet window in which an acked one would show up.
+    let mut sub = client.subscribe(&topic, opts).await.unwrap();
+    let wait = h.ack_timeout() + h.slack() + h.receive_timeout();
+    let mut got: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
+    let mut first = None;
+    loop {
+        let done = unacked.iter().all(|id| got.contains_key(id));
+        let bound = if done { h.ack_timeout() + h.slack() } else { wait };
+        let d = match tokio::time::timeout(bound, sub.recv()).await {
+            Err(_) if done => break,
+            Err(_) => panic!(
+                "{} of {} unacked messages of the killed consumer not redelivered within \
+                 {bound:?} (got {got:?})",
+                unacked.iter().filter(|id| !got.contains_key(*id)).count(),
+                unacked.len()
+            ),
+            Ok(Err(e)) if e.is_retryable() => continue,
+            Ok(Err(e)) => panic!("receiving after the kill failed: {e}"),
+            Ok(Ok(d)) => d,
+        };
+        first.get_or_insert_with(|| killed.elapsed());
+        let id = d.message().id().to_owned();
+        assert!(
+            !acked.contains(&id),
+            "{id} was acked by the killed consumer and delivered again (attempt {})",
+            d.attempt()
+        );
+        assert!(unacked.contains(&id), "an unexpected message {id}");
+        assert!(
+            d.attempt() >= 2,
+            "{id} was handed to the killed consumer, but comes back as attempt {}",
+            d.attempt()
+        );
+        got.entry(id).or_insert(d.attempt());
+        d.ack().await.unwrap();
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "fault_consumer_killed_mid_batch: held {}, acked {}, killed; {} redelivered (attempts \
+         {:?}), 0 acked ones again; first redelivery {:.1?} after the kill",
+        held.len(),
+        acked.len(),
+        got.len(),
+        {
+            let mut a: Vec<u32> = got.values().copied().collect();
+            a.sort_unstable();
+            a
+        },
+        first.unwrap_or_default(),
+    );
+    sub.close().await.unwrap();
+    client.close().await.unwrap();
+    crate::Outcome::Passed
+}
+
+/// The child's part in [`fault_consumer_killed_mid_batch`]: receive
+/// `prefetch` deliveries, ack the first half, give the acks a second to
+/// leave, say `ready` and wait to be killed.
+async fn killed_child(
+    h: &dyn crate::Harness,
+    opts: switchyard_core::SubscribeOptions,
+    prefetch: usize,
+    args: &[String],
+) -> ! {
+    use crate::child::Log;
+    let [topic, log] = args else {
+        panic!("child arguments: {args:?}");
+    };
+    let log = PathBuf::from(log);
+    let fail = |what: String| -> ! {
+        Log::append(&log, &format!("error {what}"));
+        std::process::exit(3);
+    };
+    let client = h
+        .client()
+        .await
+        .unwrap_or_else(|e| fail(format!("connect: {e}")));
+    let mut sub = client
+        .subscribe(topic, opts)
+        .await
+        .unwrap_or_else(|e| fail(format!("subscribe: {e}")));
+    let mut held = Vec::with_capacity(prefetch);
+    while held.len() < prefetch {
+        match tokio::time::timeout(h.receive_timeout(), sub.recv()).await {
+            Ok(Ok(d)) => {
+                Log::append(&log, &format!("held {} {}", d.message().id(), d.attempt()));
+                held.push(d);
+            }
+            Ok(Err(e)) => fail(format!("recv: {e}")),
+            Err(_) => fail(format!("only {} of {prefetch} received", held.len())),
+        }
+    }
+    let rest = held.split_off(prefetch / 2);
+    for d in held {
+        let id = d.message().id().to_owned();
+        if let Err(e) = d.ack().await {
+            fail(format!("ack {id}: {e}"));
+        }
+        Log::append(&log, &format!("acked {id}"));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    Log::append(&log, "ready");
+    // Holding the rest (and the client) until the SIGKILL.
+    let _keep = (rest, sub, client);
+    std::future::pending::<()>().await;
+    unreachable!("a pending future never resolves")
+}
+
+/// Fault case: calls made while the broker is unreachable — the link
+/// reset (connections refused), then blackholed (nothing answers) — each
+/// end within the harness's [`Linked::bound`]: `publish`, every message of
+/// a `publish_batch`, `ensure_subscription` and a new client's connect
+/// fail with a retryable error; bad input (an oversized payload, an
+/// invalid name) still gets its typed error at once, before anything is
+/// sent; nothing hangs or panics. Once the link heals, the same client
+/// publishes again. The figures (each call's time and error) are printed.
+///
+/// # Panics
+///
+/// When a call outlasts the bound, fails with a non-retryable error, or
+/// bad input gets anything but its typed error.
+pub async fn fault_dead_broker_calls_are_bounded(h: &dyn crate::Harness) -> crate::Outcome {
+    use switchyard_core::{Error, Message, SubscribeOptions};
+
+    let Some(linked) = h.linked().await else {
+        return crate::Outcome::Skipped("the harness has no cuttable link".into());
+    };
+    let bound = linked.bound();
+    let client = linked.client().await.expect("connect through the link");
+    let topic = h.unique("fault-dead");
+    client
+        .ensure_subscription(&topic, &SubscribeOptions::new("s"))
+        .await
+        .unwrap();
+    client
+        .publish(&topic, Message::new("before"))
+        .await
+        .expect("publish before the fault");
+    let limit = client.capabilities().max_payload;
+    let link = linked.link();
+    for fault in ["reset", "blackhole"] {
+        if fault == "reset" {
+            link.reset();
+        } else {
+            link.blackhole();
+        }
+        let mut figures = Vec::new();
+        let mut note = |what: &str, took: Duration, result: &str| {
+            figures.push(format!("{what} {took:.1?} ({result})"));
+        };
+        // A failed call must be retryable; one that succeeds (a client
+        // that answers from its own state) is fine.
+        let retryable = |what: &str, r: &Result<(), Error>| -> String {
+            match r {
+                Ok(()) => "ok".into(),
+                Err(e) => {
+                    assert!(
+                        e.is_retryable(),
+                        "{what} with the link {fault}: a non-retryable error: {e}"
+                    );
+                    format!("{e}")
+                }
+            }
+        };
+        // Bad input: its typed error at once, fault or not.
+        let (r, took) = bounded(
+            bound,
+            "an oversized publish",
+            client.publish(&topic, Message::new(vec![0u8; limit + 1])),
+        )
+        .await;
+        assert!(
+            matches!(r, Err(Error::PayloadTooLarge { .. })),
+            "an oversized publish with the link {fault}: {r:?}"
+        );
+        note("oversized publish", took, "PayloadTooLarge");
+        let (r, took) = bounded(
+            bound,
+            "a publish to an invalid name",
+            client.publish("no spaces", Message::new("x")),
+        )
+        .await;
+        assert!(
+            matches!(r, Err(Error::InvalidName { .. })),
+            "a publish to an invalid name with the link {fault}: {r:?}"
+        );
+        note("invalid name", took, "InvalidName");
+
+        let (r, took) = bounded(bound, "a publish", client.publish(&topic, Message::new("x"))).await;
+        assert!(
+            r.is_err(),
+            "a publish was confirmed with the link {fault}: the link did not cut"
+        );
+        note("publish", took, &retryable("a publish", &r));
+        let (results, took) = bounded(
+            bound,
+            "a publish_batch of 10",
+            client.publish_batch(&topic, (0..10).map(|_| Message::new("x")).collect()),
+        )
+        .await;
+        assert_eq!(results.len(), 10, "one result per message");
+        let mut last = String::new();
+        for r in &results {
+            assert!(r.is_err(), "a batch message was confirmed with the link {fault}");
+            last = retryable("a publish_batch", r);
+        }
+        note("publish_batch of 10", took, &last);
+        let (r, took) = bounded(
+            bound,
+            "ensure_subscription",
+            client.ensure_subscription(&h.unique("fault-dead"), &SubscribeOptions::new("s")),
+        )
+        .await;
+        note(
+            "ensure_subscription",
+            took,
+            &retryable("ensure_subscription", &r),
+        );
+        let (r, took) = bounded(bound, "connecting a new client", linked.client()).await;
+        let r = match r {
+            Ok(other) => {
+                // A client may connect lazily; its first publish must fail.
+                let (p, _) = bounded(
+                    bound,
+                    "a new client's publish",
+                    other.publish(&topic, Message::new("x")),
+                )
+                .await;
+                assert!(p.is_err(), "a new client published with the link {fault}");
+                let _ = within(bound, "closing a new client", other.close()).await;
+                p
+            }
+            Err(e) => Err(e),
+        };
+        note(
+            "new client",
+            took,
+            &retryable("connecting a new client", &r),
+        );
+        let _ = writeln!(
+            std::io::stderr(),
+            "fault_dead_broker_calls_are_bounded, link {fault} (bound {bound:?}): {}",
+            figures.join("; ")
+        );
+        link.heal();
+        // The same client publishes again once the link is back.
+        let healed = Instant::now();
+        loop {
+            match client.publish(&topic, Message::new("after")).await {
+                Ok(()) => break,
+                Err(e) => {
+                    assert!(e.is_retryable(), "publish after the heal: {e}");
+                    assert!(
+                        healed.elapsed() < FLOW_BOUND,
+                        "publishing did not come back within {FLOW_BOUND:?} of the heal: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        let _ = writeln!(
+            std::io::stderr(),
+            "fault_dead_broker_calls_are_bounded: publishing back {:.1?} after the {fault} healed",
+            healed.elapsed()
+        );
+    }
+    let _ = within(bound, "closing the client", client.close()).await;
+    crate::Outcome::Passed
 }

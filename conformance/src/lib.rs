@@ -251,6 +251,9 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@cases $harness, runtime;
             runtime_poison_message_dies_alone,
         );
+        $crate::conformance_tests!(@cases $harness, fault;
+            fault_consumer_killed_mid_batch,
+        );
     };
     // The cases that kill a broker of the harness's own
     // (`Harness::private_broker`) or cut its link (`Harness::linked`).
@@ -265,6 +268,7 @@ macro_rules! conformance_tests {
     (link_faults $harness:path) => {
         $crate::conformance_tests!(@cases $harness, fault;
             fault_link_reset_then_blackhole,
+            fault_dead_broker_calls_are_bounded,
         );
     };
     (@cases $harness:path, $module:ident; $($case:ident),* $(,)?) => {

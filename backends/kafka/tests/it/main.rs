@@ -189,6 +189,11 @@ manual_fault_case!(
     "tansu 0.6.0's sqlite storage panics after some restarts"
 );
 
+// Calls while the link is dead are bounded (a private tansu behind a link).
+switchyard_conformance::conformance_tests!(@cases harness, fault;
+    fault_dead_broker_calls_are_bounded,
+);
+
 // The link fault case against a private tansu behind a link. Ignored (run
 // it with `cargo test -p switchyard-kafka --test it -- --ignored fault_`):
 // it fails, an open defect of the Kafka backend (issue "Faults", case 2).
