@@ -892,8 +892,8 @@ impl Stop {
 /// batch in order does), and is killed with `SIGKILL` — a real process
 /// death, not a dropped value. Another consumer of the subscription then
 /// receives every message the dead one held but did not ack, each with its
-/// attempt counted (the dead consumer had seen it), and none of the acked
-/// ones. The acks are given a second to leave the process before the kill
+/// attempt counted once (attempt 2: the dead consumer had seen it, and kept
+/// its lease until it died), and none of the acked ones. The acks are given a second to leave the process before the kill
 /// (every backend sends them within milliseconds: acks still in a buffer
 /// when a process dies are lost, which at-least-once allows).
 ///
@@ -983,7 +983,11 @@ pub async fn fault_consumer_killed_mid_batch(h: &dyn crate::Harness) -> crate::O
     let mut first = None;
     loop {
         let done = unacked.iter().all(|id| got.contains_key(id));
-        let bound = if done { h.ack_timeout() + h.slack() } else { wait };
+        let bound = if done {
+            h.ack_timeout() + h.slack()
+        } else {
+            wait
+        };
         let d = match tokio::time::timeout(bound, sub.recv()).await {
             Err(_) if done => break,
             Err(_) => panic!(
@@ -1004,9 +1008,10 @@ pub async fn fault_consumer_killed_mid_batch(h: &dyn crate::Harness) -> crate::O
             d.attempt()
         );
         assert!(unacked.contains(&id), "an unexpected message {id}");
-        assert!(
-            d.attempt() >= 2,
-            "{id} was handed to the killed consumer, but comes back as attempt {}",
+        assert_eq!(
+            d.attempt(),
+            2,
+            "{id} was handed to the killed consumer once, and comes back as attempt {}",
             d.attempt()
         );
         got.entry(id).or_insert(d.attempt());
@@ -1076,12 +1081,22 @@ async fn killed_child(
         }
         Log::append(&log, &format!("acked {id}"));
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    Log::append(&log, "ready");
-    // Holding the rest (and the client) until the SIGKILL.
-    let _keep = (rest, sub, client);
-    std::future::pending::<()>().await;
-    unreachable!("a pending future never resolves")
+    // Working on the rest until the SIGKILL: their leases are kept (a
+    // holder past the ack timeout would see them taken back, and counted).
+    let acked_at = Instant::now();
+    let every = h.ack_timeout() / 4;
+    let _keep = (&sub, &client);
+    loop {
+        for d in &rest {
+            if let Err(e) = d.extend().await {
+                fail(format!("extend {}: {e}", d.message().id()));
+            }
+        }
+        if acked_at.elapsed() >= Duration::from_secs(1) {
+            Log::append(&log, "ready");
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 /// Fault case: calls made while the broker is unreachable — the link
@@ -1164,7 +1179,12 @@ pub async fn fault_dead_broker_calls_are_bounded(h: &dyn crate::Harness) -> crat
         );
         note("invalid name", took, "InvalidName");
 
-        let (r, took) = bounded(bound, "a publish", client.publish(&topic, Message::new("x"))).await;
+        let (r, took) = bounded(
+            bound,
+            "a publish",
+            client.publish(&topic, Message::new("x")),
+        )
+        .await;
         assert!(
             r.is_err(),
             "a publish was confirmed with the link {fault}: the link did not cut"
@@ -1179,7 +1199,10 @@ pub async fn fault_dead_broker_calls_are_bounded(h: &dyn crate::Harness) -> crat
         assert_eq!(results.len(), 10, "one result per message");
         let mut last = String::new();
         for r in &results {
-            assert!(r.is_err(), "a batch message was confirmed with the link {fault}");
+            assert!(
+                r.is_err(),
+                "a batch message was confirmed with the link {fault}"
+            );
             last = retryable("a publish_batch", r);
         }
         note("publish_batch of 10", took, &last);
@@ -1243,5 +1266,114 @@ pub async fn fault_dead_broker_calls_are_bounded(h: &dyn crate::Harness) -> crat
         );
     }
     let _ = within(bound, "closing the client", client.close()).await;
+    crate::Outcome::Passed
+}
+
+/// The longest a subscription whose resource was deleted may take to say so.
+const NOT_FOUND_BOUND: Duration = Duration::from_secs(30);
+
+/// Fault case: the broker resource two live subscriptions read from is
+/// deleted under them, as an operator would
+/// ([`Harness::delete_subscription`](crate::Harness::delete_subscription)).
+/// A raw [`Subscription`](switchyard_core::Subscription) looping on `recv`
+/// gets [`Error::NotFound`](switchyard_core::Error::NotFound) (typed, not
+/// retryable) within 30 s — retryable errors before it are allowed, a
+/// silent stall or a quietly recreated, empty queue are not — and
+/// [`Consumer::run`](switchyard_core::consumer::Consumer::run) returns
+/// that error by itself.
+///
+/// # Panics
+///
+/// When either keeps waiting past the bound, or ends with another error.
+pub async fn fault_deleted_subscription_surfaces(h: &dyn crate::Harness) -> crate::Outcome {
+    use switchyard_core::{Message, SubscribeOptions, consumer::Consumer};
+
+    let client = h.client().await.expect("connect");
+    let topic = h.unique("deleted");
+    for name in [RAW, RUNTIME] {
+        client
+            .ensure_subscription(&topic, &SubscribeOptions::new(name))
+            .await
+            .unwrap();
+    }
+    let mut raw = client
+        .subscribe(&topic, SubscribeOptions::new(RAW))
+        .await
+        .unwrap();
+    let runtime = client
+        .subscribe(&topic, SubscribeOptions::new(RUNTIME))
+        .await
+        .unwrap();
+    client.publish(&topic, Message::new("x")).await.unwrap();
+    // Both are live: each has delivered.
+    crate::util::recv_one(&mut raw, h.receive_timeout(), "before the deletion")
+        .await
+        .ack()
+        .await
+        .unwrap();
+    let (handled_tx, mut handled) = tokio::sync::mpsc::unbounded_channel();
+    let run = tokio::spawn(Consumer::new().run(
+        runtime,
+        move |_ctx| {
+            let _ = handled_tx.send(());
+            async { Ok(()) }
+        },
+        std::future::pending::<()>(),
+    ));
+    tokio::time::timeout(h.receive_timeout(), handled.recv())
+        .await
+        .expect("the Consumer handles before the deletion");
+
+    for name in [RAW, RUNTIME] {
+        if !h.delete_subscription(&topic, name).await {
+            run.abort();
+            return crate::Outcome::Skipped(
+                "the harness cannot delete a subscription's resource".into(),
+            );
+        }
+    }
+    let deleted = Instant::now();
+    let mut retryable = 0u32;
+    let raw_error = loop {
+        let left = NOT_FOUND_BOUND.saturating_sub(deleted.elapsed());
+        match tokio::time::timeout(left, raw.recv()).await {
+            Err(_) => panic!(
+                "recv kept waiting {NOT_FOUND_BOUND:?} after its subscription's resource was \
+                 deleted ({retryable} retryable errors meanwhile)"
+            ),
+            Ok(Ok(d)) => panic!(
+                "recv delivered {} after its subscription's resource was deleted",
+                d.message().id()
+            ),
+            Ok(Err(e)) if e.is_retryable() => {
+                retryable += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(Err(e)) => break e,
+        }
+    };
+    let raw_took = deleted.elapsed();
+    assert!(
+        raw_error.is_not_found(),
+        "recv after the deletion: expected NotFound, got {raw_error:?}"
+    );
+    let left = NOT_FOUND_BOUND.saturating_sub(deleted.elapsed()) + Duration::from_secs(5);
+    let ran = tokio::time::timeout(left, run)
+        .await
+        .expect("Consumer::run kept running after its subscription's resource was deleted")
+        .expect("the Consumer task");
+    let run_took = deleted.elapsed();
+    let run_error = ran.expect_err("Consumer::run ended without an error");
+    assert!(
+        run_error.is_not_found(),
+        "Consumer::run after the deletion: expected NotFound, got {run_error:?}"
+    );
+    let _ = writeln!(
+        std::io::stderr(),
+        "fault_deleted_subscription_surfaces: recv returned NotFound after {raw_took:.1?} \
+         ({retryable} retryable errors before), Consumer::run after {run_took:.1?}: {raw_error}"
+    );
+    let _ = raw.close().await;
+    let _ = client.close().await;
     crate::Outcome::Passed
 }

@@ -116,6 +116,21 @@ pub trait Harness: Send + Sync + fmt::Debug {
         None
     }
 
+    /// Deletes, as an operator would with the broker's own tools, what the
+    /// subscription `subscription` of `topic` reads from (its queue, its
+    /// durable consumer, its topic, …), for
+    /// [`fault::fault_deleted_subscription_surfaces`]. `false` (the
+    /// default) where nothing can delete it (an in-process broker), which
+    /// skips that case.
+    ///
+    /// # Panics
+    ///
+    /// When the broker refuses the deletion.
+    async fn delete_subscription(&self, topic: &str, subscription: &str) -> bool {
+        let _ = (topic, subscription);
+        false
+    }
+
     /// A fresh name, unique per call, for a topic or subscription.
     fn unique(&self, prefix: &str) -> String {
         format!("sy-conf.{prefix}.{}", util::short_id())
@@ -243,6 +258,9 @@ macro_rules! conformance_tests {
             runtime_long_handler_keeps_its_lease,
             runtime_queued_deliveries_keep_their_lease,
             runtime_restarts_dead_letter_nothing,
+        );
+        $crate::conformance_tests!(@cases $harness, fault;
+            fault_deleted_subscription_surfaces,
         );
     };
     // The cases that crash a consumer process (a child re-running the test

@@ -271,7 +271,10 @@ impl Consumer {
     /// # Errors
     ///
     /// The subscription's receive errors other than transient ones (which
-    /// are retried after a short pause); closing the subscription.
+    /// are retried after a short pause and logged at `warn`), e.g.
+    /// [`Error::NotFound`](crate::Error::NotFound) when the subscription's
+    /// queue, stream or topic was deleted under it; else an error closing
+    /// the subscription.
     pub async fn run<H, F>(
         self,
         mut sub: Subscription,
@@ -292,6 +295,8 @@ impl Consumer {
         let mut waiting: HashMap<String, VecDeque<Delivery>> = HashMap::new();
         let mut report = Report::default();
         let mut result = Ok(());
+        // When receiving started failing retryably (for the warning's rate).
+        let mut failing: Option<tokio::time::Instant> = None;
         // The runtime holds at most the subscription's prefetch (the backend
         // bounds it too) and keeps the lease of every delivery it holds.
         let prefetch = sub.prefetch();
@@ -326,6 +331,7 @@ impl Consumer {
                 }
                 got = sub.recv(), if room => match got {
                     Ok(delivery) => {
+                        failing = None;
                         report.received += 1;
                         match self.key_of(&delivery) {
                             // The key is busy: wait for its handler to finish.
@@ -342,6 +348,19 @@ impl Consumer {
                     }
                     Err(crate::Error::Closed) => break,
                     Err(e) if e.is_retryable() => {
+                        // Transient (a reconnect under way): try again, and
+                        // say so at the first of a streak and then every
+                        // 30 s, never silently.
+                        let now = tokio::time::Instant::now();
+                        if failing.is_none_or(|since| now >= since + Duration::from_secs(30)) {
+                            tracing::warn!(
+                                topic = sub.topic(),
+                                subscription = sub.name(),
+                                error = %e,
+                                "receiving failed; retrying"
+                            );
+                            failing = Some(now);
+                        }
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                     Err(e) => {
@@ -371,8 +390,11 @@ impl Consumer {
                 }
             }
         }
-        sub.close().await?;
-        result.map(|()| report)
+        // A receive error that ended the run is what the caller needs to
+        // see; a close failing after it (its resource gone) says less.
+        let closed = sub.close().await;
+        result?;
+        closed.map(|()| report)
     }
 
     fn key_of(&self, d: &Delivery) -> Option<String> {

@@ -114,6 +114,24 @@ pub enum Error {
         source: Option<BoxError>,
     },
 
+    /// A broker resource the operation needs does not exist: a
+    /// subscription's queue, stream, consumer or topic deleted under it
+    /// (by an operator, or a broker that lost its state). Not retryable:
+    /// nothing comes back by waiting; recreate the resource (e.g.
+    /// `ensure_subscription`) or stop.
+    #[error("{resource} {name:?} not found: {message}")]
+    NotFound {
+        /// What kind of resource (`"queue"`, `"stream"`, `"topic"`, …).
+        resource: &'static str,
+        /// The broker's name for it.
+        name: String,
+        /// What the broker said.
+        message: String,
+        /// The native error.
+        #[source]
+        source: Option<BoxError>,
+    },
+
     /// A connection URL could not be used.
     #[error("invalid URL {url}: {reason}")]
     InvalidUrl {
@@ -187,6 +205,30 @@ impl Error {
         }
     }
 
+    /// A [`Error::NotFound`]: the broker's `resource` called `name` is gone.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use switchyard_core::Error;
+    /// let e = Error::not_found("queue", "sy.orders:billing", "NOT_FOUND - no queue", None);
+    /// assert!(e.is_not_found() && !e.is_retryable());
+    /// assert_eq!(e.to_string(), r#"queue "sy.orders:billing" not found: NOT_FOUND - no queue"#);
+    /// ```
+    pub fn not_found(
+        resource: &'static str,
+        name: impl Into<String>,
+        message: impl Into<String>,
+        source: Option<BoxError>,
+    ) -> Self {
+        Error::NotFound {
+            resource,
+            name: name.into(),
+            message: message.into(),
+            source,
+        }
+    }
+
     /// A [`Error::Broker`] from a message, a retryable flag and a native error.
     pub fn broker(message: impl Into<String>, retryable: bool, source: Option<BoxError>) -> Self {
         Error::Broker {
@@ -235,6 +277,17 @@ impl Error {
             Error::Broker {
                 message, retryable, ..
             } => Error::broker(message.clone(), *retryable, None),
+            Error::NotFound {
+                resource,
+                name,
+                message,
+                ..
+            } => Error::NotFound {
+                resource,
+                name: name.clone(),
+                message: message.clone(),
+                source: None,
+            },
             other => Error::broker(other.to_string(), other.is_retryable(), None),
         }
     }
@@ -250,6 +303,13 @@ impl Error {
             Error::Broker { retryable, .. } => *retryable,
             _ => false,
         }
+    }
+
+    /// Whether this is [`Error::NotFound`]: a resource the operation
+    /// needs is gone.
+    #[must_use]
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::NotFound { .. })
     }
 
     /// Whether this is [`Error::Closed`].

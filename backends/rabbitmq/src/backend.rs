@@ -68,6 +68,13 @@ fn amqp_error(what: &str, e: lapin::Error) -> Error {
     }
 }
 
+/// Whether `e` carries the broker's 404 (`NOT_FOUND`) reply.
+fn is_not_found(e: &Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<lapin::Error>())
+        .is_some_and(|e| reply_code(e) == Some(404))
+}
+
 async fn bounded<T>(
     what: &'static str,
     after: Duration,
@@ -170,7 +177,15 @@ impl RabbitBroker {
             return Ok(Arc::clone(c));
         }
         let c = Arc::new(self.open_connection().await?);
-        *current = Some(Arc::clone(&c));
+        if current.replace(Arc::clone(&c)).is_some() {
+            // A new connection after a lost one: the broker may have lost
+            // its state (a new node), so declare everything again.
+            self.inner
+                .declared
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+        }
         Ok(c)
     }
 
@@ -334,7 +349,14 @@ impl RabbitBroker {
                 FieldTable::default(),
             ),
         )
-        .await?;
+        .await
+        .inspect_err(|e| {
+            // The exchange is gone (a broker that lost its state): declare
+            // it again next time instead of failing every reopen.
+            if is_not_found(e) {
+                self.set_declared(&exchange, false);
+            }
+        })?;
         let _ = channel.close(200, "declared".into()).await;
         self.set_declared(&queue, true);
         Ok(queue)
@@ -674,6 +696,7 @@ impl Subscriber for RabbitBroker {
                 starting: None,
                 outside: None,
                 pause: REOPEN_PAUSE,
+                gone: None,
             }),
             inflight: Arc::clone(&inflight),
             slow: SlowStart::new(),
@@ -857,6 +880,10 @@ struct ConsumeState {
     outside: Option<Key>,
     /// Pause before the next reopen attempt after a failure.
     pause: Duration,
+    /// Set once the queue was found deleted under the receiver: every
+    /// receive returns it (the receiver does not quietly recreate an empty
+    /// queue in its place).
+    gone: Option<Error>,
 }
 
 struct ReceiverShared {
@@ -963,6 +990,15 @@ impl ReceiverShared {
             Err(e) => {
                 self.broker.set_declared(&self.queue, false);
                 state.channel = None;
+                // Declared on this connection and gone now: deleted under
+                // the receiver (a lost connection clears the declarations,
+                // and a reopen declares again before it consumes).
+                if is_not_found(&e)
+                    && let Some(gone) = self.queue_gone().await
+                {
+                    state.gone = Some(gone.replicate());
+                    return Err(gone);
+                }
                 Err(e)
             }
         }
@@ -1016,8 +1052,48 @@ impl ReceiverShared {
             }
             Err(e) => {
                 state.channel = None;
+                if is_not_found(&e)
+                    && let Some(gone) = self.queue_gone().await
+                {
+                    state.gone = Some(gone.replicate());
+                    return Some(Err(gone));
+                }
                 Some(Err(e))
             }
+        }
+    }
+
+    /// [`Error::NotFound`] when the broker says the receiver's queue does
+    /// not exist (a passive declare answers 404), `None` when it exists or
+    /// the broker cannot tell now (unreachable: a reopen will find out).
+    async fn queue_gone(&self) -> Option<Error> {
+        let channel = self.broker.channel().await.ok()?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let checked = tokio::time::timeout(
+            self.broker.inner.config.request_timeout,
+            channel.queue_declare(self.queue.as_str().into(), passive, FieldTable::default()),
+        )
+        .await
+        .ok()?;
+        match checked {
+            Ok(_) => {
+                let _ = channel.close(200, "checked".into()).await;
+                None
+            }
+            Err(e) if reply_code(&e) == Some(404) => {
+                // The broker closed the channel; the declaration is stale.
+                self.broker.set_declared(&self.queue, false);
+                Some(Error::not_found(
+                    "queue",
+                    self.queue.clone(),
+                    format!("the subscription's queue was deleted: {e}"),
+                    Some(Box::new(e)),
+                ))
+            }
+            Err(_) => None,
         }
     }
 
@@ -1114,6 +1190,9 @@ impl Receiver for RabbitReceiver {
             if s.cancel().is_cancelled() {
                 return None;
             }
+            if let Some(gone) = &state.gone {
+                return Some(Err(gone.replicate()));
+            }
             if state.consumer.is_none()
                 && let Some(channel) = state.channel.clone()
             {
@@ -1169,11 +1248,20 @@ impl Receiver for RabbitReceiver {
             };
             match next {
                 Some(Ok(delivery)) => return s.deliver(state.channel.as_ref(), delivery),
-                // The channel or connection ended (or the broker cancelled
-                // the consumer, e.g. its queue was deleted): reopen.
+                // The channel or connection ended, or the broker cancelled
+                // the consumer: reopen — unless the broker cancelled it
+                // because its queue was deleted (the connection still up).
                 Some(Err(_)) | None => {
+                    let cancelled = state
+                        .channel
+                        .as_ref()
+                        .is_some_and(|c| c.status().connected());
                     state.consumer = None;
                     state.channel = None;
+                    if cancelled && let Some(gone) = s.queue_gone().await {
+                        state.gone = Some(gone.replicate());
+                        return Some(Err(gone));
+                    }
                 }
             }
         }

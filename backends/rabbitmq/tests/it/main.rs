@@ -35,6 +35,31 @@ impl Harness for RabbitHarness {
         Duration::from_millis(1500)
     }
 
+    /// `queue.delete` of the subscription's queue, through a plain AMQP
+    /// connection (as `rabbitmqctl delete_queue` or an operator's script).
+    async fn delete_subscription(&self, topic: &str, subscription: &str) -> bool {
+        use switchyard_rabbitmq::lapin::{
+            Connection, ConnectionProperties, options::QueueDeleteOptions,
+        };
+        let broker = switchyard_rabbitmq::RabbitBroker::connect(
+            switchyard_rabbitmq::RabbitConfig::from_url(&self.url).expect("the URL"),
+        )
+        .await
+        .expect("connect");
+        let queue = broker.queue_name(topic, subscription);
+        let conn = Connection::connect(&self.url, ConnectionProperties::default())
+            .await
+            .expect("a plain AMQP connection");
+        let channel = conn.create_channel().await.expect("a channel");
+        channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .expect("queue.delete");
+        let _ = conn.close(200, "deleted".into()).await;
+        let _ = switchyard_core::driver::Publisher::close(&broker).await;
+        true
+    }
+
     async fn private_broker(&self) -> Option<Box<dyn PrivateBroker>> {
         Some(Box::new(node::Node::start().await?))
     }
