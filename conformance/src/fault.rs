@@ -1289,22 +1289,26 @@ pub async fn fault_deleted_subscription_surfaces(h: &dyn crate::Harness) -> crat
     use switchyard_core::{Message, SubscribeOptions, consumer::Consumer};
 
     let client = h.client().await.expect("connect");
-    let topic = h.unique("deleted");
-    for name in [RAW, RUNTIME] {
+    // A topic each (where subscriptions share a queue, as SQS's queue
+    // mode, they would compete for one message).
+    let topics = [(h.unique("deleted"), RAW), (h.unique("deleted"), RUNTIME)];
+    for (topic, name) in &topics {
         client
-            .ensure_subscription(&topic, &SubscribeOptions::new(name))
+            .ensure_subscription(topic, &SubscribeOptions::new(*name))
             .await
             .unwrap();
     }
     let mut raw = client
-        .subscribe(&topic, SubscribeOptions::new(RAW))
+        .subscribe(&topics[0].0, SubscribeOptions::new(RAW))
         .await
         .unwrap();
     let runtime = client
-        .subscribe(&topic, SubscribeOptions::new(RUNTIME))
+        .subscribe(&topics[1].0, SubscribeOptions::new(RUNTIME))
         .await
         .unwrap();
-    client.publish(&topic, Message::new("x")).await.unwrap();
+    for (topic, _) in &topics {
+        client.publish(topic, Message::new("x")).await.unwrap();
+    }
     // Both are live: each has delivered.
     crate::util::recv_one(&mut raw, h.receive_timeout(), "before the deletion")
         .await
@@ -1324,8 +1328,8 @@ pub async fn fault_deleted_subscription_surfaces(h: &dyn crate::Harness) -> crat
         .await
         .expect("the Consumer handles before the deletion");
 
-    for name in [RAW, RUNTIME] {
-        if !h.delete_subscription(&topic, name).await {
+    for (topic, name) in &topics {
+        if !h.delete_subscription(topic, name).await {
             run.abort();
             return crate::Outcome::Skipped(
                 "the harness cannot delete a subscription's resource".into(),

@@ -487,6 +487,7 @@ impl Subscriber for NatsBroker {
             permits: Arc::new(Semaphore::new(options.prefetch_limit())),
             prefetch: options.prefetch_limit(),
             stream_name: self.stream_name(topic),
+            consumer_name: info.name.clone(),
             next_subject,
             inbox_subject,
             state: tokio::sync::Mutex::new(PullState {
@@ -496,6 +497,8 @@ impl Subscriber for NatsBroker {
                 next_request: 0,
                 stall: Box::pin(tokio::time::sleep(STALLED)),
                 last_activity: Instant::now(),
+                suspect: false,
+                gone: None,
             }),
             js: self.inner.js.clone(),
             client: self.inner.client.clone(),
@@ -550,6 +553,13 @@ struct PullState {
     last_activity: Instant,
     /// Fires when the server has been silent for [`STALLED`].
     stall: Pin<Box<tokio::time::Sleep>>,
+    /// A pull request ended as if the consumer were gone (409 "Consumer
+    /// Deleted", 503 no responders, or the server silent for [`STALLED`]):
+    /// `recv` asks the server whether it is.
+    suspect: bool,
+    /// Set once the consumer or its stream was found deleted: every
+    /// receive returns it.
+    gone: Option<Error>,
 }
 
 struct ReceiverShared {
@@ -558,6 +568,7 @@ struct ReceiverShared {
     permits: Arc<Semaphore>,
     prefetch: usize,
     stream_name: String,
+    consumer_name: String,
     /// `$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`.
     next_subject: String,
     inbox_subject: String,
@@ -656,6 +667,51 @@ impl ReceiverShared {
         free > 0 && (free >= (self.prefetch / 2).max(1) || state.reserved.is_empty())
     }
 
+    /// `item`, or [`Error::NotFound`] in its place when it is an error that
+    /// looks like a deleted consumer ([`PullState::suspect`]) and the server
+    /// confirms that it is (then every later receive returns it too).
+    async fn confirm(
+        &self,
+        state: &mut PullState,
+        item: Result<RawDelivery>,
+    ) -> Result<RawDelivery> {
+        if item.is_err() && std::mem::take(&mut state.suspect) {
+            if let Some(gone) = self.consumer_gone().await {
+                state.gone = Some(gone.replicate());
+                return Err(gone);
+            }
+        }
+        item
+    }
+
+    /// [`Error::NotFound`] when the server says this receiver's consumer or
+    /// its stream does not exist (deleted under it), `None` when it exists
+    /// or the server cannot tell now (a reconnect under way: retryable).
+    async fn consumer_gone(&self) -> Option<Error> {
+        let asked = self
+            .js
+            .get_consumer_from_stream::<pull::Config, _, _>(&self.consumer_name, &self.stream_name);
+        let answer = tokio::select! {
+            a = tokio::time::timeout(self.request_timeout, asked) => a.ok()?,
+            () = self.cancel.cancelled() => return None,
+        };
+        let e = answer.err()?;
+        let jetstream::stream::ConsumerErrorKind::JetStream(js) = e.kind() else {
+            return None;
+        };
+        let (resource, name) = match js.error_code() {
+            jetstream::ErrorCode::STREAM_NOT_FOUND => ("stream", &self.stream_name),
+            jetstream::ErrorCode::CONSUMER_NOT_FOUND => ("consumer", &self.consumer_name),
+            _ => return None,
+        };
+        Some(Error::not_found(
+            resource,
+            name.clone(),
+            format!("the subscription's {resource} was deleted: {js}"),
+            Some(Box::new(e)),
+        ))
+    }
+
     /// Asks the server for as many messages as there is free room, when
     /// [`pull_due`](Self::pull_due).
     async fn top_up(&self, state: &mut PullState) -> Result<()> {
@@ -744,6 +800,9 @@ impl ReceiverShared {
                 let keep = state.reserved.len().saturating_sub(unfilled);
                 state.reserved.truncate(keep);
                 let description = message.description.unwrap_or_default();
+                if status == 503 || (status == 409 && description.contains("Deleted")) {
+                    state.suspect = true;
+                }
                 match status {
                     408 | 404 => None,
                     409 if !description.contains("Deleted") => None,
@@ -834,6 +893,16 @@ impl Receiver for NatsReceiver {
             if s.cancel.is_cancelled() {
                 return None;
             }
+            if let Some(gone) = &state.gone {
+                return Some(Err(gone.replicate()));
+            }
+            if state.suspect {
+                state.suspect = false;
+                if let Some(gone) = s.consumer_gone().await {
+                    state.gone = Some(gone.replicate());
+                    return Some(Err(gone));
+                }
+            }
             if let Err(e) = s.top_up(&mut state).await {
                 tokio::select! {
                     () = tokio::time::sleep(PULL_RETRY) => {}
@@ -845,7 +914,7 @@ impl Receiver for NatsReceiver {
             if let Some(next) = state.inbox.next().now_or_never() {
                 let message = next?;
                 if let Some(item) = s.handle(&mut state, message) {
-                    return Some(item);
+                    return Some(s.confirm(&mut state, item).await);
                 }
                 continue;
             }
@@ -879,6 +948,9 @@ impl Receiver for NatsReceiver {
                     if Instant::now() >= due {
                         state.reserved.clear();
                         state.requests.clear();
+                        // Lost in a reconnect, or the consumer was deleted
+                        // (nats-server 2.9 then says nothing): ask.
+                        state.suspect = true;
                         state.stall.as_mut().reset(Instant::now() + STALLED);
                     } else {
                         stall.as_mut().reset(due);
@@ -892,7 +964,7 @@ impl Receiver for NatsReceiver {
                 return None;
             };
             if let Some(item) = s.handle(&mut state, message) {
-                return Some(item);
+                return Some(s.confirm(&mut state, item).await);
             }
         }
     }
@@ -910,6 +982,7 @@ impl Receiver for NatsReceiver {
         }
         loop {
             let message = state.inbox.next().now_or_never()??;
+            // A suspect error is confirmed by the next `recv`.
             if let Some(item) = s.handle(&mut state, message) {
                 return Some(item);
             }

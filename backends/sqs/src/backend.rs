@@ -687,6 +687,7 @@ impl Subscriber for SqsBroker {
             receive_started: std::sync::Mutex::new(None),
             outstanding: Outstanding::new(),
             slow: SlowStart::new(),
+            gone: std::sync::OnceLock::new(),
         });
         for _ in 0..self.inner.config.pollers.max(1) {
             tokio::spawn(poll(Arc::clone(&shared), tx.clone()));
@@ -755,6 +756,9 @@ struct ReceiverShared {
     /// One message at a time until a first delivery shows that the head of
     /// the queue is not what crashed the last consumer.
     slow: SlowStart,
+    /// Set (and the pollers stopped) once SQS says the queue does not
+    /// exist: every receive returns it.
+    gone: std::sync::OnceLock<Error>,
 }
 
 /// One ack waiting for its `DeleteMessageBatch`.
@@ -1025,6 +1029,8 @@ async fn gather(
 /// receiver closes, the loop finishes its current receive and makes what it
 /// got visible again.
 async fn poll(shared: Arc<ReceiverShared>, tx: mpsc::Sender<Received>) {
+    // When receiving started failing (for the warning's rate).
+    let mut failing: Option<tokio::time::Instant> = None;
     loop {
         let mut permits = if shared.slow.is_open() {
             let Some(permits) = gather(&shared, &tx).await else {
@@ -1069,8 +1075,31 @@ async fn poll(shared: Arc<ReceiverShared>, tx: mpsc::Sender<Received>) {
             .await;
         shared.receiving.fetch_sub(1, Ordering::AcqRel);
         let messages = match out {
-            Ok(out) => out.messages.unwrap_or_default(),
-            Err(_) => {
+            Ok(out) => {
+                failing = None;
+                out.messages.unwrap_or_default()
+            }
+            Err(e) => {
+                let code = e.code().unwrap_or_default().to_owned();
+                let e = sdk_error("receiving messages", e);
+                if code.contains("NonExistentQueue") || code.contains("QueueDoesNotExist") {
+                    // Deleted under the receiver: say so, stop polling.
+                    let _ = shared.gone.set(Error::not_found(
+                        "queue",
+                        shared.url.clone(),
+                        format!("the subscription's queue was deleted: {e}"),
+                        Some(Box::new(e)),
+                    ));
+                    shared.cancel.cancel();
+                    return;
+                }
+                // Transient (the endpoint unreachable, throttling): retry,
+                // saying so at the first of a streak and every 30 s.
+                let now = tokio::time::Instant::now();
+                if failing.is_none_or(|since| now >= since + Duration::from_secs(30)) {
+                    tracing::warn!(queue = %shared.url, error = %e, "receiving failed; retrying");
+                    failing = Some(now);
+                }
                 tokio::select! {
                     () = tokio::time::sleep(POLL_RETRY) => {}
                     () = shared.cancel.cancelled() => return,
@@ -1138,13 +1167,20 @@ impl Receiver for SqsReceiver {
     /// channel; a cancelled receive leaves them there.
     async fn recv(&self) -> Option<Result<RawDelivery>> {
         let s = &self.shared;
+        let ended = || s.gone.get().map(|gone| Err(gone.replicate()));
+        if s.gone.get().is_some() {
+            return ended();
+        }
         let mut rx = tokio::select! {
             rx = s.rx.lock() => rx,
-            () = s.cancel.cancelled() => return None,
+            () = s.cancel.cancelled() => return ended(),
         };
         let received = tokio::select! {
-            r = rx.recv() => r?,
-            () = s.cancel.cancelled() => return None,
+            r = rx.recv() => match r {
+                Some(r) => r,
+                None => return ended(),
+            },
+            () = s.cancel.cancelled() => return ended(),
         };
         Some(Ok(s.deliver(received)))
     }

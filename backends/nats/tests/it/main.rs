@@ -38,6 +38,25 @@ impl Harness for NatsHarness {
         Some(Box::new(OwnNats::start().await))
     }
 
+    /// Deletes the subscription's durable consumer through the JetStream
+    /// API (as `nats consumer rm` does).
+    async fn delete_subscription(&self, topic: &str, subscription: &str) -> bool {
+        let config = switchyard_nats::NatsConfig::from_url(&self.url).expect("the URL");
+        let broker = switchyard_nats::NatsBroker::connect(config)
+            .await
+            .expect("connect");
+        broker
+            .jetstream()
+            .delete_consumer_from_stream(
+                broker.consumer_name(subscription),
+                broker.stream_name(topic),
+            )
+            .await
+            .expect("deleting the consumer");
+        let _ = switchyard_core::driver::Publisher::close(&broker).await;
+        true
+    }
+
     /// The machine's server behind a link; clients time requests out after
     /// 3 s (bound: 5 s).
     async fn linked(&self) -> Option<Box<dyn Linked>> {

@@ -46,6 +46,37 @@ impl Harness for SqsHarness {
         Duration::from_millis(2500)
     }
 
+    /// Deletes the subscription's queue (`DeleteQueue`, as `aws sqs
+    /// delete-queue` does). In queue mode a topic's subscriptions share one
+    /// queue: the second call finds it gone already.
+    async fn delete_subscription(&self, topic: &str, subscription: &str) -> bool {
+        let config = switchyard_sqs::SqsConfig::from_url(&self.url).expect("the URL");
+        let broker = switchyard_sqs::SqsBroker::connect(config)
+            .await
+            .expect("connect");
+        let name = broker.queue_name(topic, subscription);
+        let sqs = broker.sqs_client();
+        match sqs.get_queue_url().queue_name(&name).send().await {
+            Ok(found) => {
+                sqs.delete_queue()
+                    .queue_url(found.queue_url().expect("a queue URL"))
+                    .send()
+                    .await
+                    .expect("DeleteQueue");
+            }
+            Err(e) => {
+                let code = switchyard_sqs::aws_sdk_sqs::error::ProvideErrorMetadata::code(&e)
+                    .unwrap_or_default()
+                    .to_owned();
+                assert!(
+                    code.contains("NonExistentQueue") || code.contains("QueueDoesNotExist"),
+                    "GetQueueUrl {name}: {e:?}"
+                );
+            }
+        }
+        true
+    }
+
     /// The endpoint behind a link; clients time requests out after 3 s, and
     /// a receiver's close takes at most the 1 s long-poll wait plus that
     /// (bound: 6 s). moto cannot restart with its state, so SQS gets the
