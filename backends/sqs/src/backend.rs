@@ -52,12 +52,26 @@ const DELETE_WINDOW: usize = 4;
 
 /// Maps an SDK error: credentials and signatures → authentication;
 /// throttling, timeouts and transport → retryable; the rest → broker errors.
+/// Whether SNS answered that the topic does not exist.
+fn topic_missing<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> bool {
+    e.code().is_some_and(|c| c.contains("NotFound"))
+}
+
 fn sdk_error<E, R>(what: &str, e: SdkError<E, R>) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: fmt::Debug + Send + Sync + 'static,
 {
-    let text = format!("{what}: {}", DisplayErrorContext(&e));
+    // A service error says its code and message (the raw response, with
+    // all its headers, stays in the source); anything else its whole chain.
+    let text = match &e {
+        SdkError::ServiceError(s) => format!(
+            "{what}: {}: {}",
+            s.err().code().unwrap_or("unknown error"),
+            s.err().message().unwrap_or_default()
+        ),
+        _ => format!("{what}: {}", DisplayErrorContext(&e)),
+    };
     match &e {
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => {
             if text.contains("credentials") {
@@ -277,6 +291,30 @@ impl SqsBroker {
         }
     }
 
+    /// The SNS topic a topic publishes to in fan-out mode.
+    #[must_use]
+    pub fn sns_topic_name(&self, topic: &str) -> String {
+        names::sns_topic(topic, self.inner.config.fifo)
+    }
+
+    /// Forgets the cached SNS topic ARN of `topic` after SNS said it does
+    /// not exist (deleted by an operator, or an emulator that lost its
+    /// state), and the queues known to be subscribed, so the next publish
+    /// creates the topic again and the next `ensure_subscription` or
+    /// `subscribe` subscribes its queue to it again.
+    fn forget_topic(&self, topic: &str) {
+        self.inner
+            .topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(topic);
+        self.inner
+            .queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     fn limit(&self) -> usize {
         self.inner
             .config
@@ -480,7 +518,12 @@ impl SqsBroker {
                     .send()
                     .await
                     .map(|_| ())
-                    .map_err(|e| sdk_error("SNS Publish", e))
+                    .map_err(|e| {
+                        if topic_missing(&e) {
+                            self.forget_topic(topic);
+                        }
+                        sdk_error("SNS Publish", e)
+                    })
             }
         }
     }
@@ -570,7 +613,12 @@ impl SqsBroker {
                         .iter()
                         .filter_map(|f| failure(f.id(), f.code(), f.message(), f.sender_fault()))
                         .collect(),
-                    Err(e) => return failed_all(sdk_error("SNS PublishBatch", e)),
+                    Err(e) => {
+                        if topic_missing(&e) {
+                            self.forget_topic(topic);
+                        }
+                        return failed_all(sdk_error("SNS PublishBatch", e));
+                    }
                 }
             }
         };
