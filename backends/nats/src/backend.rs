@@ -488,6 +488,10 @@ impl Subscriber for NatsBroker {
             prefetch: options.prefetch_limit(),
             stream_name: self.stream_name(topic),
             consumer_name: info.name.clone(),
+            // A memory-storage stream and its consumers do not survive a
+            // server restart: such a receiver creates them again.
+            recreate: (self.inner.config.storage == stream::StorageType::Memory)
+                .then(|| (self.clone(), topic.to_owned(), options.clone())),
             next_subject,
             inbox_subject,
             state: tokio::sync::Mutex::new(PullState {
@@ -569,6 +573,9 @@ struct ReceiverShared {
     prefetch: usize,
     stream_name: String,
     consumer_name: String,
+    /// With memory storage: how to create the stream and consumer again
+    /// when a server restart lost them.
+    recreate: Option<(NatsBroker, String, SubscribeOptions)>,
     /// `$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`.
     next_subject: String,
     inbox_subject: String,
@@ -677,11 +684,32 @@ impl ReceiverShared {
     ) -> Result<RawDelivery> {
         if item.is_err() && std::mem::take(&mut state.suspect) {
             if let Some(gone) = self.consumer_gone().await {
-                state.gone = Some(gone.replicate());
-                return Err(gone);
+                return Err(self.lost(state, gone).await);
             }
         }
         item
+    }
+
+    /// The consumer or its stream is gone: with memory storage (a server
+    /// restart loses both) they are created again and the error is
+    /// retryable; otherwise it was deleted, and every later receive
+    /// returns `gone`.
+    async fn lost(&self, state: &mut PullState, gone: Error) -> Error {
+        let Some((broker, topic, options)) = &self.recreate else {
+            state.gone = Some(gone.replicate());
+            return gone;
+        };
+        broker.forget_stream(topic);
+        state.reserved.clear();
+        state.requests.clear();
+        match broker.consumer(topic, options).await {
+            Ok(_) => Error::broker(
+                format!("{gone}; created again (memory storage does not survive a restart)"),
+                true,
+                None,
+            ),
+            Err(e) => e,
+        }
     }
 
     /// [`Error::NotFound`] when the server says this receiver's consumer or
@@ -899,8 +927,7 @@ impl Receiver for NatsReceiver {
             if state.suspect {
                 state.suspect = false;
                 if let Some(gone) = s.consumer_gone().await {
-                    state.gone = Some(gone.replicate());
-                    return Some(Err(gone));
+                    return Some(Err(s.lost(&mut state, gone).await));
                 }
             }
             if let Err(e) = s.top_up(&mut state).await {

@@ -288,3 +288,100 @@ async fn server_restart_mid_stream_loses_no_confirmed_message() {
     drop(_server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// With `storage=memory` a server restart loses the stream and the
+/// consumer: the live subscription creates them again by itself and
+/// receives what is published afterwards, with no resubscribe (what was
+/// on the server is gone: memory storage). Before, its pulls went
+/// unanswered forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_storage_subscription_recovers_from_a_restart() {
+    if url().is_none() {
+        return;
+    }
+    assert!(
+        OwnServer::binary().is_some(),
+        "nats-server binary not found"
+    );
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dir = std::env::temp_dir().join(format!("sy-nats-memory-{}", switchyard_core::new_id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut server = OwnServer::start(port, &dir);
+    let client = switchyard_nats::connect(&format!(
+        "nats://127.0.0.1:{port}?storage=memory&request_timeout=2s"
+    ))
+    .await
+    .unwrap();
+    let topic = "memory.orders";
+    let opts = SubscribeOptions::new("s").ack_timeout(Duration::from_secs(2));
+    client.ensure_subscription(topic, &opts).await.unwrap();
+    let mut sub = client.subscribe(topic, opts).await.unwrap();
+    client
+        .publish(topic, Message::new("x").with_id("before"))
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    d.ack().await.unwrap();
+
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _server = OwnServer::start(server.port, &server.dir);
+
+    // Keep publishing (a new id every 200 ms, retrying failures) until the
+    // subscription delivers one of them.
+    let (publisher_client, stop) = (
+        client.clone(),
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    );
+    let publishing = {
+        let stop = std::sync::Arc::clone(&stop);
+        tokio::spawn(async move {
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = publisher_client
+                    .publish(topic, Message::new("x").with_id(format!("after-{i}")))
+                    .await;
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let restarted = Instant::now();
+    let mut retryable = 0;
+    let got = loop {
+        assert!(
+            restarted.elapsed() < Duration::from_secs(40),
+            "the subscription did not recover within 40 s of the restart ({retryable} \
+             retryable errors)"
+        );
+        match tokio::time::timeout(Duration::from_secs(5), sub.recv()).await {
+            Ok(Ok(d)) => {
+                let id = d.message().id().to_owned();
+                d.ack().await.unwrap();
+                break id;
+            }
+            Ok(Err(e)) => {
+                assert!(e.is_retryable(), "receive after the restart: {e}");
+                retryable += 1;
+            }
+            Err(_) => {}
+        }
+    };
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    publishing.await.unwrap();
+    assert!(got.starts_with("after-"), "{got}");
+    eprintln!(
+        "memory storage: the subscription delivered {got} {:?} after the restart ({retryable} \
+         retryable errors)",
+        restarted.elapsed()
+    );
+    client.close().await.unwrap();
+    drop(_server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
