@@ -352,8 +352,9 @@ impl Linked for Via {
     }
 }
 
-/// Fault case: the broker is killed (`SIGKILL`) and restarted twice while
-/// one long-lived [`Client`](switchyard_core::Client) publishes at a steady
+/// Fault case: the broker is killed (`SIGKILL`) and restarted twice — a
+/// third and two thirds of the way through — while one long-lived
+/// [`Client`](switchyard_core::Client) publishes 10,000 messages at a steady
 /// rate (retrying a failed publish with the same id, as a careful
 /// application does) and two subscriptions receive: one through the
 /// [`Consumer`](switchyard_core::consumer::Consumer) runtime, one through
@@ -367,6 +368,7 @@ impl Linked for Via {
 /// When a confirmed message is lost or a bound is exceeded.
 pub async fn fault_broker_killed_twice(h: &dyn crate::Harness) -> crate::Outcome {
     const DOWN: Duration = Duration::from_secs(2);
+    const KILLED_MESSAGES: usize = 10_000;
 
     let Some(mut broker) = h.private_broker().await else {
         return crate::Outcome::Skipped("the harness has no private broker".into());
@@ -381,11 +383,22 @@ pub async fn fault_broker_killed_twice(h: &dyn crate::Harness) -> crate::Outcome
     // kill (see the RabbitMQ backend's docs); no broker is killed sooner,
     // with room for a loaded machine.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let flow = flow.start(&client, &topic, 1500).await;
+    let flow = flow
+        .start(&client, &topic, KILLED_MESSAGES, Duration::from_millis(1))
+        .await;
 
+    // The kills fall a third and two thirds of the way through.
     let mut restarts = Vec::new();
-    for _ in 0..2 {
-        tokio::time::sleep(Duration::from_secs(2)).await;
+    for third in 1..=2 {
+        let started = Instant::now();
+        while flow.confirmed() < KILLED_MESSAGES * third / 3 {
+            assert!(
+                started.elapsed() < FLOW_BOUND,
+                "publishing stalled at {} confirmed",
+                flow.confirmed()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         broker.kill();
         tokio::time::sleep(DOWN).await;
         broker.restart().await;
@@ -429,7 +442,9 @@ pub async fn fault_link_reset_then_blackhole(h: &dyn crate::Harness) -> crate::O
         .await
         .unwrap();
     let mut closing = closer.subscribe(&topic, closing_opts).await.unwrap();
-    let flow = flow.start(&client, &topic, 100_000).await;
+    let flow = flow
+        .start(&client, &topic, 100_000, Duration::from_millis(5))
+        .await;
     // The closing subscription is live: it has delivered.
     let first = tokio::time::timeout(h.receive_timeout(), closing.recv())
         .await
@@ -545,6 +560,8 @@ struct Flow {
     runtime: tokio::task::JoinHandle<switchyard_core::Result<switchyard_core::consumer::Report>>,
     raw: tokio::task::JoinHandle<(u32, Duration)>,
     publisher: tokio::task::JoinHandle<Published>,
+    /// How many publishes were confirmed so far.
+    confirmed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// The flow's two subscriptions, declared.
@@ -590,9 +607,15 @@ impl Flow {
 }
 
 impl Prepared {
-    /// Subscribes both and publishes up to `n` messages, one every 5 ms,
-    /// until [`Flow::publishing`] is set.
-    async fn start(self, client: &switchyard_core::Client, topic: &str, n: usize) -> Flow {
+    /// Subscribes both and publishes up to `n` messages, pausing `every`
+    /// after each, until [`Flow::publishing`] is set.
+    async fn start(
+        self,
+        client: &switchyard_core::Client,
+        topic: &str,
+        n: usize,
+        every: Duration,
+    ) -> Flow {
         use switchyard_core::{
             Message, SubscribeOptions,
             consumer::{Backoff, Consumer},
@@ -670,7 +693,9 @@ impl Prepared {
                 (errors, longest_ack)
             })
         };
+        let confirmed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let publisher = {
+            let confirmed = std::sync::Arc::clone(&confirmed);
             let client = client.clone();
             let topic = topic.to_owned();
             let publishing = publishing.clone();
@@ -711,7 +736,8 @@ impl Prepared {
                         }
                     }
                     out.confirmed.push(id);
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    confirmed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tokio::time::sleep(every).await;
                 }
                 out
             })
@@ -725,11 +751,17 @@ impl Prepared {
             runtime,
             raw,
             publisher,
+            confirmed,
         }
     }
 }
 
 impl Flow {
+    /// How many publishes were confirmed so far.
+    fn confirmed(&self) -> usize {
+        self.confirmed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Counts `id` as received by the raw subscription (by another raw
     /// subscription of the same queue).
     fn seen_by_raw(&self, id: &str) {
