@@ -1361,11 +1361,9 @@ pub async fn fault_deleted_subscription_surfaces(h: &dyn crate::Harness) -> crat
         .expect("the Consumer handles before the deletion");
 
     for (topic, name) in &topics {
-        if !h.delete_subscription(topic, name).await {
+        if let Err(why) = h.delete_subscription(topic, name).await {
             run.abort();
-            return crate::Outcome::Skipped(
-                "the harness cannot delete a subscription's resource".into(),
-            );
+            return crate::Outcome::Skipped(why);
         }
     }
     let deleted = Instant::now();

@@ -119,16 +119,24 @@ pub trait Harness: Send + Sync + fmt::Debug {
     /// Deletes, as an operator would with the broker's own tools, what the
     /// subscription `subscription` of `topic` reads from (its queue, its
     /// durable consumer, its topic, …), for
-    /// [`fault::fault_deleted_subscription_surfaces`]. `false` (the
-    /// default) where nothing can delete it (an in-process broker), which
-    /// skips that case.
+    /// [`fault::fault_deleted_subscription_surfaces`]. `Err(why)` where
+    /// the broker under test cannot delete it (the default: an in-process
+    /// broker has no operator), which skips that case saying why.
+    ///
+    /// # Errors
+    ///
+    /// Why the deletion cannot be done on this broker.
     ///
     /// # Panics
     ///
-    /// When the broker refuses the deletion.
-    async fn delete_subscription(&self, topic: &str, subscription: &str) -> bool {
+    /// When the broker refuses a deletion it can do.
+    async fn delete_subscription(
+        &self,
+        topic: &str,
+        subscription: &str,
+    ) -> std::result::Result<(), String> {
         let _ = (topic, subscription);
-        false
+        Err("the harness has no way to delete a subscription's resource".into())
     }
 
     /// A fresh name, unique per call, for a topic or subscription.

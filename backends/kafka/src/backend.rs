@@ -43,7 +43,13 @@ const REPORT_MARGIN: Duration = Duration::from_secs(1);
 /// authentication → [`Error::Authentication`]; the rest → broker errors.
 pub(crate) fn kafka_error(what: &str, e: KafkaError) -> Error {
     let text = format!("{what}: {e}");
-    match e.rdkafka_error_code() {
+    // rdkafka reports no code for a failed admin operation, though it has
+    // one (a create-topics request timed out on a dead link, say).
+    let code = match &e {
+        KafkaError::AdminOp(code) => Some(*code),
+        other => other.rdkafka_error_code(),
+    };
+    match code {
         Some(
             RDKafkaErrorCode::BrokerTransportFailure
             | RDKafkaErrorCode::AllBrokersDown

@@ -13,7 +13,8 @@
 //! | nack, nack with delay | a copy goes to the retry topic `orders.created.billing.retry` with its next attempt and due time, then the original is settled; the same group consumes the retry topic and holds each record until due |
 //! | ack timeout | a delivery unsettled that long is re-published to the retry topic (next attempt) and settled; a late ack is a no-op |
 //! | attempt | 1 + nacks and expiries (in the retry record) + crash redeliveries (counted in the subscription's journal: the committed offsets of the member-less groups `<group>~h` and `<group>~n`) |
-//! | prefetch | at most `prefetch` records handed out and unsettled per consumer |
+//! | prefetch | at most `prefetch` records handed out and unsettled per consumer; while the application holds them (over 1 s), the consumer pauses fetching and keeps polling, so it stays in its group past `max.poll.interval.ms` |
+//! | topic deleted | every `recv` of its subscriptions returns [`Error::NotFound`](switchyard_core::Error::NotFound) once two metadata readings 1 s apart miss it (a broker that does not answer is a transient fault, never `NotFound`) |
 //!
 //! Kafka has no per-message acknowledgement: a group commits one offset per
 //! partition. switchyard never commits past an unsettled record, so a crash

@@ -26,7 +26,7 @@ use rdkafka::{
     Offset, TopicPartitionList,
     client::ClientContext,
     consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
-    error::KafkaError,
+    error::{KafkaError, RDKafkaErrorCode},
     message::Message as _,
 };
 use switchyard_core::{Acker, Error, Message, RawDelivery, Receiver, Result, SubscribeOptions};
@@ -44,6 +44,9 @@ use crate::{
 const REAP_RETRY: Duration = Duration::from_secs(1);
 /// Most retry records held in memory until due; past it the pump pauses.
 const MAX_HELD: usize = 10_000;
+/// How long the ready queue stays full before the pump pauses fetching and
+/// polls on.
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
 /// Most records the pump admits at once (those librdkafka already has).
 const PUMP_RUN: usize = 64;
 /// Fewest records one journal reservation covers (else four prefetches:
@@ -53,6 +56,9 @@ const PUMP_RUN: usize = 64;
 const MIN_RESERVE: usize = 64;
 /// Pause before a failed journal write is tried again.
 const JOURNAL_RETRY: Duration = Duration::from_millis(200);
+/// Time between the metadata readings that confirm the subscription's topic
+/// is gone (two readings without it, at least this far apart).
+const GONE_CONFIRM: Duration = Duration::from_secs(1);
 
 /// Why [`RecvInner::take`] handed nothing out.
 enum Next {
@@ -121,9 +127,24 @@ struct State {
     handed: HashMap<u64, Handed>,
     next_token: u64,
     closed: bool,
+    /// The subscription's topic is gone (deleted): what the broker said.
+    /// Every `recv` from then on returns [`Error::NotFound`].
+    gone: Option<(String, KafkaError)>,
 }
 
 impl State {
+    /// [`Error::NotFound`] once the topic is gone.
+    fn gone_error(&self, names: &Names) -> Option<Error> {
+        self.gone.as_ref().map(|(message, cause)| {
+            Error::not_found(
+                "topic",
+                names.topic.clone(),
+                message.clone(),
+                Some(Box::new(cause.clone())),
+            )
+        })
+    }
+
     fn is_current(&self, part: Part, epoch: u64) -> bool {
         self.tracks.get(&part).is_some_and(|(e, _)| *e == epoch)
     }
@@ -285,7 +306,10 @@ impl JournalGroups {
         let make = |suffix: &str| -> Result<BaseConsumer> {
             let mut cc = base_config(config);
             cc.set("group.id", format!("{group}~{suffix}"))
-                .set("enable.auto.commit", "false");
+                .set("enable.auto.commit", "false")
+                // `heads` also reads the topic's metadata to tell whether it
+                // was deleted: that must never create it again.
+                .set("allow.auto.create.topics", "false");
             cc.create()
                 .map_err(|e| Error::Config(format!("Kafka journal consumer: {e}")))
         };
@@ -532,6 +556,8 @@ pub(crate) struct RecvInner {
     recv_lock: tokio::sync::Mutex<()>,
     /// The shutdown ran (or is running).
     shut: std::sync::atomic::AtomicBool,
+    /// A [`watch_topic`] task is confirming that the topic is gone.
+    watching: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for RecvInner {
@@ -603,6 +629,7 @@ impl KafkaReceiver {
             commit: Arc::new(Notify::new()),
             recv_lock: tokio::sync::Mutex::new(()),
             shut: std::sync::atomic::AtomicBool::new(false),
+            watching: std::sync::atomic::AtomicBool::new(false),
         });
         tokio::spawn(pump(Arc::downgrade(&inner), consumer, inner.closed.clone()));
         tokio::spawn(committer(Arc::downgrade(&inner)));
@@ -616,9 +643,21 @@ impl KafkaReceiver {
 }
 
 /// Polls the consumer, admitting records, while the ready queue has room.
+///
+/// When the queue stays full (a slow application), the pump pauses the
+/// assigned partitions and polls on: the member keeps taking part in
+/// rebalances, reports errors, and is not taken for dead once
+/// `max.poll.interval.ms` passes without a poll. Records librdkafka had
+/// fetched for a paused partition are fetched again on resume (from the
+/// last one the pump took).
 async fn pump(inner: Weak<RecvInner>, consumer: Arc<KConsumer>, closed: CancellationToken) {
+    // What this pump paused, resumed once there is room again. A partition
+    // stays paused across a revoke and a new assignment, so everything
+    // paused is resumed, assigned or not.
+    let mut paused = TopicPartitionList::new();
+    let mut full_since: Option<tokio::time::Instant> = None;
     loop {
-        {
+        let r = {
             let Some(i) = inner.upgrade() else { return };
             let space_signal = Arc::clone(&i.space);
             let space = space_signal.notified();
@@ -630,19 +669,42 @@ async fn pump(inner: Weak<RecvInner>, consumer: Arc<KConsumer>, closed: Cancella
             };
             drop(i);
             if full {
-                tokio::select! {
-                    () = &mut space => {}
-                    () = closed.cancelled() => return,
-                    // Held records come due with time, not with a signal.
-                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                let since = *full_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() < PAUSE_AFTER {
+                    // Usually the application makes room soon: pausing
+                    // would throw away what librdkafka fetched ahead.
+                    tokio::select! {
+                        () = &mut space => {}
+                        () = closed.cancelled() => return,
+                        // Held records come due with time, not with a signal.
+                        () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                    continue;
                 }
-                continue;
+                pause_assignment(&consumer, &mut paused);
+                tokio::select! {
+                    biased;
+                    () = closed.cancelled() => return,
+                    () = &mut space => continue,
+                    () = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                    // Rebalances and errors; a record that was already on
+                    // its way is admitted all the same.
+                    r = consumer.recv() => r,
+                }
+            } else {
+                full_since = None;
+                if paused.count() > 0 {
+                    if let Err(e) = consumer.resume(&paused) {
+                        tracing::warn!(error = %e, "kafka: resuming paused partitions failed");
+                    }
+                    paused = TopicPartitionList::new();
+                }
+                tokio::select! {
+                    biased;
+                    () = closed.cancelled() => return,
+                    r = consumer.recv() => r,
+                }
             }
-        }
-        let r = tokio::select! {
-            biased;
-            () = closed.cancelled() => return,
-            r = consumer.recv() => r,
         };
         let Some(i) = inner.upgrade() else { return };
         // What librdkafka already has queued comes along without waiting:
@@ -658,8 +720,15 @@ async fn pump(inner: Weak<RecvInner>, consumer: Arc<KConsumer>, closed: Cancella
                 }
                 Err(e) => {
                     // Transient (a broker restarting, a topic being
-                    // created): librdkafka recovers by itself.
+                    // created): librdkafka recovers by itself. Except a
+                    // subscribed topic the broker does not know (librdkafka
+                    // says so once, then revokes its partitions and waits):
+                    // deleted, or not visible yet (new, or metadata lagging
+                    // on this broker); `watch_topic` tells which.
                     tracing::debug!(error = %e, "kafka: consumer error");
+                    if names_a_missing_topic(&e) {
+                        i.watch_topic(e.clone());
+                    }
                     if matches!(e, KafkaError::MessageConsumptionFatal(_)) {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
@@ -683,7 +752,143 @@ async fn pump(inner: Weak<RecvInner>, consumer: Arc<KConsumer>, closed: Cancella
     }
 }
 
+/// Pauses the assigned partitions not paused yet, adding them to `paused`.
+fn pause_assignment(consumer: &KConsumer, paused: &mut TopicPartitionList) {
+    let Ok(assigned) = consumer.assignment() else {
+        return;
+    };
+    let mut fresh = TopicPartitionList::new();
+    for e in assigned.elements() {
+        if paused.find_partition(e.topic(), e.partition()).is_none() {
+            fresh.add_partition(e.topic(), e.partition());
+        }
+    }
+    if fresh.count() == 0 {
+        return;
+    }
+    match consumer.pause(&fresh) {
+        Ok(()) => {
+            for e in fresh.elements() {
+                paused.add_partition(e.topic(), e.partition());
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "kafka: pausing partitions failed"),
+    }
+}
+
+/// Whether a consumer error says that a topic is unknown to the broker.
+fn names_a_missing_topic(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::UnknownTopicId
+        )
+    )
+}
+
+/// What one metadata reading said about a topic.
+enum Seen {
+    Present,
+    /// Unknown to the broker: why.
+    Missing(String),
+}
+
+/// Reads `topic`'s metadata (blocking) with a consumer handle, which never
+/// asks the broker to create a topic it does not know (a producer handle
+/// would, on a cluster with `auto.create.topics.enable`).
+fn look_up(consumer: &BaseConsumer, topic: &str, timeout: Duration) -> Result<Seen> {
+    let md = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| kafka_error("reading topic metadata", e))?;
+    let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+        return Ok(Seen::Missing("not listed".into()));
+    };
+    match t.error().map(RDKafkaErrorCode::from) {
+        Some(
+            code @ (RDKafkaErrorCode::UnknownTopicOrPartition
+            | RDKafkaErrorCode::UnknownTopic
+            | RDKafkaErrorCode::UnknownTopicId),
+        ) => Ok(Seen::Missing(code.to_string())),
+        // Known (an error such as no leader yet is about its partitions).
+        _ => Ok(Seen::Present),
+    }
+}
+
+/// Confirms, after the consumer reported the subscription's topic unknown,
+/// that it is really gone: two metadata readings without it, at least
+/// [`GONE_CONFIRM`] apart (right after a topic is created, or on a broker
+/// whose metadata lags, one reading can miss it). A reading that finds the
+/// topic ends the watch; one the broker does not answer (restarting,
+/// unreachable) starts the confirmation over, so a broker restart or a
+/// network cut stays a transient fault. Once confirmed, every `recv` returns
+/// [`Error::NotFound`].
+async fn watch_topic(inner: Weak<RecvInner>, cause: KafkaError) {
+    let mut missing_since: Option<Instant> = None;
+    loop {
+        let (shared, bound, closed) = {
+            let Some(i) = inner.upgrade() else { return };
+            (
+                Arc::clone(&i.shared),
+                i.broker.config.request_timeout,
+                i.closed.clone(),
+            )
+        };
+        if closed.is_cancelled() {
+            return;
+        }
+        let topic = shared.names.topic.clone();
+        let reader = Arc::clone(&shared);
+        let seen = blocking("reading topic metadata", bound + Duration::from_secs(1), {
+            move || look_up(&reader.journal.heads, &topic, bound)
+        })
+        .await;
+        match seen {
+            Ok(Seen::Present) => {
+                if let Some(i) = inner.upgrade() {
+                    i.watching.store(false, std::sync::atomic::Ordering::SeqCst);
+                }
+                return;
+            }
+            Ok(Seen::Missing(why)) => match missing_since {
+                Some(since) if since.elapsed() >= GONE_CONFIRM => {
+                    let Some(i) = inner.upgrade() else { return };
+                    tracing::warn!(topic = %shared.names.topic, %why, "kafka: the subscription's topic was deleted");
+                    let message =
+                        format!("deleted (two metadata readings {GONE_CONFIRM:?} apart: {why})");
+                    i.state().gone = Some((message, cause));
+                    i.wake.notify_one();
+                    return;
+                }
+                Some(_) => {}
+                None => missing_since = Some(Instant::now()),
+            },
+            Err(e) => {
+                tracing::debug!(error = %e, "kafka: checking whether the topic exists failed; trying again");
+                missing_since = None;
+            }
+        }
+        tokio::select! {
+            () = closed.cancelled() => return,
+            () = tokio::time::sleep(GONE_CONFIRM) => {}
+        }
+    }
+}
+
 impl RecvInner {
+    /// Starts a [`watch_topic`] unless one runs or the topic is known gone.
+    fn watch_topic(self: &Arc<Self>, cause: KafkaError) {
+        if self.state().gone.is_some()
+            || self
+                .watching
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        tokio::spawn(watch_topic(Arc::downgrade(self), cause));
+    }
+
     fn consumer(&self) -> Option<Arc<KConsumer>> {
         lock(&self.consumer).clone()
     }
@@ -881,6 +1086,9 @@ impl RecvInner {
             let wake = self.wake.notified();
             tokio::pin!(wake);
             wake.as_mut().enable();
+            if let Some(e) = self.state().gone_error(&self.shared.names) {
+                return Some(Err(e));
+            }
             let next_due = match self.take() {
                 Ok(d) => return Some(Ok(d)),
                 Err(Next::Record(part, epoch, write)) => {
@@ -927,6 +1135,9 @@ impl RecvInner {
         }
         // A `recv` in progress owns the hand-out; it will see the record.
         let _one = self.recv_lock.try_lock().ok()?;
+        if let Some(e) = self.state().gone_error(&self.shared.names) {
+            return Some(Err(e));
+        }
         self.take().ok().map(Ok)
     }
 

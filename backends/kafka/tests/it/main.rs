@@ -31,6 +31,43 @@ impl Harness for KafkaHarness {
         Duration::from_secs(20)
     }
 
+    /// Deletes the subscription's topic (a subscription is a consumer group
+    /// reading its topic, named as it is), as an operator would with
+    /// `kafka-topics.sh --delete`. The case calls this once per subscription
+    /// of the same topic: the second call finds it gone already.
+    ///
+    /// Not on tansu 0.6.0: it deletes topics, but answers a fetch of a topic
+    /// it does not find — the deleted one, and for a moment any other (its
+    /// sqlite lookup failing while the deletion runs is answered the same
+    /// way) — with a zero topic id and a spurious `CurrentLeader`
+    /// (`unknown_topic_response`, tansu-storage `service/fetch.rs`), and
+    /// librdkafka 2.12 then looks the topic up by a null name and crashes
+    /// the process (SIGSEGV in `rd_kafka_metadata_cache_find`, from
+    /// `rd_kafka_metadata_update_op`). Measured on 2026-12-05: the case
+    /// crashed 2 of 2 runs, and deleting an unrelated topic crashed a test
+    /// consuming another one. A live consumer fetches its topic all the
+    /// time, so the case cannot run there, and a deletion on the shared
+    /// broker would take down the tests running beside it;
+    /// `specific::a_deleted_topic_ends_recv_with_not_found` deletes a topic
+    /// on a private tansu while its consumer is paused.
+    async fn delete_subscription(
+        &self,
+        topic: &str,
+        _subscription: &str,
+    ) -> std::result::Result<(), String> {
+        if specific::on_tansu() {
+            return Err(
+                "tansu 0.6.0 answers fetches of a deleted topic with a zero topic id, \
+                        on which librdkafka 2.12 crashes the process (SIGSEGV); \
+                        specific::a_deleted_topic_ends_recv_with_not_found covers Kafka on a \
+                        private tansu, its consumer paused"
+                    .into(),
+            );
+        }
+        specific::delete_topic(&self.url, topic).await;
+        Ok(())
+    }
+
     async fn private_broker(&self) -> Option<Box<dyn PrivateBroker>> {
         Some(Box::new(OwnTansu::start().await))
     }

@@ -40,7 +40,11 @@ impl Harness for NatsHarness {
 
     /// Deletes the subscription's durable consumer through the JetStream
     /// API (as `nats consumer rm` does).
-    async fn delete_subscription(&self, topic: &str, subscription: &str) -> bool {
+    async fn delete_subscription(
+        &self,
+        topic: &str,
+        subscription: &str,
+    ) -> std::result::Result<(), String> {
         let config = switchyard_nats::NatsConfig::from_url(&self.url).expect("the URL");
         let broker = switchyard_nats::NatsBroker::connect(config)
             .await
@@ -54,7 +58,7 @@ impl Harness for NatsHarness {
             .await
             .expect("deleting the consumer");
         let _ = switchyard_core::driver::Publisher::close(&broker).await;
-        true
+        Ok(())
     }
 
     /// The machine's server behind a link; clients time requests out after

@@ -37,7 +37,11 @@ impl Harness for RabbitHarness {
 
     /// `queue.delete` of the subscription's queue, through a plain AMQP
     /// connection (as `rabbitmqctl delete_queue` or an operator's script).
-    async fn delete_subscription(&self, topic: &str, subscription: &str) -> bool {
+    async fn delete_subscription(
+        &self,
+        topic: &str,
+        subscription: &str,
+    ) -> std::result::Result<(), String> {
         use switchyard_rabbitmq::lapin::{
             Connection, ConnectionProperties, options::QueueDeleteOptions,
         };
@@ -57,7 +61,7 @@ impl Harness for RabbitHarness {
             .expect("queue.delete");
         let _ = conn.close(200, "deleted".into()).await;
         let _ = switchyard_core::driver::Publisher::close(&broker).await;
-        true
+        Ok(())
     }
 
     async fn private_broker(&self) -> Option<Box<dyn PrivateBroker>> {

@@ -49,7 +49,11 @@ impl Harness for SqsHarness {
     /// Deletes the subscription's queue (`DeleteQueue`, as `aws sqs
     /// delete-queue` does). In queue mode a topic's subscriptions share one
     /// queue: the second call finds it gone already.
-    async fn delete_subscription(&self, topic: &str, subscription: &str) -> bool {
+    async fn delete_subscription(
+        &self,
+        topic: &str,
+        subscription: &str,
+    ) -> std::result::Result<(), String> {
         let config = switchyard_sqs::SqsConfig::from_url(&self.url).expect("the URL");
         let broker = switchyard_sqs::SqsBroker::connect(config)
             .await
@@ -74,7 +78,7 @@ impl Harness for SqsHarness {
                 );
             }
         }
-        true
+        Ok(())
     }
 
     /// The endpoint behind a link; clients time requests out after 3 s, and
