@@ -127,6 +127,35 @@ impl MemoryBroker {
     pub fn client(&self) -> Client {
         Client::new(self.connect())
     }
+
+    /// Deletes the subscription `subscription` of `topic` with everything
+    /// in it, as an operator deletes a queue on a real broker: its live
+    /// consumers' receives return [`Error::NotFound`] from then on, and
+    /// messages published meanwhile are not kept for it (ensuring it again
+    /// creates a new, empty one). Returns whether it existed.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # async fn demo() -> switchyard_core::Result<()> {
+    /// use switchyard_core::SubscribeOptions;
+    /// use switchyard_memory::MemoryBroker;
+    ///
+    /// let broker = MemoryBroker::new();
+    /// let client = broker.client();
+    /// let mut sub = client.subscribe("orders", SubscribeOptions::new("billing")).await?;
+    /// assert!(broker.delete_subscription("orders", "billing"));
+    /// assert!(sub.recv().await.unwrap_err().is_not_found());
+    /// # Ok(()) }
+    /// ```
+    pub fn delete_subscription(&self, topic: &str, subscription: &str) -> bool {
+        let removed = self
+            .core
+            .topics()
+            .get_mut(topic)
+            .and_then(|t| t.subscriptions.remove(subscription));
+        removed.map(|q| q.delete()).is_some()
+    }
 }
 
 /// Builder for [`MemoryBroker`].
@@ -306,6 +335,7 @@ impl Subscriber for MemoryConnection {
         let queue = self.core.queue(topic, options.name());
         let shared = Arc::new(ReceiverShared {
             queue,
+            name: format!("{topic}/{}", options.name()),
             consumer: self.core.consumer_ids.fetch_add(1, Ordering::Relaxed),
             prefetch: options.prefetch_limit(),
             ack_timeout: options.ack_timeout_value(),
@@ -341,6 +371,8 @@ impl Broker for MemoryConnection {
 
 struct ReceiverShared {
     queue: SharedQueue,
+    /// `topic/subscription`, for errors.
+    name: String,
     consumer: u64,
     prefetch: usize,
     ack_timeout: Duration,
@@ -422,6 +454,14 @@ impl Receiver for MemoryReceiver {
             if s.closed.is_cancelled() {
                 s.shutdown();
                 return None;
+            }
+            if s.queue.is_deleted() {
+                return Some(Err(Error::not_found(
+                    "subscription",
+                    s.name.clone(),
+                    "the subscription was deleted",
+                    None,
+                )));
             }
             if let Some(d) = s.pop_buffered() {
                 return Some(Ok(s.raw(d)));

@@ -122,6 +122,8 @@ pub(crate) struct Queue {
     state: Mutex<State>,
     /// Woken whenever something may have become receivable.
     pub(crate) changed: Notify,
+    /// Deleted from its broker ([`MemoryBroker::delete_subscription`](crate::MemoryBroker::delete_subscription)).
+    deleted: std::sync::atomic::AtomicBool,
 }
 
 impl Queue {
@@ -129,6 +131,17 @@ impl Queue {
         // A panic while holding the lock leaves consistent-enough state
         // (every mutation is a few map operations); keep serving.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks the queue deleted and wakes its consumers (who then say so).
+    pub(crate) fn delete(&self) {
+        self.deleted
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    pub(crate) fn is_deleted(&self) -> bool {
+        self.deleted.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub(crate) fn push(&self, message: Message) {

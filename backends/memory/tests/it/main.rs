@@ -37,6 +37,19 @@ impl Harness for MemoryHarness {
     fn slack(&self) -> Duration {
         Duration::from_millis(500)
     }
+
+    /// The broker's own [`MemoryBroker::delete_subscription`].
+    async fn delete_subscription(
+        &self,
+        topic: &str,
+        subscription: &str,
+    ) -> std::result::Result<(), String> {
+        assert!(
+            self.broker.delete_subscription(topic, subscription),
+            "no subscription {subscription} on {topic}"
+        );
+        Ok(())
+    }
 }
 
 async fn harness() -> Option<MemoryHarness> {
