@@ -163,6 +163,18 @@ impl OwnServer {
         })
     }
 
+    /// A new server on a spare port with a fresh store directory.
+    fn fresh(tag: &str) -> Self {
+        assert!(Self::binary().is_some(), "nats-server binary not found");
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let dir = std::env::temp_dir().join(format!("sy-nats-{tag}-{}", switchyard_core::new_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self::start(port, &dir)
+    }
+
     fn start(port: u16, dir: &std::path::Path) -> Self {
         let bin = Self::binary().expect("nats-server binary");
         let child = std::process::Command::new(bin)
@@ -203,17 +215,8 @@ async fn server_restart_mid_stream_loses_no_confirmed_message() {
     if url().is_none() {
         return;
     }
-    assert!(
-        OwnServer::binary().is_some(),
-        "nats-server binary not found"
-    );
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let dir = std::env::temp_dir().join(format!("sy-nats-restart-{}", switchyard_core::new_id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut server = OwnServer::start(port, &dir);
+    let mut server = OwnServer::fresh("restart");
+    let (port, dir) = (server.port, server.dir.clone());
 
     let client = switchyard_nats::connect(&format!("nats://127.0.0.1:{port}"))
         .await
@@ -299,17 +302,8 @@ async fn memory_storage_subscription_recovers_from_a_restart() {
     if url().is_none() {
         return;
     }
-    assert!(
-        OwnServer::binary().is_some(),
-        "nats-server binary not found"
-    );
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let dir = std::env::temp_dir().join(format!("sy-nats-memory-{}", switchyard_core::new_id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut server = OwnServer::start(port, &dir);
+    let mut server = OwnServer::fresh("memory");
+    let (port, dir) = (server.port, server.dir.clone());
     let client = switchyard_nats::connect(&format!(
         "nats://127.0.0.1:{port}?storage=memory&request_timeout=2s"
     ))
