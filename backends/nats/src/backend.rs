@@ -66,6 +66,8 @@ struct Inner {
     streams: Mutex<HashMap<String, Arc<TopicState>>>,
     closed: CancellationToken,
     receivers: ReceiverSet<ReceiverShared>,
+    /// Set while the server refuses the credentials on reconnect.
+    refused: Refused,
 }
 
 /// A connection to NATS JetStream implementing switchyard's backend traits.
@@ -98,6 +100,46 @@ pub async fn connect(url: &str) -> Result<Client> {
     Ok(Client::new(
         NatsBroker::connect(NatsConfig::from_url(url)?).await?,
     ))
+}
+
+/// What the server said when it last refused this client's credentials on a
+/// reconnect (async-nats then keeps trying, silently); cleared once a
+/// connect succeeds.
+type Refused = Arc<Mutex<Option<String>>>;
+
+/// [`Error::Authentication`] while the server refuses the credentials.
+fn refused_error(refused: &Refused) -> Option<Error> {
+    let said = refused.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+    Some(Error::Authentication {
+        message: format!("the NATS server refuses this client's credentials: {said}"),
+        source: None,
+    })
+}
+
+/// Keeps `refused` up to date from the client's connection events.
+fn watch_credentials(
+    options: async_nats::ConnectOptions,
+    refused: &Refused,
+) -> async_nats::ConnectOptions {
+    let refused = Arc::clone(refused);
+    options.event_callback(move |event| {
+        let refused = Arc::clone(&refused);
+        async move {
+            let said = match event {
+                async_nats::Event::Connected => None,
+                async_nats::Event::ServerError(async_nats::ServerError::AuthorizationViolation) => {
+                    Some("authorization violation".to_owned())
+                }
+                async_nats::Event::ClientError(async_nats::ClientError::Other(e))
+                    if e.contains("authorization violation") || e.contains("signing nonce") =>
+                {
+                    Some(e)
+                }
+                _ => return,
+            };
+            *refused.lock().unwrap_or_else(|p| p.into_inner()) = said;
+        }
+    })
 }
 
 fn connect_error(e: async_nats::ConnectError, servers: &[String]) -> Error {
@@ -157,6 +199,8 @@ impl NatsBroker {
                 ))
             })?;
         }
+        let refused = Refused::default();
+        options = watch_credentials(options, &refused);
         let servers: Vec<async_nats::ServerAddr> = config
             .servers
             .iter()
@@ -192,6 +236,7 @@ impl NatsBroker {
                 streams: Mutex::new(HashMap::new()),
                 closed: CancellationToken::new(),
                 receivers: ReceiverSet::new(),
+                refused,
             }),
         })
     }
@@ -234,7 +279,18 @@ impl NatsBroker {
         if self.inner.closed.is_cancelled() {
             Err(Error::Closed)
         } else {
-            Ok(())
+            refused_error(&self.inner.refused).map_or(Ok(()), Err)
+        }
+    }
+
+    /// `e`, or [`Error::Authentication`] when it is a transient failure
+    /// while the server refuses the credentials (which waiting will not
+    /// mend).
+    fn refused_instead(&self, e: Error) -> Error {
+        if e.is_retryable() {
+            refused_error(&self.inner.refused).unwrap_or(e)
+        } else {
+            e
         }
     }
 
@@ -394,16 +450,19 @@ impl NatsBroker {
 impl Publisher for NatsBroker {
     async fn publish(&self, topic: &str, message: Message) -> Result<()> {
         self.check_open()?;
-        let t = self.topic(topic).await?;
-        let ack = self.send(&t.subject, &message).await?;
-        // A stream deleted behind our back is forgotten by `confirm`, and the
-        // retryable error makes the caller's retry create it again.
-        self.confirm(topic, ack).await
+        let published = async {
+            let t = self.topic(topic).await?;
+            let ack = self.send(&t.subject, &message).await?;
+            // A stream deleted behind our back is forgotten by `confirm`, and
+            // the retryable error makes the caller's retry create it again.
+            self.confirm(topic, ack).await
+        };
+        published.await.map_err(|e| self.refused_instead(e))
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Vec<Result<()>> {
-        if self.check_open().is_err() {
-            return messages.iter().map(|_| Err(Error::Closed)).collect();
+        if let Err(e) = self.check_open() {
+            return messages.iter().map(|_| Err(e.replicate())).collect();
         }
         let t = match self.topic(topic).await {
             Ok(t) => t,
@@ -430,7 +489,10 @@ impl Publisher for NatsBroker {
         }
         results
             .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(Error::broker("publish result missing", true, None))))
+            .map(|r| {
+                r.unwrap_or_else(|| Err(Error::broker("publish result missing", true, None)))
+                    .map_err(|e| self.refused_instead(e))
+            })
             .collect()
     }
 
@@ -488,6 +550,7 @@ impl Subscriber for NatsBroker {
             prefetch: options.prefetch_limit(),
             stream_name: self.stream_name(topic),
             consumer_name: info.name.clone(),
+            refused: Arc::clone(&self.inner.refused),
             // A memory-storage stream and its consumers do not survive a
             // server restart: such a receiver creates them again.
             recreate: (self.inner.config.storage == stream::StorageType::Memory)
@@ -573,6 +636,8 @@ struct ReceiverShared {
     prefetch: usize,
     stream_name: String,
     consumer_name: String,
+    /// The client's credential state ([`Refused`]).
+    refused: Refused,
     /// With memory storage: how to create the stream and consumer again
     /// when a server restart lost them.
     recreate: Option<(NatsBroker, String, SubscribeOptions)>,
@@ -923,6 +988,9 @@ impl Receiver for NatsReceiver {
             }
             if let Some(gone) = &state.gone {
                 return Some(Err(gone.replicate()));
+            }
+            if let Some(refused) = refused_error(&s.refused) {
+                return Some(Err(refused));
             }
             if state.suspect {
                 state.suspect = false;
