@@ -96,6 +96,34 @@ impl Node {
         )
     }
 
+    /// Runs `rabbitmqctl` against this node (as an operator would), e.g.
+    /// `["change_password", "guest", "other"]`.
+    ///
+    /// # Panics
+    ///
+    /// When the command fails.
+    pub(crate) fn ctl(&self, args: &[&str]) {
+        let ctl = Self::server()
+            .expect("rabbitmq-server")
+            .with_file_name("rabbitmqctl");
+        let out = std::process::Command::new(ctl)
+            .args(["-n", &format!("sy-fault-{}@localhost", self.process.port())])
+            .args(args)
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            .env(
+                "RABBITMQ_CTL_ERL_ARGS",
+                "-kernel inet_dist_use_interface {127,0,0,1}",
+            )
+            .output()
+            .expect("run rabbitmqctl");
+        assert!(
+            out.status.success(),
+            "rabbitmqctl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// `SIGKILL`: a crash, nothing flushed on the way down.
     pub(crate) fn kill(&mut self) {
         self.process.kill();

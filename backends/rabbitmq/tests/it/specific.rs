@@ -537,3 +537,101 @@ async fn delayed_nacks_keep_coming_back_past_a_wait_queue_lease() {
     }
     client.close().await.unwrap();
 }
+
+/// An operator changes the client's password and closes its connections:
+/// publishing, a raw receive loop and `Consumer::run` all end with
+/// `Error::Authentication` (not retryable) once the reconnect is refused,
+/// instead of retrying for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_surface_as_authentication_errors() {
+    use switchyard_core::consumer::Consumer;
+
+    if url().is_none() {
+        return;
+    }
+    let Some(node) = super::node::Node::start().await else {
+        return;
+    };
+    let client = switchyard_rabbitmq::connect(&super::with_expiry(&node.url()))
+        .await
+        .unwrap();
+    let topic = format!("sy-test.auth.{}", &switchyard_core::new_id()[24..]);
+    for name in ["raw", "runtime"] {
+        client
+            .ensure_subscription(&topic, &SubscribeOptions::new(name))
+            .await
+            .unwrap();
+    }
+    let mut raw = client
+        .subscribe(&topic, SubscribeOptions::new("raw"))
+        .await
+        .unwrap();
+    let runtime = client
+        .subscribe(&topic, SubscribeOptions::new("runtime"))
+        .await
+        .unwrap();
+    client.publish(&topic, Message::new("x")).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), raw.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .ack()
+        .await
+        .unwrap();
+    let (handled_tx, mut handled) = tokio::sync::mpsc::unbounded_channel();
+    let run = tokio::spawn(Consumer::new().run(
+        runtime,
+        move |_ctx| {
+            let _ = handled_tx.send(());
+            async { Ok(()) }
+        },
+        std::future::pending::<()>(),
+    ));
+    tokio::time::timeout(Duration::from_secs(10), handled.recv())
+        .await
+        .expect("the Consumer handles before the change");
+
+    node.ctl(&["change_password", "guest", "changed"]);
+    node.ctl(&["close_all_connections", "credentials revoked"]);
+    let changed = Instant::now();
+    const BOUND: Duration = Duration::from_secs(30);
+    let raw_error = loop {
+        let left = BOUND.saturating_sub(changed.elapsed());
+        match tokio::time::timeout(left, raw.recv()).await {
+            Err(_) => panic!("recv kept waiting {BOUND:?} with its credentials refused"),
+            Ok(Ok(d)) => panic!(
+                "delivered {} with the credentials refused",
+                d.message().id()
+            ),
+            Ok(Err(e)) if e.is_retryable() => tokio::time::sleep(Duration::from_millis(50)).await,
+            Ok(Err(e)) => break e,
+        }
+    };
+    assert!(
+        matches!(raw_error, Error::Authentication { .. }),
+        "recv: {raw_error:?}"
+    );
+    let raw_took = changed.elapsed();
+    let ran = tokio::time::timeout(BOUND, run)
+        .await
+        .expect("Consumer::run kept running with its credentials refused")
+        .unwrap();
+    assert!(
+        matches!(ran, Err(Error::Authentication { .. })),
+        "Consumer::run: {ran:?}"
+    );
+    let started = Instant::now();
+    let published = client.publish(&topic, Message::new("y")).await;
+    assert!(
+        matches!(published, Err(Error::Authentication { .. })),
+        "publish: {published:?}"
+    );
+    eprintln!(
+        "refused credentials: recv said so {raw_took:.1?} after the change, Consumer::run \
+         {:.1?}, publish in {:.1?}: {raw_error}",
+        changed.elapsed(),
+        started.elapsed()
+    );
+    let _ = raw.close().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.close()).await;
+}
