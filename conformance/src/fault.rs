@@ -1301,8 +1301,152 @@ pub async fn fault_dead_broker_calls_are_bounded(h: &dyn crate::Harness) -> crat
     crate::Outcome::Passed
 }
 
-/// The longest a subscription whose resource was deleted may take to say so.
-const NOT_FOUND_BOUND: Duration = Duration::from_secs(30);
+/// The longest a broken subscription may take to say so.
+const BROKEN_BOUND: Duration = Duration::from_secs(30);
+
+/// A broker instance whose credentials a case can revoke
+/// ([`Harness::revocable`](crate::Harness::revocable)), as an operator
+/// changing a password and closing the connections does.
+#[async_trait::async_trait]
+pub trait Revocable: Send + Sync {
+    /// A new client connected with the credentials [`revoke`](Revocable::revoke)
+    /// takes away.
+    ///
+    /// # Errors
+    ///
+    /// When the broker cannot be reached.
+    async fn client(&self) -> switchyard_core::Result<switchyard_core::Client>;
+
+    /// Makes the broker refuse those credentials from now on and drops the
+    /// clients' connections, so their next reconnect is refused.
+    async fn revoke(&mut self);
+}
+
+/// Two live subscriptions — a raw `Subscription` and a `Consumer`, a topic
+/// each (where subscriptions share a queue, as in SQS's queue mode, they
+/// would compete for one message) — that have each delivered: what the
+/// cases that break a subscription break.
+struct Live {
+    topics: [(String, &'static str); 2],
+    raw: switchyard_core::Subscription,
+    run: tokio::task::JoinHandle<switchyard_core::Result<switchyard_core::consumer::Report>>,
+}
+
+/// How a broken subscription ended.
+struct Ended {
+    error: switchyard_core::Error,
+    retryable: u32,
+    raw_took: Duration,
+    run_took: Duration,
+}
+
+impl Live {
+    async fn start(h: &dyn crate::Harness, client: &switchyard_core::Client, tag: &str) -> Self {
+        use switchyard_core::{Message, SubscribeOptions, consumer::Consumer};
+
+        let topics = [(h.unique(tag), RAW), (h.unique(tag), RUNTIME)];
+        for (topic, name) in &topics {
+            client
+                .ensure_subscription(topic, &SubscribeOptions::new(*name))
+                .await
+                .unwrap();
+        }
+        let mut raw = client
+            .subscribe(&topics[0].0, SubscribeOptions::new(RAW))
+            .await
+            .unwrap();
+        let runtime = client
+            .subscribe(&topics[1].0, SubscribeOptions::new(RUNTIME))
+            .await
+            .unwrap();
+        for (topic, _) in &topics {
+            client.publish(topic, Message::new("x")).await.unwrap();
+        }
+        crate::util::recv_one(&mut raw, h.receive_timeout(), "before the fault")
+            .await
+            .ack()
+            .await
+            .unwrap();
+        let (handled_tx, mut handled) = tokio::sync::mpsc::unbounded_channel();
+        let run = tokio::spawn(Consumer::new().run(
+            runtime,
+            move |_ctx| {
+                let _ = handled_tx.send(());
+                async { Ok(()) }
+            },
+            std::future::pending::<()>(),
+        ));
+        tokio::time::timeout(h.receive_timeout(), handled.recv())
+            .await
+            .expect("the Consumer handles before the fault");
+        Self { topics, raw, run }
+    }
+
+    /// Waits, from `since` and at most [`BROKEN_BOUND`], for the raw
+    /// `recv` loop (retryable errors allowed) and for `Consumer::run` to
+    /// end with a non-retryable error that `expected` accepts.
+    ///
+    /// # Panics
+    ///
+    /// When either delivers, waits past the bound, or ends otherwise.
+    async fn ended(
+        mut self,
+        since: Instant,
+        expected: (&str, fn(&switchyard_core::Error) -> bool),
+    ) -> Ended {
+        let (want, accepts) = expected;
+        let mut retryable = 0u32;
+        let error = loop {
+            let left = BROKEN_BOUND.saturating_sub(since.elapsed());
+            match tokio::time::timeout(left, self.raw.recv()).await {
+                Err(_) => panic!(
+                    "recv kept waiting {BROKEN_BOUND:?} after the fault ({retryable} retryable \
+                     errors meanwhile)"
+                ),
+                Ok(Ok(d)) => panic!("recv delivered {} after the fault", d.message().id()),
+                Ok(Err(e)) if e.is_retryable() => {
+                    retryable += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok(Err(e)) => break e,
+            }
+        };
+        let raw_took = since.elapsed();
+        assert!(accepts(&error), "recv: expected {want}, got {error:?}");
+        let left = BROKEN_BOUND.saturating_sub(since.elapsed()) + Duration::from_secs(5);
+        let ran = tokio::time::timeout(left, self.run)
+            .await
+            .expect("Consumer::run kept running after the fault")
+            .expect("the Consumer task");
+        let run_took = since.elapsed();
+        let run_error = ran.expect_err("Consumer::run ended without an error");
+        assert!(
+            accepts(&run_error),
+            "Consumer::run: expected {want}, got {run_error:?}"
+        );
+        let _ = self.raw.close().await;
+        Ended {
+            error,
+            retryable,
+            raw_took,
+            run_took,
+        }
+    }
+}
+
+impl Ended {
+    fn report(&self, case: &str) {
+        let _ = writeln!(
+            std::io::stderr(),
+            "{case}: recv ended after {:.1?} ({} retryable errors before), Consumer::run after \
+             {:.1?}: {}",
+            self.raw_took,
+            self.retryable,
+            self.run_took,
+            self.error
+        );
+    }
+}
 
 /// Fault case: the broker resource two live subscriptions read from is
 /// deleted under them, as an operator would
@@ -1318,96 +1462,61 @@ const NOT_FOUND_BOUND: Duration = Duration::from_secs(30);
 ///
 /// When either keeps waiting past the bound, or ends with another error.
 pub async fn fault_deleted_subscription_surfaces(h: &dyn crate::Harness) -> crate::Outcome {
-    use switchyard_core::{Message, SubscribeOptions, consumer::Consumer};
-
     let client = h.client().await.expect("connect");
-    // A topic each (where subscriptions share a queue, as SQS's queue
-    // mode, they would compete for one message).
-    let topics = [(h.unique("deleted"), RAW), (h.unique("deleted"), RUNTIME)];
-    for (topic, name) in &topics {
-        client
-            .ensure_subscription(topic, &SubscribeOptions::new(*name))
-            .await
-            .unwrap();
-    }
-    let mut raw = client
-        .subscribe(&topics[0].0, SubscribeOptions::new(RAW))
-        .await
-        .unwrap();
-    let runtime = client
-        .subscribe(&topics[1].0, SubscribeOptions::new(RUNTIME))
-        .await
-        .unwrap();
-    for (topic, _) in &topics {
-        client.publish(topic, Message::new("x")).await.unwrap();
-    }
-    // Both are live: each has delivered.
-    crate::util::recv_one(&mut raw, h.receive_timeout(), "before the deletion")
-        .await
-        .ack()
-        .await
-        .unwrap();
-    let (handled_tx, mut handled) = tokio::sync::mpsc::unbounded_channel();
-    let run = tokio::spawn(Consumer::new().run(
-        runtime,
-        move |_ctx| {
-            let _ = handled_tx.send(());
-            async { Ok(()) }
-        },
-        std::future::pending::<()>(),
-    ));
-    tokio::time::timeout(h.receive_timeout(), handled.recv())
-        .await
-        .expect("the Consumer handles before the deletion");
-
-    for (topic, name) in &topics {
+    let live = Live::start(h, &client, "deleted").await;
+    for (topic, name) in &live.topics {
         if let Err(why) = h.delete_subscription(topic, name).await {
-            run.abort();
+            live.run.abort();
             return crate::Outcome::Skipped(why);
         }
     }
-    let deleted = Instant::now();
-    let mut retryable = 0u32;
-    let raw_error = loop {
-        let left = NOT_FOUND_BOUND.saturating_sub(deleted.elapsed());
-        match tokio::time::timeout(left, raw.recv()).await {
-            Err(_) => panic!(
-                "recv kept waiting {NOT_FOUND_BOUND:?} after its subscription's resource was \
-                 deleted ({retryable} retryable errors meanwhile)"
-            ),
-            Ok(Ok(d)) => panic!(
-                "recv delivered {} after its subscription's resource was deleted",
-                d.message().id()
-            ),
-            Ok(Err(e)) if e.is_retryable() => {
-                retryable += 1;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Ok(Err(e)) => break e,
-        }
-    };
-    let raw_took = deleted.elapsed();
-    assert!(
-        raw_error.is_not_found(),
-        "recv after the deletion: expected NotFound, got {raw_error:?}"
-    );
-    let left = NOT_FOUND_BOUND.saturating_sub(deleted.elapsed()) + Duration::from_secs(5);
-    let ran = tokio::time::timeout(left, run)
-        .await
-        .expect("Consumer::run kept running after its subscription's resource was deleted")
-        .expect("the Consumer task");
-    let run_took = deleted.elapsed();
-    let run_error = ran.expect_err("Consumer::run ended without an error");
-    assert!(
-        run_error.is_not_found(),
-        "Consumer::run after the deletion: expected NotFound, got {run_error:?}"
-    );
-    let _ = writeln!(
-        std::io::stderr(),
-        "fault_deleted_subscription_surfaces: recv returned NotFound after {raw_took:.1?} \
-         ({retryable} retryable errors before), Consumer::run after {run_took:.1?}: {raw_error}"
-    );
-    let _ = raw.close().await;
+    let ended = live
+        .ended(
+            Instant::now(),
+            ("NotFound", switchyard_core::Error::is_not_found),
+        )
+        .await;
+    ended.report("fault_deleted_subscription_surfaces");
     let _ = client.close().await;
+    crate::Outcome::Passed
+}
+
+/// Fault case: the broker stops accepting the credentials of two live
+/// subscriptions' client and drops its connections
+/// ([`Harness::revocable`](crate::Harness::revocable)). A raw `recv` loop
+/// and `Consumer::run` end with
+/// [`Error::Authentication`](switchyard_core::Error::Authentication) (not
+/// retryable) within 30 s instead of reconnecting for ever behind
+/// timeouts, and the same client's `publish` says so too.
+///
+/// # Panics
+///
+/// When any of them keeps waiting past the bound, or ends otherwise.
+pub async fn fault_refused_credentials_surface(h: &dyn crate::Harness) -> crate::Outcome {
+    use switchyard_core::{Error, Message};
+
+    let Some(mut broker) = h.revocable().await else {
+        return crate::Outcome::Skipped("the harness cannot revoke credentials".into());
+    };
+    let client = broker.client().await.expect("connect");
+    let live = Live::start(h, &client, "refused").await;
+    let topic = live.topics[0].0.clone();
+    broker.revoke().await;
+    let authentication = |e: &Error| matches!(e, Error::Authentication { .. });
+    let ended = live
+        .ended(Instant::now(), ("Authentication", authentication))
+        .await;
+    ended.report("fault_refused_credentials_surface");
+    let (published, took) = bounded(
+        BROKEN_BOUND,
+        "a publish with refused credentials",
+        client.publish(&topic, Message::new("y")),
+    )
+    .await;
+    assert!(
+        published.as_ref().is_err_and(authentication),
+        "publish with refused credentials: {published:?} after {took:.1?}"
+    );
+    let _ = tokio::time::timeout(BROKEN_BOUND, client.close()).await;
     crate::Outcome::Passed
 }

@@ -139,6 +139,14 @@ pub trait Harness: Send + Sync + fmt::Debug {
         Err("the harness has no way to delete a subscription's resource".into())
     }
 
+    /// A broker whose credentials the harness can revoke
+    /// ([`fault::Revocable`]), for
+    /// [`fault::fault_refused_credentials_surface`]; `None` (the default)
+    /// skips it (a broker that checks no credentials).
+    async fn revocable(&self) -> Option<Box<dyn fault::Revocable>> {
+        None
+    }
+
     /// A fresh name, unique per call, for a topic or subscription.
     fn unique(&self, prefix: &str) -> String {
         format!("sy-conf.{prefix}.{}", util::short_id())
@@ -213,8 +221,8 @@ pub fn broker_url(var: &str) -> Option<String> {
 /// consumer process (the test binary re-runs itself as a child, running only
 /// that case; the child is stopped by PID): NATS, RabbitMQ, Kafka and SQS
 /// pass them. `conformance_tests!(faults harness)` expands the fault cases
-/// of [`fault`] (a broker of the harness's own killed and restarted, a
-/// cuttable link reset and blackholed); `conformance_tests!(link_faults
+/// of [`fault`] (a broker of the harness's own killed and restarted, or its
+/// credentials revoked; a cuttable link reset and blackholed); `conformance_tests!(link_faults
 /// harness)` only the link's, for a broker that cannot be restarted with its
 /// data.
 #[macro_export]
@@ -286,6 +294,7 @@ macro_rules! conformance_tests {
     (faults $harness:path) => {
         $crate::conformance_tests!(@cases $harness, fault;
             fault_broker_killed_twice,
+            fault_refused_credentials_surface,
         );
         $crate::conformance_tests!(link_faults $harness);
     };

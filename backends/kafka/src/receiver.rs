@@ -67,6 +67,8 @@ enum Next {
     /// A record of this partition (and assignment) may go after this
     /// journal write.
     Record(Part, u64, Write),
+    /// The subscription's topic was deleted ([`Error::NotFound`]).
+    Gone(Error),
 }
 
 /// A partition of the subscription: the topic's (`false`) or the retry
@@ -967,6 +969,9 @@ impl RecvInner {
         self: &Arc<Self>,
     ) -> std::result::Result<(RawDelivery, Option<(Part, u64, Write)>), Next> {
         let mut st = self.state();
+        if let Some(e) = st.gone_error(&self.shared.names) {
+            return Err(Next::Gone(e));
+        }
         if st.closed || st.handed.len() >= self.prefetch {
             return Err(Next::Idle(None));
         }
@@ -1086,11 +1091,9 @@ impl RecvInner {
             let wake = self.wake.notified();
             tokio::pin!(wake);
             wake.as_mut().enable();
-            if let Some(e) = self.state().gone_error(&self.shared.names) {
-                return Some(Err(e));
-            }
             let next_due = match self.take() {
                 Ok(d) => return Some(Ok(d)),
+                Err(Next::Gone(e)) => return Some(Err(e)),
                 Err(Next::Record(part, epoch, write)) => {
                     if let Err(e) = self.record(part, epoch, write).await {
                         if !e.is_retryable() {
@@ -1135,10 +1138,11 @@ impl RecvInner {
         }
         // A `recv` in progress owns the hand-out; it will see the record.
         let _one = self.recv_lock.try_lock().ok()?;
-        if let Some(e) = self.state().gone_error(&self.shared.names) {
-            return Some(Err(e));
+        match self.take() {
+            Ok(d) => Some(Ok(d)),
+            Err(Next::Gone(e)) => Some(Err(e)),
+            Err(_) => None,
         }
-        self.take().ok().map(Ok)
     }
 
     /// Settles a handed-out delivery for good.

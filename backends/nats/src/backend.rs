@@ -67,7 +67,7 @@ struct Inner {
     closed: CancellationToken,
     receivers: ReceiverSet<ReceiverShared>,
     /// Set while the server refuses the credentials on reconnect.
-    refused: Refused,
+    refused: Arc<Refused>,
 }
 
 /// A connection to NATS JetStream implementing switchyard's backend traits.
@@ -102,24 +102,45 @@ pub async fn connect(url: &str) -> Result<Client> {
     ))
 }
 
-/// What the server said when it last refused this client's credentials on a
-/// reconnect (async-nats then keeps trying, silently); cleared once a
-/// connect succeeds.
-type Refused = Arc<Mutex<Option<String>>>;
+/// Whether the server refuses this client's credentials on reconnect
+/// (async-nats then keeps trying, silently), and what it said; cleared once
+/// a connect succeeds. Read on every publish and receive: one atomic load
+/// while all is well.
+#[derive(Default)]
+struct Refused {
+    now: std::sync::atomic::AtomicBool,
+    said: Mutex<Option<String>>,
+}
 
-/// [`Error::Authentication`] while the server refuses the credentials.
-fn refused_error(refused: &Refused) -> Option<Error> {
-    let said = refused.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
-    Some(Error::Authentication {
-        message: format!("the NATS server refuses this client's credentials: {said}"),
-        source: None,
-    })
+impl Refused {
+    fn set(&self, said: Option<String>) {
+        let mut guard = self.said.lock().unwrap_or_else(|p| p.into_inner());
+        self.now
+            .store(said.is_some(), std::sync::atomic::Ordering::Release);
+        *guard = said;
+    }
+
+    /// [`Error::Authentication`] while the server refuses the credentials.
+    fn error(&self) -> Option<Error> {
+        if !self.now.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        let said = self
+            .said
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        Some(Error::Authentication {
+            message: format!("the NATS server refuses this client's credentials: {said}"),
+            source: None,
+        })
+    }
 }
 
 /// Keeps `refused` up to date from the client's connection events.
 fn watch_credentials(
     options: async_nats::ConnectOptions,
-    refused: &Refused,
+    refused: &Arc<Refused>,
 ) -> async_nats::ConnectOptions {
     let refused = Arc::clone(refused);
     options.event_callback(move |event| {
@@ -137,7 +158,7 @@ fn watch_credentials(
                 }
                 _ => return,
             };
-            *refused.lock().unwrap_or_else(|p| p.into_inner()) = said;
+            refused.set(said);
         }
     })
 }
@@ -199,7 +220,7 @@ impl NatsBroker {
                 ))
             })?;
         }
-        let refused = Refused::default();
+        let refused = Arc::<Refused>::default();
         options = watch_credentials(options, &refused);
         let servers: Vec<async_nats::ServerAddr> = config
             .servers
@@ -279,7 +300,7 @@ impl NatsBroker {
         if self.inner.closed.is_cancelled() {
             Err(Error::Closed)
         } else {
-            refused_error(&self.inner.refused).map_or(Ok(()), Err)
+            self.inner.refused.error().map_or(Ok(()), Err)
         }
     }
 
@@ -288,7 +309,7 @@ impl NatsBroker {
     /// mend).
     fn refused_instead(&self, e: Error) -> Error {
         if e.is_retryable() {
-            refused_error(&self.inner.refused).unwrap_or(e)
+            self.inner.refused.error().unwrap_or(e)
         } else {
             e
         }
@@ -637,7 +658,7 @@ struct ReceiverShared {
     stream_name: String,
     consumer_name: String,
     /// The client's credential state ([`Refused`]).
-    refused: Refused,
+    refused: Arc<Refused>,
     /// With memory storage: how to create the stream and consumer again
     /// when a server restart lost them.
     recreate: Option<(NatsBroker, String, SubscribeOptions)>,
@@ -989,7 +1010,7 @@ impl Receiver for NatsReceiver {
             if let Some(gone) = &state.gone {
                 return Some(Err(gone.replicate()));
             }
-            if let Some(refused) = refused_error(&s.refused) {
+            if let Some(refused) = s.refused.error() {
                 return Some(Err(refused));
             }
             if state.suspect {

@@ -241,6 +241,23 @@ async fn a_burst_of_keyless_records_spreads_over_the_partitions() {
     );
 }
 
+/// A subscription with `options` on `topic`, which then gets three records.
+async fn subscribed_to_three(
+    client: &switchyard_core::Client,
+    topic: &str,
+    options: SubscribeOptions,
+) -> switchyard_core::Subscription {
+    client.ensure_subscription(topic, &options).await.unwrap();
+    let sub = client.subscribe(topic, options).await.unwrap();
+    for i in 0..3 {
+        client
+            .publish(topic, Message::new(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    sub
+}
+
 /// A subscription whose topic is deleted while its consumer is paused (the
 /// application holds its prefetch, so the pump paused fetching): `recv`
 /// ends with `NotFound`, every time, instead of waiting for ever.
@@ -266,14 +283,7 @@ async fn a_deleted_topic_ends_recv_with_not_found() {
     let url = format!("{url}{sep}topic.metadata.refresh.interval.ms=1000");
     let (client, topic) = with_topic(&url, "deleted").await;
     let options = SubscribeOptions::new("held").prefetch(1);
-    client.ensure_subscription(&topic, &options).await.unwrap();
-    let mut sub = client.subscribe(&topic, options).await.unwrap();
-    for i in 0..3 {
-        client
-            .publish(&topic, Message::new(format!("m{i}")))
-            .await
-            .unwrap();
-    }
+    let mut sub = subscribed_to_three(&client, &topic, options).await;
     let held = tokio::time::timeout(Duration::from_secs(20), sub.recv())
         .await
         .expect("a delivery within 20 s")
@@ -331,14 +341,7 @@ async fn a_slow_application_keeps_its_partitions() {
     let options = SubscribeOptions::new("slow")
         .prefetch(1)
         .ack_timeout(Duration::from_secs(60));
-    client.ensure_subscription(&topic, &options).await.unwrap();
-    let mut sub = client.subscribe(&topic, options).await.unwrap();
-    for i in 0..3 {
-        client
-            .publish(&topic, Message::new(format!("m{i}")))
-            .await
-            .unwrap();
-    }
+    let mut sub = subscribed_to_three(&client, &topic, options).await;
     let mut seen = Vec::new();
     let first = tokio::time::timeout(Duration::from_secs(20), sub.recv())
         .await

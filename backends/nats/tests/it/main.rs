@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use switchyard_conformance::{
     Harness,
-    fault::{BrokerProcess, Linked, PrivateBroker, Via, free_port},
+    fault::{BrokerProcess, Linked, PrivateBroker, Revocable, Via, free_port},
 };
 use switchyard_core::{Client, Result};
 
@@ -36,6 +36,12 @@ impl Harness for NatsHarness {
 
     async fn private_broker(&self) -> Option<Box<dyn PrivateBroker>> {
         Some(Box::new(OwnNats::start().await))
+    }
+
+    /// A private server with a user and password; revoking restarts it
+    /// with another password (as an operator rotating it does).
+    async fn revocable(&self) -> Option<Box<dyn Revocable>> {
+        Some(Box::new(OwnNats::with_password("first").await))
     }
 
     /// Deletes the subscription's durable consumer through the JetStream
@@ -91,20 +97,38 @@ struct OwnNats {
 
 impl OwnNats {
     async fn start() -> Self {
+        Self::with(&[]).await
+    }
+
+    /// One that accepts the user `app` with `password` only.
+    async fn with_password(password: &str) -> Self {
+        Self::with(&["--user", "app", "--pass", password]).await
+    }
+
+    /// On a spare port with a fresh store, with `extra` arguments.
+    async fn with(extra: &[&str]) -> Self {
+        let port = free_port().expect("a spare port");
+        let dir = std::env::temp_dir().join(format!("switchyard-nats-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut own = Self {
+            process: Self::process(port, &dir, extra),
+        };
+        own.boot().await;
+        own
+    }
+
+    /// The server on `port` with its store in `dir`, not started.
+    fn process(port: u16, dir: &std::path::Path, extra: &[&str]) -> BrokerProcess {
         let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())
             .unwrap_or("nats-server");
-        let port = free_port().expect("a spare port");
-        let dir = std::env::temp_dir().join(format!("switchyard-nats-{port}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        let mut process = BrokerProcess::new(bin, port, &dir);
+        let mut process = BrokerProcess::new(bin, port, dir);
         process
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(dir.join("store"));
-        let mut own = Self { process };
-        own.boot().await;
-        own
+            .arg(dir.join("store"))
+            .args(extra);
+        process
     }
 
     async fn boot(&mut self) {
@@ -112,6 +136,26 @@ impl OwnNats {
             .start(Duration::from_secs(20))
             .await
             .unwrap_or_else(|e| panic!("a private nats-server: {e}"));
+    }
+}
+
+#[async_trait::async_trait]
+impl Revocable for OwnNats {
+    async fn client(&self) -> Result<Client> {
+        switchyard_nats::connect(&format!(
+            "nats://app:first@127.0.0.1:{}?request_timeout=2s",
+            self.process.port()
+        ))
+        .await
+    }
+
+    /// Restarts the server on the same port and store with another
+    /// password.
+    async fn revoke(&mut self) {
+        self.process.kill();
+        let (port, dir) = (self.process.port(), self.process.dir().to_owned());
+        self.process = Self::process(port, &dir, &["--user", "app", "--pass", "second"]);
+        self.boot().await;
     }
 }
 

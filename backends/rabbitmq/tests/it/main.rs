@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use switchyard_conformance::{
     Harness,
-    fault::{Linked, PrivateBroker, Via},
+    fault::{Linked, PrivateBroker, Revocable, Via},
 };
 use switchyard_core::{Client, Result};
 
@@ -65,6 +65,10 @@ impl Harness for RabbitHarness {
     }
 
     async fn private_broker(&self) -> Option<Box<dyn PrivateBroker>> {
+        Some(Box::new(node::Node::start().await?))
+    }
+
+    async fn revocable(&self) -> Option<Box<dyn Revocable>> {
         Some(Box::new(node::Node::start().await?))
     }
 

@@ -6,7 +6,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use switchyard_conformance::fault::{BrokerProcess, PrivateBroker, free_port};
+use switchyard_conformance::fault::{BrokerProcess, PrivateBroker, Revocable, free_port};
 use switchyard_core::{Client, Result};
 
 /// How long a node may take to boot (about 5 s here).
@@ -102,7 +102,7 @@ impl Node {
     /// # Panics
     ///
     /// When the command fails.
-    pub(crate) fn ctl(&self, args: &[&str]) {
+    fn ctl(&self, args: &[&str]) {
         let ctl = Self::server()
             .expect("rabbitmq-server")
             .with_file_name("rabbitmqctl");
@@ -132,6 +132,20 @@ impl Node {
     /// Starts the node again on the same port and data.
     pub(crate) async fn restart(&mut self) {
         self.boot().await;
+    }
+}
+
+/// Revoking changes `guest`'s password and closes every connection, as an
+/// operator would with `rabbitmqctl`.
+#[async_trait::async_trait]
+impl Revocable for Node {
+    async fn client(&self) -> Result<Client> {
+        switchyard_rabbitmq::connect(&super::with_expiry(&self.url())).await
+    }
+
+    async fn revoke(&mut self) {
+        self.ctl(&["change_password", "guest", "changed"]);
+        self.ctl(&["close_all_connections", "credentials revoked"]);
     }
 }
 
