@@ -295,8 +295,7 @@ impl Consumer {
         let mut waiting: HashMap<String, VecDeque<Delivery>> = HashMap::new();
         let mut report = Report::default();
         let mut result = Ok(());
-        // When receiving started failing retryably (for the warning's rate).
-        let mut failing: Option<tokio::time::Instant> = None;
+        let mut failing = crate::driver::FailureStreak::default();
         // The runtime holds at most the subscription's prefetch (the backend
         // bounds it too) and keeps the lease of every delivery it holds.
         let prefetch = sub.prefetch();
@@ -331,7 +330,7 @@ impl Consumer {
                 }
                 got = sub.recv(), if room => match got {
                     Ok(delivery) => {
-                        failing = None;
+                        failing.recovered();
                         report.received += 1;
                         match self.key_of(&delivery) {
                             // The key is busy: wait for its handler to finish.
@@ -348,18 +347,15 @@ impl Consumer {
                     }
                     Err(crate::Error::Closed) => break,
                     Err(e) if e.is_retryable() => {
-                        // Transient (a reconnect under way): try again, and
-                        // say so at the first of a streak and then every
-                        // 30 s, never silently.
-                        let now = tokio::time::Instant::now();
-                        if failing.is_none_or(|since| now >= since + Duration::from_secs(30)) {
+                        // Transient (a reconnect under way): try again, never
+                        // silently.
+                        if failing.failed() {
                             tracing::warn!(
                                 topic = sub.topic(),
                                 subscription = sub.name(),
                                 error = %e,
                                 "receiving failed; retrying"
                             );
-                            failing = Some(now);
                         }
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }

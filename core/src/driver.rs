@@ -435,3 +435,41 @@ impl SlowStart {
         if self.is_open() { prefetch } else { 1 }
     }
 }
+
+/// When to report a streak of transient failures in a retry loop: the
+/// first failure of a streak, then at most one every
+/// [`FailureStreak::EVERY`], so a loop that retries is never silent and
+/// never floods the log.
+///
+/// ```
+/// use switchyard_core::driver::FailureStreak;
+/// let mut streak = FailureStreak::default();
+/// assert!(streak.failed()); // the first: report it
+/// assert!(!streak.failed()); // the same streak, too soon
+/// streak.recovered();
+/// assert!(streak.failed()); // a new streak
+/// ```
+#[derive(Debug, Default)]
+pub struct FailureStreak {
+    reported: Option<tokio::time::Instant>,
+}
+
+impl FailureStreak {
+    /// The least time between two reports of one streak.
+    pub const EVERY: Duration = Duration::from_secs(30);
+
+    /// Records a failure; `true` when it should be reported.
+    pub fn failed(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let report = self.reported.is_none_or(|at| now >= at + Self::EVERY);
+        if report {
+            self.reported = Some(now);
+        }
+        report
+    }
+
+    /// Ends the streak (a success).
+    pub fn recovered(&mut self) {
+        self.reported = None;
+    }
+}

@@ -994,9 +994,8 @@ impl ReceiverShared {
                 // the receiver (a lost connection clears the declarations,
                 // and a reopen declares again before it consumes).
                 if is_not_found(&e)
-                    && let Some(gone) = self.queue_gone().await
+                    && let Some(gone) = self.mark_gone(state).await
                 {
-                    state.gone = Some(gone.replicate());
                     return Err(gone);
                 }
                 Err(e)
@@ -1053,14 +1052,22 @@ impl ReceiverShared {
             Err(e) => {
                 state.channel = None;
                 if is_not_found(&e)
-                    && let Some(gone) = self.queue_gone().await
+                    && let Some(gone) = self.mark_gone(state).await
                 {
-                    state.gone = Some(gone.replicate());
                     return Some(Err(gone));
                 }
                 Some(Err(e))
             }
         }
+    }
+
+    /// [`Error::NotFound`] when the broker confirms the receiver's queue is
+    /// gone ([`queue_gone`](Self::queue_gone)); every later receive then
+    /// returns it too.
+    async fn mark_gone(&self, state: &mut ConsumeState) -> Option<Error> {
+        let gone = self.queue_gone().await?;
+        state.gone = Some(gone.replicate());
+        Some(gone)
     }
 
     /// [`Error::NotFound`] when the broker says the receiver's queue does
@@ -1258,8 +1265,7 @@ impl Receiver for RabbitReceiver {
                         .is_some_and(|c| c.status().connected());
                     state.consumer = None;
                     state.channel = None;
-                    if cancelled && let Some(gone) = s.queue_gone().await {
-                        state.gone = Some(gone.replicate());
+                    if cancelled && let Some(gone) = s.mark_gone(&mut state).await {
                         return Some(Err(gone));
                     }
                 }

@@ -23,7 +23,7 @@ use futures_util::{StreamExt, stream::FuturesOrdered};
 use switchyard_core::{
     Acker, Broker, Capabilities, Client, Error, KeyOrdering, Message, Publisher, RawDelivery,
     Receiver, Result, SubscribeOptions, Subscriber,
-    driver::{Outstanding, ReceiverSet, SlowStart},
+    driver::{FailureStreak, Outstanding, ReceiverSet, SlowStart},
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -1077,8 +1077,7 @@ async fn gather(
 /// receiver closes, the loop finishes its current receive and makes what it
 /// got visible again.
 async fn poll(shared: Arc<ReceiverShared>, tx: mpsc::Sender<Received>) {
-    // When receiving started failing (for the warning's rate).
-    let mut failing: Option<tokio::time::Instant> = None;
+    let mut failing = FailureStreak::default();
     loop {
         let mut permits = if shared.slow.is_open() {
             let Some(permits) = gather(&shared, &tx).await else {
@@ -1124,7 +1123,7 @@ async fn poll(shared: Arc<ReceiverShared>, tx: mpsc::Sender<Received>) {
         shared.receiving.fetch_sub(1, Ordering::AcqRel);
         let messages = match out {
             Ok(out) => {
-                failing = None;
+                failing.recovered();
                 out.messages.unwrap_or_default()
             }
             Err(e) => {
@@ -1142,11 +1141,9 @@ async fn poll(shared: Arc<ReceiverShared>, tx: mpsc::Sender<Received>) {
                     return;
                 }
                 // Transient (the endpoint unreachable, throttling): retry,
-                // saying so at the first of a streak and every 30 s.
-                let now = tokio::time::Instant::now();
-                if failing.is_none_or(|since| now >= since + Duration::from_secs(30)) {
+                // never silently.
+                if failing.failed() {
                     tracing::warn!(queue = %shared.url, error = %e, "receiving failed; retrying");
-                    failing = Some(now);
                 }
                 tokio::select! {
                     () = tokio::time::sleep(POLL_RETRY) => {}
