@@ -1244,6 +1244,11 @@ pub async fn fault_dead_broker_calls_are_bounded(h: &dyn crate::Harness) -> crat
             client.ensure_subscription(&h.unique("fault-dead"), &SubscribeOptions::new("s")),
         )
         .await;
+        // A brand-new subscription cannot be created without the broker.
+        assert!(
+            r.is_err(),
+            "ensure_subscription of a new name succeeded with the link {fault}"
+        );
         note(
             "ensure_subscription",
             took,

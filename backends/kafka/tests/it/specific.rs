@@ -323,15 +323,15 @@ async fn a_deleted_topic_ends_recv_with_not_found() {
     let _ = client.close().await;
 }
 
-/// An application that holds its prefetch past `max.poll.interval.ms`
-/// keeps its partitions: the pump pauses fetching and polls on, so the
-/// member is not taken for dead, the late ack counts and nothing is lost or
-/// delivered twice across the pause and the resume. (Before the pause, on
-/// tansu 0.6.0, librdkafka did drop the member — `PollExceeded`, then a
-/// revoke and a new assignment — but this test passed anyway: the commit
-/// after the revoke was accepted. It guards the pause and the resume.)
+/// An application that holds its prefetch past `max.poll.interval.ms`:
+/// the pump pauses fetching and polls on, and the late ack counts and
+/// nothing is lost or delivered twice across the pause and the resume.
+/// It does not show that the member stays in its group: before the pause,
+/// on tansu 0.6.0, librdkafka did drop the member (`PollExceeded`, then a
+/// revoke and a new assignment), and this test passed anyway, the commit
+/// after the revoke being accepted. It guards the pause and the resume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_application_keeps_its_partitions() {
+async fn a_slow_application_loses_nothing_across_a_pause() {
     let Some(url) = url() else { return };
     let sep = if url.contains('?') { '&' } else { '?' };
     let url = format!(
