@@ -12,11 +12,14 @@
 #          rabbitmq (127.0.0.1:${SWITCHYARD_RABBITMQ_PORT:-5672}, guest/guest),
 #          sqs (moto in server mode, SQS and SNS, 127.0.0.1:${SWITCHYARD_SQS_PORT:-4566}),
 #          kafka (tansu, an Apache-Kafka-compatible broker, sqlite storage,
-#                 127.0.0.1:${SWITCHYARD_KAFKA_PORT:-9092}; installed with cargo when missing).
+#                 127.0.0.1:${SWITCHYARD_KAFKA_PORT:-9092}; installed with cargo when missing),
+#          postgres (PostgreSQL, 127.0.0.1:${SWITCHYARD_POSTGRES_PORT:-5432}, database `test`,
+#                    trust auth on loopback; for switchyard-outbox),
+#          redis (127.0.0.1:${SWITCHYARD_REDIS_PORT:-6379}; for switchyard-outbox's dedup store).
 
 SY_BROKER_DIR="${SWITCHYARD_BROKER_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/switchyard/brokers}"
 SY_SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-SY_ALL_BROKERS="nats rabbitmq sqs kafka"
+SY_ALL_BROKERS="nats rabbitmq sqs kafka postgres redis"
 
 _sy_log() { echo "[brokers] $*" >&2; }
 
@@ -219,6 +222,76 @@ _sy_start_kafka() {
     done
 }
 
+_sy_pg_answers() { # port: the server accepts a query on database test
+    timeout 5 psql -h 127.0.0.1 -p "$1" -U postgres -d test -Atqc 'select 1' >/dev/null 2>&1
+}
+
+_sy_start_postgres() {
+    local port="${SWITCHYARD_POSTGRES_PORT:-5432}"
+    export SWITCHYARD_POSTGRES_URL="${SWITCHYARD_POSTGRES_URL:-postgres://postgres@127.0.0.1:$port/test}"
+    if _sy_port_open 127.0.0.1 "$port"; then
+        if _sy_pg_answers "$port"; then
+            _sy_log "postgres: reusing the server on 127.0.0.1:$port"
+            return 0
+        fi
+        # A server without the test database: create it (trust auth on loopback).
+        if timeout 5 psql -h 127.0.0.1 -p "$port" -U postgres -d postgres -qc 'create database test' >/dev/null 2>&1 &&
+            _sy_pg_answers "$port"; then
+            _sy_log "postgres: created database test on 127.0.0.1:$port"
+            return 0
+        fi
+        _sy_log "postgres: 127.0.0.1:$port is open but database test does not answer as user postgres"
+        return 1
+    fi
+    # Debian's server binaries, run by the postgres user on a cluster of our own.
+    local bindir
+    bindir="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)"
+    if [ -z "$bindir" ] || [ ! -x "$bindir/postgres" ]; then
+        _sy_apt_install postgresql
+        bindir="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)"
+    fi
+    local dir="$SY_BROKER_DIR/postgres-$port" run=()
+    [ "$(id -u)" != 0 ] || run=(runuser -u postgres --)
+    mkdir -p "$dir"
+    [ "$(id -u)" != 0 ] || chown postgres "$dir"
+    if [ ! -s "$dir/data/PG_VERSION" ]; then
+        _sy_log "postgres: initdb in $dir/data"
+        "${run[@]}" "$bindir/initdb" -D "$dir/data" -U postgres --auth=trust >"$dir/initdb.log" 2>&1 ||
+            { _sy_log "postgres: initdb failed (see $dir/initdb.log)"; return 1; }
+    fi
+    _sy_log "postgres: starting $bindir/postgres on 127.0.0.1:$port (data in $dir/data)"
+    "${run[@]}" setsid "$bindir/postgres" -D "$dir/data" -h 127.0.0.1 -p "$port" -k "$dir" \
+        </dev/null >"$dir/postgres.log" 2>&1 &
+    _sy_started postgres $!
+    _sy_wait_port postgres 127.0.0.1 "$port" 30 || return 1
+    local deadline=$((SECONDS + 20))
+    until timeout 5 psql -h 127.0.0.1 -p "$port" -U postgres -d postgres -Atqc 'select 1' >/dev/null 2>&1; do
+        ((SECONDS < deadline)) || { _sy_log "postgres: does not answer (see $dir/postgres.log)"; return 1; }
+        sleep 0.2
+    done
+    _sy_pg_answers "$port" || psql -h 127.0.0.1 -p "$port" -U postgres -d postgres -qc 'create database test' >/dev/null
+}
+
+_sy_start_redis() {
+    local port="${SWITCHYARD_REDIS_PORT:-6379}"
+    export SWITCHYARD_REDIS_URL="${SWITCHYARD_REDIS_URL:-redis://127.0.0.1:$port}"
+    if _sy_port_open 127.0.0.1 "$port"; then
+        if [ "$(timeout 5 redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null)" = PONG ]; then
+            _sy_log "redis: reusing the server on 127.0.0.1:$port"
+            return 0
+        fi
+        _sy_log "redis: 127.0.0.1:$port is open but does not answer PING"
+        return 1
+    fi
+    command -v redis-server >/dev/null || _sy_apt_install redis-server
+    mkdir -p "$SY_BROKER_DIR"
+    _sy_log "redis: starting redis-server on 127.0.0.1:$port (nothing kept on disk)"
+    setsid redis-server --bind 127.0.0.1 --port "$port" --save '' --appendonly no \
+        </dev/null >"$SY_BROKER_DIR/redis-$port.log" 2>&1 &
+    _sy_started redis $!
+    _sy_wait_port redis 127.0.0.1 "$port" 20
+}
+
 brokers_start() { # [broker...]
     local b
     for b in ${*:-$SY_ALL_BROKERS}; do
@@ -227,6 +300,8 @@ brokers_start() { # [broker...]
         rabbitmq) _sy_start_rabbitmq || return 1 ;;
         sqs) _sy_start_sqs || return 1 ;;
         kafka) _sy_start_kafka || return 1 ;;
+        postgres) _sy_start_postgres || return 1 ;;
+        redis) _sy_start_redis || return 1 ;;
         *) _sy_log "unknown broker $b (known: $SY_ALL_BROKERS)"; return 1 ;;
         esac
     done
@@ -257,6 +332,10 @@ brokers_status() {
     if _sy_port_open 127.0.0.1 "$port"; then echo "sqs: up (127.0.0.1:$port)"; else echo "sqs: down"; fi
     port="${SWITCHYARD_KAFKA_PORT:-9092}"
     if _sy_port_open 127.0.0.1 "$port"; then echo "kafka: up (127.0.0.1:$port)"; else echo "kafka: down"; fi
+    port="${SWITCHYARD_POSTGRES_PORT:-5432}"
+    if _sy_port_open 127.0.0.1 "$port"; then echo "postgres: up (127.0.0.1:$port)"; else echo "postgres: down"; fi
+    port="${SWITCHYARD_REDIS_PORT:-6379}"
+    if _sy_port_open 127.0.0.1 "$port"; then echo "redis: up (127.0.0.1:$port)"; else echo "redis: down"; fi
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then

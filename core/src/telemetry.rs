@@ -75,8 +75,24 @@ pub fn extract(message: &Message) -> opentelemetry::Context {
     opentelemetry::global::get_text_map_propagator(|p| p.extract(&Extract(message.headers())))
 }
 
-/// Injects the current span's context unless the message carries one.
-pub(crate) fn inject(message: Message) -> Message {
+/// `message` with the current [`tracing`] span's OpenTelemetry context in
+/// its headers (W3C `traceparent` / `tracestate`), unless it carries a
+/// `traceparent` already; without the `otel` feature, `message` unchanged.
+///
+/// [`Client::publish`](crate::Client::publish) does this itself; call it
+/// where a message is stored to be published later (an outbox row), so the
+/// trace of the code that wrote it continues when it is published.
+///
+/// # Examples
+///
+/// ```
+/// use switchyard_core::{Message, telemetry};
+/// // Outside any span (or without `otel`), nothing is added.
+/// let msg = telemetry::inject(Message::new("order 1"));
+/// assert!(msg.headers().get("traceparent").is_none());
+/// ```
+#[must_use]
+pub fn inject(message: Message) -> Message {
     #[cfg(feature = "otel")]
     {
         use tracing_opentelemetry::OpenTelemetrySpanExt as _;

@@ -1,0 +1,530 @@
+//! The outbox, its relay, the inbox and the Redis dedup store against the
+//! real PostgreSQL (`SWITCHYARD_POSTGRES_URL`) and Redis
+//! (`SWITCHYARD_REDIS_URL`), on every broker backend (`memory://` and the
+//! `SWITCHYARD_*_URL` brokers; a missing one skips, or fails under
+//! `SWITCHYARD_REQUIRE_BROKERS=1`).
+
+use std::{
+    collections::{HashMap, HashSet},
+    io::Write as _,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use sqlx::{PgPool, postgres::PgPoolOptions};
+use switchyard::{
+    Broker, Capabilities, Client, KeyOrdering, Message, Publisher, Receiver, SubscribeOptions,
+    Subscriber, Subscription,
+    consumer::{Backoff, Consumer, HandlerError},
+    migrate::Dedup,
+};
+use switchyard_conformance::broker_url;
+use switchyard_outbox::{Inbox, Outbox, RedisDedupStore, Relay, RelayReport};
+use tokio::task::JoinHandle;
+
+/// Set in the environment of a child relay process: table, topic, URL.
+const CHILD: &str = "SWITCHYARD_OUTBOX_CHILD";
+
+fn short_id() -> String {
+    uuid::Uuid::now_v7().simple().to_string()[20..].to_owned()
+}
+
+async fn pool(url: &str, size: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(url)
+        .await
+        .expect("connect to PostgreSQL")
+}
+
+/// A broker, a topic with one subscription, and an outbox table of their own.
+struct Fixture {
+    url: String,
+    client: Client,
+    pool: PgPool,
+    outbox: Outbox,
+    topic: String,
+    opts: SubscribeOptions,
+}
+
+impl Fixture {
+    async fn new(broker: Option<String>, tag: &str) -> Option<Self> {
+        let url = broker?;
+        let pg = broker_url("SWITCHYARD_POSTGRES_URL")?;
+        let id = short_id();
+        let client = switchyard::connect(&url).await.expect("connect to the broker");
+        let pool = pool(&pg, 8).await;
+        let outbox = Outbox::with_table(&format!("sy_test_outbox_{id}")).unwrap();
+        outbox.migrate(&pool).await.unwrap();
+        let topic = format!("sy-outbox.{tag}.{id}");
+        let opts = SubscribeOptions::new(format!("sub-{id}")).ack_timeout(Duration::from_secs(30));
+        client.ensure_subscription(&topic, &opts).await.unwrap();
+        Some(Self {
+            url,
+            client,
+            pool,
+            outbox,
+            topic,
+            opts,
+        })
+    }
+
+    async fn subscribe(&self) -> Subscription {
+        self.client
+            .subscribe(&self.topic, self.opts.clone())
+            .await
+            .unwrap()
+    }
+
+    /// Enqueues `messages` in transactions of `per_tx`, committed.
+    async fn enqueue(&self, messages: &[Message], per_tx: usize) {
+        for chunk in messages.chunks(per_tx) {
+            let mut tx = self.pool.begin().await.unwrap();
+            for m in chunk {
+                self.outbox
+                    .enqueue(&mut tx, &self.topic, m.clone())
+                    .await
+                    .unwrap();
+            }
+            tx.commit().await.unwrap();
+        }
+    }
+
+    fn relay(&self) -> Relay {
+        self.outbox
+            .relay(self.pool.clone(), self.client.clone())
+            .poll_interval(Duration::from_millis(500))
+    }
+
+    /// Rows not yet published.
+    async fn pending(&self) -> i64 {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM {} WHERE published_at IS NULL",
+            self.outbox.table()
+        )))
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    async fn drop_table(&self) {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP TABLE IF EXISTS {}",
+            self.outbox.table()
+        )))
+        .execute(&self.pool)
+        .await;
+    }
+}
+
+/// A relay running until `stop` is sent.
+struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: JoinHandle<switchyard_outbox::Result<RelayReport>>,
+}
+
+fn start(relay: Relay) -> Running {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(relay.run(async {
+        let _ = stopped.await;
+    }));
+    Running { stop, task }
+}
+
+impl Running {
+    async fn stop(self) -> RelayReport {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("the relay stops within 60 s")
+            .unwrap()
+            .unwrap()
+    }
+}
+
+/// Receives until `want` distinct ids arrived (acking each), then `quiet`
+/// more without a new delivery; every delivery in arrival order.
+async fn receive(sub: &mut Subscription, want: usize, within: Duration, quiet: Duration) -> Vec<Message> {
+    let until = Instant::now() + within;
+    let mut got = Vec::new();
+    let mut ids = HashSet::new();
+    loop {
+        let left = if ids.len() >= want {
+            quiet
+        } else {
+            until.saturating_duration_since(Instant::now())
+        };
+        match tokio::time::timeout(left, sub.recv()).await {
+            Ok(Ok(d)) => {
+                ids.insert(d.message().id().to_owned());
+                got.push(d.message().clone());
+                d.ack().await.unwrap();
+            }
+            Ok(Err(e)) => panic!("receive failed: {e}"),
+            Err(_) if ids.len() >= want => return got,
+            Err(_) => panic!("{} of {want} events arrived within {within:?}", ids.len()),
+        }
+    }
+}
+
+/// 10,000 events in 100 transactions, 50 keys: every one arrives, none
+/// twice, and each key's events in commit order where the broker keeps it.
+async fn delivers_every_event_in_key_order(broker: Option<String>) {
+    let Some(f) = Fixture::new(broker, "all").await else { return };
+    let n = 10_000;
+    let messages: Vec<Message> = (0..n)
+        .map(|i| Message::new(format!("{}", i / 50)).with_key(format!("key-{}", i % 50)))
+        .collect();
+    f.enqueue(&messages, 100).await;
+    let mut sub = f.subscribe().await;
+    let relay = start(f.relay().batch_size(500));
+    let got = receive(&mut sub, n, Duration::from_secs(600), Duration::from_millis(500)).await;
+    let report = relay.stop().await;
+    assert_eq!(report.published, n as u64);
+    let ids: HashSet<&str> = got.iter().map(Message::id).collect();
+    assert_eq!(ids.len(), n, "every event arrived");
+    assert_eq!(got.len(), n, "and none twice");
+    let sent: HashSet<&str> = messages.iter().map(Message::id).collect();
+    assert_eq!(ids, sent);
+    if f.client.capabilities().ordering == KeyOrdering::PerKey {
+        let mut last: HashMap<&str, i64> = HashMap::new();
+        for m in &got {
+            let seq: i64 = std::str::from_utf8(m.payload()).unwrap().parse().unwrap();
+            let key = m.key().unwrap();
+            if let Some(prev) = last.insert(key, seq) {
+                assert!(seq > prev, "{key}: {seq} after {prev}");
+            }
+        }
+    }
+    assert_eq!(f.pending().await, 0);
+    f.drop_table().await;
+}
+
+/// A rolled-back transaction's event never arrives; a committed one does,
+/// with its id, key, headers and payload.
+async fn rolled_back_events_never_arrive(broker: Option<String>) {
+    let Some(f) = Fixture::new(broker, "rollback").await else { return };
+    let lost = Message::new("rolled back").with_key("k");
+    let kept = Message::new("committed")
+        .with_key("k")
+        .with_header("tenant", "acme");
+    let mut tx = f.pool.begin().await.unwrap();
+    f.outbox.enqueue(&mut tx, &f.topic, lost.clone()).await.unwrap();
+    tx.rollback().await.unwrap();
+    f.enqueue(std::slice::from_ref(&kept), 1).await;
+    let mut sub = f.subscribe().await;
+    let relay = start(f.relay());
+    // Two more seconds after the committed one, for anything else.
+    let got = receive(&mut sub, 1, Duration::from_secs(60), Duration::from_secs(2)).await;
+    relay.stop().await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    let m = &got[0];
+    assert_eq!((m.id(), m.key()), (kept.id(), Some("k")));
+    assert_eq!(m.payload().as_ref(), b"committed");
+    assert_eq!(m.headers().get("tenant"), Some("acme"));
+    f.drop_table().await;
+}
+
+/// Two relays running together share the lanes and publish every event
+/// exactly once between them.
+async fn two_relays_share_without_duplicates(broker: Option<String>) {
+    let Some(f) = Fixture::new(broker, "pair").await else { return };
+    let (a, b) = (start(f.relay()), start(f.relay()));
+    // Both hold lanes once each has rebalanced (every second).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let n = 2_000;
+    let messages: Vec<Message> = (0..n)
+        .map(|i| Message::new(format!("{i}")).with_key(format!("key-{}", i % 200)))
+        .collect();
+    let mut sub = f.subscribe().await;
+    f.enqueue(&messages, 20).await;
+    let got = receive(&mut sub, n, Duration::from_secs(300), Duration::from_secs(1)).await;
+    let (a, b) = (a.stop().await, b.stop().await);
+    assert_eq!(got.len(), n, "no event published twice");
+    assert_eq!(a.published + b.published, n as u64);
+    assert!(
+        a.published > 0 && b.published > 0,
+        "both relays did work: {} and {}",
+        a.published,
+        b.published
+    );
+    f.drop_table().await;
+}
+
+/// A broker that confirms a publish, reports it in `log`, and then never
+/// returns: the relay in front of it is stuck between publish and mark.
+#[derive(Debug)]
+struct StallAfterPublish {
+    inner: Arc<dyn Broker>,
+    log: std::path::PathBuf,
+}
+
+#[async_trait]
+impl Publisher for StallAfterPublish {
+    async fn publish(&self, topic: &str, message: Message) -> switchyard::Result<()> {
+        let id = message.id().to_owned();
+        self.inner.publish(topic, message).await?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        writeln!(f, "{id}").unwrap();
+        std::future::pending().await
+    }
+    async fn close(&self) -> switchyard::Result<()> {
+        Publisher::close(&*self.inner).await
+    }
+}
+
+#[async_trait]
+impl Subscriber for StallAfterPublish {
+    async fn ensure_topic(&self, topic: &str) -> switchyard::Result<()> {
+        self.inner.ensure_topic(topic).await
+    }
+    async fn ensure_subscription(&self, t: &str, o: &SubscribeOptions) -> switchyard::Result<()> {
+        self.inner.ensure_subscription(t, o).await
+    }
+    async fn receiver(&self, t: &str, o: &SubscribeOptions) -> switchyard::Result<Box<dyn Receiver>> {
+        self.inner.receiver(t, o).await
+    }
+    async fn close(&self) -> switchyard::Result<()> {
+        Subscriber::close(&*self.inner).await
+    }
+}
+
+impl Broker for StallAfterPublish {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+}
+
+/// The child's part: a relay whose broker stalls after its first confirmed
+/// publish, until the parent kills the process.
+async fn child_relay(spec: &str) {
+    let parts: Vec<&str> = spec.split('\t').collect();
+    let [table, url, log] = parts[..] else { panic!("bad child spec {spec:?}") };
+    let pg = std::env::var("SWITCHYARD_POSTGRES_URL").unwrap();
+    let inner = switchyard::connect(url).await.unwrap();
+    let client = Client::new(StallAfterPublish {
+        inner: Arc::clone(inner.broker()),
+        log: log.into(),
+    });
+    let outbox = Outbox::with_table(table).unwrap();
+    let _ = outbox.relay(pool(&pg, 2).await, client).run(std::future::pending()).await;
+}
+
+/// The relay process is SIGKILLed after the broker confirmed an event and
+/// before the relay marked it: the next relay publishes it again with the
+/// same id — a duplicate, never a loss.
+async fn relay_killed_between_publish_and_mark(broker: Option<String>, test: &str) {
+    if let Ok(spec) = std::env::var(CHILD) {
+        return child_relay(&spec).await;
+    }
+    let Some(f) = Fixture::new(broker, "killed").await else { return };
+    if f.url.starts_with("memory://") {
+        return; // the memory broker lives in its process: nothing survives the kill
+    }
+    let event = Message::new("order 1").with_key("order-1");
+    f.enqueue(std::slice::from_ref(&event), 1).await;
+    let log = std::env::temp_dir().join(format!("sy-outbox-child-{}.log", short_id()));
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD, format!("{}\t{}\t{}", f.outbox.table(), f.url, log.display()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(&log).unwrap_or_default().is_empty() {
+        assert!(Instant::now() < until, "the child relay published nothing within 60 s");
+        assert!(child.try_wait().unwrap().is_none(), "the child relay exited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let published = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    assert_eq!(published.trim(), event.id());
+    assert_eq!(f.pending().await, 1, "the child never marked it");
+
+    let mut sub = f.subscribe().await;
+    let relay = start(f.relay());
+    let got = receive(&mut sub, 1, Duration::from_secs(60), Duration::from_secs(2)).await;
+    let report = relay.stop().await;
+    assert_eq!(report.published, 1, "published again by the next relay");
+    assert_eq!(got.len(), 2, "the child's copy and the next relay's: {got:?}");
+    assert!(got.iter().all(|m| m.id() == event.id()), "same id");
+    assert_eq!(f.pending().await, 0);
+    f.drop_table().await;
+}
+
+/// Every message delivered twice, the copies side by side, to two consumers
+/// of one subscription: each id is processed exactly once, and no copy is
+/// dead-lettered or retried to exhaustion.
+async fn processed_once_under_concurrent_redelivery(broker: Option<String>, store: Store) {
+    let Some(f) = Fixture::new(broker, "dedup").await else { return };
+    let n = 300;
+    let messages: Vec<Message> = (0..n).map(|i| Message::new(format!("{i}"))).collect();
+    for m in &messages {
+        // The redelivery: the same message (same id) published twice.
+        f.client.publish(&f.topic, m.clone()).await.unwrap();
+        f.client.publish(&f.topic, m.clone()).await.unwrap();
+    }
+    let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let handled = Arc::new(tokio::sync::Semaphore::new(0));
+    let consumer = Consumer::new()
+        .concurrency(8)
+        .backoff(Backoff::new(Duration::from_millis(10), Duration::from_millis(200)));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    let mut reports = Vec::new();
+    let inbox_pool;
+    let duplicates: Box<dyn Fn() -> u64 + Send>;
+    match store {
+        Store::Redis => {
+            let Some(redis) = broker_url("SWITCHYARD_REDIS_URL") else { return };
+            let store = RedisDedupStore::connect(&redis, &format!("sy-test-{}", short_id()))
+                .await
+                .unwrap();
+            let dedup = Dedup::new(Arc::new(store), Duration::from_secs(600));
+            let (r, h) = (Arc::clone(&runs), Arc::clone(&handled));
+            let handler = dedup.wrap(move |ctx| {
+                let (r, h) = (Arc::clone(&r), Arc::clone(&h));
+                async move {
+                    *r.lock().unwrap().entry(ctx.message.id().to_owned()).or_default() += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    h.add_permits(1);
+                    Ok::<(), HandlerError>(())
+                }
+            });
+            for _ in 0..2 {
+                let sub = f.subscribe().await;
+                let (handler, mut stopped) = (handler.clone(), stopped.clone());
+                let consumer = consumer.clone();
+                tasks.push(tokio::spawn(async move {
+                    consumer
+                        .run(sub, handler, async move {
+                            let _ = stopped.wait_for(|s| *s).await;
+                        })
+                        .await
+                }));
+            }
+            let d = dedup.clone();
+            duplicates = Box::new(move || d.duplicates());
+            inbox_pool = None;
+        }
+        Store::Postgres => {
+            let pool = pool(&broker_url("SWITCHYARD_POSTGRES_URL").unwrap(), 20).await;
+            let inbox = Inbox::with_table(&format!("sy_test_inbox_{}", short_id())).unwrap();
+            inbox.migrate(&pool).await.unwrap();
+            let (r, h) = (Arc::clone(&runs), Arc::clone(&handled));
+            let handler = inbox.wrap(pool.clone(), move |ctx, tx| {
+                let (r, h) = (Arc::clone(&r), Arc::clone(&h));
+                async move {
+                    *r.lock().unwrap().entry(ctx.message.id().to_owned()).or_default() += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    h.add_permits(1);
+                    Ok(tx)
+                }
+            });
+            for _ in 0..2 {
+                let sub = f.subscribe().await;
+                let (handler, mut stopped) = (handler.clone(), stopped.clone());
+                let consumer = consumer.clone();
+                tasks.push(tokio::spawn(async move {
+                    consumer
+                        .run(sub, handler, async move {
+                            let _ = stopped.wait_for(|s| *s).await;
+                        })
+                        .await
+                }));
+            }
+            duplicates = Box::new(|| 0);
+            inbox_pool = Some((pool, inbox));
+        }
+    }
+    // Every id processed, then time for every copy to be settled.
+    let all = tokio::time::timeout(Duration::from_secs(120), handled.acquire_many(n as u32)).await;
+    assert!(all.is_ok(), "{} of {n} ids processed within 120 s", runs.lock().unwrap().len());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.send(true).unwrap();
+    for t in tasks {
+        reports.push(t.await.unwrap().unwrap());
+    }
+    let runs = runs.lock().unwrap();
+    assert_eq!(runs.len(), n);
+    let twice: Vec<_> = runs.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(twice.is_empty(), "processed more than once: {twice:?}");
+    let acked: u64 = reports.iter().map(|r| r.acked).sum();
+    let dead: u64 = reports.iter().map(|r| r.dead_lettered).sum();
+    assert_eq!(dead, 0, "no copy dead-lettered: {reports:?}");
+    assert_eq!(acked, 2 * n as u64, "both copies of every id acked: {reports:?}");
+    if let Some((pool, inbox)) = inbox_pool {
+        let drop = format!("DROP TABLE IF EXISTS {}", inbox.table());
+        let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&pool).await;
+    } else {
+        assert_eq!(duplicates(), n as u64, "every second copy was a duplicate");
+    }
+    f.drop_table().await;
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Store {
+    Redis,
+    Postgres,
+}
+
+macro_rules! backend {
+    ($name:ident, $url:expr) => {
+        mod $name {
+            use super::*;
+
+            fn url() -> Option<String> {
+                $url
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn delivers_every_event_in_key_order() {
+                super::delivers_every_event_in_key_order(url()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn rolled_back_events_never_arrive() {
+                super::rolled_back_events_never_arrive(url()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn two_relays_share_without_duplicates() {
+                super::two_relays_share_without_duplicates(url()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn relay_killed_between_publish_and_mark() {
+                super::relay_killed_between_publish_and_mark(
+                    url(),
+                    concat!(stringify!($name), "::relay_killed_between_publish_and_mark"),
+                )
+                .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis_dedup_processes_once_under_concurrent_redelivery() {
+                super::processed_once_under_concurrent_redelivery(url(), Store::Redis).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn inbox_processes_once_under_concurrent_redelivery() {
+                super::processed_once_under_concurrent_redelivery(url(), Store::Postgres).await;
+            }
+        }
+    };
+}
+
+backend!(memory, Some(format!("memory://outbox-{}", short_id())));
+backend!(nats, broker_url("SWITCHYARD_NATS_URL"));
+backend!(rabbitmq, broker_url("SWITCHYARD_RABBITMQ_URL"));
+backend!(kafka, broker_url("SWITCHYARD_KAFKA_URL"));
+backend!(sqs, broker_url("SWITCHYARD_SQS_URL"));
