@@ -227,6 +227,45 @@ async fn rolled_back_events_never_arrive(broker: Option<String>) {
     f.drop_table().await;
 }
 
+/// Two transactions enqueue for one key, the first to enqueue committing
+/// last if it could: the events are published in the order the
+/// transactions committed, which `enqueue`'s key lock makes the order they
+/// enqueued in.
+async fn same_key_transactions_publish_in_commit_order(broker: Option<String>) {
+    let Some(f) = Fixture::new(broker, "commit").await else { return };
+    if f.client.capabilities().ordering != KeyOrdering::PerKey {
+        return f.drop_table().await;
+    }
+    let f = Arc::new(f);
+    let committed = Arc::new(Mutex::new(Vec::<String>::new()));
+    let first = Message::new("first").with_key("order-9");
+    let mut t1 = f.pool.begin().await.unwrap();
+    f.outbox.enqueue(&mut t1, &f.topic, first.clone()).await.unwrap();
+    // The second transaction enqueues for the same key and commits at once...
+    let second = {
+        let (f, committed) = (Arc::clone(&f), Arc::clone(&committed));
+        tokio::spawn(async move {
+            let m = Message::new("second").with_key("order-9");
+            let mut t2 = f.pool.begin().await.unwrap();
+            f.outbox.enqueue(&mut t2, &f.topic, m.clone()).await.unwrap();
+            t2.commit().await.unwrap();
+            committed.lock().unwrap().push(m.id().to_owned());
+        })
+    };
+    // ...while the first is still open.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    t1.commit().await.unwrap();
+    committed.lock().unwrap().push(first.id().to_owned());
+    second.await.unwrap();
+    let mut sub = f.subscribe().await;
+    let relay = start(f.relay());
+    let got = receive(&mut sub, 2, Duration::from_secs(60), Duration::from_millis(500)).await;
+    relay.stop().await;
+    let got: Vec<String> = got.iter().map(|m| m.id().to_owned()).collect();
+    assert_eq!(got, *committed.lock().unwrap(), "published in commit order");
+    f.drop_table().await;
+}
+
 /// Two relays running together share the lanes and publish every event
 /// exactly once between them.
 async fn two_relays_share_without_duplicates(broker: Option<String>) {
@@ -494,6 +533,11 @@ macro_rules! backend {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn rolled_back_events_never_arrive() {
                 super::rolled_back_events_never_arrive(url()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn same_key_transactions_publish_in_commit_order() {
+                super::same_key_transactions_publish_in_commit_order(url()).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
