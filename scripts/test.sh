@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The README's test command: starts the local brokers the suites need
-# (scripts/brokers.sh; reuses any already running), then runs every test of
+# The README's test command: starts the local brokers and databases the
+# suites need (scripts/brokers.sh; reuses any already running), then runs every test of
 # the workspace with all features, real brokers included.
 #
 # Broker suites read SWITCHYARD_*_URL; with SWITCHYARD_REQUIRE_BROKERS=1 (CI)
@@ -40,4 +40,11 @@ if [ -n "${SWITCHYARD_KAFKA_URL:-}" ]; then
     cargo run -q --features kafka --example quickstart -- "$SWITCHYARD_KAFKA_URL" >/dev/null
     cargo run -q --features kafka --example order_pipeline -- "$SWITCHYARD_KAFKA_URL" >/dev/null
 fi
-echo "examples ran: quickstart, order_pipeline"
+# The outbox example (PostgreSQL and Redis from scripts/brokers.sh) on every broker.
+outbox_example() { cargo run -q -p switchyard-outbox --all-features --example order_service -- "$@" >/dev/null; }
+outbox_example memory://orders
+[ -z "${SWITCHYARD_NATS_URL:-}" ] || outbox_example "$SWITCHYARD_NATS_URL"
+[ -z "${SWITCHYARD_RABBITMQ_URL:-}" ] || outbox_example "$SWITCHYARD_RABBITMQ_URL"
+[ -z "${SWITCHYARD_SQS_URL:-}" ] || outbox_example "$SWITCHYARD_SQS_URL"
+[ -z "${SWITCHYARD_KAFKA_URL:-}" ] || outbox_example "$SWITCHYARD_KAFKA_URL"
+echo "examples ran: quickstart, order_pipeline, order_service (outbox)"

@@ -47,7 +47,10 @@ impl Error {
             Error::Database(e) => database_retryable(e),
             #[cfg(feature = "redis")]
             Error::Redis(e) => {
-                e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_cluster_error()
+                e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_cluster_error()
             }
             Error::Timeout { .. } => true,
             Error::Switchyard(e) => e.is_retryable(),
@@ -75,6 +78,7 @@ fn database_retryable(e: &sqlx::Error) -> bool {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Runs `op`, giving up after `after`.
+#[cfg(any(feature = "postgres", feature = "redis"))]
 pub(crate) async fn bounded<T, E: Into<Error>>(
     operation: &'static str,
     after: Duration,

@@ -253,7 +253,9 @@ pub(crate) async fn migrate(
             .execute(&mut *tx)
             .await?;
         for statement in ddl {
-            sqlx::query(audited(statement.clone())).execute(&mut *tx).await?;
+            sqlx::query(audited(statement.clone()))
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await
     })

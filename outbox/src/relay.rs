@@ -27,11 +27,10 @@ use crate::{Error, LANES, Outbox, Result, error::bounded, sql::audited};
 /// # Examples
 ///
 /// ```no_run
-/// # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+/// # async fn demo(pool: sqlx::PgPool, client: switchyard_core::Client) -> Result<(), Box<dyn std::error::Error>> {
 /// use std::time::Duration;
 /// use switchyard_outbox::Outbox;
 ///
-/// let client = switchyard_core::Client::new(switchyard_memory::MemoryBroker::new());
 /// let relay = Outbox::new()
 ///     .relay(pool, client)
 ///     .batch_size(500)
@@ -177,7 +176,9 @@ impl Relay {
                 match self.prune().await {
                     Ok(0) => {}
                     Ok(n) => debug!(table = self.outbox.table(), rows = n, "outbox: pruned"),
-                    Err(e) => debug!(table = self.outbox.table(), error = %e, "outbox: prune failed"),
+                    Err(e) => {
+                        debug!(table = self.outbox.table(), error = %e, "outbox: prune failed")
+                    }
                 }
             }
             if full {

@@ -74,10 +74,25 @@ mod tests {
 
     #[test]
     fn table_names() {
-        assert_eq!(Table::new("switchyard_outbox").unwrap().bare, "switchyard_outbox");
+        assert_eq!(
+            Table::new("switchyard_outbox").unwrap().bare,
+            "switchyard_outbox"
+        );
         let t = Table::new("app.outbox_1").unwrap();
-        assert_eq!((t.qualified.as_str(), t.bare.as_str()), ("app.outbox_1", "outbox_1"));
-        for bad in ["", "1x", "a-b", "a.b.c", "x; drop table y", "a.", ".a", &"x".repeat(51)] {
+        assert_eq!(
+            (t.qualified.as_str(), t.bare.as_str()),
+            ("app.outbox_1", "outbox_1")
+        );
+        for bad in [
+            "",
+            "1x",
+            "a-b",
+            "a.b.c",
+            "x; drop table y",
+            "a.",
+            ".a",
+            &"x".repeat(51),
+        ] {
             assert!(Table::new(bad).is_err(), "{bad:?} accepted");
         }
     }

@@ -54,7 +54,9 @@ impl Fixture {
         let url = broker?;
         let pg = broker_url("SWITCHYARD_POSTGRES_URL")?;
         let id = short_id();
-        let client = switchyard::connect(&url).await.expect("connect to the broker");
+        let client = switchyard::connect(&url)
+            .await
+            .expect("connect to the broker");
         let pool = pool(&pg, 8).await;
         let outbox = Outbox::with_table(&format!("sy_test_outbox_{id}")).unwrap();
         outbox.migrate(&pool).await.unwrap();
@@ -146,7 +148,12 @@ impl Running {
 
 /// Receives until `want` distinct ids arrived (acking each), then `quiet`
 /// more without a new delivery; every delivery in arrival order.
-async fn receive(sub: &mut Subscription, want: usize, within: Duration, quiet: Duration) -> Vec<Message> {
+async fn receive(
+    sub: &mut Subscription,
+    want: usize,
+    within: Duration,
+    quiet: Duration,
+) -> Vec<Message> {
     let until = Instant::now() + within;
     let mut got = Vec::new();
     let mut ids = HashSet::new();
@@ -172,7 +179,9 @@ async fn receive(sub: &mut Subscription, want: usize, within: Duration, quiet: D
 /// 10,000 events in 100 transactions, 50 keys: every one arrives, none
 /// twice, and each key's events in commit order where the broker keeps it.
 async fn delivers_every_event_in_key_order(broker: Option<String>) {
-    let Some(f) = Fixture::new(broker, "all").await else { return };
+    let Some(f) = Fixture::new(broker, "all").await else {
+        return;
+    };
     let n = 10_000;
     let messages: Vec<Message> = (0..n)
         .map(|i| Message::new(format!("{}", i / 50)).with_key(format!("key-{}", i % 50)))
@@ -180,7 +189,13 @@ async fn delivers_every_event_in_key_order(broker: Option<String>) {
     f.enqueue(&messages, 100).await;
     let mut sub = f.subscribe().await;
     let relay = start(f.relay().batch_size(500));
-    let got = receive(&mut sub, n, Duration::from_secs(600), Duration::from_millis(500)).await;
+    let got = receive(
+        &mut sub,
+        n,
+        Duration::from_secs(600),
+        Duration::from_millis(500),
+    )
+    .await;
     let report = relay.stop().await;
     assert_eq!(report.published, n as u64);
     let ids: HashSet<&str> = got.iter().map(Message::id).collect();
@@ -205,13 +220,18 @@ async fn delivers_every_event_in_key_order(broker: Option<String>) {
 /// A rolled-back transaction's event never arrives; a committed one does,
 /// with its id, key, headers and payload.
 async fn rolled_back_events_never_arrive(broker: Option<String>) {
-    let Some(f) = Fixture::new(broker, "rollback").await else { return };
+    let Some(f) = Fixture::new(broker, "rollback").await else {
+        return;
+    };
     let lost = Message::new("rolled back").with_key("k");
     let kept = Message::new("committed")
         .with_key("k")
         .with_header("tenant", "acme");
     let mut tx = f.pool.begin().await.unwrap();
-    f.outbox.enqueue(&mut tx, &f.topic, lost.clone()).await.unwrap();
+    f.outbox
+        .enqueue(&mut tx, &f.topic, lost.clone())
+        .await
+        .unwrap();
     tx.rollback().await.unwrap();
     f.enqueue(std::slice::from_ref(&kept), 1).await;
     let mut sub = f.subscribe().await;
@@ -232,7 +252,9 @@ async fn rolled_back_events_never_arrive(broker: Option<String>) {
 /// transactions committed, which `enqueue`'s key lock makes the order they
 /// enqueued in.
 async fn same_key_transactions_publish_in_commit_order(broker: Option<String>) {
-    let Some(f) = Fixture::new(broker, "commit").await else { return };
+    let Some(f) = Fixture::new(broker, "commit").await else {
+        return;
+    };
     if f.client.capabilities().ordering != KeyOrdering::PerKey {
         return f.drop_table().await;
     }
@@ -240,14 +262,20 @@ async fn same_key_transactions_publish_in_commit_order(broker: Option<String>) {
     let committed = Arc::new(Mutex::new(Vec::<String>::new()));
     let first = Message::new("first").with_key("order-9");
     let mut t1 = f.pool.begin().await.unwrap();
-    f.outbox.enqueue(&mut t1, &f.topic, first.clone()).await.unwrap();
+    f.outbox
+        .enqueue(&mut t1, &f.topic, first.clone())
+        .await
+        .unwrap();
     // The second transaction enqueues for the same key and commits at once...
     let second = {
         let (f, committed) = (Arc::clone(&f), Arc::clone(&committed));
         tokio::spawn(async move {
             let m = Message::new("second").with_key("order-9");
             let mut t2 = f.pool.begin().await.unwrap();
-            f.outbox.enqueue(&mut t2, &f.topic, m.clone()).await.unwrap();
+            f.outbox
+                .enqueue(&mut t2, &f.topic, m.clone())
+                .await
+                .unwrap();
             t2.commit().await.unwrap();
             committed.lock().unwrap().push(m.id().to_owned());
         })
@@ -259,7 +287,13 @@ async fn same_key_transactions_publish_in_commit_order(broker: Option<String>) {
     second.await.unwrap();
     let mut sub = f.subscribe().await;
     let relay = start(f.relay());
-    let got = receive(&mut sub, 2, Duration::from_secs(60), Duration::from_millis(500)).await;
+    let got = receive(
+        &mut sub,
+        2,
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+    )
+    .await;
     relay.stop().await;
     let got: Vec<String> = got.iter().map(|m| m.id().to_owned()).collect();
     assert_eq!(got, *committed.lock().unwrap(), "published in commit order");
@@ -269,7 +303,9 @@ async fn same_key_transactions_publish_in_commit_order(broker: Option<String>) {
 /// Two relays running together share the lanes and publish every event
 /// exactly once between them.
 async fn two_relays_share_without_duplicates(broker: Option<String>) {
-    let Some(f) = Fixture::new(broker, "pair").await else { return };
+    let Some(f) = Fixture::new(broker, "pair").await else {
+        return;
+    };
     let (a, b) = (start(f.relay()), start(f.relay()));
     // Both hold lanes once each has rebalanced (every second).
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -279,7 +315,13 @@ async fn two_relays_share_without_duplicates(broker: Option<String>) {
         .collect();
     let mut sub = f.subscribe().await;
     f.enqueue(&messages, 20).await;
-    let got = receive(&mut sub, n, Duration::from_secs(300), Duration::from_secs(1)).await;
+    let got = receive(
+        &mut sub,
+        n,
+        Duration::from_secs(300),
+        Duration::from_secs(1),
+    )
+    .await;
     let (a, b) = (a.stop().await, b.stop().await);
     assert_eq!(got.len(), n, "no event published twice");
     assert_eq!(a.published + b.published, n as u64);
@@ -326,7 +368,11 @@ impl Subscriber for StallAfterPublish {
     async fn ensure_subscription(&self, t: &str, o: &SubscribeOptions) -> switchyard::Result<()> {
         self.inner.ensure_subscription(t, o).await
     }
-    async fn receiver(&self, t: &str, o: &SubscribeOptions) -> switchyard::Result<Box<dyn Receiver>> {
+    async fn receiver(
+        &self,
+        t: &str,
+        o: &SubscribeOptions,
+    ) -> switchyard::Result<Box<dyn Receiver>> {
         self.inner.receiver(t, o).await
     }
     async fn close(&self) -> switchyard::Result<()> {
@@ -344,7 +390,9 @@ impl Broker for StallAfterPublish {
 /// publish, until the parent kills the process.
 async fn child_relay(spec: &str) {
     let parts: Vec<&str> = spec.split('\t').collect();
-    let [table, url, log] = parts[..] else { panic!("bad child spec {spec:?}") };
+    let [table, url, log] = parts[..] else {
+        panic!("bad child spec {spec:?}")
+    };
     let pg = std::env::var("SWITCHYARD_POSTGRES_URL").unwrap();
     let inner = switchyard::connect(url).await.unwrap();
     let client = Client::new(StallAfterPublish {
@@ -352,7 +400,10 @@ async fn child_relay(spec: &str) {
         log: log.into(),
     });
     let outbox = Outbox::with_table(table).unwrap();
-    let _ = outbox.relay(pool(&pg, 2).await, client).run(std::future::pending()).await;
+    let _ = outbox
+        .relay(pool(&pg, 2).await, client)
+        .run(std::future::pending())
+        .await;
 }
 
 /// The relay process is SIGKILLed after the broker confirmed an event and
@@ -362,7 +413,9 @@ async fn relay_killed_between_publish_and_mark(broker: Option<String>, test: &st
     if let Ok(spec) = std::env::var(CHILD) {
         return child_relay(&spec).await;
     }
-    let Some(f) = Fixture::new(broker, "killed").await else { return };
+    let Some(f) = Fixture::new(broker, "killed").await else {
+        return;
+    };
     if f.url.starts_with("memory://") {
         return; // the memory broker lives in its process: nothing survives the kill
     }
@@ -371,15 +424,24 @@ async fn relay_killed_between_publish_and_mark(broker: Option<String>, test: &st
     let log = std::env::temp_dir().join(format!("sy-outbox-child-{}.log", short_id()));
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .args([test, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD, format!("{}\t{}\t{}", f.outbox.table(), f.url, log.display()))
+        .env(
+            CHILD,
+            format!("{}\t{}\t{}", f.outbox.table(), f.url, log.display()),
+        )
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let until = Instant::now() + Duration::from_secs(60);
     while std::fs::read_to_string(&log).unwrap_or_default().is_empty() {
-        assert!(Instant::now() < until, "the child relay published nothing within 60 s");
-        assert!(child.try_wait().unwrap().is_none(), "the child relay exited");
+        assert!(
+            Instant::now() < until,
+            "the child relay published nothing within 60 s"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the child relay exited"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     child.kill().unwrap(); // SIGKILL
@@ -394,7 +456,11 @@ async fn relay_killed_between_publish_and_mark(broker: Option<String>, test: &st
     let got = receive(&mut sub, 1, Duration::from_secs(60), Duration::from_secs(2)).await;
     let report = relay.stop().await;
     assert_eq!(report.published, 1, "published again by the next relay");
-    assert_eq!(got.len(), 2, "the child's copy and the next relay's: {got:?}");
+    assert_eq!(
+        got.len(),
+        2,
+        "the child's copy and the next relay's: {got:?}"
+    );
     assert!(got.iter().all(|m| m.id() == event.id()), "same id");
     assert_eq!(f.pending().await, 0);
     f.drop_table().await;
@@ -404,7 +470,9 @@ async fn relay_killed_between_publish_and_mark(broker: Option<String>, test: &st
 /// of one subscription: each id is processed exactly once, and no copy is
 /// dead-lettered or retried to exhaustion.
 async fn processed_once_under_concurrent_redelivery(broker: Option<String>, store: Store) {
-    let Some(f) = Fixture::new(broker, "dedup").await else { return };
+    let Some(f) = Fixture::new(broker, "dedup").await else {
+        return;
+    };
     let n = 300;
     let messages: Vec<Message> = (0..n).map(|i| Message::new(format!("{i}"))).collect();
     for m in &messages {
@@ -414,9 +482,10 @@ async fn processed_once_under_concurrent_redelivery(broker: Option<String>, stor
     }
     let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
     let handled = Arc::new(tokio::sync::Semaphore::new(0));
-    let consumer = Consumer::new()
-        .concurrency(8)
-        .backoff(Backoff::new(Duration::from_millis(10), Duration::from_millis(200)));
+    let consumer = Consumer::new().concurrency(8).backoff(Backoff::new(
+        Duration::from_millis(10),
+        Duration::from_millis(200),
+    ));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
     let mut reports = Vec::new();
@@ -424,7 +493,9 @@ async fn processed_once_under_concurrent_redelivery(broker: Option<String>, stor
     let duplicates: Box<dyn Fn() -> u64 + Send>;
     match store {
         Store::Redis => {
-            let Some(redis) = broker_url("SWITCHYARD_REDIS_URL") else { return };
+            let Some(redis) = broker_url("SWITCHYARD_REDIS_URL") else {
+                return;
+            };
             let store = RedisDedupStore::connect(&redis, &format!("sy-test-{}", short_id()))
                 .await
                 .unwrap();
@@ -433,7 +504,10 @@ async fn processed_once_under_concurrent_redelivery(broker: Option<String>, stor
             let handler = dedup.wrap(move |ctx| {
                 let (r, h) = (Arc::clone(&r), Arc::clone(&h));
                 async move {
-                    *r.lock().unwrap().entry(ctx.message.id().to_owned()).or_default() += 1;
+                    *r.lock()
+                        .unwrap()
+                        .entry(ctx.message.id().to_owned())
+                        .or_default() += 1;
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     h.add_permits(1);
                     Ok::<(), HandlerError>(())
@@ -463,7 +537,10 @@ async fn processed_once_under_concurrent_redelivery(broker: Option<String>, stor
             let handler = inbox.wrap(pool.clone(), move |ctx, tx| {
                 let (r, h) = (Arc::clone(&r), Arc::clone(&h));
                 async move {
-                    *r.lock().unwrap().entry(ctx.message.id().to_owned()).or_default() += 1;
+                    *r.lock()
+                        .unwrap()
+                        .entry(ctx.message.id().to_owned())
+                        .or_default() += 1;
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     h.add_permits(1);
                     Ok(tx)
@@ -487,20 +564,28 @@ async fn processed_once_under_concurrent_redelivery(broker: Option<String>, stor
     }
     // Every id processed, then time for every copy to be settled.
     let all = tokio::time::timeout(Duration::from_secs(120), handled.acquire_many(n as u32)).await;
-    assert!(all.is_ok(), "{} of {n} ids processed within 120 s", runs.lock().unwrap().len());
+    assert!(
+        all.is_ok(),
+        "{} of {n} ids processed within 120 s",
+        runs.lock().unwrap().len()
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.send(true).unwrap();
     for t in tasks {
         reports.push(t.await.unwrap().unwrap());
     }
-    let runs = runs.lock().unwrap();
+    let runs = runs.lock().unwrap().clone();
     assert_eq!(runs.len(), n);
     let twice: Vec<_> = runs.iter().filter(|(_, c)| **c > 1).collect();
     assert!(twice.is_empty(), "processed more than once: {twice:?}");
     let acked: u64 = reports.iter().map(|r| r.acked).sum();
     let dead: u64 = reports.iter().map(|r| r.dead_lettered).sum();
     assert_eq!(dead, 0, "no copy dead-lettered: {reports:?}");
-    assert_eq!(acked, 2 * n as u64, "both copies of every id acked: {reports:?}");
+    assert_eq!(
+        acked,
+        2 * n as u64,
+        "both copies of every id acked: {reports:?}"
+    );
     if let Some((pool, inbox)) = inbox_pool {
         let drop = format!("DROP TABLE IF EXISTS {}", inbox.table());
         let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&pool).await;
