@@ -264,8 +264,10 @@ impl DedupStore for MemoryDedupStore {
 /// handler: success marks it done (remembered for `ttl`), a failure gives
 /// the claim up so the redelivery tries again. An id already done is acked
 /// without running the handler. An id another consumer is processing right
-/// now is retried later (a transient failure), so it is acked once that
-/// consumer finished — or processed here, if it failed.
+/// now waits here for that consumer's outcome (polling the store, at most
+/// the [lease](Dedup::lease)): acked once that one finished, or processed
+/// here if it failed — never failed for being busy, which would spend a
+/// delivery attempt.
 ///
 /// # Examples
 ///
@@ -349,19 +351,33 @@ impl Dedup {
             let this = this.clone();
             Box::pin(async move {
                 let id = ctx.message.id().to_owned();
-                let claim = this
-                    .store
+                let store = &this.store;
+                let mut claimed = store
                     .claim(&id, this.lease)
                     .await
                     .map_err(HandlerError::transient)?;
-                match claim {
+                // Another consumer is processing this id now: wait for its
+                // outcome (done, or given up) rather than fail, which would
+                // spend one of this delivery's attempts — and dead-letter a
+                // message processed successfully, when it was the last.
+                let give_up = tokio::time::Instant::now() + this.lease;
+                let mut pause = Duration::from_millis(10);
+                while claimed == Claim::Busy && tokio::time::Instant::now() < give_up {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                    claimed = store
+                        .claim(&id, this.lease)
+                        .await
+                        .map_err(HandlerError::transient)?;
+                }
+                match claimed {
                     Claim::Done => {
                         this.duplicates.fetch_add(1, Ordering::Relaxed);
                         return Ok(());
                     }
                     Claim::Busy => {
                         return Err(HandlerError::transient(
-                            "another consumer is processing this message id",
+                            "another consumer held this message id for the whole lease",
                         ));
                     }
                     Claim::New => {}
@@ -512,6 +528,63 @@ mod tests {
         handler(again).await.unwrap();
         assert_eq!(*runs.lock().unwrap(), ["a", "fails-once", "fails-once"]);
         assert_eq!(dedup.duplicates(), 2);
+    }
+
+    /// A copy delivered while another consumer processes the same id, on
+    /// its last attempt: it waits for the other's outcome and is acked as a
+    /// duplicate. (A transient failure here would spend the attempt and
+    /// dead-letter a message that was processed successfully.)
+    #[tokio::test]
+    async fn a_concurrent_copy_waits_instead_of_failing() {
+        let dedup = Dedup::in_memory(Duration::from_secs(60));
+        let runs = Arc::new(AtomicU64::new(0));
+        let r = Arc::clone(&runs);
+        let handler = dedup.wrap(move |_ctx: Context| {
+            let r = Arc::clone(&r);
+            async move {
+                r.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok(())
+            }
+        });
+        let mut last = ctx("a");
+        last.attempt = last.max_attempts;
+        let (first, copy) = tokio::join!(handler(ctx("a")), async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            handler(last).await
+        });
+        first.unwrap();
+        assert!(copy.is_ok(), "the copy failed: {copy:?}");
+        assert_eq!(runs.load(Ordering::Relaxed), 1);
+        assert_eq!(dedup.duplicates(), 1);
+    }
+
+    /// A copy whose twin fails runs the handler itself once the twin gave
+    /// its claim up.
+    #[tokio::test]
+    async fn a_concurrent_copy_takes_over_when_the_first_fails() {
+        let dedup = Dedup::in_memory(Duration::from_secs(60));
+        let runs = Arc::new(AtomicU64::new(0));
+        let r = Arc::clone(&runs);
+        let handler = dedup.wrap(move |_ctx: Context| {
+            let r = Arc::clone(&r);
+            async move {
+                let n = r.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if n == 0 {
+                    return Err(HandlerError::transient("first run fails"));
+                }
+                Ok(())
+            }
+        });
+        let (first, copy) = tokio::join!(handler(ctx("b")), async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            handler(ctx("b")).await
+        });
+        assert!(first.is_err());
+        assert!(copy.is_ok(), "{copy:?}");
+        assert_eq!(runs.load(Ordering::Relaxed), 2);
+        assert_eq!(dedup.duplicates(), 0);
     }
 
     #[tokio::test]

@@ -130,6 +130,14 @@ impl Relay {
         self
     }
 
+    /// How often the relay deletes published rows older than the
+    /// [retention](Relay::retention) (default once a minute; any relay may).
+    #[must_use]
+    pub fn prune_interval(mut self, d: Duration) -> Self {
+        self.prune_every = d.max(Duration::from_millis(10));
+        self
+    }
+
     /// Publishes committed events until `shutdown` completes; the batch in
     /// flight is finished (published and marked) first.
     ///

@@ -51,6 +51,14 @@ struct Fixture {
 
 impl Fixture {
     async fn new(broker: Option<String>, tag: &str) -> Option<Self> {
+        Self::with_options(broker, tag, |o| o).await
+    }
+
+    async fn with_options(
+        broker: Option<String>,
+        tag: &str,
+        options: impl FnOnce(SubscribeOptions) -> SubscribeOptions,
+    ) -> Option<Self> {
         let url = broker?;
         let pg = broker_url("SWITCHYARD_POSTGRES_URL")?;
         let id = short_id();
@@ -61,7 +69,9 @@ impl Fixture {
         let outbox = Outbox::with_table(&format!("sy_test_outbox_{id}")).unwrap();
         outbox.migrate(&pool).await.unwrap();
         let topic = format!("sy-outbox.{tag}.{id}");
-        let opts = SubscribeOptions::new(format!("sub-{id}")).ack_timeout(Duration::from_secs(30));
+        let opts = options(
+            SubscribeOptions::new(format!("sub-{id}")).ack_timeout(Duration::from_secs(30)),
+        );
         client.ensure_subscription(&topic, &opts).await.unwrap();
         Some(Self {
             url,
@@ -244,6 +254,102 @@ async fn rolled_back_events_never_arrive(broker: Option<String>) {
     assert_eq!((m.id(), m.key()), (kept.id(), Some("k")));
     assert_eq!(m.payload().as_ref(), b"committed");
     assert_eq!(m.headers().get("tenant"), Some("acme"));
+    f.drop_table().await;
+}
+
+/// With polling as good as off (once an hour), an event enqueued while the
+/// relay waits still arrives: the commit's `NOTIFY` woke it.
+async fn a_commit_wakes_the_relay(broker: Option<String>) {
+    let Some(f) = Fixture::new(broker, "notify").await else {
+        return;
+    };
+    let mut sub = f.subscribe().await;
+    let relay = start(f.relay().poll_interval(Duration::from_secs(3600)));
+    // The relay's first rounds find nothing; then it waits.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let event = Message::new("wake up");
+    f.enqueue(std::slice::from_ref(&event), 1).await;
+    let got = receive(
+        &mut sub,
+        1,
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+    )
+    .await;
+    relay.stop().await;
+    assert_eq!(got[0].id(), event.id());
+    f.drop_table().await;
+}
+
+/// An event larger than the broker accepts is parked (marked failed with
+/// the error), and the next event of its key is still published.
+async fn an_event_the_broker_refuses_is_parked(broker: Option<String>) {
+    let Some(f) = Fixture::new(broker, "parked").await else {
+        return;
+    };
+    let limit = f.client.capabilities().max_payload;
+    if limit > 8 << 20 {
+        return f.drop_table().await; // too large to be worth storing in a test
+    }
+    let big = Message::new(vec![b'x'; limit + 1]).with_key("k");
+    let next = Message::new("next").with_key("k");
+    f.enqueue(&[big.clone(), next.clone()], 2).await;
+    let mut sub = f.subscribe().await;
+    let relay = start(f.relay());
+    let got = receive(&mut sub, 1, Duration::from_secs(60), Duration::from_secs(1)).await;
+    let report = relay.stop().await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].id(), next.id());
+    assert_eq!((report.published, report.parked), (1, 1));
+    let (id, error): (String, String) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT message_id, error FROM {} WHERE failed_at IS NOT NULL",
+        f.outbox.table()
+    )))
+    .fetch_one(&f.pool)
+    .await
+    .unwrap();
+    assert_eq!(id, big.id());
+    assert!(error.contains("exceeds"), "{error}");
+    f.drop_table().await;
+}
+
+/// Published rows are deleted once older than the retention.
+async fn published_rows_are_pruned(broker: Option<String>) {
+    let Some(f) = Fixture::new(broker, "prune").await else {
+        return;
+    };
+    let events: Vec<Message> = (0..20).map(|i| Message::new(format!("{i}"))).collect();
+    f.enqueue(&events, 5).await;
+    let mut sub = f.subscribe().await;
+    let relay = start(
+        f.relay()
+            .retention(Duration::ZERO)
+            .prune_interval(Duration::from_millis(100)),
+    );
+    receive(
+        &mut sub,
+        20,
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+    )
+    .await;
+    let count = format!("SELECT count(*) FROM {}", f.outbox.table());
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(count.clone()))
+            .fetch_one(&f.pool)
+            .await
+            .unwrap();
+        if rows == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "{rows} published rows still there after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    relay.stop().await;
     f.drop_table().await;
 }
 
@@ -467,10 +573,11 @@ async fn relay_killed_between_publish_and_mark(broker: Option<String>, test: &st
 }
 
 /// Every message delivered twice, the copies side by side, to two consumers
-/// of one subscription: each id is processed exactly once, and no copy is
-/// dead-lettered or retried to exhaustion.
+/// of one subscription that allows a single attempt: each id is processed
+/// exactly once, every copy is acked, and none is dead-lettered (a copy that
+/// failed for finding its twin in progress would be, having no attempt left).
 async fn processed_once_under_concurrent_redelivery(broker: Option<String>, store: Store) {
-    let Some(f) = Fixture::new(broker, "dedup").await else {
+    let Some(f) = Fixture::with_options(broker, "dedup", |o| o.max_attempts(1)).await else {
         return;
     };
     let n = 300;
@@ -508,7 +615,7 @@ async fn processed_once_under_concurrent_redelivery(broker: Option<String>, stor
                         .unwrap()
                         .entry(ctx.message.id().to_owned())
                         .or_default() += 1;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     h.add_permits(1);
                     Ok::<(), HandlerError>(())
                 }
@@ -541,7 +648,7 @@ async fn processed_once_under_concurrent_redelivery(broker: Option<String>, stor
                         .unwrap()
                         .entry(ctx.message.id().to_owned())
                         .or_default() += 1;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     h.add_permits(1);
                     Ok(tx)
                 }
@@ -623,6 +730,21 @@ macro_rules! backend {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn same_key_transactions_publish_in_commit_order() {
                 super::same_key_transactions_publish_in_commit_order(url()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_commit_wakes_the_relay() {
+                super::a_commit_wakes_the_relay(url()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn an_event_the_broker_refuses_is_parked() {
+                super::an_event_the_broker_refuses_is_parked(url()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn published_rows_are_pruned() {
+                super::published_rows_are_pruned(url()).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
