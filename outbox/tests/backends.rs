@@ -12,11 +12,12 @@ use std::{
 };
 
 use async_trait::async_trait;
+use futures_util::future::BoxFuture;
 use sqlx::{PgPool, postgres::PgPoolOptions};
 use switchyard::{
     Broker, Capabilities, Client, KeyOrdering, Message, Publisher, Receiver, SubscribeOptions,
     Subscriber, Subscription,
-    consumer::{Backoff, Consumer, HandlerError},
+    consumer::{Backoff, Consumer, Context, HandlerError},
     migrate::Dedup,
 };
 use switchyard_conformance::broker_url;
@@ -188,7 +189,7 @@ async fn receive(
 
 /// 10,000 events in 100 transactions, 50 keys: every one arrives, none
 /// twice, and each key's events in commit order where the broker keeps it.
-async fn delivers_every_event_in_key_order(broker: Option<String>) {
+async fn delivers_every_event_in_key_order(broker: Option<String>, _test: &str) {
     let Some(f) = Fixture::new(broker, "all").await else {
         return;
     };
@@ -229,7 +230,7 @@ async fn delivers_every_event_in_key_order(broker: Option<String>) {
 
 /// A rolled-back transaction's event never arrives; a committed one does,
 /// with its id, key, headers and payload.
-async fn rolled_back_events_never_arrive(broker: Option<String>) {
+async fn rolled_back_events_never_arrive(broker: Option<String>, _test: &str) {
     let Some(f) = Fixture::new(broker, "rollback").await else {
         return;
     };
@@ -259,7 +260,7 @@ async fn rolled_back_events_never_arrive(broker: Option<String>) {
 
 /// With polling as good as off (once an hour), an event enqueued while the
 /// relay waits still arrives: the commit's `NOTIFY` woke it.
-async fn a_commit_wakes_the_relay(broker: Option<String>) {
+async fn a_commit_wakes_the_relay(broker: Option<String>, _test: &str) {
     let Some(f) = Fixture::new(broker, "notify").await else {
         return;
     };
@@ -283,7 +284,7 @@ async fn a_commit_wakes_the_relay(broker: Option<String>) {
 
 /// An event larger than the broker accepts is parked (marked failed with
 /// the error), and the next event of its key is still published.
-async fn an_event_the_broker_refuses_is_parked(broker: Option<String>) {
+async fn an_event_the_broker_refuses_is_parked(broker: Option<String>, _test: &str) {
     let Some(f) = Fixture::new(broker, "parked").await else {
         return;
     };
@@ -314,7 +315,7 @@ async fn an_event_the_broker_refuses_is_parked(broker: Option<String>) {
 }
 
 /// Published rows are deleted once older than the retention.
-async fn published_rows_are_pruned(broker: Option<String>) {
+async fn published_rows_are_pruned(broker: Option<String>, _test: &str) {
     let Some(f) = Fixture::new(broker, "prune").await else {
         return;
     };
@@ -357,7 +358,7 @@ async fn published_rows_are_pruned(broker: Option<String>) {
 /// last if it could: the events are published in the order the
 /// transactions committed, which `enqueue`'s key lock makes the order they
 /// enqueued in.
-async fn same_key_transactions_publish_in_commit_order(broker: Option<String>) {
+async fn same_key_transactions_publish_in_commit_order(broker: Option<String>, _test: &str) {
     let Some(f) = Fixture::new(broker, "commit").await else {
         return;
     };
@@ -408,7 +409,7 @@ async fn same_key_transactions_publish_in_commit_order(broker: Option<String>) {
 
 /// Two relays running together share the lanes and publish every event
 /// exactly once between them.
-async fn two_relays_share_without_duplicates(broker: Option<String>) {
+async fn two_relays_share_without_duplicates(broker: Option<String>, _test: &str) {
     let Some(f) = Fixture::new(broker, "pair").await else {
         return;
     };
@@ -581,107 +582,76 @@ async fn processed_once_under_concurrent_redelivery(broker: Option<String>, stor
         return;
     };
     let n = 300;
-    let messages: Vec<Message> = (0..n).map(|i| Message::new(format!("{i}"))).collect();
-    for m in &messages {
+    for i in 0..n {
         // The redelivery: the same message (same id) published twice.
+        let m = Message::new(format!("{i}"));
         f.client.publish(&f.topic, m.clone()).await.unwrap();
-        f.client.publish(&f.topic, m.clone()).await.unwrap();
+        f.client.publish(&f.topic, m).await.unwrap();
     }
-    let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
-    let handled = Arc::new(tokio::sync::Semaphore::new(0));
-    let consumer = Consumer::new().concurrency(8).backoff(Backoff::new(
-        Duration::from_millis(10),
-        Duration::from_millis(200),
-    ));
+    let work = Work::default();
+    // The handler, behind the store under test.
+    type Handler = Arc<
+        dyn Fn(Context) -> BoxFuture<'static, Result<(), HandlerError>> + Send + Sync + 'static,
+    >;
+    let (handler, duplicates, inbox): (Handler, Option<Dedup>, Option<(PgPool, Inbox)>) =
+        match store {
+            Store::Redis => {
+                let Some(redis) = broker_url("SWITCHYARD_REDIS_URL") else {
+                    return;
+                };
+                let namespace = format!("sy-test-{}", short_id());
+                let store = RedisDedupStore::connect(&redis, &namespace).await.unwrap();
+                let dedup = Dedup::new(Arc::new(store), Duration::from_secs(600));
+                let w = work.clone();
+                let h = dedup.wrap(move |ctx| w.clone().run(ctx));
+                (Arc::new(h), Some(dedup), None)
+            }
+            Store::Postgres => {
+                let pool = pool(&broker_url("SWITCHYARD_POSTGRES_URL").unwrap(), 20).await;
+                let inbox = Inbox::with_table(&format!("sy_test_inbox_{}", short_id())).unwrap();
+                inbox.migrate(&pool).await.unwrap();
+                let w = work.clone();
+                let h = inbox.wrap(pool.clone(), move |ctx, tx| {
+                    let w = w.clone();
+                    async move { w.run(ctx).await.map(|()| tx) }
+                });
+                (Arc::new(h), None, Some((pool, inbox)))
+            }
+        };
+    // Two consumers of the subscription, 8 handlers each.
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
-    let mut reports = Vec::new();
-    let inbox_pool;
-    let duplicates: Box<dyn Fn() -> u64 + Send>;
-    match store {
-        Store::Redis => {
-            let Some(redis) = broker_url("SWITCHYARD_REDIS_URL") else {
-                return;
+    for _ in 0..2 {
+        let (sub, handler, mut stopped) =
+            (f.subscribe().await, Arc::clone(&handler), stopped.clone());
+        let consumer = Consumer::new().concurrency(8).backoff(Backoff::new(
+            Duration::from_millis(10),
+            Duration::from_millis(200),
+        ));
+        tasks.push(tokio::spawn(async move {
+            let until_stopped = async move {
+                let _ = stopped.wait_for(|s| *s).await;
             };
-            let store = RedisDedupStore::connect(&redis, &format!("sy-test-{}", short_id()))
+            consumer
+                .run(sub, move |ctx| handler(ctx), until_stopped)
                 .await
-                .unwrap();
-            let dedup = Dedup::new(Arc::new(store), Duration::from_secs(600));
-            let (r, h) = (Arc::clone(&runs), Arc::clone(&handled));
-            let handler = dedup.wrap(move |ctx| {
-                let (r, h) = (Arc::clone(&r), Arc::clone(&h));
-                async move {
-                    *r.lock()
-                        .unwrap()
-                        .entry(ctx.message.id().to_owned())
-                        .or_default() += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    h.add_permits(1);
-                    Ok::<(), HandlerError>(())
-                }
-            });
-            for _ in 0..2 {
-                let sub = f.subscribe().await;
-                let (handler, mut stopped) = (handler.clone(), stopped.clone());
-                let consumer = consumer.clone();
-                tasks.push(tokio::spawn(async move {
-                    consumer
-                        .run(sub, handler, async move {
-                            let _ = stopped.wait_for(|s| *s).await;
-                        })
-                        .await
-                }));
-            }
-            let d = dedup.clone();
-            duplicates = Box::new(move || d.duplicates());
-            inbox_pool = None;
-        }
-        Store::Postgres => {
-            let pool = pool(&broker_url("SWITCHYARD_POSTGRES_URL").unwrap(), 20).await;
-            let inbox = Inbox::with_table(&format!("sy_test_inbox_{}", short_id())).unwrap();
-            inbox.migrate(&pool).await.unwrap();
-            let (r, h) = (Arc::clone(&runs), Arc::clone(&handled));
-            let handler = inbox.wrap(pool.clone(), move |ctx, tx| {
-                let (r, h) = (Arc::clone(&r), Arc::clone(&h));
-                async move {
-                    *r.lock()
-                        .unwrap()
-                        .entry(ctx.message.id().to_owned())
-                        .or_default() += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    h.add_permits(1);
-                    Ok(tx)
-                }
-            });
-            for _ in 0..2 {
-                let sub = f.subscribe().await;
-                let (handler, mut stopped) = (handler.clone(), stopped.clone());
-                let consumer = consumer.clone();
-                tasks.push(tokio::spawn(async move {
-                    consumer
-                        .run(sub, handler, async move {
-                            let _ = stopped.wait_for(|s| *s).await;
-                        })
-                        .await
-                }));
-            }
-            duplicates = Box::new(|| 0);
-            inbox_pool = Some((pool, inbox));
-        }
+        }));
     }
     // Every id processed, then time for every copy to be settled.
-    let all = tokio::time::timeout(Duration::from_secs(120), handled.acquire_many(n as u32)).await;
+    let all =
+        tokio::time::timeout(Duration::from_secs(120), work.done.acquire_many(n as u32)).await;
     assert!(
         all.is_ok(),
         "{} of {n} ids processed within 120 s",
-        runs.lock().unwrap().len()
+        work.runs().len()
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.send(true).unwrap();
+    let mut reports = Vec::new();
     for t in tasks {
         reports.push(t.await.unwrap().unwrap());
     }
-    let runs = runs.lock().unwrap().clone();
+    let runs = work.runs();
     assert_eq!(runs.len(), n);
     let twice: Vec<_> = runs.iter().filter(|(_, c)| **c > 1).collect();
     assert!(twice.is_empty(), "processed more than once: {twice:?}");
@@ -693,13 +663,64 @@ async fn processed_once_under_concurrent_redelivery(broker: Option<String>, stor
         2 * n as u64,
         "both copies of every id acked: {reports:?}"
     );
-    if let Some((pool, inbox)) = inbox_pool {
+    if let Some(dedup) = duplicates {
+        assert_eq!(
+            dedup.duplicates(),
+            n as u64,
+            "every second copy was a duplicate"
+        );
+    }
+    if let Some((pool, inbox)) = inbox {
         let drop = format!("DROP TABLE IF EXISTS {}", inbox.table());
         let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&pool).await;
-    } else {
-        assert_eq!(duplicates(), n as u64, "every second copy was a duplicate");
     }
     f.drop_table().await;
+}
+
+/// The handlers' work: counts runs per id, takes 100 ms, and releases a
+/// permit of `done` per run.
+#[derive(Clone)]
+struct Work {
+    runs: Arc<Mutex<HashMap<String, u32>>>,
+    done: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Work {
+    fn default() -> Self {
+        Self {
+            runs: Arc::default(),
+            done: Arc::new(tokio::sync::Semaphore::new(0)),
+        }
+    }
+}
+
+impl Work {
+    async fn run(self, ctx: Context) -> Result<(), HandlerError> {
+        *self
+            .runs
+            .lock()
+            .unwrap()
+            .entry(ctx.message.id().to_owned())
+            .or_default() += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.done.add_permits(1);
+        Ok(())
+    }
+
+    fn runs(&self) -> HashMap<String, u32> {
+        self.runs.lock().unwrap().clone()
+    }
+}
+
+async fn redis_dedup_processes_once_under_concurrent_redelivery(
+    broker: Option<String>,
+    _test: &str,
+) {
+    processed_once_under_concurrent_redelivery(broker, Store::Redis).await;
+}
+
+async fn inbox_processes_once_under_concurrent_redelivery(broker: Option<String>, _test: &str) {
+    processed_once_under_concurrent_redelivery(broker, Store::Postgres).await;
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -708,74 +729,40 @@ enum Store {
     Postgres,
 }
 
+/// One test per case for the backend `$name` (URL from `$url`); each case
+/// gets the broker URL and its own test name (for a child process).
 macro_rules! backend {
     ($name:ident, $url:expr) => {
+        backend!(@cases $name, $url;
+            delivers_every_event_in_key_order,
+            rolled_back_events_never_arrive,
+            same_key_transactions_publish_in_commit_order,
+            a_commit_wakes_the_relay,
+            an_event_the_broker_refuses_is_parked,
+            published_rows_are_pruned,
+            two_relays_share_without_duplicates,
+            relay_killed_between_publish_and_mark,
+            redis_dedup_processes_once_under_concurrent_redelivery,
+            inbox_processes_once_under_concurrent_redelivery,
+        );
+    };
+    (@cases $name:ident, $url:expr; $($case:ident),* $(,)?) => {
         mod $name {
-            use super::*;
-
-            fn url() -> Option<String> {
-                $url
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn delivers_every_event_in_key_order() {
-                super::delivers_every_event_in_key_order(url()).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn rolled_back_events_never_arrive() {
-                super::rolled_back_events_never_arrive(url()).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn same_key_transactions_publish_in_commit_order() {
-                super::same_key_transactions_publish_in_commit_order(url()).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn a_commit_wakes_the_relay() {
-                super::a_commit_wakes_the_relay(url()).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn an_event_the_broker_refuses_is_parked() {
-                super::an_event_the_broker_refuses_is_parked(url()).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn published_rows_are_pruned() {
-                super::published_rows_are_pruned(url()).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn two_relays_share_without_duplicates() {
-                super::two_relays_share_without_duplicates(url()).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn relay_killed_between_publish_and_mark() {
-                super::relay_killed_between_publish_and_mark(
-                    url(),
-                    concat!(stringify!($name), "::relay_killed_between_publish_and_mark"),
-                )
-                .await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn redis_dedup_processes_once_under_concurrent_redelivery() {
-                super::processed_once_under_concurrent_redelivery(url(), Store::Redis).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn inbox_processes_once_under_concurrent_redelivery() {
-                super::processed_once_under_concurrent_redelivery(url(), Store::Postgres).await;
-            }
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case($url, concat!(stringify!($name), "::", stringify!($case))).await;
+                }
+            )*
         }
     };
 }
 
-backend!(memory, Some(format!("memory://outbox-{}", short_id())));
-backend!(nats, broker_url("SWITCHYARD_NATS_URL"));
-backend!(rabbitmq, broker_url("SWITCHYARD_RABBITMQ_URL"));
-backend!(kafka, broker_url("SWITCHYARD_KAFKA_URL"));
-backend!(sqs, broker_url("SWITCHYARD_SQS_URL"));
+backend!(
+    memory,
+    Some(format!("memory://outbox-{}", super::short_id()))
+);
+backend!(nats, super::broker_url("SWITCHYARD_NATS_URL"));
+backend!(rabbitmq, super::broker_url("SWITCHYARD_RABBITMQ_URL"));
+backend!(kafka, super::broker_url("SWITCHYARD_KAFKA_URL"));
+backend!(sqs, super::broker_url("SWITCHYARD_SQS_URL"));
