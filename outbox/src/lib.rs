@@ -68,6 +68,19 @@
 //!   skipped, so it does not block its key for ever. Every other publish
 //!   failure is retried with the same message id.
 
+//!
+//! # Tracing and metrics
+//!
+//! With switchyard's `otel` feature, `enqueue` stores the current span's
+//! W3C trace context (`traceparent`) in the row's headers, and the publish
+//! keeps it: the consumer's span joins the trace of the transaction that
+//! wrote the event. The relay logs through [`tracing`](https://docs.rs/tracing)
+//! (a parked event at `error`, a streak of failures at `warn`, pruning at
+//! `debug`). With this crate's `metrics` feature it records
+//! `switchyard_outbox_published_total` (counter), `switchyard_outbox_parked_total`
+//! (counter) and `switchyard_outbox_lag_seconds` (histogram: insert to
+//! confirmed publish) through the [`metrics`](https://docs.rs/metrics) facade.
+
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod error;

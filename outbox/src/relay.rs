@@ -288,6 +288,8 @@ impl Relay {
             })
             .await?;
             report.parked += 1;
+            #[cfg(feature = "metrics")]
+            metrics::counter!("switchyard_outbox_parked_total").increment(1);
         }
         match failure {
             Some(e) => Err(e.into()),
