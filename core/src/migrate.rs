@@ -360,7 +360,10 @@ impl Dedup {
                 // outcome (done, or given up) rather than fail, which would
                 // spend one of this delivery's attempts — and dead-letter a
                 // message processed successfully, when it was the last.
-                let give_up = tokio::time::Instant::now() + this.lease;
+                let now = tokio::time::Instant::now();
+                let give_up = now
+                    .checked_add(this.lease)
+                    .unwrap_or(now + Duration::from_secs(86_400));
                 let mut pause = Duration::from_millis(10);
                 while claimed == Claim::Busy && tokio::time::Instant::now() < give_up {
                     tokio::time::sleep(pause).await;

@@ -115,10 +115,13 @@ impl Inbox {
 
     /// How long [`begin`](Inbox::begin) waits for a concurrent transaction
     /// holding the same id (default 10 s); keep it above the handler's usual
-    /// run time. Whole milliseconds, at least 1.
+    /// run time. Whole milliseconds, from 1 ms to 1 h.
     #[must_use]
     pub fn lock_timeout(self, d: Duration) -> Self {
-        Self::from_table(self.inner.table.clone(), d.max(Duration::from_millis(1)))
+        Self::from_table(
+            self.inner.table.clone(),
+            d.clamp(Duration::from_millis(1), Duration::from_secs(3600)),
+        )
     }
 
     /// Creates the table when it does not exist.

@@ -100,7 +100,8 @@ impl Outbox {
                 fetch: audited(format!(
                     "SELECT seq, topic, message_id, key, headers::text, payload, \
                      extract(epoch FROM clock_timestamp() - created_at)::float8 \
-                     FROM {t} WHERE {pending} AND lane = ANY($1) ORDER BY seq LIMIT $2"
+                     FROM {t} WHERE {pending} AND lane = ANY($1) AND topic <> ALL($3) \
+                     ORDER BY seq LIMIT $2"
                 )),
                 mark: audited(format!(
                     "UPDATE {t} SET published_at = clock_timestamp() WHERE seq = ANY($1) AND {pending}"

@@ -118,7 +118,7 @@ impl Relay {
     /// for example while its listening connection reconnects.
     #[must_use]
     pub fn poll_interval(mut self, d: Duration) -> Self {
-        self.poll = d.max(Duration::from_millis(10));
+        self.poll = d.clamp(Duration::from_millis(10), DAY);
         self
     }
 
@@ -126,7 +126,7 @@ impl Relay {
     /// 24 h). Parked rows are kept until an operator deletes them.
     #[must_use]
     pub fn retention(mut self, d: Duration) -> Self {
-        self.retention = d;
+        self.retention = d.min(100 * 365 * DAY);
         self
     }
 
@@ -134,7 +134,7 @@ impl Relay {
     /// [retention](Relay::retention) (default once a minute; any relay may).
     #[must_use]
     pub fn prune_interval(mut self, d: Duration) -> Self {
-        self.prune_every = d.max(Duration::from_millis(10));
+        self.prune_every = d.clamp(Duration::from_millis(10), DAY);
         self
     }
 
@@ -165,10 +165,14 @@ impl Relay {
         let mut report = RelayReport::default();
         let mut streak = FailureStreak::default();
         let mut next_prune = Instant::now();
+        let mut blocked = Blocked::default();
+        let mut pause = self.poll;
         loop {
-            let full = match self.round(&mut lanes, &mut report).await {
+            let outcome = self.round(&mut lanes, &mut blocked, &mut report).await;
+            let full = match outcome {
                 Ok(read) => {
                     streak.recovered();
+                    pause = self.poll;
                     read >= self.batch
                 }
                 Err(Error::Switchyard(SyError::Closed)) => return Err(SyError::Closed.into()),
@@ -176,14 +180,26 @@ impl Relay {
                     if streak.failed() {
                         warn!(table = self.outbox.table(), error = %e, "outbox relay: retrying");
                     }
-                    false
+                    // Back off, deaf to notifications: a commit must not
+                    // make a relay hammer a broker or database that is down.
+                    tokio::select! {
+                        () = &mut shutdown => return Ok(report),
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(MAX_PAUSE);
+                    continue;
                 }
             };
             if Instant::now() >= next_prune {
                 next_prune = Instant::now() + self.prune_every;
                 match self.prune().await {
                     Ok(0) => {}
-                    Ok(n) => debug!(table = self.outbox.table(), rows = n, "outbox: pruned"),
+                    Ok(n) => {
+                        debug!(table = self.outbox.table(), rows = n, "outbox: pruned");
+                        if n >= PRUNE_BATCH {
+                            next_prune = Instant::now(); // more to delete: again next round
+                        }
+                    }
                     Err(e) => {
                         debug!(table = self.outbox.table(), error = %e, "outbox: prune failed")
                     }
@@ -206,7 +222,12 @@ impl Relay {
 
     /// Holds the right lanes, then publishes and marks one batch of their
     /// rows; returns how many rows it read.
-    async fn round(&self, lanes: &mut Lanes, report: &mut RelayReport) -> Result<usize> {
+    async fn round(
+        &self,
+        lanes: &mut Lanes,
+        blocked: &mut Blocked,
+        report: &mut RelayReport,
+    ) -> Result<usize> {
         let inner = self.outbox.inner();
         if let Err(e) = lanes.rebalance(&self.pool, inner, self.rebalance).await {
             lanes.reset();
@@ -221,6 +242,7 @@ impl Relay {
             )
             .bind(&lanes.held)
             .bind(i64::try_from(self.batch).unwrap_or(i64::MAX))
+            .bind(blocked.current())
             .fetch_all(&self.pool)
             .await
         })
@@ -262,8 +284,10 @@ impl Relay {
         for outcome in outcomes {
             published.extend(outcome.published);
             parked.extend(outcome.parked);
-            if failure.is_none() {
-                failure = outcome.failure;
+            if let Some((topic, e)) = outcome.failure {
+                // Its rows wait; other topics' rows are read meanwhile.
+                blocked.block(topic, self.poll);
+                failure.get_or_insert(e);
             }
         }
         if !published.is_empty() {
@@ -302,7 +326,15 @@ impl Relay {
     async fn publish_group(&self, group: Vec<Row>) -> Outcome {
         let mut outcome = Outcome::default();
         for row in group {
-            match self.client.publish(&row.topic, row.message).await {
+            let bound = self.outbox.inner().op_timeout;
+            let published =
+                tokio::time::timeout(bound, self.client.publish(&row.topic, row.message))
+                    .await
+                    .unwrap_or(Err(SyError::Timeout {
+                        operation: "outbox publish",
+                        after: bound,
+                    }));
+            match published {
                 Ok(()) => outcome.published.push((row.seq, row.age)),
                 Err(e) if never_accepted(&e) => {
                     error!(
@@ -315,7 +347,7 @@ impl Relay {
                     outcome.parked.push((row.seq, e.to_string()));
                 }
                 Err(e) => {
-                    outcome.failure = Some(e);
+                    outcome.failure = Some((row.topic, e));
                     break;
                 }
             }
@@ -343,7 +375,50 @@ struct Outcome {
     published: Vec<(i64, f64)>,
     /// (seq, why) of each row the broker can never accept.
     parked: Vec<(i64, String)>,
-    failure: Option<SyError>,
+    /// The topic and error of the publish that stopped the key.
+    failure: Option<(String, SyError)>,
+}
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+/// The longest pause between retries after failures.
+const MAX_PAUSE: Duration = Duration::from_secs(30);
+
+/// At most this many rows deleted per prune statement.
+const PRUNE_BATCH: u64 = 10_000;
+
+/// Topics whose publishes failed, left out of reads until their retry time
+/// (doubling per failure, up to [`MAX_PAUSE`]), so one broken topic does not
+/// hold back the rows of every other.
+#[derive(Default)]
+struct Blocked {
+    topics: HashMap<String, (Instant, Duration)>,
+}
+
+impl Blocked {
+    fn block(&mut self, topic: String, first: Duration) {
+        let entry = self
+            .topics
+            .entry(topic)
+            .or_insert((Instant::now(), Duration::ZERO));
+        entry.1 = if entry.1.is_zero() {
+            first
+        } else {
+            (entry.1 * 2).min(MAX_PAUSE)
+        };
+        entry.0 = Instant::now() + entry.1;
+    }
+
+    /// The topics to leave out now (forgetting those whose time came; a
+    /// topic that fails again is blocked for longer).
+    fn current(&mut self) -> Vec<String> {
+        let now = Instant::now();
+        self.topics
+            .iter()
+            .filter(|(_, (until, _))| *until > now)
+            .map(|(t, _)| t.clone())
+            .collect()
+    }
 }
 
 /// Errors that say the message itself can never be published: retrying
@@ -408,16 +483,41 @@ impl Lanes {
         inner: &crate::outbox::Inner,
         every: Duration,
     ) -> Result<()> {
-        if self.checked.is_some_and(|at| at.elapsed() < every) && self.conn.is_some() {
+        let bound = inner.op_timeout;
+        if let Some(conn) = self
+            .conn
+            .as_mut()
+            .filter(|_| self.checked.is_some_and(|at| at.elapsed() < every))
+        {
+            // Between rebalances, one cheap check that the connection
+            // holding the locks still lives (a restarted database dropped
+            // them): publishing lanes it no longer holds would duplicate.
+            bounded(
+                "outbox relay ping",
+                bound,
+                sqlx::query("SELECT 1").execute(conn),
+            )
+            .await?;
             return Ok(());
         }
-        let bound = inner.op_timeout;
         if self.conn.is_none() {
             let mut conn = bounded(
                 "outbox relay connect",
                 bound,
                 PgConnection::connect_with(&pool.connect_options()),
             )
+            .await?;
+            // The server drops a silent peer's session (and its locks)
+            // within about 25 s instead of the system's hours.
+            bounded("outbox relay keepalive", bound, async {
+                sqlx::query(
+                    "SELECT set_config('tcp_keepalives_idle', '10', false), \
+                     set_config('tcp_keepalives_interval', '5', false), \
+                     set_config('tcp_keepalives_count', '3', false)",
+                )
+                .execute(&mut conn)
+                .await
+            })
             .await?;
             bounded("outbox relay join", bound, async {
                 sqlx::query("SELECT pg_advisory_lock_shared($1, 0)")

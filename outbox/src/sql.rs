@@ -14,7 +14,9 @@ pub(crate) fn audited(statement: String) -> SqlStr {
 
 /// A validated table name: `name` or `schema.name`, each part
 /// `[A-Za-z_][A-Za-z0-9_]*`, 50 characters at most (so the derived index
-/// and channel names stay under PostgreSQL's 63).
+/// and channel names stay under PostgreSQL's 63), in lower case. Every
+/// process must spell it the same way: `public.outbox` and `outbox` are one
+/// table to PostgreSQL but two sets of relay locks here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Table {
     /// As written in SQL.
@@ -42,9 +44,12 @@ impl Table {
                  followed by letters, digits or `_`, 50 characters in all at most"
             )));
         }
+        // PostgreSQL folds unquoted names to lower case; so do the lock
+        // classes and channel derived from them, so `Orders` and `orders`
+        // are one outbox.
         Ok(Self {
-            qualified: name.to_owned(),
-            bare: bare.to_owned(),
+            qualified: name.to_ascii_lowercase(),
+            bare: bare.to_ascii_lowercase(),
         })
     }
 

@@ -314,6 +314,43 @@ async fn an_event_the_broker_refuses_is_parked(broker: Option<String>, _test: &s
     f.drop_table().await;
 }
 
+/// Publishes to one topic fail for good (more rows than a batch, enqueued
+/// first): the rows of another topic are still published meanwhile.
+async fn a_failing_topic_does_not_hold_back_the_others(broker: Option<String>, _test: &str) {
+    let Some(f) = Fixture::new(broker, "blocked").await else {
+        return;
+    };
+    let bad = format!("{}-missing", f.topic);
+    let stuck: Vec<Message> = (0..300)
+        .map(|i| Message::new("x").with_key(format!("k{i}")))
+        .collect();
+    let mut tx = f.pool.begin().await.unwrap();
+    for m in stuck {
+        f.outbox.enqueue(&mut tx, &bad, m).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let good: Vec<Message> = (0..10).map(|i| Message::new(format!("{i}"))).collect();
+    f.enqueue(&good, 10).await;
+    let client = Client::new(Faulty {
+        inner: Arc::clone(f.client.broker()),
+        fault: Fault::Refuse(bad),
+    });
+    let mut sub = f.subscribe().await;
+    let relay = start(f.outbox.relay(f.pool.clone(), client).batch_size(256));
+    let got = receive(
+        &mut sub,
+        10,
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+    )
+    .await;
+    let report = relay.stop().await;
+    assert_eq!(got.len(), 10);
+    assert_eq!(report.published, 10);
+    assert_eq!(f.pending().await, 300, "the refused topic's rows wait");
+    f.drop_table().await;
+}
+
 /// Published rows are deleted once older than the retention.
 async fn published_rows_are_pruned(broker: Option<String>, _test: &str) {
     let Some(f) = Fixture::new(broker, "prune").await else {
@@ -441,26 +478,45 @@ async fn two_relays_share_without_duplicates(broker: Option<String>, _test: &str
     f.drop_table().await;
 }
 
-/// A broker that confirms a publish, reports it in `log`, and then never
-/// returns: the relay in front of it is stuck between publish and mark.
+/// A broker in front of a real one that misbehaves on publish.
 #[derive(Debug)]
-struct StallAfterPublish {
+struct Faulty {
     inner: Arc<dyn Broker>,
-    log: std::path::PathBuf,
+    fault: Fault,
+}
+
+#[derive(Debug)]
+enum Fault {
+    /// Confirms a publish, reports its id in the log, then never returns:
+    /// the relay in front of it is stuck between publish and mark.
+    StallAfterPublish(std::path::PathBuf),
+    /// Refuses every publish to this topic, as a broker without it would.
+    Refuse(String),
 }
 
 #[async_trait]
-impl Publisher for StallAfterPublish {
+impl Publisher for Faulty {
     async fn publish(&self, topic: &str, message: Message) -> switchyard::Result<()> {
-        let id = message.id().to_owned();
-        self.inner.publish(topic, message).await?;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        writeln!(f, "{id}").unwrap();
-        std::future::pending().await
+        match &self.fault {
+            Fault::Refuse(t) if t == topic => Err(switchyard::Error::not_found(
+                "topic",
+                topic,
+                "refused by the test",
+                None,
+            )),
+            Fault::Refuse(_) => self.inner.publish(topic, message).await,
+            Fault::StallAfterPublish(log) => {
+                let id = message.id().to_owned();
+                self.inner.publish(topic, message).await?;
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .unwrap();
+                writeln!(f, "{id}").unwrap();
+                std::future::pending().await
+            }
+        }
     }
     async fn close(&self) -> switchyard::Result<()> {
         Publisher::close(&*self.inner).await
@@ -468,7 +524,7 @@ impl Publisher for StallAfterPublish {
 }
 
 #[async_trait]
-impl Subscriber for StallAfterPublish {
+impl Subscriber for Faulty {
     async fn ensure_topic(&self, topic: &str) -> switchyard::Result<()> {
         self.inner.ensure_topic(topic).await
     }
@@ -487,7 +543,7 @@ impl Subscriber for StallAfterPublish {
     }
 }
 
-impl Broker for StallAfterPublish {
+impl Broker for Faulty {
     fn capabilities(&self) -> Capabilities {
         self.inner.capabilities()
     }
@@ -502,9 +558,9 @@ async fn child_relay(spec: &str) {
     };
     let pg = std::env::var("SWITCHYARD_POSTGRES_URL").unwrap();
     let inner = switchyard::connect(url).await.unwrap();
-    let client = Client::new(StallAfterPublish {
+    let client = Client::new(Faulty {
         inner: Arc::clone(inner.broker()),
-        log: log.into(),
+        fault: Fault::StallAfterPublish(log.into()),
     });
     let outbox = Outbox::with_table(table).unwrap();
     let _ = outbox
@@ -740,6 +796,7 @@ macro_rules! backend {
             a_commit_wakes_the_relay,
             an_event_the_broker_refuses_is_parked,
             published_rows_are_pruned,
+            a_failing_topic_does_not_hold_back_the_others,
             two_relays_share_without_duplicates,
             relay_killed_between_publish_and_mark,
             redis_dedup_processes_once_under_concurrent_redelivery,
