@@ -72,9 +72,13 @@ impl Node {
             // The script then `exec`s the Erlang VM: the child's PID is the
             // broker's, so a kill is a real crash.
             .env("RABBITMQ_ALLOW_INPUT", "1")
+            // No scheduler busy-waiting (RabbitMQ's advice for shared hosts):
+            // a spinning private node starved the machine's broker on 2 cores
+            // (a 10 s gap in its log, two connects timing out at once).
             .env(
                 "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
-                "-noinput -kernel inet_dist_use_interface {127,0,0,1}",
+                "-noinput -kernel inet_dist_use_interface {127,0,0,1} \
+                 +sbwt none +sbwtdcpu none +sbwtdio none",
             );
         let mut node = Self { process };
         node.boot().await;
