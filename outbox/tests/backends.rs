@@ -158,7 +158,8 @@ impl Running {
 }
 
 /// Receives until `want` distinct ids arrived (acking each), then `quiet`
-/// more without a new delivery; every delivery in arrival order.
+/// more without a new delivery; every *first* delivery (attempt 1: one per
+/// publish) in arrival order.
 async fn receive(
     sub: &mut Subscription,
     want: usize,
@@ -177,8 +178,14 @@ async fn receive(
         match tokio::time::timeout(left, sub.recv()).await {
             Ok(Ok(d)) => {
                 ids.insert(d.message().id().to_owned());
-                got.push(d.message().clone());
-                d.ack().await.unwrap();
+                // A broker's own redelivery (attempt > 1: delivery is
+                // at-least-once, e.g. a lease that lapsed while the copy
+                // waited in the prefetch under load) is not a publish.
+                if d.attempt() == 1 {
+                    got.push(d.message().clone());
+                }
+                // An ack that comes too late is answered by that redelivery.
+                let _ = d.ack().await;
             }
             Ok(Err(e)) => panic!("receive failed: {e}"),
             Err(_) if ids.len() >= want => return got,
