@@ -93,8 +93,12 @@ impl Outbox {
                 lane_class: table.lock_class("lanes"),
                 member_class: table.lock_class("members"),
                 insert: audited(format!(
-                    "WITH row AS (INSERT INTO {t} (lane, topic, message_id, key, headers, payload) \
-                     VALUES ($1, $2, $3, $4, $5::jsonb, $6) RETURNING lane) \
+                    // One round trip: the key's lock (keyed messages only) is
+                    // taken before the row, whose sequence number comes after it.
+                    "WITH locked AS (SELECT pg_advisory_xact_lock($7, $8) WHERE $4::text IS NOT NULL), \
+                     row AS (INSERT INTO {t} (lane, topic, message_id, key, headers, payload) \
+                     SELECT $1, $2, $3, $4, $5::jsonb, $6 FROM (SELECT count(*) FROM locked) AS l \
+                     RETURNING lane) \
                      SELECT pg_notify('{channel}', lane::text) FROM row"
                 )),
                 fetch: audited(format!(
@@ -195,13 +199,6 @@ impl Outbox {
             headers.insert(k.to_owned(), serde_json::Value::String(v.to_owned()));
         }
         let headers = serde_json::Value::Object(headers).to_string();
-        if let Some(key) = message.key() {
-            sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
-                .bind(self.inner.key_class)
-                .bind(key_lock(key))
-                .execute(&mut *conn)
-                .await?;
-        }
         sqlx::query(self.inner.insert.clone())
             .bind(lane_of(&message))
             .bind(topic)
@@ -209,6 +206,8 @@ impl Outbox {
             .bind(message.key())
             .bind(headers)
             .bind(message.payload().as_ref())
+            .bind(self.inner.key_class)
+            .bind(message.key().map_or(0, key_lock))
             .execute(conn)
             .await?;
         Ok(())
