@@ -187,6 +187,9 @@ _sy_tansu_ready() { # port
 
 _sy_start_kafka() {
     local port="${SWITCHYARD_KAFKA_PORT:-9092}"
+    # SWITCHYARD_TOOLS_DIR (CI: beside its warm target directory) keeps the
+    # tansu binary across fresh machines that share that directory.
+    [ -z "${SWITCHYARD_TOOLS_DIR:-}" ] || export PATH="$SWITCHYARD_TOOLS_DIR/bin:$PATH"
     export SWITCHYARD_KAFKA_URL="${SWITCHYARD_KAFKA_URL:-kafka://127.0.0.1:$port}"
     if _sy_port_open 127.0.0.1 "$port"; then
         _sy_log "kafka: reusing the broker on 127.0.0.1:$port"
@@ -199,9 +202,11 @@ _sy_start_kafka() {
     fi
     # The libsql build is the one with durable storage (see BROKERS.md);
     # its help does not say so, its binary does. Another build is replaced.
+    local root=()
+    [ -z "${SWITCHYARD_TOOLS_DIR:-}" ] || root=(--root "$SWITCHYARD_TOOLS_DIR")
     if ! command -v tansu >/dev/null || ! grep -q libsql "$(command -v tansu)"; then
         _sy_log "kafka: installing tansu 0.6.0 with libsql storage (cargo install, ~9 min once)"
-        cargo install -q tansu@0.6.0 --locked --features libsql || return 1
+        cargo install -q tansu@0.6.0 --locked --features libsql "${root[@]}" || return 1
     fi
     local dir="$SY_BROKER_DIR/kafka-$port"
     mkdir -p "$dir"

@@ -1,23 +1,82 @@
 #!/usr/bin/env bash
 # The README's test command: starts the local brokers and databases the
-# suites need (scripts/brokers.sh; reuses any already running), then runs every test of
-# the workspace with all features, real brokers included.
+# suites need (scripts/brokers.sh; reuses any already running) and a
+# container engine with broker images (scripts/containers.sh), then runs
+# every test of the workspace with all features, real brokers included, and
+# the brokers' conformance suites a second time against containers.
 #
 # Broker suites read SWITCHYARD_*_URL; with SWITCHYARD_REQUIRE_BROKERS=1 (CI)
-# a missing broker fails the run instead of skipping.
+# a missing broker fails the run instead of skipping. SWITCHYARD_CONTAINERS=0
+# leaves the container runs out (they are on by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # shellcheck source=scripts/brokers.sh
 source scripts/brokers.sh
 brokers_start
-# Stop, on exit, only the brokers this run started (by PID).
-if [ -n "${SY_STARTED_BROKERS:-}" ]; then
-    # shellcheck disable=SC2064 # the list is fixed now, on purpose
-    trap "brokers_stop $SY_STARTED_BROKERS" EXIT
+containers="${SWITCHYARD_CONTAINERS:-1}"
+if [ "$containers" = 1 ]; then
+    # shellcheck source=scripts/containers.sh
+    source scripts/containers.sh
+    containers_start
+fi
+cleanup() {
+    # Stop only what this run started (by PID), and its containers.
+    if [ "$containers" = 1 ]; then
+        containers_remove_all || true
+        [ -z "${SY_STARTED_CONTAINER_SERVICE:-}" ] || containers_stop
+    fi
+    [ -z "${SY_STARTED_BROKERS:-}" ] || brokers_stop $SY_STARTED_BROKERS
+}
+trap cleanup EXIT
+
+# The conformance suites against containers run beside the main run: both
+# mostly wait on brokers. They run the test binaries cargo built (a second
+# cargo would wait for the first's lock), without the brokers' URLs.
+container_log="$(mktemp -t switchyard-containers.XXXXXX)"
+container_pid=""
+if [ "$containers" = 1 ]; then
+    # The same build as the main run's (same features), listed as JSON:
+    # package directory and test binary of each suite to run here.
+    bins="$(cargo test --workspace --all-features --no-run --message-format=json-render-diagnostics "$@" |
+        python3 -c 'import json, os, sys
+wanted = {"switchyard-testing", "switchyard-nats", "switchyard-rabbitmq", "switchyard-kafka", "switchyard-sqs"}
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") != "compiler-artifact" or not m.get("executable") or m["target"]["kind"] != ["test"]:
+        continue
+    name = m["package_id"].split("#")[-1].split("@")[0].split("/")[-1]
+    if name in wanted:
+        print(os.path.dirname(m["manifest_path"]), m["executable"])')"
+    (
+        set +e
+        status=0
+        while read -r dir bin; do
+            echo "==> containers: $dir ($(basename "$bin"))"
+            (cd "$dir" && env -u SWITCHYARD_NATS_URL -u SWITCHYARD_RABBITMQ_URL -u SWITCHYARD_KAFKA_URL \
+                -u SWITCHYARD_SQS_URL SWITCHYARD_CONTAINERS=1 SWITCHYARD_REQUIRE_CONTAINERS=1 \
+                "$bin" --test-threads=2) || status=1
+        done <<<"$bins"
+        exit $status
+    ) >"$container_log" 2>&1 &
+    container_pid=$!
 fi
 
-cargo test --workspace --all-features "$@"
+main_status=0
+cargo test --workspace --all-features "$@" || main_status=$?
+
+if [ -n "$container_pid" ]; then
+    container_status=0
+    wait "$container_pid" || container_status=$?
+    echo "==> the conformance suites against containers (log: $container_log)"
+    grep -E '^(==>|test result|failures:|    [a-z_:]+$|---- |thread .* panicked)|FAILED|SKIPPED|suite: a container' "$container_log" || true
+    if [ "$container_status" != 0 ]; then
+        echo "==> container suites FAILED; the end of their log:"
+        tail -n 200 "$container_log"
+        exit 1
+    fi
+fi
+[ "$main_status" = 0 ] || exit "$main_status"
 
 # The examples must keep running: on the memory broker, NATS, RabbitMQ, SQS and Kafka.
 echo "==> examples"

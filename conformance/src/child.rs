@@ -58,9 +58,14 @@ impl Child {
     pub(crate) fn spawn(args: &[&str]) -> Option<Self> {
         let name = test_name()?;
         let exe = std::env::current_exe().ok()?;
-        let process = Command::new(exe)
+        let mut command = Command::new(exe);
+        command
             .args([name.as_str(), "--exact", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, args.join("\t"))
+            .env(CHILD_ENV, args.join("\t"));
+        // The child reaches this process's broker containers, not new ones.
+        #[cfg(feature = "containers")]
+        command.envs(crate::containers::child_env());
+        let process = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -51,6 +51,8 @@ use switchyard_core::{Client, Result};
 pub mod bench;
 pub mod cases;
 mod child;
+#[cfg(feature = "containers")]
+pub mod containers;
 pub mod fault;
 pub mod runtime;
 mod util;

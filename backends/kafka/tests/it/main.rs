@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use switchyard_conformance::{
+    containers::{Connect, Contained, Kind},
     Harness,
     fault::{BrokerProcess, Link, Linked, PrivateBroker, Via, free_port},
 };
@@ -68,7 +69,20 @@ impl Harness for KafkaHarness {
         Ok(())
     }
 
+    /// A container of its own with `SWITCHYARD_CONTAINERS=1`, else a
+    /// tansu process.
     async fn private_broker(&self) -> Option<Box<dyn PrivateBroker>> {
+        let connect: Connect = Box::new(|url| {
+            Box::pin(async move {
+                switchyard_kafka::connect(&format!(
+                    "{url}?session.timeout.ms=6000&heartbeat.interval.ms=1000"
+                ))
+                .await
+            })
+        });
+        if let Some(contained) = Contained::start_if_enabled(Kind::Kafka, connect).await {
+            return Some(Box::new(contained));
+        }
         Some(Box::new(OwnTansu::start().await))
     }
 
@@ -178,7 +192,7 @@ impl Drop for OwnTansu {
 }
 
 async fn harness() -> Option<KafkaHarness> {
-    switchyard_conformance::broker_url("SWITCHYARD_KAFKA_URL").map(|url| KafkaHarness { url })
+    switchyard_conformance::containers::suite_url("SWITCHYARD_KAFKA_URL", Kind::Kafka).map(|url| KafkaHarness { url })
 }
 
 switchyard_conformance::conformance_tests!(harness);

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use switchyard_conformance::{
     Harness,
+    containers::{Connect, Contained, Kind},
     fault::{BrokerProcess, Linked, PrivateBroker, Revocable, Via, free_port},
 };
 use switchyard_core::{Client, Result};
@@ -34,7 +35,13 @@ impl Harness for NatsHarness {
         Duration::from_millis(1500)
     }
 
+    /// A container of its own with `SWITCHYARD_CONTAINERS=1`, else a
+    /// process.
     async fn private_broker(&self) -> Option<Box<dyn PrivateBroker>> {
+        let connect: Connect = Box::new(|url| Box::pin(async move { switchyard_nats::connect(&url).await }));
+        if let Some(contained) = Contained::start_if_enabled(Kind::Nats, connect).await {
+            return Some(Box::new(contained));
+        }
         Some(Box::new(OwnNats::start().await))
     }
 
@@ -184,7 +191,7 @@ impl Drop for OwnNats {
 }
 
 async fn harness() -> Option<NatsHarness> {
-    switchyard_conformance::broker_url("SWITCHYARD_NATS_URL").map(|url| NatsHarness { url })
+    switchyard_conformance::containers::suite_url("SWITCHYARD_NATS_URL", Kind::Nats).map(|url| NatsHarness { url })
 }
 
 switchyard_conformance::conformance_tests!(harness);

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use switchyard_conformance::{
+    containers::{Connect, Contained, Kind},
     Harness,
     fault::{Linked, PrivateBroker, Revocable, Via},
 };
@@ -64,7 +65,18 @@ impl Harness for RabbitHarness {
         Ok(())
     }
 
+    /// A container of its own with `SWITCHYARD_CONTAINERS=1`, else a node
+    /// process.
     async fn private_broker(&self) -> Option<Box<dyn PrivateBroker>> {
+        let connect: Connect = Box::new(|url| {
+            Box::pin(async move {
+                switchyard_rabbitmq::connect(&with_expiry(&format!("{url}?connect_timeout=5s")))
+                    .await
+            })
+        });
+        if let Some(contained) = Contained::start_if_enabled(Kind::RabbitMq, connect).await {
+            return Some(Box::new(contained));
+        }
         Some(Box::new(node::Node::start().await?))
     }
 
@@ -110,7 +122,7 @@ fn with_expiry(url: &str) -> String {
 }
 
 async fn harness() -> Option<RabbitHarness> {
-    switchyard_conformance::broker_url("SWITCHYARD_RABBITMQ_URL").map(|url| RabbitHarness {
+    switchyard_conformance::containers::suite_url("SWITCHYARD_RABBITMQ_URL", Kind::RabbitMq).map(|url| RabbitHarness {
         url: with_expiry(&url),
     })
 }

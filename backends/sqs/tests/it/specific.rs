@@ -9,7 +9,7 @@ use switchyard_core::{Error, Message, SubscribeOptions};
 use switchyard_sqs::{SqsBroker, SqsConfig};
 
 fn url() -> Option<String> {
-    switchyard_conformance::broker_url("SWITCHYARD_SQS_URL")
+    switchyard_conformance::containers::suite_url("SWITCHYARD_SQS_URL", switchyard_conformance::containers::Kind::Sqs)
 }
 
 #[tokio::test]
