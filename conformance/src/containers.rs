@@ -69,9 +69,9 @@ pub fn suite_url(var: &'static str, kind: Kind) -> Option<String> {
                     .block_on(Broker::start(kind))
                     .map_err(|e| e.to_string())?;
                 let _ = writeln_stderr(&format!(
-                    "{kind} suite: a container of {} at {}",
+                    "{kind} suite: a container of {} on 127.0.0.1:{}",
                     broker.image(),
-                    broker.url()
+                    broker.port()
                 ));
                 Ok(broker.keep_until_exit().url().to_owned())
             })

@@ -65,7 +65,12 @@ async fn lifecycle(kind: Kind) {
     let broker = Broker::start(kind)
         .await
         .unwrap_or_else(|e| panic!("{kind}: {e}"));
-    println!("{kind}: {} ready at {} after {:?}", broker.image(), broker.url(), started.elapsed());
+    println!(
+        "{kind}: {} ready on 127.0.0.1:{} after {:?}",
+        broker.image(),
+        broker.port(),
+        started.elapsed()
+    );
     assert!(broker.url().contains(&format!("127.0.0.1:{}", broker.port())));
 
     round_trip(&broker, "first").await;
@@ -112,7 +117,7 @@ async fn round_trip(broker: &Broker, round: &str) {
         .await
         .unwrap_or_else(|_| panic!("{}: no delivery within 30s ({round})", broker.kind()))
         .unwrap();
-    assert_eq!(delivery.payload().as_ref(), round.as_bytes());
+    assert_eq!(delivery.message().payload().as_ref(), round.as_bytes());
     delivery.ack().await.unwrap();
     sub.close().await.ok();
     client.close().await.ok();
