@@ -25,15 +25,16 @@ pub fn enabled() -> bool {
 /// Container URLs by the variable they stand in for, for the crash cases'
 /// child processes (which must reach the same broker, not start another).
 fn shared() -> &'static Mutex<HashMap<&'static str, Result<String, String>>> {
-    static SHARED: OnceLock<Mutex<HashMap<&'static str, Result<String, String>>>> =
-        OnceLock::new();
+    static SHARED: OnceLock<Mutex<HashMap<&'static str, Result<String, String>>>> = OnceLock::new();
     SHARED.get_or_init(Mutex::default)
 }
 
 /// The environment a child process needs to reach this process's
 /// containers.
 pub(crate) fn child_env() -> Vec<(&'static str, String)> {
-    let shared = shared().lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let shared = shared()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     shared
         .iter()
         .filter_map(|(var, url)| Some((*var, url.as_ref().ok()?.clone())))
@@ -55,7 +56,9 @@ pub fn suite_url(var: &'static str, kind: Kind) -> Option<String> {
     if std::env::var(var).is_ok_and(|v| !v.is_empty()) || !enabled() {
         return crate::broker_url(var);
     }
-    let mut shared = shared().lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut shared = shared()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let url = shared.entry(var).or_insert_with(|| {
         // Started on a thread and runtime of its own: the cases each run
         // on a runtime of theirs, and this one may be current-thread.

@@ -170,7 +170,11 @@ impl Kind {
 
     /// The container request: image, command, environment, the port
     /// published on `127.0.0.1:host_port`, the owner label.
-    fn request(self, image: &str, host_port: u16) -> testcontainers::ContainerRequest<GenericImage> {
+    fn request(
+        self,
+        image: &str,
+        host_port: u16,
+    ) -> testcontainers::ContainerRequest<GenericImage> {
         let (name, tag) = split_image(image);
         let port = self.container_port();
         let mut request = GenericImage::new(name, tag)
@@ -201,15 +205,24 @@ impl Kind {
                         "KAFKA_LISTENERS",
                         "PLAINTEXT://0.0.0.0:9092,CONTROLLER://localhost:9093".to_owned(),
                     ),
-                    ("KAFKA_ADVERTISED_LISTENERS", format!("PLAINTEXT://{advertised}")),
+                    (
+                        "KAFKA_ADVERTISED_LISTENERS",
+                        format!("PLAINTEXT://{advertised}"),
+                    ),
                     ("KAFKA_CONTROLLER_LISTENER_NAMES", "CONTROLLER".to_owned()),
                     (
                         "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP",
                         "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT".to_owned(),
                     ),
-                    ("KAFKA_CONTROLLER_QUORUM_VOTERS", "1@localhost:9093".to_owned()),
+                    (
+                        "KAFKA_CONTROLLER_QUORUM_VOTERS",
+                        "1@localhost:9093".to_owned(),
+                    ),
                     ("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "1".to_owned()),
-                    ("KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR", "1".to_owned()),
+                    (
+                        "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
+                        "1".to_owned(),
+                    ),
                     ("KAFKA_TRANSACTION_STATE_LOG_MIN_ISR", "1".to_owned()),
                     ("KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS", "0".to_owned()),
                     // tansu (a Kafka-compatible broker) reads this one.
@@ -305,7 +318,10 @@ impl fmt::Debug for Broker {
             .field("kind", &self.kind)
             .field("image", &self.image)
             .field("port", &self.port)
-            .field("container", &self.container.as_ref().map(|c| c.id().to_owned()))
+            .field(
+                "container",
+                &self.container.as_ref().map(|c| c.id().to_owned()),
+            )
             .finish()
     }
 }
@@ -432,7 +448,12 @@ impl Broker {
         self.engine_call("kill the container", async move {
             let docker = testcontainers::core::client::docker_client_instance().await?;
             docker
-                .kill_container(&id, Some(KillContainerOptions { signal: "SIGKILL".into() }))
+                .kill_container(
+                    &id,
+                    Some(KillContainerOptions {
+                        signal: "SIGKILL".into(),
+                    }),
+                )
                 .await?;
             Ok(())
         })
@@ -453,7 +474,12 @@ impl Broker {
             let killed = async {
                 let docker = testcontainers::core::client::docker_client_instance().await?;
                 docker
-                    .kill_container(&id, Some(KillContainerOptions { signal: "SIGKILL".into() }))
+                    .kill_container(
+                        &id,
+                        Some(KillContainerOptions {
+                            signal: "SIGKILL".into(),
+                        }),
+                    )
                     .await?;
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
             };
@@ -576,7 +602,8 @@ impl Broker {
     /// (see the [crate docs](crate#readiness)), bounded by 2 s.
     pub async fn answers(&self) -> bool {
         matches!(
-            tokio::time::timeout(Duration::from_secs(2), probe::answers(self.kind, self.port)).await,
+            tokio::time::timeout(Duration::from_secs(2), probe::answers(self.kind, self.port))
+                .await,
             Ok(Ok(()))
         )
     }
@@ -611,7 +638,9 @@ impl Broker {
     async fn engine_call(
         &self,
         action: &'static str,
-        call: impl Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + Send + 'static,
+        call: impl Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>
+        + Send
+        + 'static,
     ) -> Result<()> {
         on_engine(call).await.map_err(|source| Error::Engine {
             action,
@@ -641,7 +670,9 @@ impl Drop for Broker {
 
 /// A free port on 127.0.0.1 (bound, then released for the container).
 fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Fails with [`Error::NoEngine`] when no engine answers where
@@ -659,8 +690,10 @@ async fn engine_answers() -> Result<()> {
     })
     .await;
     pinged.map_err(|e| {
-        let host = std::env::var("DOCKER_HOST")
-            .map_or_else(|_| "DOCKER_HOST is unset".to_owned(), |h| format!("DOCKER_HOST={h}"));
+        let host = std::env::var("DOCKER_HOST").map_or_else(
+            |_| "DOCKER_HOST is unset".to_owned(),
+            |h| format!("DOCKER_HOST={h}"),
+        );
         Error::NoEngine {
             detail: format!("{host}: {e}"),
         }
@@ -746,7 +779,8 @@ async fn on_engine<T: Send + 'static>(call: impl Future<Output = T> + Send + 'st
     spawn_on_engine(async move {
         let _ = tx.send(call.await);
     });
-    rx.await.expect("the container engine thread runs for the process")
+    rx.await
+        .expect("the container engine thread runs for the process")
 }
 
 #[cfg(test)]

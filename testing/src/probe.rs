@@ -111,8 +111,10 @@ async fn kafka(mut stream: TcpStream) -> Probe {
 async fn http(mut stream: TcpStream, port: u16) -> Probe {
     stream
         .write_all(
-            format!("GET /moto-api/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
+            format!(
+                "GET /moto-api/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
         )
         .await?;
     let mut head = [0u8; 12];

@@ -14,7 +14,12 @@ const CHILD: &str = "SWITCHYARD_TESTING_CHILD";
 #[test]
 fn no_engine_is_a_clear_error() {
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["child_without_an_engine", "--exact", "--ignored", "--nocapture"])
+        .args([
+            "child_without_an_engine",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
         .env(CHILD, "1")
         .env("DOCKER_HOST", "unix:///nonexistent/switchyard/docker.sock")
         .output()
@@ -31,15 +36,26 @@ fn no_engine_is_a_clear_error() {
 #[tokio::test]
 #[ignore = "run by no_engine_is_a_clear_error, in a child process without an engine"]
 async fn child_without_an_engine() {
-    assert_eq!(std::env::var(CHILD).as_deref(), Ok("1"), "run as a child only");
+    assert_eq!(
+        std::env::var(CHILD).as_deref(),
+        Ok("1"),
+        "run as a child only"
+    );
     let started = std::time::Instant::now();
     let err = Broker::start(Kind::Nats).await.expect_err("no engine");
     let text = err.to_string();
     println!("{text}");
     assert!(matches!(err, Error::NoEngine { .. }), "{err:?}");
-    assert!(text.contains("DOCKER_HOST=unix:///nonexistent/switchyard/docker.sock"), "{text}");
+    assert!(
+        text.contains("DOCKER_HOST=unix:///nonexistent/switchyard/docker.sock"),
+        "{text}"
+    );
     assert!(text.contains("no container engine"), "{text}");
-    assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 fn containers() -> bool {
@@ -71,7 +87,11 @@ async fn lifecycle(kind: Kind) {
         broker.port(),
         started.elapsed()
     );
-    assert!(broker.url().contains(&format!("127.0.0.1:{}", broker.port())));
+    assert!(
+        broker
+            .url()
+            .contains(&format!("127.0.0.1:{}", broker.port()))
+    );
 
     round_trip(&broker, "first").await;
 
@@ -91,10 +111,16 @@ async fn lifecycle(kind: Kind) {
     drop(broker);
     let gone = Command::new("podman")
         .args(["container", "exists", &id])
-        .env("CONTAINERS_CONF", std::env::var("CONTAINERS_CONF").unwrap_or_default())
+        .env(
+            "CONTAINERS_CONF",
+            std::env::var("CONTAINERS_CONF").unwrap_or_default(),
+        )
         .status();
     if let Ok(status) = gone {
-        assert!(!status.success(), "{kind}: container {id} still exists after drop");
+        assert!(
+            !status.success(),
+            "{kind}: container {id} still exists after drop"
+        );
     }
 }
 

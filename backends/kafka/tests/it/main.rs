@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use switchyard_conformance::{
-    containers::{Connect, Contained, Kind},
     Harness,
+    containers::{Connect, Contained, Kind},
     fault::{BrokerProcess, Link, Linked, PrivateBroker, Via, free_port},
 };
 use switchyard_core::{Client, Result};
@@ -192,7 +192,8 @@ impl Drop for OwnTansu {
 }
 
 async fn harness() -> Option<KafkaHarness> {
-    switchyard_conformance::containers::suite_url("SWITCHYARD_KAFKA_URL", Kind::Kafka).map(|url| KafkaHarness { url })
+    switchyard_conformance::containers::suite_url("SWITCHYARD_KAFKA_URL", Kind::Kafka)
+        .map(|url| KafkaHarness { url })
 }
 
 switchyard_conformance::conformance_tests!(harness);

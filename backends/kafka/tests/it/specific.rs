@@ -16,7 +16,10 @@ use switchyard_kafka::{
 };
 
 fn url() -> Option<String> {
-    switchyard_conformance::containers::suite_url("SWITCHYARD_KAFKA_URL", switchyard_conformance::containers::Kind::Kafka)
+    switchyard_conformance::containers::suite_url(
+        "SWITCHYARD_KAFKA_URL",
+        switchyard_conformance::containers::Kind::Kafka,
+    )
 }
 
 /// A client and a topic of its own (`sy-k.<name>.<pid>`), created.

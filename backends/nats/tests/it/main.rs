@@ -38,7 +38,8 @@ impl Harness for NatsHarness {
     /// A container of its own with `SWITCHYARD_CONTAINERS=1`, else a
     /// process.
     async fn private_broker(&self) -> Option<Box<dyn PrivateBroker>> {
-        let connect: Connect = Box::new(|url| Box::pin(async move { switchyard_nats::connect(&url).await }));
+        let connect: Connect =
+            Box::new(|url| Box::pin(async move { switchyard_nats::connect(&url).await }));
         if let Some(contained) = Contained::start_if_enabled(Kind::Nats, connect).await {
             return Some(Box::new(contained));
         }
@@ -191,7 +192,8 @@ impl Drop for OwnNats {
 }
 
 async fn harness() -> Option<NatsHarness> {
-    switchyard_conformance::containers::suite_url("SWITCHYARD_NATS_URL", Kind::Nats).map(|url| NatsHarness { url })
+    switchyard_conformance::containers::suite_url("SWITCHYARD_NATS_URL", Kind::Nats)
+        .map(|url| NatsHarness { url })
 }
 
 switchyard_conformance::conformance_tests!(harness);

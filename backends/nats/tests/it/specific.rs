@@ -6,7 +6,10 @@ use switchyard_core::{Error, Message, SubscribeOptions};
 use switchyard_nats::{NatsBroker, NatsConfig};
 
 fn url() -> Option<String> {
-    switchyard_conformance::containers::suite_url("SWITCHYARD_NATS_URL", switchyard_conformance::containers::Kind::Nats)
+    switchyard_conformance::containers::suite_url(
+        "SWITCHYARD_NATS_URL",
+        switchyard_conformance::containers::Kind::Nats,
+    )
 }
 
 #[tokio::test]

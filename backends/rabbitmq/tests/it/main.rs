@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use switchyard_conformance::{
-    containers::{Connect, Contained, Kind},
     Harness,
+    containers::{Connect, Contained, Kind},
     fault::{Linked, PrivateBroker, Revocable, Via},
 };
 use switchyard_core::{Client, Result};
@@ -122,9 +122,11 @@ fn with_expiry(url: &str) -> String {
 }
 
 async fn harness() -> Option<RabbitHarness> {
-    switchyard_conformance::containers::suite_url("SWITCHYARD_RABBITMQ_URL", Kind::RabbitMq).map(|url| RabbitHarness {
-        url: with_expiry(&url),
-    })
+    switchyard_conformance::containers::suite_url("SWITCHYARD_RABBITMQ_URL", Kind::RabbitMq).map(
+        |url| RabbitHarness {
+            url: with_expiry(&url),
+        },
+    )
 }
 
 switchyard_conformance::conformance_tests!(harness);

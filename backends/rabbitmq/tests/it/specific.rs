@@ -11,7 +11,11 @@ use switchyard_rabbitmq::{RabbitBroker, RabbitConfig};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 fn url() -> Option<String> {
-    switchyard_conformance::containers::suite_url("SWITCHYARD_RABBITMQ_URL", switchyard_conformance::containers::Kind::RabbitMq).map(|u| super::with_expiry(&u))
+    switchyard_conformance::containers::suite_url(
+        "SWITCHYARD_RABBITMQ_URL",
+        switchyard_conformance::containers::Kind::RabbitMq,
+    )
+    .map(|u| super::with_expiry(&u))
 }
 
 fn unique(prefix: &str) -> String {
@@ -504,7 +508,10 @@ async fn delayed_nacks_survive_a_broker_kill() {
 /// redeclaration do not renew it), taking the waiting copy with it.
 #[tokio::test]
 async fn delayed_nacks_keep_coming_back_past_a_wait_queue_lease() {
-    let Some(url) = switchyard_conformance::containers::suite_url("SWITCHYARD_RABBITMQ_URL", switchyard_conformance::containers::Kind::RabbitMq) else {
+    let Some(url) = switchyard_conformance::containers::suite_url(
+        "SWITCHYARD_RABBITMQ_URL",
+        switchyard_conformance::containers::Kind::RabbitMq,
+    ) else {
         return;
     };
     // Leases of 3 s: a wait queue expires 3 × 2 + 1 s after its

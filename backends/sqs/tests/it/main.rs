@@ -121,7 +121,10 @@ fn with_mode(url: &str, mode: &str) -> String {
 }
 
 async fn harness(mode: &str) -> Option<SqsHarness> {
-    let url = switchyard_conformance::containers::suite_url("SWITCHYARD_SQS_URL", Kind::Sqs)?;
+    let url = switchyard_conformance::containers::suite_url(
+        "SWITCHYARD_SQS_URL",
+        switchyard_conformance::containers::Kind::Sqs,
+    )?;
     Some(SqsHarness {
         url: with_mode(&url, mode),
         _turn: TURN.lock().await,

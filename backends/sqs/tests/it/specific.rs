@@ -9,7 +9,10 @@ use switchyard_core::{Error, Message, SubscribeOptions};
 use switchyard_sqs::{SqsBroker, SqsConfig};
 
 fn url() -> Option<String> {
-    switchyard_conformance::containers::suite_url("SWITCHYARD_SQS_URL", switchyard_conformance::containers::Kind::Sqs)
+    switchyard_conformance::containers::suite_url(
+        "SWITCHYARD_SQS_URL",
+        switchyard_conformance::containers::Kind::Sqs,
+    )
 }
 
 #[tokio::test]
