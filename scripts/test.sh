@@ -40,14 +40,19 @@ if [ "$containers" = 1 ]; then
     # package directory and test binary of each suite to run here.
     bins="$(cargo test --workspace --all-features --no-run --message-format=json-render-diagnostics "$@" |
         python3 -c 'import json, os, sys
-wanted = {"switchyard-testing", "switchyard-nats", "switchyard-rabbitmq", "switchyard-kafka", "switchyard-sqs"}
+# SQS first: it is the longest, and done before the main run reaches its
+# own SQS suite (two moto servers at once on 2 cores slow both).
+order = ["switchyard-sqs", "switchyard-nats", "switchyard-rabbitmq", "switchyard-kafka", "switchyard-testing"]
+found = []
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") != "compiler-artifact" or not m.get("executable") or m["target"]["kind"] != ["test"]:
         continue
     name = m["package_id"].split("#")[-1].split("@")[0].split("/")[-1]
-    if name in wanted:
-        print(os.path.dirname(m["manifest_path"]), m["executable"])')"
+    if name in order:
+        found.append((order.index(name), os.path.dirname(m["manifest_path"]), m["executable"]))
+for _, where, exe in sorted(found):
+    print(where, exe)')"
     (
         set +e
         status=0

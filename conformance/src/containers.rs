@@ -149,6 +149,21 @@ impl PrivateBroker for Contained {
             .unwrap_or_else(|e| panic!("killing the container: {e}"));
     }
 
+    async fn freeze(&mut self) -> bool {
+        self.broker
+            .pause()
+            .await
+            .unwrap_or_else(|e| panic!("pausing the container: {e}"));
+        true
+    }
+
+    async fn thaw(&mut self) {
+        self.broker
+            .unpause()
+            .await
+            .unwrap_or_else(|e| panic!("unpausing the container: {e}"));
+    }
+
     async fn restart(&mut self) {
         if let Err(e) = self.broker.restart().await {
             panic!(

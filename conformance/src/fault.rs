@@ -177,6 +177,21 @@ impl BrokerProcess {
         }
     }
 
+    /// Sends `SIGSTOP` (`stop == true`) or `SIGCONT` to the broker: frozen,
+    /// it keeps its connections and answers nothing.
+    ///
+    /// # Panics
+    ///
+    /// When it is not running or `kill` fails.
+    pub fn signal_stop(&mut self, stop: bool) {
+        let pid = self.child.as_ref().expect("a running broker").id();
+        let status = Command::new("kill")
+            .args([if stop { "-STOP" } else { "-CONT" }, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -STOP/-CONT {pid}: {status}");
+    }
+
     /// Kills the broker (`SIGKILL`: no shutdown, no flush) and reaps it.
     /// Does nothing when it is not running.
     pub fn kill(&mut self) {
@@ -231,6 +246,17 @@ pub trait PrivateBroker: Send + Sync {
     /// Starts it again on the same port and data; returns once it accepts
     /// connections.
     async fn restart(&mut self);
+
+    /// Freezes the broker (`SIGSTOP`, or pausing its container): its
+    /// connections stay open and nothing answers on them. `false` when this
+    /// broker cannot be frozen (the default), which skips the case.
+    async fn freeze(&mut self) -> bool {
+        false
+    }
+
+    /// Thaws a [`freeze`](PrivateBroker::freeze)n broker (`SIGCONT`, or
+    /// unpausing its container).
+    async fn thaw(&mut self) {}
 }
 
 /// The broker under test reached through a [`Link`] of the harness's own,
@@ -407,6 +433,67 @@ pub async fn fault_broker_killed_twice(h: &dyn crate::Harness) -> crate::Outcome
     let end = flow.finish(&restarts).await;
     end.report("fault_broker_killed_twice", "the restarts");
     end.assert_nothing_lost("two broker kills");
+    let _ = client.close().await;
+    crate::Outcome::Passed
+}
+
+/// Fault case: the flow of [`fault_broker_killed_twice`] while the broker
+/// is frozen for 10 s (`SIGSTOP`, or its container paused: every connection
+/// stays open and nothing answers, as a stalled machine or a long pause
+/// looks), then thawed. Nothing is confirmed while it is frozen; once it is
+/// thawed, publishing and both subscriptions resume by themselves and every
+/// confirmed message arrives.
+///
+/// # Panics
+///
+/// When a confirmed message is lost, a publish is confirmed by a frozen
+/// broker, or the flow does not finish within its bound.
+pub async fn fault_broker_frozen(h: &dyn crate::Harness) -> crate::Outcome {
+    const FROZEN: Duration = Duration::from_secs(10);
+
+    let Some(mut broker) = h.private_broker().await else {
+        return crate::Outcome::Skipped("the harness has no private broker".into());
+    };
+    let client = broker
+        .client()
+        .await
+        .expect("connect to the private broker");
+    let topic = h.unique("fault-freeze");
+    let flow = Flow::prepare(&client, &topic).await;
+    let flow = flow
+        .start(&client, &topic, 100_000, Duration::from_millis(5))
+        .await;
+    let started = Instant::now();
+    while flow.confirmed() < 500 {
+        assert!(started.elapsed() < FLOW_BOUND, "publishing never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if !broker.freeze().await {
+        flow.publishing.set();
+        let _ = flow.finish(&[]).await;
+        return crate::Outcome::Skipped("this private broker cannot be frozen".into());
+    }
+    let frozen = Instant::now();
+    tokio::time::sleep(FROZEN).await;
+    broker.thaw().await;
+    let thawed = vec![Instant::now()];
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    flow.publishing.set();
+    let end = flow.finish(&thawed).await;
+    end.report("fault_broker_frozen", "the broker thawed");
+    end.assert_nothing_lost("a frozen broker");
+    // The freeze was real: nothing was confirmed while it lasted (past a
+    // second for answers already on their way).
+    let during = end
+        .published
+        .oks
+        .iter()
+        .filter(|ok| **ok > frozen + Duration::from_secs(1) && **ok < thawed[0])
+        .count();
+    assert_eq!(
+        during, 0,
+        "{during} publishes were confirmed by a frozen broker"
+    );
     let _ = client.close().await;
     crate::Outcome::Passed
 }

@@ -296,6 +296,7 @@ macro_rules! conformance_tests {
     (faults $harness:path) => {
         $crate::conformance_tests!(@cases $harness, fault;
             fault_broker_killed_twice,
+            fault_broker_frozen,
             fault_refused_credentials_surface,
         );
         $crate::conformance_tests!(link_faults $harness);

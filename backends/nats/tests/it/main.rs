@@ -180,6 +180,15 @@ impl PrivateBroker for OwnNats {
     async fn restart(&mut self) {
         self.boot().await;
     }
+
+    async fn freeze(&mut self) -> bool {
+        self.process.signal_stop(true);
+        true
+    }
+
+    async fn thaw(&mut self) {
+        self.process.signal_stop(false);
+    }
 }
 
 impl Drop for OwnNats {

@@ -166,6 +166,15 @@ impl PrivateBroker for Node {
     async fn restart(&mut self) {
         Node::restart(self).await;
     }
+
+    async fn freeze(&mut self) -> bool {
+        self.process.signal_stop(true);
+        true
+    }
+
+    async fn thaw(&mut self) {
+        self.process.signal_stop(false);
+    }
 }
 
 impl Drop for Node {
