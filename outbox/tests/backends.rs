@@ -158,8 +158,11 @@ impl Running {
 }
 
 /// Receives until `want` distinct ids arrived (acking each), then `quiet`
-/// more without a new delivery; every *first* delivery (attempt 1: one per
-/// publish) in arrival order.
+/// more without a new delivery; one delivery per publish, in arrival
+/// order: every attempt-1 delivery (two of them for one id would be two
+/// publishes), and an id's first delivery whatever its attempt (SQS counts
+/// a receive whose answer was lost on the way — a ReceiveMessage timed out
+/// under load — so the first copy the application sees can be attempt 2).
 async fn receive(
     sub: &mut Subscription,
     want: usize,
@@ -177,11 +180,12 @@ async fn receive(
         };
         match tokio::time::timeout(left, sub.recv()).await {
             Ok(Ok(d)) => {
-                ids.insert(d.message().id().to_owned());
-                // A broker's own redelivery (attempt > 1: delivery is
-                // at-least-once, e.g. a lease that lapsed while the copy
-                // waited in the prefetch under load) is not a publish.
-                if d.attempt() == 1 {
+                let first_seen = ids.insert(d.message().id().to_owned());
+                // A broker's own redelivery of a copy already seen
+                // (attempt > 1: delivery is at-least-once, e.g. a lease that
+                // lapsed while the copy waited in the prefetch under load)
+                // is not a publish.
+                if d.attempt() == 1 || first_seen {
                     got.push(d.message().clone());
                 }
                 // An ack that comes too late is answered by that redelivery.
