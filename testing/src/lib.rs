@@ -444,20 +444,8 @@ impl Broker {
     ///
     /// [`Error::Engine`] when the engine refuses.
     pub async fn kill(&self) -> Result<()> {
-        let id = self.id().to_owned();
-        self.engine_call("kill the container", async move {
-            let docker = testcontainers::core::client::docker_client_instance().await?;
-            docker
-                .kill_container(
-                    &id,
-                    Some(KillContainerOptions {
-                        signal: "SIGKILL".into(),
-                    }),
-                )
-                .await?;
-            Ok(())
-        })
-        .await
+        self.engine_call("kill the container", kill_container(self.id().to_owned()))
+            .await
     }
 
     /// [`kill`](Self::kill) for code that cannot wait asynchronously (a
@@ -468,21 +456,9 @@ impl Broker {
     ///
     /// [`Error::Engine`] when the engine refuses or does not answer.
     pub fn kill_blocking(&self) -> Result<()> {
-        let id = self.id().to_owned();
+        let killed = kill_container(self.id().to_owned());
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         spawn_on_engine(async move {
-            let killed = async {
-                let docker = testcontainers::core::client::docker_client_instance().await?;
-                docker
-                    .kill_container(
-                        &id,
-                        Some(KillContainerOptions {
-                            signal: "SIGKILL".into(),
-                        }),
-                    )
-                    .await?;
-                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
-            };
             let _ = tx.send(killed.await);
         });
         let outcome = rx
@@ -666,6 +642,16 @@ impl Drop for Broker {
         });
         let _ = removed.recv_timeout(Duration::from_secs(30));
     }
+}
+
+/// `SIGKILL` to a container, through the engine (run on its thread).
+async fn kill_container(id: String) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let docker = testcontainers::core::client::docker_client_instance().await?;
+    let signal = KillContainerOptions {
+        signal: "SIGKILL".into(),
+    };
+    docker.kill_container(&id, Some(signal)).await?;
+    Ok(())
 }
 
 /// A free port on 127.0.0.1 (bound, then released for the container).
