@@ -360,6 +360,100 @@ pub async fn extend_keeps_the_lease(h: &dyn Harness) -> Outcome {
     Outcome::Passed
 }
 
+/// 8c. What a receiver prefetched and has not handed out yet keeps its
+///     lease (DESIGN §3.14, §3.15): it is not an attempt. Consumer A holds
+///     one delivery (extending it) for three ack timeouts without asking for
+///     more, while consumer B of the same subscription keeps receiving:
+///     every message reaches the application once, at attempt 1, and none
+///     is dead-lettered. (A prefetched copy whose lease lapsed came back to
+///     B as attempt 2 — charged an attempt nobody saw — while A still handed
+///     out its stale copy: a duplicate, and with a lower `max_attempts` a
+///     healthy message in the dead-letter topic.)
+pub async fn prefetched_deliveries_keep_their_lease(h: &dyn Harness) -> Outcome {
+    let s = setup(h, "prefetch-lease", |o| {
+        o.ack_timeout(h.ack_timeout()).prefetch(4).max_attempts(2)
+    })
+    .await;
+    if !s.client.capabilities().competing_consumers {
+        return Outcome::Skipped("backend has no competing consumers".into());
+    }
+    let msgs = numbered(4, "pl");
+    publish_each(&s.client, &s.topic, msgs.clone()).await;
+    let mut a = subscribe(&s.client, &s.topic, &s.opts).await;
+    let held = recv_one(&mut a, h.receive_timeout(), "consumer A").await;
+    // Let A prefetch the rest, where it does.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b_client = client(h).await;
+    let mut b = subscribe(&b_client, &s.topic, &s.opts).await;
+    let mut seen: Vec<(String, u32)> = vec![(held.message().id().to_owned(), held.attempt())];
+    let step = h.ack_timeout() / 3;
+    for _ in 0..9 {
+        held.extend().await.expect("extend");
+        let until = tokio::time::Instant::now() + step;
+        while let Ok(got) = tokio::time::timeout_at(until, b.recv()).await {
+            let d = got.unwrap_or_else(|e| panic!("consumer B: receive failed: {e}"));
+            seen.push((d.message().id().to_owned(), d.attempt()));
+            d.ack().await.expect("ack by B");
+        }
+    }
+    held.ack().await.expect("ack of the held delivery");
+    // A hands out what it prefetched; B takes what A did not.
+    let left: HashSet<String> = ids(&msgs)
+        .into_iter()
+        .filter(|id| !seen.iter().any(|(s, _)| s == id))
+        .collect();
+    let until = tokio::time::Instant::now() + h.receive_timeout();
+    let mut got_left = HashSet::new();
+    while got_left.len() < left.len() {
+        let d = tokio::select! {
+            d = a.recv() => d,
+            d = b.recv() => d,
+            () = tokio::time::sleep_until(until) => panic!(
+                "{} of {} prefetched messages missing: seen {seen:?}",
+                left.len() - got_left.len(),
+                left.len()
+            ),
+        }
+        .unwrap_or_else(|e| panic!("receive failed: {e}"));
+        got_left.insert(d.message().id().to_owned());
+        seen.push((d.message().id().to_owned(), d.attempt()));
+        d.ack().await.expect("ack");
+    }
+    // Anything more (a copy taken back and redelivered) within the slack.
+    let quiet = tokio::time::Instant::now() + h.slack();
+    loop {
+        let d = tokio::select! {
+            d = a.recv() => d,
+            d = b.recv() => d,
+            () = tokio::time::sleep_until(quiet) => break,
+        }
+        .unwrap_or_else(|e| panic!("receive failed: {e}"));
+        seen.push((d.message().id().to_owned(), d.attempt()));
+        d.ack().await.expect("ack");
+    }
+    let charged: Vec<&(String, u32)> = seen.iter().filter(|(_, n)| *n != 1).collect();
+    assert!(
+        charged.is_empty(),
+        "prefetched deliveries lost their lease and came back as redeliveries: {seen:?}"
+    );
+    assert_eq!(
+        seen.len(),
+        msgs.len(),
+        "a message reached the application twice: {seen:?}"
+    );
+    crate::runtime::expect_no_dead_letters(
+        &s.client,
+        &s.topic,
+        &s.opts,
+        h.slack(),
+        "prefetched deliveries",
+    )
+    .await;
+    a.close().await.expect("close A");
+    b.close().await.expect("close B");
+    Outcome::Passed
+}
+
 /// 9. Closing a subscription with unsettled deliveries hands them to
 ///    another consumer.
 pub async fn close_hands_over_unsettled(h: &dyn Harness) -> Outcome {

@@ -241,6 +241,7 @@ macro_rules! conformance_tests {
             attempts_count_each_nack_once,
             unsettled_redelivered_after_ack_timeout,
             extend_keeps_the_lease,
+            prefetched_deliveries_keep_their_lease,
             close_hands_over_unsettled,
             close_returns_held_at_once,
             nack_past_max_attempts_dead_letters,

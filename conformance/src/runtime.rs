@@ -429,7 +429,7 @@ type Run = (String, u32, Option<Instant>);
 
 /// Asserts that the dead-letter topic of `opts` on `topic` receives nothing
 /// within `wait`: no healthy message was dead-lettered.
-async fn expect_no_dead_letters(
+pub(crate) async fn expect_no_dead_letters(
     client: &Client,
     topic: &str,
     opts: &SubscribeOptions,

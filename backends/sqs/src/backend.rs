@@ -46,6 +46,9 @@ const SHORT_POLL_PAUSE: Duration = Duration::from_millis(100);
 /// Longest a poller waits for more free prefetch room before receiving,
 /// while its consumer still has messages to work on.
 const GATHER: Duration = Duration::from_millis(25);
+/// Shortest pause between two rounds of the lease keeper (see
+/// [`keep_leases`]).
+const KEEP_TICK: Duration = Duration::from_millis(250);
 /// `DeleteMessageBatch` calls a receiver keeps in flight; acks that arrive
 /// while they are all out wait and go together in the next batch.
 const DELETE_WINDOW: usize = 4;
@@ -734,12 +737,14 @@ impl Subscriber for SqsBroker {
             receiving: AtomicUsize::new(0),
             receive_started: std::sync::Mutex::new(None),
             outstanding: Outstanding::new(),
+            prefetched: Prefetched::default(),
             slow: SlowStart::new(),
             gone: std::sync::OnceLock::new(),
         });
         for _ in 0..self.inner.config.pollers.max(1) {
             tokio::spawn(poll(Arc::clone(&shared), tx.clone()));
         }
+        tokio::spawn(keep_leases(Arc::clone(&shared)));
         self.inner.receivers.insert(&shared);
         Ok(Box::new(SqsReceiver { shared }))
     }
@@ -774,8 +779,92 @@ impl Broker for SqsBroker {
     }
 }
 
-/// A received message with the prefetch permit it holds.
-type Received = (aws_sdk_sqs::types::Message, OwnedSemaphorePermit);
+/// A received message with the prefetch permit it holds and its ticket in
+/// [`Prefetched`].
+type Received = (aws_sdk_sqs::types::Message, OwnedSemaphorePermit, u64);
+
+/// The messages a receiver took from the queue and has not handed out yet.
+///
+/// Their visibility timeout runs from the receive, but none of them is an
+/// attempt until the application sees it (DESIGN §3.14): [`keep_leases`]
+/// extends those whose lease runs low, so a consumer busy with what it holds
+/// does not let its prefetch fall back to the queue — where another consumer
+/// would take it at a raised receive count while this one still hands out
+/// its stale copy.
+#[derive(Default)]
+struct Prefetched {
+    inner: Mutex<PrefetchedInner>,
+}
+
+#[derive(Default)]
+struct PrefetchedInner {
+    next: u64,
+    held: HashMap<u64, Lease>,
+}
+
+/// The lease on one prefetched copy.
+struct Lease {
+    receipt: String,
+    /// When its visibility timeout ends at the latest.
+    due: tokio::time::Instant,
+    /// Lost: SQS refused to extend it (the copy's visibility lapsed). The
+    /// message is back in the queue, so the copy is dropped rather than
+    /// handed out.
+    lost: bool,
+}
+
+impl Prefetched {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PrefetchedInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a copy received when `due` minus the visibility timeout
+    /// began (the receive call's start: never later than SQS hid it).
+    fn insert(&self, receipt: String, due: tokio::time::Instant) -> u64 {
+        let mut inner = self.lock();
+        let ticket = inner.next;
+        inner.next += 1;
+        inner.held.insert(
+            ticket,
+            Lease {
+                receipt,
+                due,
+                lost: false,
+            },
+        );
+        ticket
+    }
+
+    /// Takes a copy out as it is handed out (or handed back); `false` when
+    /// its lease was lost.
+    fn take(&self, ticket: u64) -> bool {
+        self.lock().held.remove(&ticket).is_some_and(|l| !l.lost)
+    }
+
+    /// The copies whose lease ends before `by`: (ticket, receipt).
+    fn due_before(&self, by: tokio::time::Instant) -> Vec<(u64, String)> {
+        self.lock()
+            .held
+            .iter()
+            .filter(|(_, l)| !l.lost && l.due < by)
+            .map(|(t, l)| (*t, l.receipt.clone()))
+            .collect()
+    }
+
+    /// A copy's lease was extended until `due`.
+    fn extended(&self, ticket: u64, due: tokio::time::Instant) {
+        if let Some(l) = self.lock().held.get_mut(&ticket) {
+            l.due = due;
+        }
+    }
+
+    /// SQS refused to extend a copy's lease.
+    fn lost(&self, ticket: u64) {
+        if let Some(l) = self.lock().held.get_mut(&ticket) {
+            l.lost = true;
+        }
+    }
+}
 
 struct ReceiverShared {
     sqs: aws_sdk_sqs::Client,
@@ -801,6 +890,8 @@ struct ReceiverShared {
     /// makes them visible again at once, rather than after the visibility
     /// timeout.
     outstanding: Outstanding<String>,
+    /// What the pollers received and the receiver has not handed out.
+    prefetched: Prefetched,
     /// One message at a time until a first delivery shows that the head of
     /// the queue is not what crashed the last consumer.
     slow: SlowStart,
@@ -850,14 +941,20 @@ impl ReceiverShared {
         let mut held = self.outstanding.take_all();
         if let Ok(mut rx) = self.rx.try_lock() {
             rx.close();
-            while let Ok((m, _permit)) = rx.try_recv() {
+            while let Ok((m, _permit, ticket)) = rx.try_recv() {
+                self.prefetched.take(ticket);
                 held.extend(m.receipt_handle);
             }
         }
         let _ = tokio::time::timeout_at(until, self.release(held)).await;
     }
 
-    fn deliver(self: &Arc<Self>, (m, permit): Received) -> RawDelivery {
+    /// Hands out a prefetched copy; `None` when its lease was lost (the
+    /// message is back in the queue and comes again by a new receive).
+    fn deliver(self: &Arc<Self>, (m, permit, ticket): Received) -> Option<RawDelivery> {
+        if !self.prefetched.take(ticket) {
+            return None;
+        }
         let system = m.attributes();
         let attempt = system
             .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
@@ -884,7 +981,7 @@ impl ReceiverShared {
         let receipt = m.receipt_handle().unwrap_or_default().to_owned();
         let ticket = self.outstanding.insert(receipt.clone());
         self.slow.handed_out(attempt);
-        RawDelivery {
+        Some(RawDelivery {
             message,
             attempt,
             acker: Box::new(SqsAcker {
@@ -893,7 +990,7 @@ impl ReceiverShared {
                 ticket,
                 _permit: permit,
             }),
-        }
+        })
     }
 }
 
@@ -940,6 +1037,11 @@ impl ReceiverShared {
 }
 
 impl ReceiverShared {
+    /// The visibility timeout (the ack timeout, in whole seconds).
+    fn visibility_duration(&self) -> Duration {
+        Duration::from_secs(u64::try_from(self.visibility).unwrap_or(1))
+    }
+
     /// Whole seconds until every receive this receiver has in flight ended
     /// (0 when none is), with a second's margin for the server's view.
     fn until_polls_end(&self) -> i32 {
@@ -1104,10 +1206,11 @@ async fn poll(shared: Arc<ReceiverShared>, tx: mpsc::Sender<Received>) {
             room.split(1).into_iter().collect()
         };
         shared.receiving.fetch_add(1, Ordering::AcqRel);
+        let started = tokio::time::Instant::now();
         *shared
             .receive_started
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(tokio::time::Instant::now());
+            .unwrap_or_else(|p| p.into_inner()) = Some(started);
         let out = shared
             .sqs
             .receive_message()
@@ -1165,7 +1268,13 @@ async fn poll(shared: Arc<ReceiverShared>, tx: mpsc::Sender<Received>) {
                     .await;
                 break;
             };
-            if let Err(mpsc::error::SendError((m, _))) = tx.send((m, permit)).await {
+            let due = started + shared.visibility_duration();
+            let ticket = shared
+                .prefetched
+                .insert(m.receipt_handle().unwrap_or_default().to_owned(), due);
+            if let Err(mpsc::error::SendError((m, _, ticket))) = tx.send((m, permit, ticket)).await
+            {
+                shared.prefetched.take(ticket);
                 shared
                     .release(receipts(std::iter::once(m).chain(rest)))
                     .await;
@@ -1177,6 +1286,91 @@ async fn poll(shared: Arc<ReceiverShared>, tx: mpsc::Sender<Received>) {
             tokio::select! {
                 () = tokio::time::sleep(SHORT_POLL_PAUSE) => {}
                 () = shared.cancel.cancelled() => return,
+            }
+        }
+    }
+}
+
+/// Keeps the leases of a receiver's prefetched copies (see [`Prefetched`]):
+/// every quarter of the visibility timeout (at least [`KEEP_TICK`]), the
+/// copies with less than half of it left get it again, by
+/// `ChangeMessageVisibilityBatch` — which SQS does not count as a receive.
+/// A copy SQS refuses to extend is marked lost and dropped when its turn
+/// comes. Ends when the receiver closes.
+async fn keep_leases(shared: Arc<ReceiverShared>) {
+    let visibility = shared.visibility_duration();
+    let tick = (visibility / 4).max(KEEP_TICK);
+    let mut failing = FailureStreak::default();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(tick) => {}
+            () = shared.cancel.cancelled() => return,
+        }
+        let due = shared
+            .prefetched
+            .due_before(tokio::time::Instant::now() + visibility / 2);
+        let calls: Vec<_> = due
+            .chunks(BATCH)
+            .map(|chunk| {
+                let entries: Vec<ChangeMessageVisibilityBatchRequestEntry> = chunk
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, (_, receipt))| {
+                        ChangeMessageVisibilityBatchRequestEntry::builder()
+                            .id(i.to_string())
+                            .receipt_handle(receipt)
+                            .visibility_timeout(shared.visibility)
+                            .build()
+                            .ok()
+                    })
+                    .collect();
+                let started = tokio::time::Instant::now();
+                let call = shared
+                    .sqs
+                    .change_message_visibility_batch()
+                    .queue_url(&shared.url)
+                    .set_entries(Some(entries))
+                    .send();
+                async move { (chunk, started, call.await) }
+            })
+            .collect();
+        let mut calls = futures_util::stream::iter(calls).buffer_unordered(DELETE_WINDOW);
+        while let Some((chunk, started, out)) = calls.next().await {
+            let out = match out {
+                Ok(out) => {
+                    failing.recovered();
+                    out
+                }
+                Err(e) => {
+                    // Transient, or the receiver is going: the next round
+                    // tries again while the leases last.
+                    if failing.failed() {
+                        let e = sdk_error("ChangeMessageVisibilityBatch", e);
+                        tracing::warn!(queue = %shared.url, error = %e, "keeping prefetched leases failed");
+                    }
+                    continue;
+                }
+            };
+            let mut refused = vec![false; chunk.len()];
+            for (i, text, retryable) in out
+                .failed()
+                .iter()
+                .filter_map(|f| failure(f.id(), f.code(), f.message(), f.sender_fault()))
+            {
+                if let Some(r) = refused.get_mut(i) {
+                    if retryable {
+                        tracing::debug!(queue = %shared.url, error = %text, "extending a prefetched lease failed");
+                    } else {
+                        *r = true;
+                    }
+                }
+            }
+            for ((ticket, _), refused) in chunk.iter().zip(refused) {
+                if refused {
+                    shared.prefetched.lost(*ticket);
+                } else {
+                    shared.prefetched.extended(*ticket, started + visibility);
+                }
             }
         }
     }
@@ -1220,14 +1414,18 @@ impl Receiver for SqsReceiver {
             rx = s.rx.lock() => rx,
             () = s.cancel.cancelled() => return ended(),
         };
-        let received = tokio::select! {
-            r = rx.recv() => match r {
-                Some(r) => r,
-                None => return ended(),
-            },
-            () = s.cancel.cancelled() => return ended(),
-        };
-        Some(Ok(s.deliver(received)))
+        loop {
+            let received = tokio::select! {
+                r = rx.recv() => match r {
+                    Some(r) => r,
+                    None => return ended(),
+                },
+                () = s.cancel.cancelled() => return ended(),
+            };
+            if let Some(d) = s.deliver(received) {
+                return Some(Ok(d));
+            }
+        }
     }
 
     fn try_recv(&self) -> Option<Result<RawDelivery>> {
@@ -1235,8 +1433,12 @@ impl Receiver for SqsReceiver {
         if s.cancel.is_cancelled() {
             return None;
         }
-        let received = s.rx.try_lock().ok()?.try_recv().ok()?;
-        Some(Ok(s.deliver(received)))
+        let mut rx = s.rx.try_lock().ok()?;
+        loop {
+            if let Some(d) = s.deliver(rx.try_recv().ok()?) {
+                return Some(Ok(d));
+            }
+        }
     }
 
     async fn close(&self) -> Result<()> {
