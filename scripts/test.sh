@@ -3,7 +3,7 @@
 # suites need (scripts/brokers.sh; reuses any already running) and a
 # container engine with broker images (scripts/containers.sh), then runs
 # every test of the workspace with all features, real brokers included, and
-# then the brokers' suites a second time against containers.
+# beside it the brokers' suites a second time against containers.
 #
 # Broker suites read SWITCHYARD_*_URL; with SWITCHYARD_REQUIRE_BROKERS=1 (CI)
 # a missing broker fails the run instead of skipping. SWITCHYARD_CONTAINERS=0
@@ -20,8 +20,13 @@ if [ "$containers" = 1 ]; then
     source scripts/containers.sh
     containers_start
 fi
+lane_pid=""
 cleanup() {
     # Stop only what this run started (by PID), and its containers.
+    if [ -n "$lane_pid" ] && kill -0 "$lane_pid" 2>/dev/null; then
+        pkill -P "$lane_pid" 2>/dev/null || true
+        kill "$lane_pid" 2>/dev/null || true
+    fi
     if [ "$containers" = 1 ]; then
         containers_remove_all || true
         [ -z "${SY_STARTED_CONTAINER_SERVICE:-}" ] || containers_stop
@@ -30,17 +35,19 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo test --workspace --all-features "$@"
-
-# The broker suites again, against containers: after the main run, not
-# beside it (on 2 cores, both at once slowed moto until the outbox's SQS case
-# saw an event's first copy at attempt 2 in one CI run and an event twice in
-# the next). They run the test binaries cargo built above, without the
-# brokers' URLs.
+# Build every test binary first, then run two lanes at once (the suites
+# mostly wait on their brokers): the workspace's tests against the local
+# brokers, and — from the same binaries, without the brokers' URLs — the
+# broker suites again against containers. The container suites used to run
+# after the main run (~22 min more); beside it they share the machine with
+# it, which is what a consumer busy past its ack timeout looks like: the
+# cases for exactly that (prefetched_deliveries_keep_their_lease) pass.
+cargo test --workspace --all-features --no-run "$@"
+lane_log=""
 if [ "$containers" = 1 ]; then
     bins="$(cargo test --workspace --all-features --no-run --message-format=json-render-diagnostics "$@" |
         python3 -c 'import json, os, sys
-order = ["switchyard-testing", "switchyard-nats", "switchyard-rabbitmq", "switchyard-kafka", "switchyard-sqs"]
+order = ["switchyard-sqs", "switchyard-testing", "switchyard-nats", "switchyard-rabbitmq", "switchyard-kafka"]
 found = []
 for line in sys.stdin:
     m = json.loads(line)
@@ -51,12 +58,38 @@ for line in sys.stdin:
         found.append((order.index(name), os.path.dirname(m["manifest_path"]), m["executable"]))
 for _, where, exe in sorted(found):
     print(where, exe)')"
-    while read -r dir bin; do
-        echo "==> against containers: $dir ($(basename "$bin"))"
-        (cd "$dir" && env -u SWITCHYARD_NATS_URL -u SWITCHYARD_RABBITMQ_URL -u SWITCHYARD_KAFKA_URL \
-            -u SWITCHYARD_SQS_URL SWITCHYARD_CONTAINERS=1 SWITCHYARD_REQUIRE_CONTAINERS=1 \
-            "$bin" --test-threads=2)
-    done <<<"$bins"
+    lane_log="$(mktemp -t switchyard-containers.XXXXXX)"
+    (
+        set -e
+        while read -r dir bin; do
+            echo "==> against containers: $dir ($(basename "$bin"))"
+            (cd "$dir" && env -u SWITCHYARD_NATS_URL -u SWITCHYARD_RABBITMQ_URL -u SWITCHYARD_KAFKA_URL \
+                -u SWITCHYARD_SQS_URL SWITCHYARD_CONTAINERS=1 SWITCHYARD_REQUIRE_CONTAINERS=1 \
+                "$bin" --test-threads=2)
+        done <<<"$bins"
+    ) >"$lane_log" 2>&1 &
+    lane_pid=$!
+    echo "==> the container suites run beside the main run (pid $lane_pid, output after it)"
+fi
+
+main_status=0
+cargo test --workspace --all-features "$@" || main_status=$?
+
+if [ -n "$lane_pid" ]; then
+    lane_status=0
+    wait "$lane_pid" || lane_status=$?
+    echo
+    echo "==> the container suites (exit $lane_status):"
+    cat "$lane_log"
+    rm -f "$lane_log"
+    if [ "$lane_status" != 0 ]; then
+        echo "the container suites failed" >&2
+        exit "$lane_status"
+    fi
+fi
+if [ "$main_status" != 0 ]; then
+    echo "the main run failed" >&2
+    exit "$main_status"
 fi
 
 # The examples must keep running: on the memory broker, NATS, RabbitMQ, SQS and Kafka.

@@ -360,15 +360,17 @@ pub async fn extend_keeps_the_lease(h: &dyn Harness) -> Outcome {
     Outcome::Passed
 }
 
-/// 8c. What a receiver prefetched and has not handed out yet keeps its
-///     lease (DESIGN §3.14, §3.15): it is not an attempt. Consumer A holds
-///     one delivery (extending it) for three ack timeouts without asking for
-///     more, while consumer B of the same subscription keeps receiving:
-///     every message reaches the application once, at attempt 1, and none
-///     is dead-lettered. (A prefetched copy whose lease lapsed came back to
-///     B as attempt 2 — charged an attempt nobody saw — while A still handed
-///     out its stale copy: a duplicate, and with a lower `max_attempts` a
-///     healthy message in the dead-letter topic.)
+/// 8c. Neither what a receiver prefetched and has not handed out, nor what
+///     the application holds and extends, loses its lease when another
+///     consumer joins (DESIGN §3.14, §3.15; a rolling deploy). Consumer A
+///     holds one delivery, extending it, while consumer B of the same
+///     subscription joins and then receives for three ack timeouts: every
+///     message reaches the application once, at attempt 1, and none is
+///     dead-lettered. (On SQS A's prefetched copies lapsed and came to B at
+///     receive count 2 while A still handed out its stale copies; on Kafka
+///     B's join revoked the held record's partition and B got it again at
+///     attempt 2. With a lower `max_attempts`, healthy messages in the
+///     dead-letter topic.)
 pub async fn prefetched_deliveries_keep_their_lease(h: &dyn Harness) -> Outcome {
     let s = setup(h, "prefetch-lease", |o| {
         o.ack_timeout(h.ack_timeout()).prefetch(4).max_attempts(2)
@@ -381,12 +383,28 @@ pub async fn prefetched_deliveries_keep_their_lease(h: &dyn Harness) -> Outcome 
     publish_each(&s.client, &s.topic, msgs.clone()).await;
     let mut a = subscribe(&s.client, &s.topic, &s.opts).await;
     let held = recv_one(&mut a, h.receive_timeout(), "consumer A").await;
-    // Let A prefetch the rest, where it does.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let b_client = client(h).await;
-    let mut b = subscribe(&b_client, &s.topic, &s.opts).await;
-    let mut seen: Vec<(String, u32)> = vec![(held.message().id().to_owned(), held.attempt())];
     let step = h.ack_timeout() / 3;
+    // A works on what it holds (extending it) all along: while B connects
+    // and joins (on Kafka a rebalance, which takes the held record's
+    // partition from A) and for three ack timeouts after.
+    let extending = async {
+        loop {
+            held.extend().await.expect("extend");
+            tokio::time::sleep(step).await;
+        }
+    };
+    let joining = async {
+        // Let A prefetch the rest, where it does.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let b_client = client(h).await;
+        let b = subscribe(&b_client, &s.topic, &s.opts).await;
+        (b_client, b)
+    };
+    let (_b_client, mut b) = tokio::select! {
+        joined = joining => joined,
+        () = extending => unreachable!("extends until B joined"),
+    };
+    let mut seen: Vec<(String, u32)> = vec![(held.message().id().to_owned(), held.attempt())];
     for _ in 0..9 {
         held.extend().await.expect("extend");
         let until = tokio::time::Instant::now() + step;

@@ -14,6 +14,7 @@
 //! | ack timeout | a delivery unsettled that long is re-published to the retry topic (next attempt) and settled; a late ack is a no-op |
 //! | attempt | 1 + nacks and expiries (in the retry record) + crash redeliveries (counted in the subscription's journal: the committed offsets of the member-less groups `<group>~h` and `<group>~n`) |
 //! | prefetch | at most `prefetch` records handed out and unsettled per consumer; while the application holds them (over 1 s), the consumer pauses fetching and keeps polling, so it stays in its group past `max.poll.interval.ms` |
+//! | rebalance | before a partition goes to another consumer (one joins or leaves: a rolling deploy), its revoke waits for the application to settle what it holds of it — deliveries whose lease it keeps alive — up to half of `max.poll.interval.ms` (the group's rebalance timeout), then commits; only what is still held after that (or whose lease ran out) comes to the new owner at the next attempt |
 //! | topic deleted | every `recv` of its subscriptions returns [`Error::NotFound`](switchyard_core::Error::NotFound) once two metadata readings 1 s apart miss it (a broker that does not answer is a transient fault, never `NotFound`) |
 //!
 //! Kafka has no per-message acknowledgement: a group commits one offset per

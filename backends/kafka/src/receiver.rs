@@ -16,7 +16,7 @@ use std::{
     cmp::Reverse,
     collections::{BinaryHeap, HashMap, VecDeque},
     fmt,
-    sync::{Arc, Mutex, MutexGuard, Weak},
+    sync::{Arc, Condvar, Mutex, MutexGuard, Weak},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -286,6 +286,11 @@ struct Shared {
     journal: JournalGroups,
     /// Records one journal reservation covers.
     reserve: usize,
+    /// Signalled when handed-out deliveries are settled (or handed back).
+    settled: Condvar,
+    /// Longest a revoke waits for the application to settle what it holds
+    /// of the partitions it loses (see [`Ctx::drain`]).
+    revoke_grace: Duration,
 }
 
 impl Shared {
@@ -436,9 +441,11 @@ fn off_the_runtime<T>(f: impl FnOnce() -> T) -> T {
 
 impl Ctx {
     fn revoke(&self, consumer: &BaseConsumer<Ctx>, list: &TopicPartitionList) {
-        // Commit what is settled, then forget the partitions: deliveries
-        // still out are delivered again by the new owner (their acks become
-        // no-ops), records waiting here are fetched again there.
+        // Let the application finish what it holds of these partitions
+        // (within the grace), commit what is settled, then forget the
+        // partitions: deliveries still out are delivered again by the new
+        // owner (their acks become no-ops), records waiting here are
+        // fetched again there.
         let names = &self.shared.names;
         let parts: Vec<Part> = list
             .elements()
@@ -446,7 +453,7 @@ impl Ctx {
             .filter_map(|e| names.part(e.topic(), e.partition()))
             .collect();
         let (tpl, releases) = {
-            let mut st = self.shared.state();
+            let mut st = self.drain(self.shared.state(), &parts);
             let tpl = st.commit_list(names, Some(&parts));
             let releases = st.releases(Some(&parts));
             st.forget(&parts);
@@ -458,6 +465,49 @@ impl Ctx {
             tracing::warn!(error = %e, "kafka: commit on revoke failed; settled records may be delivered again");
         }
         self.shared.journal.release(names, &releases);
+    }
+
+    /// Waits until the application settled every delivery it holds of
+    /// `parts` — a rebalance (a consumer joining or leaving: every rolling
+    /// deploy) is no failure of a message the application is working on,
+    /// and a record handed out and not settled at the revoke comes to its
+    /// next owner at the next attempt. Waits at most the grace (half of
+    /// `max.poll.interval.ms`, the group's rebalance timeout), and not for
+    /// a delivery whose lease ran out (its holder stopped extending it; the
+    /// reaper hands it on). The group waits meanwhile, as it waits for any
+    /// member's rebalance callback.
+    ///
+    /// On a current-thread runtime the callback runs in place (see
+    /// [`off_the_runtime`]): nothing could settle while it waited, so it
+    /// does not.
+    fn drain<'a>(&'a self, mut st: MutexGuard<'a, State>, parts: &[Part]) -> MutexGuard<'a, State> {
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if !multi_thread {
+            return st;
+        }
+        let until = Instant::now() + self.shared.revoke_grace;
+        loop {
+            let now = Instant::now();
+            let holding = !st.closed
+                && st.handed.values().any(|h| {
+                    parts.contains(&h.part)
+                        && st.is_current(h.part, h.epoch)
+                        && (h.busy || h.deadline > now)
+                });
+            if !holding || now >= until {
+                return st;
+            }
+            // Wake for settles, and at least every 100 ms to see leases
+            // that ran out.
+            let wait = (until - now).min(Duration::from_millis(100));
+            st = self
+                .shared
+                .settled
+                .wait_timeout(st, wait)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
     }
 
     fn assign(&self, consumer: &BaseConsumer<Ctx>, list: &TopicPartitionList) {
@@ -608,6 +658,8 @@ impl KafkaReceiver {
             request_timeout: config.request_timeout,
             journal: JournalGroups::open(config, &group)?,
             reserve: options.prefetch_limit().saturating_mul(4).max(MIN_RESERVE),
+            settled: Condvar::new(),
+            revoke_grace: revoke_grace(config),
         });
         let consumer: KConsumer = cc
             .create_with_context(Ctx {
@@ -1169,6 +1221,7 @@ impl RecvInner {
         }
         drop(st);
         if any {
+            self.shared.settled.notify_all();
             self.wake.notify_one();
             self.commit.notify_one();
         }
@@ -1268,6 +1321,7 @@ async fn finish(
         st.ready.clear();
         st.held.clear();
         let out: Vec<Handed> = st.handed.drain().map(|(_, h)| h).collect();
+        shared.settled.notify_all();
         out.into_iter()
             .filter(|h| !h.busy && st.is_current(h.part, h.epoch))
             .collect()
@@ -1327,6 +1381,19 @@ async fn finish(
         committed
     })
     .await
+}
+
+/// How long a revoke waits for the application's deliveries (see
+/// [`Ctx::drain`]): half of the consumer's `max.poll.interval.ms`
+/// (librdkafka's default 300 s), which is also the time the group gives a
+/// member to rejoin.
+fn revoke_grace(config: &crate::KafkaConfig) -> Duration {
+    let interval_ms = config
+        .properties
+        .get("max.poll.interval.ms")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(300_000);
+    Duration::from_millis(interval_ms / 2)
 }
 
 /// Drops the last handle on a consumer (which leaves the group), waiting
