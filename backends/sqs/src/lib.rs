@@ -11,7 +11,7 @@
 //! | attempt | `ApproximateReceiveCount` (durable, counted by SQS) | same |
 //! | ack / nack / nack with delay | `DeleteMessageBatch` (acks gathered up to 10 per call, each confirmed) / `ChangeMessageVisibility(0)` / `ChangeMessageVisibility(delay)` | same |
 //! | ack timeout | the visibility timeout of each receive | same |
-//! | prefetch | long polls ask for at most the free room (≤ 10 each) | same |
+//! | prefetch | long polls ask for at most the free room (≤ 10 each); what is received and not handed out yet keeps its lease (`ChangeMessageVisibilityBatch` once less than half the visibility is left), so it never comes back to another consumer at a raised count; a copy SQS refuses to extend is dropped, not handed out | same |
 //! | id, key, headers | attributes `sy-id` and `sy-meta` (JSON: key, headers, body encoding) | same |
 //! | with `fifo=true` | FIFO queue `sy-orders_dcreated.fifo`; `MessageGroupId` = key (or the id, for a message without one) | FIFO SNS topic and FIFO queues |
 //!
