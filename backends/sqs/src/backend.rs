@@ -1008,18 +1008,7 @@ impl ReceiverShared {
         let calls: Vec<_> = handles
             .chunks(BATCH)
             .map(|chunk| {
-                let entries: Vec<ChangeMessageVisibilityBatchRequestEntry> = chunk
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, h)| {
-                        ChangeMessageVisibilityBatchRequestEntry::builder()
-                            .id(i.to_string())
-                            .receipt_handle(h)
-                            .visibility_timeout(visibility)
-                            .build()
-                            .ok()
-                    })
-                    .collect();
+                let entries = visibility_entries(chunk.iter().map(String::as_str), visibility);
                 // Best effort: what is not released comes back after the
                 // visibility timeout anyway.
                 self.sqs
@@ -1312,18 +1301,10 @@ async fn keep_leases(shared: Arc<ReceiverShared>) {
         let calls: Vec<_> = due
             .chunks(BATCH)
             .map(|chunk| {
-                let entries: Vec<ChangeMessageVisibilityBatchRequestEntry> = chunk
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, (_, receipt))| {
-                        ChangeMessageVisibilityBatchRequestEntry::builder()
-                            .id(i.to_string())
-                            .receipt_handle(receipt)
-                            .visibility_timeout(shared.visibility)
-                            .build()
-                            .ok()
-                    })
-                    .collect();
+                let entries = visibility_entries(
+                    chunk.iter().map(|(_, receipt)| receipt.as_str()),
+                    shared.visibility,
+                );
                 let started = tokio::time::Instant::now();
                 let call = shared
                     .sqs
@@ -1374,6 +1355,25 @@ async fn keep_leases(shared: Arc<ReceiverShared>) {
             }
         }
     }
+}
+
+/// One `ChangeMessageVisibilityBatch` entry per receipt handle (ids are the
+/// positions), each to `visibility` seconds.
+fn visibility_entries<'a>(
+    receipts: impl Iterator<Item = &'a str>,
+    visibility: i32,
+) -> Vec<ChangeMessageVisibilityBatchRequestEntry> {
+    receipts
+        .enumerate()
+        .filter_map(|(i, receipt)| {
+            ChangeMessageVisibilityBatchRequestEntry::builder()
+                .id(i.to_string())
+                .receipt_handle(receipt)
+                .visibility_timeout(visibility)
+                .build()
+                .ok()
+        })
+        .collect()
 }
 
 /// The receipt handles of received messages.
