@@ -366,8 +366,8 @@ pub async fn extend_keeps_the_lease(h: &dyn Harness) -> Outcome {
 ///     holds one delivery, extending it, while consumer B of the same
 ///     subscription joins and then receives for three ack timeouts: every
 ///     message reaches the application once, at attempt 1, and none is
-///     dead-lettered. (On SQS A's prefetched copies lapsed and came to B at
-///     receive count 2 while A still handed out its stale copies; on Kafka
+///     dead-lettered. (On SQS and NATS A's prefetched copies lapsed and came
+///     to B at a raised count while A still handed out its stale copies; on Kafka
 ///     B's join revoked the held record's partition and B got it again at
 ///     attempt 2. With a lower `max_attempts`, healthy messages in the
 ///     dead-letter topic.)
@@ -379,10 +379,16 @@ pub async fn prefetched_deliveries_keep_their_lease(h: &dyn Harness) -> Outcome 
     if !s.client.capabilities().competing_consumers {
         return Outcome::Skipped("backend has no competing consumers".into());
     }
-    let msgs = numbered(4, "pl");
+    let msgs = numbered(5, "pl");
     publish_each(&s.client, &s.topic, msgs.clone()).await;
     let mut a = subscribe(&s.client, &s.topic, &s.opts).await;
+    // A first delivery, settled, opens a receiver that starts one message at
+    // a time (after a crash); the next receive fetches the whole prefetch.
+    let first = recv_one(&mut a, h.receive_timeout(), "consumer A").await;
+    let mut seen: Vec<(String, u32)> = vec![(first.message().id().to_owned(), first.attempt())];
+    first.ack().await.expect("ack of the first delivery");
     let held = recv_one(&mut a, h.receive_timeout(), "consumer A").await;
+    seen.push((held.message().id().to_owned(), held.attempt()));
     let step = h.ack_timeout() / 3;
     // A works on what it holds (extending it) all along: while B connects
     // and joins (on Kafka a rebalance, which takes the held record's
@@ -404,7 +410,6 @@ pub async fn prefetched_deliveries_keep_their_lease(h: &dyn Harness) -> Outcome 
         joined = joining => joined,
         () = extending => unreachable!("extends until B joined"),
     };
-    let mut seen: Vec<(String, u32)> = vec![(held.message().id().to_owned(), held.attempt())];
     for _ in 0..9 {
         held.extend().await.expect("extend");
         let until = tokio::time::Instant::now() + step;

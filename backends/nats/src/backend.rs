@@ -587,13 +587,16 @@ impl Subscriber for NatsBroker {
                 last_activity: Instant::now(),
                 suspect: false,
                 gone: None,
+                pulled: std::collections::VecDeque::new(),
             }),
             js: self.inner.js.clone(),
             client: self.inner.client.clone(),
             request_timeout: self.inner.config.request_timeout,
             outstanding: Arc::default(),
             slow: SlowStart::new(),
+            ack_wait: options.ack_timeout_value(),
         });
+        tokio::spawn(keep_leases(Arc::downgrade(&shared)));
         self.inner.receivers.insert(&shared);
         Ok(Box::new(NatsReceiver { shared }))
     }
@@ -648,6 +651,21 @@ struct PullState {
     /// Set once the consumer or its stream was found deleted: every
     /// receive returns it.
     gone: Option<Error>,
+    /// Messages taken off the inbox by [`keep_leases`] while no receive
+    /// ran, in arrival order, each with when its ack wait last (re)started
+    /// at the latest: `recv` takes these first.
+    pulled: std::collections::VecDeque<(async_nats::Message, Instant)>,
+}
+
+impl PullState {
+    /// The next message that already arrived, if any: `Some(None)` when the
+    /// inbox ended.
+    fn arrived(&mut self) -> Option<Option<async_nats::Message>> {
+        match self.pulled.pop_front() {
+            Some((m, _)) => Some(Some(m)),
+            None => self.inbox.next().now_or_never(),
+        }
+    }
 }
 
 struct ReceiverShared {
@@ -676,6 +694,63 @@ struct ReceiverShared {
     /// One message at a time until a first delivery shows that the head of
     /// the stream is not what crashed the last consumer.
     slow: SlowStart,
+    /// The consumer's ack wait (the ack timeout).
+    ack_wait: Duration,
+}
+
+/// Shortest pause between two rounds of [`keep_leases`].
+const KEEP_TICK: Duration = Duration::from_millis(250);
+
+/// Keeps the leases of what a receiver pulled and has not handed out: the
+/// server's ack wait runs from the moment it sent a message, but none of them
+/// is an attempt until the application sees it (DESIGN §3.14). While no
+/// receive runs (the application is busy with what it holds), every quarter
+/// of the ack wait this takes what arrived off the inbox and sends a
+/// progress ack (`+WPI`, which restarts the ack wait and does not count a
+/// delivery) for those with less than half of it left — else they would come
+/// back to another consumer at a raised count while this one still hands
+/// them out. Ends with the receiver.
+async fn keep_leases(shared: std::sync::Weak<ReceiverShared>) {
+    let (tick, cancel) = match shared.upgrade() {
+        Some(s) => ((s.ack_wait / 4).max(KEEP_TICK), s.cancel.clone()),
+        None => return,
+    };
+    let mut last = Instant::now();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(tick) => {}
+            () = cancel.cancelled() => return,
+        }
+        let Some(s) = shared.upgrade() else { return };
+        // A receive holding the state reads the inbox itself.
+        let Ok(mut state) = s.state.try_lock() else {
+            last = Instant::now();
+            continue;
+        };
+        // Arrived since the last round at the earliest.
+        while let Some(Some(m)) = state.inbox.next().now_or_never() {
+            state.pulled.push_back((m, last));
+        }
+        let now = Instant::now();
+        last = now;
+        let mut progress = Vec::new();
+        for (m, since) in &mut state.pulled {
+            let delivery = matches!(m.status.map(|st| st.as_u16()), None | Some(200));
+            if let (true, Some(reply)) = (delivery, &m.reply)
+                && now.saturating_duration_since(*since) >= s.ack_wait / 2
+            {
+                progress.push(reply.clone());
+                *since = now;
+            }
+        }
+        drop(state);
+        for reply in progress {
+            let send = s.client.publish(reply, bytes::Bytes::from_static(b"+WPI"));
+            if tokio::time::timeout(s.request_timeout, send).await.is_err() {
+                break;
+            }
+        }
+    }
 }
 
 impl ReceiverShared {
@@ -704,6 +779,13 @@ impl ReceiverShared {
         let mut open_until = Some(Instant::now() + PULL_EXPIRES + EXPIRY_MARGIN);
         if let Ok(mut state) = tokio::time::timeout(STATE_WAIT, self.state.lock()).await {
             state.reserved.clear();
+            unseen.extend(
+                state
+                    .pulled
+                    .drain(..)
+                    .filter(|(m, _)| matches!(m.status.map(|s| s.as_u16()), None | Some(200)))
+                    .filter_map(|(m, _)| m.reply),
+            );
             if state.inbox.drain().await.is_ok() {
                 let inbox = &mut state.inbox;
                 let _ = tokio::time::timeout(self.request_timeout, async {
@@ -1027,7 +1109,7 @@ impl Receiver for NatsReceiver {
                 return Some(Err(e));
             }
             // Fast path: a message already arrived (no timers, no waiters).
-            if let Some(next) = state.inbox.next().now_or_never() {
+            if let Some(next) = state.arrived() {
                 let message = next?;
                 if let Some(item) = s.handle(&mut state, message) {
                     return Some(s.confirm(&mut state, item).await);
@@ -1097,7 +1179,7 @@ impl Receiver for NatsReceiver {
             return None;
         }
         loop {
-            let message = state.inbox.next().now_or_never()??;
+            let message = state.arrived()??;
             // A suspect error is confirmed by the next `recv`.
             if let Some(item) = s.handle(&mut state, message) {
                 return Some(item);

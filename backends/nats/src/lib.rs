@@ -10,7 +10,7 @@
 //! | publish | JetStream publish awaiting the PubAck; `publish_batch` keeps a window of PubAcks in flight |
 //! | attempt | the server's delivery count (durable across consumer restarts) |
 //! | nack / nack with delay | `NAK` / `NAK` with delay (held by the server) |
-//! | prefetch | pull requests never ask for more than the consumer's free room |
+//! | prefetch | pull requests never ask for more than the consumer's free room; what arrived and is not handed out yet keeps its ack wait (a progress ack once less than half of it is left, while the application holds what it has), so it never comes back to another consumer at a raised count |
 //! | id, key, headers | NATS headers (`sy-id`, `sy-key`, user headers as they are; values NATS cannot carry are base64-encoded, reversibly) |
 //!
 //! Names are escaped into single JetStream tokens (`_` → `__`, `.` → `_d`;
