@@ -475,8 +475,12 @@ pub async fn fault_broker_frozen(h: &dyn crate::Harness) -> crate::Outcome {
     }
     let frozen = Instant::now();
     tokio::time::sleep(FROZEN).await;
-    broker.thaw().await;
+    // The freeze ends as the signal lands: the broker may answer before
+    // `thaw` returns (it waits for the `kill` process), so the instant is
+    // taken first — a publish in flight all along, confirmed at once after
+    // the thaw, is not one confirmed while frozen.
     let thawed = vec![Instant::now()];
+    broker.thaw().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     flow.publishing.set();
     let end = flow.finish(&thawed).await;
