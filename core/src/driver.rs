@@ -325,6 +325,30 @@ impl<T> Outstanding<T> {
         self.lock().held.remove(&ticket)
     }
 
+    /// Changes one entry in place; `None` when it was already taken.
+    ///
+    /// ```
+    /// use switchyard_core::driver::Outstanding;
+    /// let out = Outstanding::new();
+    /// let a = out.insert(1);
+    /// assert_eq!(out.update(a, |n| { *n += 1; *n }), Some(2));
+    /// out.settle(a);
+    /// assert_eq!(out.update(a, |n| *n), None);
+    /// ```
+    pub fn update<R>(&self, ticket: u64, f: impl FnOnce(&mut T) -> R) -> Option<R> {
+        self.lock().held.get_mut(&ticket).map(f)
+    }
+
+    /// What `f` picks from the entries, with their tickets, in no order
+    /// (e.g. the leases that need renewing).
+    pub fn select<R>(&self, mut f: impl FnMut(u64, &T) -> Option<R>) -> Vec<R> {
+        self.lock()
+            .held
+            .iter()
+            .filter_map(|(t, h)| f(*t, h))
+            .collect()
+    }
+
     /// Takes everything still outstanding (at close), oldest first.
     pub fn take_all(&self) -> Vec<T> {
         let mut held: Vec<(u64, T)> = self.lock().held.drain().collect();

@@ -698,6 +698,11 @@ struct ReceiverShared {
     ack_wait: Duration,
 }
 
+/// Whether an inbox message is a delivery (not a pull request's status).
+fn is_delivery(m: &async_nats::Message) -> bool {
+    matches!(m.status.map(|s| s.as_u16()), None | Some(200))
+}
+
 /// Shortest pause between two rounds of [`keep_leases`].
 const KEEP_TICK: Duration = Duration::from_millis(250);
 
@@ -735,8 +740,7 @@ async fn keep_leases(shared: std::sync::Weak<ReceiverShared>) {
         last = now;
         let mut progress = Vec::new();
         for (m, since) in &mut state.pulled {
-            let delivery = matches!(m.status.map(|st| st.as_u16()), None | Some(200));
-            if let (true, Some(reply)) = (delivery, &m.reply)
+            if let (true, Some(reply)) = (is_delivery(m), &m.reply)
                 && now.saturating_duration_since(*since) >= s.ack_wait / 2
             {
                 progress.push(reply.clone());
@@ -783,14 +787,14 @@ impl ReceiverShared {
                 state
                     .pulled
                     .drain(..)
-                    .filter(|(m, _)| matches!(m.status.map(|s| s.as_u16()), None | Some(200)))
+                    .filter(|(m, _)| is_delivery(m))
                     .filter_map(|(m, _)| m.reply),
             );
             if state.inbox.drain().await.is_ok() {
                 let inbox = &mut state.inbox;
                 let _ = tokio::time::timeout(self.request_timeout, async {
                     while let Some(m) = inbox.next().await {
-                        if matches!(m.status.map(|s| s.as_u16()), None | Some(200))
+                        if is_delivery(&m)
                             && let Some(reply) = m.reply
                         {
                             unseen.push(reply);

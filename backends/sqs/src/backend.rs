@@ -737,7 +737,7 @@ impl Subscriber for SqsBroker {
             receiving: AtomicUsize::new(0),
             receive_started: std::sync::Mutex::new(None),
             outstanding: Outstanding::new(),
-            prefetched: Prefetched::default(),
+            prefetched: Prefetched::new(),
             slow: SlowStart::new(),
             gone: std::sync::OnceLock::new(),
         });
@@ -783,7 +783,8 @@ impl Broker for SqsBroker {
 /// [`Prefetched`].
 type Received = (aws_sdk_sqs::types::Message, OwnedSemaphorePermit, u64);
 
-/// The messages a receiver took from the queue and has not handed out yet.
+/// The messages a receiver took from the queue and has not handed out yet
+/// (by ticket).
 ///
 /// Their visibility timeout runs from the receive, but none of them is an
 /// attempt until the application sees it (DESIGN §3.14): [`keep_leases`]
@@ -791,16 +792,7 @@ type Received = (aws_sdk_sqs::types::Message, OwnedSemaphorePermit, u64);
 /// does not let its prefetch fall back to the queue — where another consumer
 /// would take it at a raised receive count while this one still hands out
 /// its stale copy.
-#[derive(Default)]
-struct Prefetched {
-    inner: Mutex<PrefetchedInner>,
-}
-
-#[derive(Default)]
-struct PrefetchedInner {
-    next: u64,
-    held: HashMap<u64, Lease>,
-}
+type Prefetched = Outstanding<Lease>;
 
 /// The lease on one prefetched copy.
 struct Lease {
@@ -811,59 +803,6 @@ struct Lease {
     /// message is back in the queue, so the copy is dropped rather than
     /// handed out.
     lost: bool,
-}
-
-impl Prefetched {
-    fn lock(&self) -> std::sync::MutexGuard<'_, PrefetchedInner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Records a copy received when `due` minus the visibility timeout
-    /// began (the receive call's start: never later than SQS hid it).
-    fn insert(&self, receipt: String, due: tokio::time::Instant) -> u64 {
-        let mut inner = self.lock();
-        let ticket = inner.next;
-        inner.next += 1;
-        inner.held.insert(
-            ticket,
-            Lease {
-                receipt,
-                due,
-                lost: false,
-            },
-        );
-        ticket
-    }
-
-    /// Takes a copy out as it is handed out (or handed back); `false` when
-    /// its lease was lost.
-    fn take(&self, ticket: u64) -> bool {
-        self.lock().held.remove(&ticket).is_some_and(|l| !l.lost)
-    }
-
-    /// The copies whose lease ends before `by`: (ticket, receipt).
-    fn due_before(&self, by: tokio::time::Instant) -> Vec<(u64, String)> {
-        self.lock()
-            .held
-            .iter()
-            .filter(|(_, l)| !l.lost && l.due < by)
-            .map(|(t, l)| (*t, l.receipt.clone()))
-            .collect()
-    }
-
-    /// A copy's lease was extended until `due`.
-    fn extended(&self, ticket: u64, due: tokio::time::Instant) {
-        if let Some(l) = self.lock().held.get_mut(&ticket) {
-            l.due = due;
-        }
-    }
-
-    /// SQS refused to extend a copy's lease.
-    fn lost(&self, ticket: u64) {
-        if let Some(l) = self.lock().held.get_mut(&ticket) {
-            l.lost = true;
-        }
-    }
 }
 
 struct ReceiverShared {
@@ -942,7 +881,7 @@ impl ReceiverShared {
         if let Ok(mut rx) = self.rx.try_lock() {
             rx.close();
             while let Ok((m, _permit, ticket)) = rx.try_recv() {
-                self.prefetched.take(ticket);
+                self.prefetched.settle(ticket);
                 held.extend(m.receipt_handle);
             }
         }
@@ -952,7 +891,7 @@ impl ReceiverShared {
     /// Hands out a prefetched copy; `None` when its lease was lost (the
     /// message is back in the queue and comes again by a new receive).
     fn deliver(self: &Arc<Self>, (m, permit, ticket): Received) -> Option<RawDelivery> {
-        if !self.prefetched.take(ticket) {
+        if self.prefetched.settle(ticket).is_none_or(|l| l.lost) {
             return None;
         }
         let system = m.attributes();
@@ -1258,12 +1197,14 @@ async fn poll(shared: Arc<ReceiverShared>, tx: mpsc::Sender<Received>) {
                 break;
             };
             let due = started + shared.visibility_duration();
-            let ticket = shared
-                .prefetched
-                .insert(m.receipt_handle().unwrap_or_default().to_owned(), due);
+            let ticket = shared.prefetched.insert(Lease {
+                receipt: m.receipt_handle().unwrap_or_default().to_owned(),
+                due,
+                lost: false,
+            });
             if let Err(mpsc::error::SendError((m, _, ticket))) = tx.send((m, permit, ticket)).await
             {
-                shared.prefetched.take(ticket);
+                shared.prefetched.settle(ticket);
                 shared
                     .release(receipts(std::iter::once(m).chain(rest)))
                     .await;
@@ -1295,9 +1236,10 @@ async fn keep_leases(shared: Arc<ReceiverShared>) {
             () = tokio::time::sleep(tick) => {}
             () = shared.cancel.cancelled() => return,
         }
+        let by = tokio::time::Instant::now() + visibility / 2;
         let due = shared
             .prefetched
-            .due_before(tokio::time::Instant::now() + visibility / 2);
+            .select(|t, l| (!l.lost && l.due < by).then(|| (t, l.receipt.clone())));
         let calls: Vec<_> = due
             .chunks(BATCH)
             .map(|chunk| {
@@ -1347,11 +1289,13 @@ async fn keep_leases(shared: Arc<ReceiverShared>) {
                 }
             }
             for ((ticket, _), refused) in chunk.iter().zip(refused) {
-                if refused {
-                    shared.prefetched.lost(*ticket);
-                } else {
-                    shared.prefetched.extended(*ticket, started + visibility);
-                }
+                shared.prefetched.update(*ticket, |l| {
+                    if refused {
+                        l.lost = true;
+                    } else {
+                        l.due = started + visibility;
+                    }
+                });
             }
         }
     }
