@@ -28,8 +28,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod cluster;
 mod link;
 
+pub use cluster::{Cluster, cluster_confirmed_survive_node_loss, cluster_leader_killed};
 pub use link::Link;
 
 /// `sh -c` script: `$1` is the test process, the rest the broker's command.
@@ -638,6 +640,7 @@ async fn bounded<T>(
 
 /// Ids seen by one subscription, with how often.
 type Seen = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>;
+type Instants = std::sync::Arc<std::sync::Mutex<Vec<Instant>>>;
 
 /// The fault cases' traffic: a publisher, a `Consumer` and a raw
 /// `Subscription` on one topic.
@@ -646,6 +649,8 @@ struct Flow {
     fan_out: bool,
     by_runtime: Seen,
     by_raw: Seen,
+    /// When each delivery (of either subscription) reached the test.
+    delivered_at: Instants,
     stop: Stop,
     publishing: Stop,
     runtime: tokio::task::JoinHandle<switchyard_core::Result<switchyard_core::consumer::Report>>,
@@ -673,6 +678,8 @@ struct End {
     groups: Vec<Group>,
     /// Seconds from each fault's end until the next confirmed publish.
     recovery: Vec<f64>,
+    /// When each delivery reached the test, in order.
+    delivered_at: Vec<Instant>,
     raw_errors: u32,
     acked: u64,
     longest_publish: Duration,
@@ -713,6 +720,7 @@ impl Prepared {
         };
 
         let (by_runtime, by_raw): (Seen, Seen) = Default::default();
+        let delivered_at = Instants::default();
         let (stop, publishing) = (Stop::default(), Stop::default());
         let runtime = {
             let sub = client
@@ -720,6 +728,7 @@ impl Prepared {
                 .await
                 .unwrap();
             let seen = std::sync::Arc::clone(&by_runtime);
+            let at = std::sync::Arc::clone(&delivered_at);
             let stop = stop.clone();
             tokio::spawn(async move {
                 Consumer::new()
@@ -733,6 +742,7 @@ impl Prepared {
                         sub,
                         move |ctx| {
                             let seen = std::sync::Arc::clone(&seen);
+                            at.lock().unwrap().push(Instant::now());
                             async move {
                                 *seen
                                     .lock()
@@ -753,6 +763,7 @@ impl Prepared {
                 .await
                 .unwrap();
             let seen = std::sync::Arc::clone(&by_raw);
+            let at = std::sync::Arc::clone(&delivered_at);
             let stop = stop.clone();
             tokio::spawn(async move {
                 let (mut errors, mut longest_ack) = (0u32, Duration::ZERO);
@@ -763,6 +774,7 @@ impl Prepared {
                     };
                     match next {
                         Ok(d) => {
+                            at.lock().unwrap().push(Instant::now());
                             *seen
                                 .lock()
                                 .unwrap()
@@ -837,6 +849,7 @@ impl Prepared {
             fan_out: client.capabilities().fan_out,
             by_runtime,
             by_raw,
+            delivered_at,
             stop,
             publishing,
             runtime,
@@ -926,11 +939,13 @@ impl Flow {
             })
             .collect();
         let report = report.expect("the Consumer keeps running through the faults");
+        let delivered_at = std::mem::take(&mut *self.delivered_at.lock().unwrap());
         End {
             longest_publish: published.longest,
             published,
             groups,
             recovery,
+            delivered_at,
             raw_errors,
             acked: report.acked,
             longest_ack,
@@ -968,6 +983,22 @@ impl End {
             self.acked,
             self.raw_errors
         );
+    }
+
+    /// The longest stretch after `from` without a confirmed publish, and
+    /// without a delivery (from `from` to the first one after it
+    /// included): how long each side was unavailable.
+    fn longest_gaps_after(&self, from: Instant) -> (Duration, Duration) {
+        let gap = |times: &[Instant]| {
+            let mut last = from;
+            let mut longest = Duration::ZERO;
+            for t in times.iter().filter(|t| **t >= from) {
+                longest = longest.max(t.duration_since(last));
+                last = *t;
+            }
+            longest
+        };
+        (gap(&self.published.oks), gap(&self.delivered_at))
     }
 
     fn assert_nothing_lost(&self, through: &str) {

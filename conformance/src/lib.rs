@@ -112,6 +112,13 @@ pub trait Harness: Send + Sync + fmt::Debug {
         None
     }
 
+    /// A cluster of the harness's own ([`fault::Cluster`]: several nodes,
+    /// replicated streams or queues), for the cluster cases; `None` (the
+    /// default) skips them.
+    async fn cluster(&self) -> Option<Box<dyn fault::Cluster>> {
+        None
+    }
+
     /// The broker under test behind a cuttable [`fault::Link`], for the
     /// network fault cases; `None` (the default) skips them.
     async fn linked(&self) -> Option<Box<dyn fault::Linked>> {
@@ -301,6 +308,14 @@ macro_rules! conformance_tests {
             fault_refused_credentials_surface,
         );
         $crate::conformance_tests!(link_faults $harness);
+    };
+    // The cases that kill a node of a cluster of the harness's own
+    // (`Harness::cluster`).
+    (cluster $harness:path) => {
+        $crate::conformance_tests!(@cases $harness, fault;
+            cluster_leader_killed,
+            cluster_confirmed_survive_node_loss,
+        );
     };
     // The network faults alone, for a broker that cannot be restarted with
     // its data (an SQS endpoint).

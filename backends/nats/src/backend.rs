@@ -220,6 +220,9 @@ impl NatsBroker {
                 ))
             })?;
         }
+        if config.retain_server_order {
+            options = options.retain_servers_order();
+        }
         let refused = Arc::<Refused>::default();
         options = watch_credentials(options, &refused);
         let servers: Vec<async_nats::ServerAddr> = config

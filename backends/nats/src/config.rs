@@ -25,6 +25,7 @@ use switchyard_core::{Error, Result};
 #[derive(Clone)]
 pub struct NatsConfig {
     pub(crate) servers: Vec<String>,
+    pub(crate) retain_server_order: bool,
     pub(crate) user: Option<String>,
     pub(crate) password: Option<String>,
     pub(crate) token: Option<String>,
@@ -53,6 +54,7 @@ impl fmt::Debug for NatsConfig {
                     .map(|s| switchyard_core::redact_url(s))
                     .collect::<Vec<_>>(),
             )
+            .field("retain_server_order", &self.retain_server_order)
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("token", &self.token.as_ref().map(|_| "***"))
@@ -77,6 +79,7 @@ impl NatsConfig {
     pub fn new(server: impl Into<String>) -> Self {
         Self {
             servers: vec![server.into()],
+            retain_server_order: false,
             user: None,
             password: None,
             token: None,
@@ -99,7 +102,13 @@ impl NatsConfig {
     ///
     /// Parameters: `token`, `creds` (credentials file path), `tls=true`,
     /// `connect_timeout` and `request_timeout` (e.g. `5s`, `500ms`),
-    /// `storage=file|memory`, `max_age`, `replicas`.
+    /// `storage=file|memory`, `max_age`, `replicas`, `prefer` (one of the
+    /// listed `host:port`s, see [`prefer_server`](Self::prefer_server)).
+    ///
+    /// Several servers (a cluster's nodes) are separated by commas:
+    /// `nats://n1:4222,n2:4222,n3:4222?replicas=3`. The client connects to
+    /// one of them and moves to another when it is lost; it also learns the
+    /// cluster's other nodes from the servers themselves.
     ///
     /// # Errors
     ///
@@ -166,6 +175,15 @@ impl NatsConfig {
                         }
                     }
                 }
+                "prefer" => {
+                    let preferred = format!("nats://{v}");
+                    if !config.servers.contains(&preferred) {
+                        return Err(invalid(format!(
+                            "prefer={v} is not one of the listed servers"
+                        )));
+                    }
+                    config = config.prefer_server(preferred);
+                }
                 "replicas" => {
                     config.replicas = v
                         .parse()
@@ -173,12 +191,42 @@ impl NatsConfig {
                 }
                 other => {
                     return Err(invalid(format!(
-                        "unknown parameter {other:?} (known: token, creds, tls, connect_timeout, request_timeout, storage, max_age, replicas)"
+                        "unknown parameter {other:?} (known: token, creds, tls, connect_timeout, request_timeout, storage, max_age, replicas, prefer)"
                     )));
                 }
             }
         }
         Ok(config)
+    }
+
+    /// Servers to connect to (a cluster's nodes; replaces the list given
+    /// to [`new`](Self::new)). By default the client tries them in a
+    /// random order, which spreads a fleet's connections over the nodes.
+    #[must_use]
+    pub fn servers<S: Into<String>>(mut self, servers: impl IntoIterator<Item = S>) -> Self {
+        self.servers = servers.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Prefers `server`: it is tried first when connecting and on every
+    /// reconnect, the other servers after it in the order listed (default:
+    /// no preference, a random order). A server not in the list is added
+    /// at its head.
+    ///
+    /// ```
+    /// use switchyard_nats::NatsConfig;
+    /// // The same as `nats://n1:4222,n2:4222,n3:4222?replicas=3&prefer=n2:4222`:
+    /// let config = NatsConfig::from_url("nats://n1:4222,n2:4222,n3:4222?replicas=3")
+    ///     .unwrap()
+    ///     .prefer_server("nats://n2:4222");
+    /// ```
+    #[must_use]
+    pub fn prefer_server(mut self, server: impl Into<String>) -> Self {
+        let server = server.into();
+        self.servers.retain(|s| *s != server);
+        self.servers.insert(0, server);
+        self.retain_server_order = true;
+        self
     }
 
     /// User and password (default none).
@@ -253,7 +301,10 @@ impl NatsConfig {
         self
     }
 
-    /// Stream replicas in a cluster (default 1).
+    /// Stream replicas in a cluster (default 1): with 3, a publish is
+    /// confirmed once a majority of the stream's 3 nodes stored it, and the
+    /// stream keeps serving while one of them is lost. Applies to the
+    /// streams switchyard creates.
     #[must_use]
     pub fn replicas(mut self, n: usize) -> Self {
         self.replicas = n;
@@ -323,6 +374,25 @@ mod tests {
         assert_eq!(c.connect_timeout, Duration::from_millis(500));
         assert_eq!(c.storage, StorageType::Memory);
         assert!(NatsConfig::from_url("tls://h:4222").unwrap().require_tls);
+    }
+
+    #[test]
+    fn a_preferred_server_comes_first_and_keeps_the_order() {
+        let c = NatsConfig::from_url("nats://h1:4222,h2:4222,h3:4222?prefer=h2:4222").unwrap();
+        assert_eq!(
+            c.servers,
+            vec!["nats://h2:4222", "nats://h1:4222", "nats://h3:4222"]
+        );
+        assert!(c.retain_server_order);
+        assert!(
+            !NatsConfig::from_url("nats://h1:4222,h2:4222")
+                .unwrap()
+                .retain_server_order
+        );
+        let e = NatsConfig::from_url("nats://h1:4222?prefer=h9:4222")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not one of the listed servers"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use switchyard_conformance::{
 };
 use switchyard_core::{Client, Result};
 
+mod cluster;
 mod specific;
 
 #[derive(Debug)]
@@ -44,6 +45,12 @@ impl Harness for NatsHarness {
             return Some(Box::new(contained));
         }
         Some(Box::new(OwnNats::start().await))
+    }
+
+    /// Three private servers forming a JetStream cluster; streams with
+    /// three replicas.
+    async fn cluster(&self) -> Option<Box<dyn switchyard_conformance::fault::Cluster>> {
+        Some(Box::new(cluster::NatsCluster::start().await))
     }
 
     /// A private server with a user and password; revoking restarts it
@@ -208,3 +215,4 @@ async fn harness() -> Option<NatsHarness> {
 switchyard_conformance::conformance_tests!(harness);
 switchyard_conformance::conformance_tests!(crash harness);
 switchyard_conformance::conformance_tests!(faults harness);
+switchyard_conformance::conformance_tests!(cluster harness);
