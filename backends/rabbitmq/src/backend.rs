@@ -91,6 +91,8 @@ async fn bounded<T>(
 
 struct Inner {
     config: RabbitConfig,
+    /// The index in `config.uris` of the host last connected to.
+    host: std::sync::atomic::AtomicUsize,
     /// The current connection; replaced when it is lost.
     connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
     /// The confirm-mode channel every publish goes through.
@@ -150,6 +152,7 @@ impl RabbitBroker {
         let broker = Self {
             inner: Arc::new(Inner {
                 config,
+                host: std::sync::atomic::AtomicUsize::new(0),
                 connection: tokio::sync::Mutex::new(None),
                 publish_channel: Mutex::new(None),
                 publish_channel_init: tokio::sync::Mutex::new(()),
@@ -176,7 +179,7 @@ impl RabbitBroker {
         {
             return Ok(Arc::clone(c));
         }
-        let c = Arc::new(self.open_connection().await?);
+        let c = Arc::new(self.open_connection(current.is_some()).await?);
         if current.replace(Arc::clone(&c)).is_some() {
             // A new connection after a lost one: the broker may have lost
             // its state (a new node), so declare everything again.
@@ -189,11 +192,39 @@ impl RabbitBroker {
         Ok(c)
     }
 
-    async fn open_connection(&self) -> Result<Connection> {
+    /// Connects to the first host that answers, in the order listed: from
+    /// the first (the preferred one, if any), or after a lost connection
+    /// without a preference from the host after the one lost. A refusal of
+    /// the credentials or the vhost ends the round: every node of a cluster
+    /// shares them.
+    async fn open_connection(&self, after_loss: bool) -> Result<Connection> {
+        use std::sync::atomic::Ordering;
+        let c = &self.inner.config;
+        let n = c.uris.len();
+        let start = if after_loss && !c.prefer_first {
+            (self.inner.host.load(Ordering::Relaxed) + 1) % n
+        } else {
+            0
+        };
+        let mut last = None;
+        for i in (start..n).chain(0..start) {
+            match self.connect_to(&c.uris[i]).await {
+                Ok(conn) => {
+                    self.inner.host.store(i, Ordering::Relaxed);
+                    return Ok(conn);
+                }
+                Err(e @ (Error::Authentication { .. } | Error::Config(_))) => return Err(e),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(Error::Config("no AMQP host configured".into())))
+    }
+
+    async fn connect_to(&self, uri: &str) -> Result<Connection> {
         let c = &self.inner.config;
         let props = ConnectionProperties::default().with_connection_name("switchyard".into());
-        let redacted = switchyard_core::redact_url(&c.uri);
-        match tokio::time::timeout(c.connect_timeout, Connection::connect(&c.uri, props)).await {
+        let redacted = switchyard_core::redact_url(uri);
+        match tokio::time::timeout(c.connect_timeout, Connection::connect(uri, props)).await {
             Err(_) => Err(Error::Connection {
                 message: format!(
                     "no AMQP broker answered at {redacted} within {:?}",
@@ -508,14 +539,22 @@ impl RabbitBroker {
         .await
     }
 
-    async fn confirm(&self, exchange: &str, confirm: lapin::PublisherConfirm) -> Result<()> {
-        self.confirm_routed(exchange, confirm).await.map(drop)
+    async fn confirm(
+        &self,
+        channel: &Channel,
+        exchange: &str,
+        confirm: lapin::PublisherConfirm,
+    ) -> Result<()> {
+        self.confirm_routed(channel, exchange, confirm)
+            .await
+            .map(drop)
     }
 
     /// Waits for the broker's confirm; `Ok(false)` when a `mandatory`
     /// publish was returned unroutable.
     async fn confirm_routed(
         &self,
+        channel: &Channel,
         exchange: &str,
         confirm: lapin::PublisherConfirm,
     ) -> Result<bool> {
@@ -526,11 +565,14 @@ impl RabbitBroker {
                 after,
             }),
             Ok(Ok(Confirmation::Ack(returned))) => Ok(returned.is_none()),
-            Ok(Ok(Confirmation::Nack(_))) => Err(Error::broker(
-                "the broker refused the message (basic.nack)",
-                true,
-                None,
-            )),
+            Ok(Ok(Confirmation::Nack(_))) => {
+                self.retire_publish_channel(channel);
+                Err(Error::broker(
+                    "the broker refused the message (basic.nack)",
+                    true,
+                    None,
+                ))
+            }
             Ok(Ok(Confirmation::NotRequested)) => Err(Error::broker(
                 "publisher confirms are off on the publish channel",
                 true,
@@ -544,6 +586,35 @@ impl RabbitBroker {
                 }
                 Err(amqp_error("publish not confirmed", e))
             }
+        }
+    }
+
+    /// Takes `channel` out of use as the publish channel after it got a
+    /// `basic.nack`: the next publish opens a fresh one. Publishes in
+    /// flight on it still get their confirms; it is closed after the
+    /// request timeout.
+    ///
+    /// A channel can go on refusing every publish to a quorum queue: on
+    /// RabbitMQ 3.10 a channel whose first publish to the queue falls
+    /// between the loss of the queue's leader node and the election of the
+    /// next one keeps addressing the lost node, and the broker nacks each
+    /// publish on that channel for as long as the node is down (seen in
+    /// the cluster case: 90 s of nacks, every publish refused). A fresh
+    /// channel asks the queue's current leader.
+    fn retire_publish_channel(&self, channel: &Channel) {
+        let mut current = self
+            .inner
+            .publish_channel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if current.as_ref().is_some_and(|c| c.id() == channel.id())
+            && let Some(old) = current.take()
+        {
+            let after = self.inner.config.request_timeout;
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                let _ = old.close(200, "retired after a basic.nack".into()).await;
+            });
         }
     }
 
@@ -576,7 +647,7 @@ impl RabbitBroker {
             let confirm = self
                 .send(&channel, "", &wait, payload, props.clone(), true)
                 .await?;
-            if self.confirm_routed("", confirm).await? {
+            if self.confirm_routed(&channel, "", confirm).await? {
                 return Ok(());
             }
             self.inner
@@ -603,7 +674,7 @@ impl Publisher for RabbitBroker {
         let confirm = self
             .send(&channel, &exchange, "", message.payload(), props, false)
             .await?;
-        self.confirm(&exchange, confirm).await
+        self.confirm(&channel, &exchange, confirm).await
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Vec<Result<()>> {
@@ -635,8 +706,10 @@ impl Publisher for RabbitBroker {
             };
             match sent {
                 Ok(confirm) => {
-                    let exchange = &exchange;
-                    in_flight.push_back(async move { (i, self.confirm(exchange, confirm).await) });
+                    let (exchange, channel) = (&exchange, &channel);
+                    in_flight.push_back(async move {
+                        (i, self.confirm(channel, exchange, confirm).await)
+                    });
                 }
                 Err(e) => results[i] = Some(Err(e)),
             }

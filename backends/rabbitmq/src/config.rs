@@ -22,7 +22,11 @@ use switchyard_core::{Error, Result};
 /// ```
 #[derive(Clone)]
 pub struct RabbitConfig {
-    pub(crate) uri: String,
+    /// One AMQP URI per host (a cluster's nodes), in the order tried.
+    pub(crate) uris: Vec<String>,
+    /// Whether the first host is preferred: tried first on every
+    /// reconnect, not only the first connect.
+    pub(crate) prefer_first: bool,
     pub(crate) connect_timeout: Duration,
     pub(crate) request_timeout: Duration,
     pub(crate) publish_window: usize,
@@ -34,7 +38,15 @@ pub struct RabbitConfig {
 impl fmt::Debug for RabbitConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RabbitConfig")
-            .field("uri", &switchyard_core::redact_url(&self.uri))
+            .field(
+                "uris",
+                &self
+                    .uris
+                    .iter()
+                    .map(|u| switchyard_core::redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("prefer_first", &self.prefer_first)
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("publish_window", &self.publish_window)
@@ -53,13 +65,93 @@ impl RabbitConfig {
     ///
     /// switchyard's parameters: `connect_timeout` and `request_timeout`
     /// (e.g. `5s`, `500ms`), `publish_window`, `max_message_size` (bytes),
-    /// `delivery_limit` and `queue_expires` (a duration). Every other parameter (`heartbeat`, `frame_max`,
-    /// `channel_max`, `auth_mechanism`, …) is lapin's.
+    /// `delivery_limit` and `queue_expires` (a duration), `prefer` (one of
+    /// the listed `host:port`s). Every other parameter (`heartbeat`,
+    /// `frame_max`, `channel_max`, `auth_mechanism`, …) is lapin's.
+    ///
+    /// Several hosts (a cluster's nodes) are separated by commas, as in
+    /// `amqp://app:secret@n1:5672,n2:5672,n3:5672/%2f`. The client
+    /// connects to the first that answers, in the order listed; after a
+    /// lost connection it starts with the host after the one it lost (that
+    /// node may be down), or with the preferred host when `prefer` names
+    /// one. Subscription queues are quorum queues, replicated to the
+    /// cluster's nodes (up to its size), so any node serves them.
+    ///
+    /// ```
+    /// use switchyard_rabbitmq::RabbitConfig;
+    /// let config = RabbitConfig::from_url(
+    ///     "amqp://app:secret@n1:5672,n2:5672,n3:5672/%2f?prefer=n2:5672",
+    /// )
+    /// .unwrap();
+    /// assert_eq!(config.hosts(), ["n2:5672", "n1:5672", "n3:5672"]);
+    /// ```
     ///
     /// # Errors
     ///
     /// [`Error::InvalidUrl`] saying what is wrong (without the password).
     pub fn from_url(url: &str) -> Result<Self> {
+        let invalid = |reason: String| Error::InvalidUrl {
+            url: switchyard_core::redact_url(url),
+            reason,
+        };
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Err(invalid("expected an amqp:// or amqps:// URL".into()));
+        };
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(end);
+        let (userinfo, hosts) = match authority.rsplit_once('@') {
+            Some((u, h)) => (format!("{u}@"), h),
+            None => (String::new(), authority),
+        };
+        let mut config = Self::from_one_url(&format!(
+            "{scheme}://{userinfo}{}{tail}",
+            hosts.split(',').next().unwrap_or_default()
+        ))?;
+        for host in hosts.split(',').skip(1) {
+            let other = Self::from_one_url(&format!("{scheme}://{userinfo}{host}{tail}"))?;
+            config.uris.extend(other.uris);
+        }
+        let query = tail.split_once('?').map_or("", |(_, q)| q);
+        let prefer = url::form_urlencoded::parse(query.as_bytes())
+            .find(|(k, _)| k == "prefer")
+            .map(|(_, v)| v.into_owned());
+        if let Some(preferred) = prefer {
+            let at = config
+                .hosts()
+                .iter()
+                .position(|h| *h == preferred)
+                .ok_or_else(|| {
+                    invalid(format!("prefer={preferred} is not one of the listed hosts"))
+                })?;
+            let uri = config.uris.remove(at);
+            config.uris.insert(0, uri);
+            config.prefer_first = true;
+        }
+        Ok(config)
+    }
+
+    /// `host:port` of each host, in the order tried (the preferred one
+    /// first).
+    #[must_use]
+    pub fn hosts(&self) -> Vec<String> {
+        self.uris
+            .iter()
+            .map(|u| {
+                url::Url::parse(u).map_or_else(
+                    |_| String::new(),
+                    |u| {
+                        let port =
+                            u.port()
+                                .unwrap_or(if u.scheme() == "amqps" { 5671 } else { 5672 });
+                        format!("{}:{port}", u.host_str().unwrap_or_default())
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Parses a URL with one host.
+    fn from_one_url(url: &str) -> Result<Self> {
         let invalid = |reason: String| Error::InvalidUrl {
             url: switchyard_core::redact_url(url),
             reason,
@@ -72,7 +164,8 @@ impl RabbitConfig {
             return Err(invalid("no broker host".into()));
         }
         let mut config = Self {
-            uri: String::new(),
+            uris: Vec::new(),
+            prefer_first: false,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
             publish_window: 256,
@@ -98,6 +191,8 @@ impl RabbitConfig {
                     })
             };
             match &*k {
+                // Read by `from_url`, across the hosts.
+                "prefer" => {}
                 "connect_timeout" => config.connect_timeout = duration()?,
                 "queue_expires" => config.queue_expires = Some(duration()?),
                 "request_timeout" => config.request_timeout = duration()?,
@@ -119,11 +214,13 @@ impl RabbitConfig {
         // Let lapin's own parser judge what it will be given.
         uri.parse::<lapin::uri::AMQPUri>()
             .map_err(|e| invalid(format!("not an AMQP URI: {e}")))?;
-        config.uri = uri;
+        config.uris = vec![uri];
         Ok(config)
     }
 
-    /// Bound on connecting (TCP, TLS and the AMQP handshake). Default 5 s.
+    /// Bound on connecting to one host (TCP, TLS and the AMQP handshake);
+    /// with several hosts a connect tries each within it in turn. Default
+    /// 5 s.
     #[must_use]
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
@@ -192,8 +289,36 @@ mod tests {
         assert_eq!(c.max_message_size, 1000);
         assert_eq!(c.delivery_limit, 50);
         assert_eq!(c.queue_expires, Some(Duration::from_secs(600)));
-        assert_eq!(c.uri, "amqp://u:p%40ss@127.0.0.1:5672/%2f?heartbeat=10");
+        assert_eq!(c.uris, ["amqp://u:p%40ss@127.0.0.1:5672/%2f?heartbeat=10"]);
         assert!(!format!("{c:?}").contains("p%40ss"));
+    }
+
+    #[test]
+    fn several_hosts_and_a_preferred_one() {
+        let c = RabbitConfig::from_url("amqp://u:pw@h1,h2:5673,h3:5674/vh?heartbeat=10").unwrap();
+        assert_eq!(
+            c.uris,
+            [
+                "amqp://u:pw@h1/vh?heartbeat=10",
+                "amqp://u:pw@h2:5673/vh?heartbeat=10",
+                "amqp://u:pw@h3:5674/vh?heartbeat=10"
+            ]
+        );
+        assert_eq!(c.hosts(), ["h1:5672", "h2:5673", "h3:5674"]);
+        assert!(!c.prefer_first);
+        assert!(!format!("{c:?}").contains("pw"));
+        let p = RabbitConfig::from_url("amqp://h1,h2:5673/%2f?prefer=h2:5673&connect_timeout=1s")
+            .unwrap();
+        assert_eq!(p.hosts(), ["h2:5673", "h1:5672"]);
+        assert!(p.prefer_first);
+        assert_eq!(p.connect_timeout, Duration::from_secs(1));
+        assert_eq!(p.uris[0], "amqp://h2:5673/%2f");
+        let e = RabbitConfig::from_url("amqp://u:secret@h1,h2/%2f?prefer=h9:1")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not one of the listed hosts"), "{e}");
+        assert!(!e.contains("secret"), "{e}");
+        assert!(RabbitConfig::from_url("amqp://h1,/%2f").is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@ use switchyard_conformance::{
 };
 use switchyard_core::{Client, Result};
 
+mod cluster;
 mod node;
 mod specific;
 
@@ -80,6 +81,12 @@ impl Harness for RabbitHarness {
         Some(Box::new(node::Node::start().await?))
     }
 
+    /// Three node processes joined in a cluster; quorum queues with a
+    /// member on each.
+    async fn cluster(&self) -> Option<Box<dyn switchyard_conformance::fault::Cluster>> {
+        Some(Box::new(cluster::RabbitCluster::start().await?))
+    }
+
     async fn revocable(&self) -> Option<Box<dyn Revocable>> {
         Some(Box::new(node::Node::start().await?))
     }
@@ -132,3 +139,4 @@ async fn harness() -> Option<RabbitHarness> {
 switchyard_conformance::conformance_tests!(harness);
 switchyard_conformance::conformance_tests!(crash harness);
 switchyard_conformance::conformance_tests!(faults harness);
+switchyard_conformance::conformance_tests!(cluster harness);

@@ -14,6 +14,7 @@ const BOOT: Duration = Duration::from_secs(60);
 
 pub(crate) struct Node {
     process: BrokerProcess,
+    name: String,
 }
 
 impl Node {
@@ -30,6 +31,15 @@ impl Node {
     /// Starts a fresh node; `None` when the server is not installed (a
     /// failure when `SWITCHYARD_REQUIRE_BROKERS` is set).
     pub(crate) async fn start() -> Option<Self> {
+        let mut node = Self::create("sy-fault")?;
+        node.boot().await;
+        Some(node)
+    }
+
+    /// A fresh node named `{prefix}-{port}@localhost`, not started; `None`
+    /// when the server is not installed (a failure when
+    /// `SWITCHYARD_REQUIRE_BROKERS` is set).
+    pub(crate) fn create(prefix: &str) -> Option<Self> {
         let Some(server) = Self::server() else {
             assert!(
                 std::env::var_os("SWITCHYARD_REQUIRE_BROKERS").is_none(),
@@ -58,7 +68,7 @@ impl Node {
         std::fs::write(&env_file, "").unwrap();
         let mut process = BrokerProcess::new(server, port, &dir);
         process
-            .env("RABBITMQ_NODENAME", format!("sy-fault-{port}@localhost"))
+            .env("RABBITMQ_NODENAME", format!("{prefix}-{port}@localhost"))
             .env("RABBITMQ_CONF_ENV_FILE", &env_file)
             .env("RABBITMQ_CONFIG_FILE", &conf)
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", &plugins)
@@ -80,12 +90,20 @@ impl Node {
                 "-noinput -kernel inet_dist_use_interface {127,0,0,1} \
                  +sbwt none +sbwtdcpu none +sbwtdio none",
             );
-        let mut node = Self { process };
-        node.boot().await;
-        Some(node)
+        Some(Self {
+            process,
+            name: format!("{prefix}-{port}@localhost"),
+        })
     }
 
-    async fn boot(&mut self) {
+    /// The Erlang node name, `{prefix}-{port}@localhost`.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Starts the node (again, after a kill: same port and data) and
+    /// returns once it accepts connections.
+    pub(crate) async fn boot(&mut self) {
         self.process
             .start(BOOT)
             .await
@@ -100,18 +118,23 @@ impl Node {
         )
     }
 
+    /// The node's AMQP port.
+    pub(crate) fn port(&self) -> u16 {
+        self.process.port()
+    }
+
     /// Runs `rabbitmqctl` against this node (as an operator would), e.g.
     /// `["change_password", "guest", "other"]`.
     ///
     /// # Panics
     ///
     /// When the command fails.
-    fn ctl(&self, args: &[&str]) {
+    pub(crate) fn ctl(&self, args: &[&str]) -> String {
         let ctl = Self::server()
             .expect("rabbitmq-server")
             .with_file_name("rabbitmqctl");
         let out = std::process::Command::new(ctl)
-            .args(["-n", &format!("sy-fault-{}@localhost", self.process.port())])
+            .args(["-n", &self.name])
             .args(args)
             .env("ERL_EPMD_ADDRESS", "127.0.0.1")
             .env(
@@ -126,6 +149,7 @@ impl Node {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// `SIGKILL`: a crash, nothing flushed on the way down.
@@ -148,8 +172,8 @@ impl Revocable for Node {
     }
 
     async fn revoke(&mut self) {
-        self.ctl(&["change_password", "guest", "changed"]);
-        self.ctl(&["close_all_connections", "credentials revoked"]);
+        let _ = self.ctl(&["change_password", "guest", "changed"]);
+        let _ = self.ctl(&["close_all_connections", "credentials revoked"]);
     }
 }
 
