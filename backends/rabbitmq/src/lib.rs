@@ -15,6 +15,7 @@
 //! | ack | `basic.ack`, coalesced into `multiple` acks (sent within milliseconds, and before close) |
 //! | prefetch | `basic.qos` on the receiver's own channel |
 //! | id, key, headers | `message_id`, header `sy-key`, headers table (long strings) |
+//! | cluster | every node in the URL (`amqp://u:p@n1:5672,n2:5672,n3:5672/%2f`), tried in order, after a lost connection from the next one ([`RabbitConfig::from_url`]); quorum queues with a member on each node, a confirm once a majority wrote the message; a publish channel that got `basic.nack` is replaced (on 3.10 one can stay stuck on a dead leader) |
 //!
 //! Fanout means every subscription queue gets every message; consumers on one
 //! queue compete. A message published while a topic has no subscription is
