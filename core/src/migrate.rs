@@ -2,7 +2,7 @@
 //! de-duplication.
 //!
 //! A migration with nothing lost and nothing processed twice goes through
-//! these phases (the README's migration playbook describes each):
+//! these phases (docs/MIGRATION.md, the migration playbook, describes each):
 //!
 //! 1. **Dual write**: publishers write through a [`Tee`], so every message is
 //!    confirmed by the old *and* the new broker before `publish` returns.

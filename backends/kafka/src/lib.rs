@@ -32,6 +32,73 @@
 //! with one key share a partition). Nothing here is specific to one broker
 //! implementation: no transactions, no compression is required.
 //!
+//! # Details
+//!
+//! Topic → a Kafka topic of the same name (every portable
+//! name is a valid topic name), created through the admin API when missing with
+//! `partitions` (3) and `replication_factor` (-1: the broker's default).
+//! Subscription → consumer group `<topic>:<subscription>` (group ids are global,
+//! subscriptions belong to a topic); `ensure_subscription` commits the topic's
+//! current end offsets for a new group, so it gets exactly what is published
+//! from then on, and a consumer whose partitions have no commit (partitions
+//! added later) starts at the earliest offset. Key → record key (records with
+//! one key share a partition, so per-key order holds); a record without a key
+//! goes to a random partition (`sticky.partitioning.linger.ms=0`, where
+//! librdkafka would otherwise stick to one partition for 10 ms), so a burst of
+//! keyless messages divides among a subscription's consumers as it does on the
+//! other brokers (set it in the URL to batch by partition instead). Id → header `sy-id`, user
+//! headers → record headers, payload → value, publish time → `CreateTime`, all
+//! byte-exact. Publish → an idempotent producer with `acks=all`, confirmed by
+//! the delivery report; `publish_batch` enqueues everything and then collects
+//! the reports (librdkafka batches and pipelines). Kafka has no per-message
+//! ack: a group commits one offset per partition. switchyard tracks every
+//! fetched record and commits only the lowest unsettled one (asynchronously,
+//! 5 ms after acks), so a commit never passes an unsettled record; records
+//! settled above it travel in the commit's metadata string (the technique of
+//! Confluent's parallel-consumer), so after a crash or a rebalance the next
+//! owner skips acked records. Crash redeliveries are counted in a journal that
+//! never depends on a commit a crash can lose: two member-less groups of the
+//! subscription, `<group>~h` and `<group>~n`, whose committed offsets hold a
+//! reservation (no record above it was handed out; raised four prefetches at a
+//! time, ahead of need, and confirmed before the records it covers go out) and the last *suspect* with
+//! its count. A new owner hands the records between the committed offset and
+//! the reservation out one at a time, each recorded with its raised count
+//! first, so a record that kills its consumer counts one attempt per crash
+//! whichever record was committed; a clean close or revoke gives the unused
+//! reservation back, so a restart costs no attempt. Nack and nack
+//! with delay → a copy in the retry topic `<topic>.<subscription>.retry` (a
+//! digest past 249 characters) carrying the target subscription, the next
+//! attempt and the due time; then the original is settled. The same group
+//! consumes the retry topic and holds each record until due (at most 10,000
+//! held; past that fetching pauses), so delays and attempts survive restarts.
+//! A delivery unsettled after the ack timeout is re-published the same way and
+//! a late ack of it is a no-op. A background task keeps polling the consumer, so
+//! it takes part in rebalances while the application works; `subscribe` returns
+//! once the consumer has its first assignment (bounded by `request_timeout`),
+//! so a new consumer gets its share of what is published next. Closing (or
+//! dropping) a subscription re-publishes its unsettled deliveries to the retry
+//! topic with their next attempt, commits and leaves the group; on a revoke the
+//! settled offsets are committed and unsettled deliveries go to the new owner.
+//! Every other `kafka://` parameter containing a `.` is a librdkafka property
+//! (security, SASL, TLS, tuning), given to every client. Unreachable brokers →
+//! `Error::Connection` within `connect_timeout`; publishes fail after
+//! `publish_timeout` (librdkafka's `message.timeout.ms`), never a silent
+//! infinite retry. Nothing in the backend is specific to one broker
+//! implementation; it needs no transactions and no compression.
+//!
+//! **Known broker deviation (tansu 0.6.0).** tansu accepts the metadata of an
+//! offset commit and returns it empty. On tansu, therefore, a consumer that
+//! *crashes* (killed, neither closed nor dropped) hands the next owner no list
+//! of the records it acked above the lowest unsettled one, so those are
+//! delivered again, with one attempt more (at-least-once still holds: nothing
+//! is lost). Delivery counts do not depend on the metadata, and neither does
+//! closing or dropping a subscription, which is why every conformance case
+//! passes on tansu. The
+//! test `specific::the_broker_keeps_commit_metadata` checks the metadata on
+//! Apache Kafka and checks that the deviation is still there when
+//! `scripts/brokers.sh` reports tansu (`SWITCHYARD_KAFKA_BROKER=tansu`). tansu's
+//! other gaps (no transactions, snappy fetches) do not affect switchyard.
+//!
 //! # Example
 //!
 //! ```no_run

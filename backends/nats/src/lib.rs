@@ -20,6 +20,30 @@
 //! published while a topic has no subscription is not kept — create
 //! subscriptions ahead with `ensure_subscription`, as on every backend.
 //!
+//! # Details
+//!
+//! Topic → a stream capturing one subject (`orders.created` →
+//! stream `sy-orders_dcreated`, subject `sy.orders_dcreated`; `_` → `__`, `.` →
+//! `_d`, names over 120 characters end in a SHA-256 digest, so every portable
+//! name maps and none collide), interest retention, file storage. Subscription →
+//! a durable pull consumer (explicit ack, `ack_wait` = ack timeout, deliver
+//! policy *new*). Publish awaits the PubAck; `publish_batch` keeps 256 PubAcks in
+//! flight. Id and key travel as `sy-id` / `sy-key` headers, user headers as
+//! themselves (values NATS would trim or reject are base64-encoded and listed in
+//! `sy-enc`; user keys starting with `Nats-` are escaped). The message id is *not*
+//! sent as `Nats-Msg-Id`, because JetStream would then drop an intentional
+//! re-publish of the same id (redrive, bridging) as a duplicate. Each consumer
+//! requests only as many messages as it has free prefetch room, with overlapping
+//! pull requests on one inbox (which keeps stream order). A consumer that closes
+//! hands back what it pulled and did not settle with a NAK whose delay
+//! outlasts its open pull requests, which it cannot withdraw (nats-server 2.9
+//! resets the delivery count of a message NAKed into a request whose inbox is
+//! gone): another consumer gets it within about 2.25 s. An ack is a NATS `+ACK` sent on
+//! the connection (as AMQP's `basic.ack`, it is not confirmed by the server): `Ok`
+//! means it was handed to the connection, close flushes it, and an ack lost with
+//! a dropped connection shows up as a redelivery. Closing is bounded by the
+//! request timeout even when the server is unreachable.
+//!
 //! # Example
 //!
 //! ```no_run

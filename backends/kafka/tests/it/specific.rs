@@ -74,7 +74,7 @@ pub(crate) async fn delete_topic(url: &str, topic: &str) {
 /// Known broker deviation: tansu 0.6 accepts the metadata and returns it
 /// empty. `scripts/brokers.sh` says which broker it started in
 /// `SWITCHYARD_KAFKA_BROKER`; for tansu this test checks that the deviation
-/// is still there (so the README's note cannot go stale) instead of passing
+/// is still there (so the crate docs' note cannot go stale) instead of passing
 /// silently. On such a broker a consumer that crashes (no close, no drop)
 /// delivers the records it acked above an unsettled one again (delivery
 /// counts do not depend on the metadata).
@@ -111,7 +111,7 @@ async fn the_broker_keeps_commit_metadata() {
         assert_eq!(
             result,
             (Offset::Offset(0), String::new()),
-            "tansu now keeps commit metadata: drop the deviation from the README and this test"
+            "tansu now keeps commit metadata: drop the deviation from the crate docs and this test"
         );
     } else {
         assert_eq!(result, (Offset::Offset(0), "sy1;2;5;1-3".to_owned()));
