@@ -11,9 +11,20 @@
 //! |---|---|---|
 //! | `memory://[name]` | `memory` (default) | in-process broker ([`memory`]) |
 //! | `kafka://host:port[,host:port…]` | `kafka` | Apache Kafka ([`kafka`](https://docs.rs/switchyard-kafka)) |
-//! | `amqp://user:pass@host:port/vhost` (or `amqps://`) | `rabbitmq` | RabbitMQ ([`rabbitmq`](https://docs.rs/switchyard-rabbitmq)) |
-//! | `nats://host:port` | `nats` | NATS JetStream ([`nats`](https://docs.rs/switchyard-nats)) |
+//! | `amqp://user:pass@host:port[,host:port…]/vhost` (or `amqps://`) | `rabbitmq` | RabbitMQ ([`rabbitmq`](https://docs.rs/switchyard-rabbitmq)) |
+//! | `nats://host:port[,host:port…]` | `nats` | NATS JetStream ([`nats`](https://docs.rs/switchyard-nats)) |
 //! | `sqs://?region=…[&endpoint=…&mode=queue\|fanout]` | `sqs` | AWS SQS, with SNS fan-out ([`sqs`](https://docs.rs/switchyard-sqs)) |
+//!
+//! # Features
+//!
+//! - `memory` (default), `kafka`, `nats`, `rabbitmq`, `sqs`: the backends;
+//!   [`connect`] with a scheme whose feature is off returns
+//!   [`Error::FeatureNotEnabled`] naming it.
+//! - `json`: serde JSON helpers on [`Message`] and [`Delivery`].
+//! - `otel`: W3C trace context injected into headers on publish and made the
+//!   parent of the consumer runtime's span on receive.
+//! - `metrics`: the consumer runtime's counters and handler latency,
+//!   through the `metrics` facade.
 //!
 //! # Example
 //!
@@ -53,26 +64,33 @@
 //! why, and [`Client::redrive`] moves them back. See [`switchyard_core`] for
 //! the full contract.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 pub use switchyard_core::*;
 
 /// The in-process broker (feature `memory`).
 #[cfg(feature = "memory")]
+#[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub use switchyard_memory as memory;
 
 /// The Apache Kafka backend (feature `kafka`).
 #[cfg(feature = "kafka")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
 pub use switchyard_kafka as kafka;
 
 /// The NATS JetStream backend (feature `nats`).
 #[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub use switchyard_nats as nats;
 
 /// The RabbitMQ backend (feature `rabbitmq`).
 #[cfg(feature = "rabbitmq")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rabbitmq")))]
 pub use switchyard_rabbitmq as rabbitmq;
 
 /// The SQS backend (feature `sqs`).
 #[cfg(feature = "sqs")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqs")))]
 pub use switchyard_sqs as sqs;
 
 /// Connects to the broker named by `url`, choosing the backend by scheme:

@@ -5,6 +5,9 @@
 //! `#[tokio::test]` per case, so each case passes or fails by name. The cases
 //! are plain `pub async fn`s in [`cases`], callable on their own.
 //!
+//! This crate's API is not stable: it follows what the suite needs. Depend
+//! on it as a dev-dependency with an exact version.
+//!
 //! Every wait is bounded: a missing message fails the case, it never hangs.
 //! Delivery is at-least-once, so cases compare sets of ids; where a case
 //! asserts "no duplicates", a repeat is tolerated only when the broker itself

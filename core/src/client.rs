@@ -106,6 +106,12 @@ impl Client {
     /// [`Error::InvalidName`], [`Error::InvalidHeader`] and
     /// [`Error::PayloadTooLarge`] before anything is sent; [`Error::Closed`]
     /// after close; connection and broker errors.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future before it completes leaves the message published
+    /// or not, never half: publish it again with the same id (consumers
+    /// de-duplicate by id).
     pub async fn publish(&self, topic: &str, message: Message) -> Result<()> {
         let message = self.prepare(topic, message, self.capabilities().max_payload)?;
         self.broker.publish(topic, message).await
@@ -231,6 +237,13 @@ impl Client {
     /// # Errors
     ///
     /// Connection and broker errors; messages moved before the error stay moved.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future stops the move: what was moved stays moved, and
+    /// the dead letter in flight is either still in the dead-letter topic,
+    /// or both back on its topic and there (acked only after the re-publish
+    /// is confirmed), never lost.
     pub async fn redrive(
         &self,
         topic: &str,

@@ -48,6 +48,40 @@ impl fmt::Display for HandlerError {
     }
 }
 
+impl std::error::Error for HandlerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            HandlerError::Transient(e) | HandlerError::Permanent(e) => {
+                Some(e.as_ref() as &(dyn std::error::Error + 'static))
+            }
+        }
+    }
+}
+
+/// A switchyard error inside a handler (a follow-up publish that failed,
+/// say) is transient, so `?` works there: it says something about the
+/// broker or the client, not that the message can never be handled, and a
+/// healthy message must not be dead-lettered at once for it. Use
+/// [`HandlerError::permanent`] for what the message itself makes hopeless.
+///
+/// ```
+/// use switchyard_core::{Client, Message, consumer::HandlerError};
+///
+/// async fn handle(client: &Client, order: &Message) -> Result<(), HandlerError> {
+///     client.publish("orders.billed", Message::new(order.payload().clone())).await?;
+///     Ok(())
+/// }
+///
+/// let e: HandlerError = switchyard_core::Error::Closed.into();
+/// assert!(matches!(e, HandlerError::Transient(_)));
+/// assert!(std::error::Error::source(&e).is_some());
+/// ```
+impl From<crate::Error> for HandlerError {
+    fn from(e: crate::Error) -> Self {
+        HandlerError::Transient(Box::new(e))
+    }
+}
+
 /// What a handler sees of a delivery.
 #[derive(Debug, Clone)]
 pub struct Context {
@@ -275,6 +309,14 @@ impl Consumer {
     /// [`Error::NotFound`](crate::Error::NotFound) when the subscription's
     /// queue, stream or topic was deleted under it; else an error closing
     /// the subscription.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not graceful: dropping the future aborts running handlers, and their
+    /// deliveries and everything prefetched go back to the subscription
+    /// (when the dropped subscription hands them back, or after the ack
+    /// timeout), to be delivered again. Pass a `shutdown` future instead to
+    /// let handlers finish.
     pub async fn run<H, F>(
         self,
         mut sub: Subscription,

@@ -120,6 +120,13 @@ impl Delivery {
     /// [`Error::Closed`](crate::Error::Closed) when the subscription was
     /// closed (the message will be redelivered); connection and broker
     /// errors (the message may be redelivered: at-least-once).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future may or may not have acked: a delivery not acked
+    /// comes back (after the ack timeout, or when its subscription closes),
+    /// as at-least-once delivery allows. The same holds for
+    /// [`nack`](Delivery::nack) and [`dead_letter`](Delivery::dead_letter).
     pub async fn ack(self) -> Result<()> {
         self.acker.ack().await
     }
@@ -133,6 +140,11 @@ impl Delivery {
     /// # Errors
     ///
     /// As for [`Delivery::ack`] and [`Delivery::dead_letter`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As for [`ack`](Delivery::ack): dropped before it completes, the
+    /// message comes back (after the delay, or after the ack timeout).
     pub async fn nack(self, retry: Retry) -> Result<()> {
         if self.is_last_attempt() {
             let reason = format!("max attempts ({}) exhausted", self.ctx.max_attempts);
@@ -155,6 +167,12 @@ impl Delivery {
     /// (and is redelivered after the ack timeout); when the ack fails after a
     /// confirmed dead-letter publish, the original may come back and be
     /// dead-lettered again.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped before it completes, the original comes back; if the dead
+    /// letter was already confirmed it may be dead-lettered twice, never
+    /// lost.
     pub async fn dead_letter(self, reason: impl Into<String>) -> Result<()> {
         dead_letter(
             &self.ctx,

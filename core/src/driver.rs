@@ -37,6 +37,8 @@
 //!   is gone. Deliveries a receiver buffered and has not handed out are the
 //!   backend's to keep alive (or to not hold at all).
 
+pub mod support;
+
 use std::{fmt, time::Duration};
 
 use async_trait::async_trait;

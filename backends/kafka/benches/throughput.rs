@@ -37,7 +37,7 @@ use rdkafka::{
     types::RDKafkaErrorCode,
 };
 use switchyard_conformance::bench::{self, Rounds, SIZE, env_usize};
-use switchyard_core::{Client, SubscribeOptions};
+use switchyard_core::{Client, SubscribeOptions, driver::support::ID_HEADER};
 use switchyard_kafka::{KafkaBroker, KafkaConfig};
 
 fn bootstrap(url: &str) -> String {
@@ -52,7 +52,7 @@ async fn raw_publish(producer: &FutureProducer, topic: &str, n: usize) -> Durati
     for _ in 0..n {
         let id = switchyard_core::new_id();
         let headers = OwnedHeaders::new().insert(Header {
-            key: "sy-id",
+            key: ID_HEADER,
             value: Some(id.as_bytes()),
         });
         let mut record: FutureRecord<'_, (), [u8]> = FutureRecord::to(topic)
@@ -115,7 +115,7 @@ async fn raw_publish_threaded(
     for _ in 0..n {
         let id = switchyard_core::new_id();
         let headers = OwnedHeaders::new().insert(Header {
-            key: "sy-id",
+            key: ID_HEADER,
             value: Some(id.as_bytes()),
         });
         let mut record: BaseRecord<'_, (), [u8]> =
@@ -149,7 +149,7 @@ fn take(m: &rdkafka::message::BorrowedMessage<'_>) -> usize {
     let payload = bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default());
     let id = m
         .headers()
-        .and_then(|h| h.iter().find(|h| h.key == "sy-id"))
+        .and_then(|h| h.iter().find(|h| h.key == ID_HEADER))
         .and_then(|h| h.value)
         .map(|v| String::from_utf8_lossy(v).into_owned())
         .unwrap_or_default();

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use rdkafka::message::{BorrowedMessage, Header, Headers as _, Message as _, OwnedHeaders};
 use switchyard_core::{Headers, Message};
 
-pub(crate) const ID: &str = "sy-id";
+pub(crate) use switchyard_core::driver::support::ID_HEADER as ID;
 pub(crate) const RETRY_FOR: &str = "sy-k-for";
 pub(crate) const RETRY_ATTEMPT: &str = "sy-k-attempt";
 pub(crate) const RETRY_DUE: &str = "sy-k-due";

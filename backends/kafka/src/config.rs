@@ -2,7 +2,10 @@
 
 use std::{collections::BTreeMap, fmt, time::Duration};
 
-use switchyard_core::{Error, Result};
+use switchyard_core::{
+    Result,
+    driver::support::{duration_param, invalid_url, positive_param},
+};
 
 /// Configuration of a [`KafkaBroker`](crate::KafkaBroker): bootstrap servers,
 /// topic defaults, timeouts, limits, and any librdkafka property as an
@@ -100,12 +103,9 @@ impl KafkaConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidUrl`] saying what is wrong (without secrets).
+    /// [`Error::InvalidUrl`](switchyard_core::Error::InvalidUrl) saying what is wrong (without secrets).
     pub fn from_url(url: &str) -> Result<Self> {
-        let invalid = |reason: String| Error::InvalidUrl {
-            url: switchyard_core::redact_url(url),
-            reason,
-        };
+        let invalid = invalid_url(url);
         let rest = url
             .strip_prefix("kafka://")
             .ok_or_else(|| invalid("expected a kafka:// URL".into()))?;
@@ -126,16 +126,8 @@ impl KafkaConfig {
         }
         let mut config = Self::new(hosts);
         for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-            let duration = || {
-                humantime::parse_duration(&v)
-                    .map_err(|e| invalid(format!("{k}: {e} (expected e.g. `5s` or `500ms`)")))
-            };
-            let positive = || {
-                v.parse::<usize>()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| invalid(format!("{k}: expected a positive integer")))
-            };
+            let duration = || duration_param(&k, &v).map_err(&invalid);
+            let positive = || positive_param(&k, &v).map_err(&invalid);
             match &*k {
                 "partitions" => {
                     config.partitions = i32::try_from(positive()?)

@@ -14,7 +14,7 @@
 //!   every retry record names its subscription in a header, and a consumer
 //!   skips records meant for another, so a shared retry topic is harmless.
 
-use sha2::{Digest, Sha256};
+use switchyard_core::driver::support::digest_hex;
 
 /// Kafka's longest topic name.
 pub(crate) const MAX_TOPIC: usize = 249;
@@ -30,10 +30,12 @@ pub(crate) fn retry_topic(topic: &str, subscription: &str) -> String {
     if full.len() <= MAX_TOPIC {
         return full;
     }
-    let digest = Sha256::digest(group(topic, subscription).as_bytes());
-    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
     // Portable names are ASCII, so any byte index is a char boundary.
-    format!("{}.{hex}.retry", &full[..200])
+    format!(
+        "{}.{}.retry",
+        &full[..200],
+        digest_hex(&group(topic, subscription), 16)
+    )
 }
 
 #[cfg(test)]

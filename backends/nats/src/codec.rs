@@ -13,10 +13,9 @@ use std::time::SystemTime;
 
 use async_nats::HeaderMap;
 use base64::{Engine as _, engine::general_purpose::STANDARD};
+use switchyard_core::driver::support::{ID_HEADER as ID, KEY_HEADER as KEY};
 use switchyard_core::{Error, Headers, Message, Result};
 
-const ID: &str = "sy-id";
-const KEY: &str = "sy-key";
 const ENC: &str = "sy-enc";
 const ESCAPE: &str = "sy-u-";
 

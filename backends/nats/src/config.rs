@@ -3,7 +3,10 @@
 use std::{fmt, path::PathBuf, time::Duration};
 
 use async_nats::jetstream::stream::StorageType;
-use switchyard_core::{Error, Result};
+use switchyard_core::{
+    Result,
+    driver::support::{duration_param, invalid_url},
+};
 
 /// Configuration of a [`NatsBroker`](crate::NatsBroker): servers,
 /// credentials, timeouts and the JetStream stream settings used for topics.
@@ -112,12 +115,9 @@ impl NatsConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidUrl`] saying what is wrong (without the password).
+    /// [`Error::InvalidUrl`](switchyard_core::Error::InvalidUrl) saying what is wrong (without the password).
     pub fn from_url(url: &str) -> Result<Self> {
-        let invalid = |reason: String| Error::InvalidUrl {
-            url: switchyard_core::redact_url(url),
-            reason,
-        };
+        let invalid = invalid_url(url);
         let rest = url
             .strip_prefix("nats://")
             .or_else(|| url.strip_prefix("tls://"))
@@ -150,13 +150,7 @@ impl NatsConfig {
             None => {}
         }
         for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-            let duration = |v: &str| {
-                humantime::parse_duration(v).ok().ok_or_else(|| {
-                    invalid(format!(
-                        "{k} must be a duration like 5s, 500ms or 2m, got {v:?}"
-                    ))
-                })
-            };
+            let duration = |v: &str| duration_param(&k, v).map_err(&invalid);
             match &*k {
                 "token" => config.token = Some(v.into_owned()),
                 "creds" => config.credentials_file = Some(PathBuf::from(&*v)),

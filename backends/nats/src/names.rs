@@ -8,41 +8,20 @@
 //! [`MAX_TOKEN`] keep a readable prefix and end in a SHA-256 digest of the
 //! full name, keeping file names on the server short.
 
-use sha2::{Digest, Sha256};
+use switchyard_core::driver::support::{digest_hex, escape_token, escaped_prefix};
 
 /// Longest escaped token kept verbatim.
 pub(crate) const MAX_TOKEN: usize = 120;
 
 /// Escapes a portable name into a single JetStream-safe token.
 pub(crate) fn token(name: &str) -> String {
-    let mut out = String::with_capacity(name.len() + 8);
-    for c in name.chars() {
-        match c {
-            '_' => out.push_str("__"),
-            '.' => out.push_str("_d"),
-            c => out.push(c),
-        }
-    }
+    let out = escape_token(name);
     if out.len() <= MAX_TOKEN {
         return out;
     }
-    let digest = Sha256::digest(name.as_bytes());
-    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
     // `_h` cannot appear in an escaped name (`_` is always followed by `_`
     // or `d`), so hashed tokens never equal verbatim ones.
-    let mut cut = 80;
-    while !out.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    // Do not end the prefix in the middle of an escape.
-    let prefix = &out[..cut];
-    let trailing_underscores = prefix.chars().rev().take_while(|c| *c == '_').count();
-    let prefix = if trailing_underscores % 2 == 1 {
-        &prefix[..prefix.len() - 1]
-    } else {
-        prefix
-    };
-    format!("{prefix}_h{hex}")
+    format!("{}_h{}", escaped_prefix(&out, 80), digest_hex(name, 16))
 }
 
 #[cfg(test)]

@@ -15,10 +15,9 @@ use lapin::{
     BasicProperties,
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
+use switchyard_core::driver::support::{ID_HEADER as ID, KEY_HEADER as KEY};
 use switchyard_core::{Headers, Message};
 
-const ID: &str = "sy-id";
-const KEY: &str = "sy-key";
 const ATTEMPTS: &str = "sy-amqp-attempts";
 const ESCAPE: &str = "sy-u-";
 const DELIVERY_COUNT: &str = "x-delivery-count";

@@ -2,7 +2,10 @@
 
 use std::{fmt, time::Duration};
 
-use switchyard_core::{Error, Result};
+use switchyard_core::{
+    Result,
+    driver::support::{duration_param, invalid_url, positive_param},
+};
 
 /// Configuration of a [`RabbitBroker`](crate::RabbitBroker): the AMQP URI,
 /// timeouts, the confirm window and the limits used for queues.
@@ -88,12 +91,9 @@ impl RabbitConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidUrl`] saying what is wrong (without the password).
+    /// [`Error::InvalidUrl`](switchyard_core::Error::InvalidUrl) saying what is wrong (without the password).
     pub fn from_url(url: &str) -> Result<Self> {
-        let invalid = |reason: String| Error::InvalidUrl {
-            url: switchyard_core::redact_url(url),
-            reason,
-        };
+        let invalid = invalid_url(url);
         let Some((scheme, rest)) = url.split_once("://") else {
             return Err(invalid("expected an amqp:// or amqps:// URL".into()));
         };
@@ -152,10 +152,7 @@ impl RabbitConfig {
 
     /// Parses a URL with one host.
     fn from_one_url(url: &str) -> Result<Self> {
-        let invalid = |reason: String| Error::InvalidUrl {
-            url: switchyard_core::redact_url(url),
-            reason,
-        };
+        let invalid = invalid_url(url);
         if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
             return Err(invalid("expected an amqp:// or amqps:// URL".into()));
         }
@@ -175,21 +172,8 @@ impl RabbitConfig {
         };
         let mut passed: Vec<(String, String)> = Vec::new();
         for (k, v) in parsed.query_pairs() {
-            let duration = || {
-                humantime::parse_duration(&v)
-                    .map_err(|e| invalid(format!("{k}: {e} (expected e.g. `5s` or `500ms`)")))
-            };
-            let number = || {
-                v.parse::<usize>()
-                    .map_err(|_| invalid(format!("{k}: expected a positive integer")))
-                    .and_then(|n| {
-                        if n == 0 {
-                            Err(invalid(format!("{k}: must be positive")))
-                        } else {
-                            Ok(n)
-                        }
-                    })
-            };
+            let duration = || duration_param(&k, &v).map_err(&invalid);
+            let number = || positive_param(&k, &v).map_err(&invalid);
             match &*k {
                 // Read by `from_url`, across the hosts.
                 "prefer" => {}

@@ -14,7 +14,7 @@
 //!   arguments are a function of the name, so two clients never declare
 //!   one name differently).
 
-use sha2::{Digest, Sha256};
+use switchyard_core::driver::support::digest_hex;
 
 /// Prefix of every exchange and queue switchyard declares.
 pub(crate) const PREFIX: &str = "sy.";
@@ -34,10 +34,8 @@ pub(crate) fn queue(topic: &str, subscription: &str) -> String {
         return full;
     }
     let pair = &full[PREFIX.len()..];
-    let digest = Sha256::digest(pair.as_bytes());
-    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
     // Portable names are ASCII, so any byte index is a char boundary.
-    format!("{PREFIX}{}~{hex}", &pair[..120])
+    format!("{PREFIX}{}~{}", &pair[..120], digest_hex(pair, 16))
 }
 
 /// The wait queue holding a subscription's nacks delayed by `delay_ms`

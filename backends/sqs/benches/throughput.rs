@@ -28,7 +28,7 @@ use std::{
 use futures_util::{StreamExt, stream::FuturesUnordered};
 use omniqueue::{QueueProducer as _, backends::sqs as omni};
 use switchyard_conformance::bench::{self, Others, Rounds, SIZE, env_usize, rate};
-use switchyard_core::{Client, SubscribeOptions};
+use switchyard_core::{Client, SubscribeOptions, driver::support::ID_HEADER};
 use switchyard_sqs::{
     SqsBroker, SqsConfig,
     aws_sdk_sqs::{
@@ -73,7 +73,7 @@ async fn raw_publish(sqs: &aws_sdk_sqs::Client, url: &str, n: usize) -> Duration
                     .id(i.to_string())
                     .message_body(&body)
                     .message_attributes(
-                        "sy-id",
+                        ID_HEADER,
                         MessageAttributeValue::builder()
                             .data_type("String")
                             .string_value(switchyard_core::new_id())

@@ -13,7 +13,7 @@ use std::{collections::BTreeMap, time::SystemTime};
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use switchyard_core::{Headers, Message};
 
-pub(crate) const ID: &str = "sy-id";
+pub(crate) use switchyard_core::driver::support::ID_HEADER as ID;
 pub(crate) const META: &str = "sy-meta";
 
 /// A message as SQS or SNS carries it.

@@ -2,7 +2,10 @@
 
 use std::{fmt, time::Duration};
 
-use switchyard_core::{Error, Result};
+use switchyard_core::{
+    Result,
+    driver::support::{duration_param, invalid_url, positive_param},
+};
 
 /// How topics and subscriptions map onto SQS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,12 +97,9 @@ impl SqsConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidUrl`] saying what is wrong.
+    /// [`Error::InvalidUrl`](switchyard_core::Error::InvalidUrl) saying what is wrong.
     pub fn from_url(url: &str) -> Result<Self> {
-        let invalid = |reason: String| Error::InvalidUrl {
-            url: switchyard_core::redact_url(url),
-            reason,
-        };
+        let invalid = invalid_url(url);
         let rest = url
             .strip_prefix("sqs://")
             .ok_or_else(|| invalid("expected an sqs:// URL".into()))?;
@@ -111,16 +111,8 @@ impl SqsConfig {
         }
         let mut c = Self::default();
         for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-            let duration = || {
-                humantime::parse_duration(&v)
-                    .map_err(|e| invalid(format!("{k}: {e} (expected e.g. `5s`)")))
-            };
-            let number = || {
-                v.parse::<usize>()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| invalid(format!("{k}: expected a positive integer")))
-            };
+            let duration = || duration_param(&k, &v).map_err(&invalid);
+            let number = || positive_param(&k, &v).map_err(&invalid);
             match &*k {
                 "region" => c.region = Some(v.into_owned()),
                 "endpoint" => {

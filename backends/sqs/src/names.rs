@@ -7,7 +7,7 @@
 //! SHA-256 digest of the full one. FIFO queues and topics end in `.fifo`
 //! (within the same length limits).
 
-use sha2::{Digest, Sha256};
+use switchyard_core::driver::support::{digest_hex, escape_token, escaped_prefix};
 
 /// Longest SQS queue name.
 pub(crate) const MAX_QUEUE: usize = 80;
@@ -15,18 +15,6 @@ pub(crate) const MAX_QUEUE: usize = 80;
 pub(crate) const MAX_TOPIC: usize = 256;
 const PREFIX: &str = "sy-";
 const FIFO: &str = ".fifo";
-
-fn token(name: &str) -> String {
-    let mut out = String::with_capacity(name.len() + 8);
-    for c in name.chars() {
-        match c {
-            '_' => out.push_str("__"),
-            '.' => out.push_str("_d"),
-            c => out.push(c),
-        }
-    }
-    out
-}
 
 /// `PREFIX + body (+ .fifo)`, or a readable prefix of the body plus a
 /// digest when longer than `max`.
@@ -39,24 +27,19 @@ fn fit(body: &str, max: usize, fifo: bool) -> String {
     let max = max - suffix.len();
     let hex = digest_hex(body, 16);
     let keep = max - PREFIX.len() - 2 - hex.len();
-    let mut prefix = &body[..keep.min(body.len())];
-    // Do not end inside an escape (`_` starts one).
-    let underscores = prefix.chars().rev().take_while(|c| *c == '_').count();
-    if underscores % 2 == 1 {
-        prefix = &prefix[..prefix.len() - 1];
-    }
+    let prefix = escaped_prefix(body, keep);
     format!("{PREFIX}{prefix}_h{hex}{suffix}")
 }
 
 /// The queue of a topic in queue mode.
 pub(crate) fn topic_queue(topic: &str, fifo: bool) -> String {
-    fit(&token(topic), MAX_QUEUE, fifo)
+    fit(&escape_token(topic), MAX_QUEUE, fifo)
 }
 
 /// The queue of a subscription in fan-out mode.
 pub(crate) fn subscription_queue(topic: &str, subscription: &str, fifo: bool) -> String {
     fit(
-        &format!("{}_s{}", token(topic), token(subscription)),
+        &format!("{}_s{}", escape_token(topic), escape_token(subscription)),
         MAX_QUEUE,
         fifo,
     )
@@ -64,7 +47,7 @@ pub(crate) fn subscription_queue(topic: &str, subscription: &str, fifo: bool) ->
 
 /// The SNS topic of a topic in fan-out mode.
 pub(crate) fn sns_topic(topic: &str, fifo: bool) -> String {
-    fit(&token(topic), MAX_TOPIC, fifo)
+    fit(&escape_token(topic), MAX_TOPIC, fifo)
 }
 
 /// A FIFO `MessageGroupId` for a key (or, for a message without one, its
@@ -76,14 +59,6 @@ pub(crate) fn group_id(key: &str) -> String {
         return key.to_owned();
     }
     format!("{PREFIX}h{}", digest_hex(key, 32))
-}
-
-/// The first `bytes` bytes of the SHA-256 digest of `text`, in hex.
-fn digest_hex(text: &str, bytes: usize) -> String {
-    Sha256::digest(text.as_bytes())[..bytes]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 #[cfg(test)]
