@@ -406,27 +406,12 @@ pub async fn fault_broker_killed_twice(h: &dyn crate::Harness) -> crate::Outcome
         .await
         .expect("connect to the private broker");
     let topic = h.unique("fault-kill");
-    let flow = Flow::prepare(&client, &topic).await;
-    // RabbitMQ 3.10 loses a quorum queue declared within about 3 s of a
-    // kill (see the RabbitMQ backend's docs); no broker is killed sooner,
-    // with room for a loaded machine.
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    let flow = flow
-        .start(&client, &topic, KILLED_MESSAGES, Duration::from_millis(1))
-        .await;
+    let flow = Flow::steady(&client, &topic, KILLED_MESSAGES).await;
 
     // The kills fall a third and two thirds of the way through.
     let mut restarts = Vec::new();
     for third in 1..=2 {
-        let started = Instant::now();
-        while flow.confirmed() < KILLED_MESSAGES * third / 3 {
-            assert!(
-                started.elapsed() < FLOW_BOUND,
-                "publishing stalled at {} confirmed",
-                flow.confirmed()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        flow.wait_confirmed(KILLED_MESSAGES * third / 3).await;
         broker.kill();
         tokio::time::sleep(DOWN).await;
         broker.restart().await;
@@ -692,6 +677,37 @@ const RUNTIME: &str = "runtime";
 const RAW: &str = "raw";
 
 impl Flow {
+    /// The flow of the kill cases: both subscriptions declared, then (after
+    /// a pause no fault may fall into) `n` messages published one every
+    /// millisecond.
+    async fn steady(client: &switchyard_core::Client, topic: &str, n: usize) -> Flow {
+        let prepared = Flow::prepare(client, topic).await;
+        // RabbitMQ 3.10 loses a quorum queue declared within about 3 s of a
+        // kill (see the RabbitMQ backend's docs); no broker is killed
+        // sooner, with room for a loaded machine.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        prepared
+            .start(client, topic, n, Duration::from_millis(1))
+            .await
+    }
+
+    /// Waits until `n` publishes are confirmed.
+    ///
+    /// # Panics
+    ///
+    /// When publishing stalls for [`FLOW_BOUND`].
+    async fn wait_confirmed(&self, n: usize) {
+        let started = Instant::now();
+        while self.confirmed() < n {
+            assert!(
+                started.elapsed() < FLOW_BOUND,
+                "publishing stalled at {} confirmed",
+                self.confirmed()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn prepare(client: &switchyard_core::Client, topic: &str) -> Prepared {
         use switchyard_core::SubscribeOptions;
         for name in [RUNTIME, RAW] {
