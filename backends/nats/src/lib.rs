@@ -59,11 +59,13 @@
 //! # Ok(()) }
 //! ```
 
-mod backend;
+mod broker;
 mod codec;
 mod config;
+mod error;
 mod names;
+mod receiver;
 
 pub use async_nats;
-pub use backend::{NatsBroker, connect};
+pub use broker::{NatsBroker, connect};
 pub use config::NatsConfig;

@@ -1,26 +1,14 @@
-//! The JetStream backend: publisher, subscriber, receivers and ackers.
+//! The JetStream backend's receivers and ackers: pulling within the
+//! prefetch, keeping leases, settling, handing back on close.
 
-use std::{
-    collections::HashMap,
-    fmt,
-    pin::Pin,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::HashMap, fmt, pin::Pin, sync::Arc, time::Duration};
 
-use async_nats::jetstream::{
-    self, AckKind,
-    consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
-    context::PublishErrorKind,
-    message::PublishMessage,
-    stream::{self, RetentionPolicy},
-};
+use async_nats::jetstream::{self, AckKind, consumer::pull};
 use async_trait::async_trait;
-use futures_util::{FutureExt, StreamExt, stream::FuturesOrdered};
+use futures_util::{FutureExt, StreamExt};
 use switchyard_core::{
-    Acker, Broker, Capabilities, Client, Error, KeyOrdering, Message, Publisher, RawDelivery,
-    Receiver, Result, SubscribeOptions, Subscriber,
-    driver::{Outstanding, ReceiverSet, SlowStart},
+    Acker, Error, RawDelivery, Receiver, Result, SubscribeOptions,
+    driver::{Outstanding, SlowStart},
 };
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
@@ -28,636 +16,39 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{NatsConfig, codec, names::token};
-
-/// Bytes of the server's `max_payload` kept for headers: the payload limit
-/// switchyard reports is the server's minus this.
-const HEADER_RESERVE: usize = 16 * 1024;
-/// Longest a pull request waits on the server before it is renewed. Short,
-/// because a closing receiver cannot withdraw its open requests and must
-/// delay the NAKs of what it hands back until they expired (see
-/// `ReceiverShared::shutdown`).
-const PULL_EXPIRES: Duration = Duration::from_secs(2);
-/// How long a closing receiver waits for its state: a receive being
-/// cancelled gives it up at once, one parked and never polled again never
-/// does.
-const STATE_WAIT: Duration = Duration::from_millis(200);
-/// Added to a pull request's expiry for the server's view of it (it counts
-/// from when the request arrived).
-const EXPIRY_MARGIN: Duration = Duration::from_millis(250);
-/// Silence after which open pull requests are presumed lost (a reconnect
-/// drops them without the server reporting their end).
-const STALLED: Duration = Duration::from_secs(10);
-/// Pause after a failed pull before the next one.
-const PULL_RETRY: Duration = Duration::from_millis(500);
-
-/// A topic whose stream is known to exist, with its subject.
-struct TopicState {
-    stream: stream::Stream,
-    subject: String,
-}
-
-struct Inner {
-    client: async_nats::Client,
-    js: jetstream::Context,
-    config: NatsConfig,
-    server_max_payload: usize,
-    /// Topics whose stream is known to exist.
-    streams: Mutex<HashMap<String, Arc<TopicState>>>,
-    closed: CancellationToken,
-    receivers: ReceiverSet<ReceiverShared>,
-    /// Set while the server refuses the credentials on reconnect.
-    refused: Arc<Refused>,
-}
-
-/// A connection to NATS JetStream implementing switchyard's backend traits.
-///
-/// Topic → a stream capturing one subject (interest retention: a message is
-/// kept until every subscription acked it); subscription → a durable pull
-/// consumer with explicit acks. Cheap to clone.
-#[derive(Clone)]
-pub struct NatsBroker {
-    inner: Arc<Inner>,
-}
-
-impl fmt::Debug for NatsBroker {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NatsBroker")
-            .field("config", &self.inner.config)
-            .field("closed", &self.inner.closed.is_cancelled())
-            .finish_non_exhaustive()
-    }
-}
-
-/// Connects to NATS from a `nats://` URL and returns a [`Client`].
-///
-/// # Errors
-///
-/// [`Error::InvalidUrl`] for a malformed URL; [`Error::Connection`] when no
-/// server answers within the connect timeout; [`Error::Authentication`] when
-/// the server refuses the credentials.
-pub async fn connect(url: &str) -> Result<Client> {
-    Ok(Client::new(
-        NatsBroker::connect(NatsConfig::from_url(url)?).await?,
-    ))
-}
-
-/// Whether the server refuses this client's credentials on reconnect
-/// (async-nats then keeps trying, silently), and what it said; cleared once
-/// a connect succeeds. Read on every publish and receive: one atomic load
-/// while all is well.
-#[derive(Default)]
-struct Refused {
-    now: std::sync::atomic::AtomicBool,
-    said: Mutex<Option<String>>,
-}
-
-impl Refused {
-    fn set(&self, said: Option<String>) {
-        let mut guard = self.said.lock().unwrap_or_else(|p| p.into_inner());
-        self.now
-            .store(said.is_some(), std::sync::atomic::Ordering::Release);
-        *guard = said;
-    }
-
-    /// [`Error::Authentication`] while the server refuses the credentials.
-    fn error(&self) -> Option<Error> {
-        if !self.now.load(std::sync::atomic::Ordering::Acquire) {
-            return None;
-        }
-        let said = self
-            .said
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()?;
-        Some(Error::Authentication {
-            message: format!("the NATS server refuses this client's credentials: {said}"),
-            source: None,
-        })
-    }
-}
-
-/// Keeps `refused` up to date from the client's connection events.
-fn watch_credentials(
-    options: async_nats::ConnectOptions,
-    refused: &Arc<Refused>,
-) -> async_nats::ConnectOptions {
-    let refused = Arc::clone(refused);
-    options.event_callback(move |event| {
-        let refused = Arc::clone(&refused);
-        async move {
-            let said = match event {
-                async_nats::Event::Connected => None,
-                async_nats::Event::ServerError(async_nats::ServerError::AuthorizationViolation) => {
-                    Some("authorization violation".to_owned())
-                }
-                async_nats::Event::ClientError(async_nats::ClientError::Other(e))
-                    if e.contains("authorization violation") || e.contains("signing nonce") =>
-                {
-                    Some(e)
-                }
-                _ => return,
-            };
-            refused.set(said);
-        }
-    })
-}
-
-fn connect_error(e: async_nats::ConnectError, servers: &[String]) -> Error {
-    use async_nats::ConnectErrorKind as K;
-    let message = format!(
-        "connecting to {}: {e}",
-        servers
-            .iter()
-            .map(|s| switchyard_core::redact_url(s))
-            .collect::<Vec<_>>()
-            .join(",")
-    );
-    match e.kind() {
-        K::AuthorizationViolation | K::Authentication => Error::Authentication {
-            message,
-            source: Some(Box::new(e)),
-        },
-        K::TimedOut => Error::Connection {
-            message,
-            source: Some(Box::new(e)),
-        },
-        _ => Error::connection(message, e),
-    }
-}
-
-fn js_error(
-    what: &str,
-    e: impl std::error::Error + Send + Sync + 'static,
-    retryable: bool,
-) -> Error {
-    Error::broker(format!("{what}: {e}"), retryable, Some(Box::new(e)))
-}
-
-impl NatsBroker {
-    /// Connects with `config`.
-    ///
-    /// # Errors
-    ///
-    /// As for [`connect`].
-    pub async fn connect(config: NatsConfig) -> Result<Self> {
-        let mut options = async_nats::ConnectOptions::new()
-            .name("switchyard")
-            .connection_timeout(config.connect_timeout)
-            .request_timeout(Some(config.request_timeout))
-            .require_tls(config.require_tls);
-        if let (Some(u), Some(p)) = (&config.user, &config.password) {
-            options = options.user_and_password(u.clone(), p.clone());
-        }
-        if let Some(t) = &config.token {
-            options = options.token(t.clone());
-        }
-        if let Some(path) = &config.credentials_file {
-            options = options.credentials_file(path).await.map_err(|e| {
-                Error::Config(format!(
-                    "reading NATS credentials file {}: {e}",
-                    path.display()
-                ))
-            })?;
-        }
-        if config.retain_server_order {
-            options = options.retain_servers_order();
-        }
-        let refused = Arc::<Refused>::default();
-        options = watch_credentials(options, &refused);
-        let servers: Vec<async_nats::ServerAddr> = config
-            .servers
-            .iter()
-            .map(|s| s.parse())
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| Error::InvalidUrl {
-                url: config.servers.join(","),
-                reason: format!("bad server address: {e}"),
-            })?;
-        // Bound the whole connect (DNS, TCP, TLS, handshake), not just TCP.
-        let client = tokio::time::timeout(config.connect_timeout, options.connect(servers))
-            .await
-            .map_err(|_| Error::Connection {
-                message: format!(
-                    "no NATS server answered within {:?}",
-                    config.connect_timeout
-                ),
-                source: None,
-            })?
-            .map_err(|e| connect_error(e, &config.servers))?;
-        let js = jetstream::ContextBuilder::new()
-            .timeout(config.request_timeout)
-            .max_ack_inflight(config.publish_window.max(1024))
-            .backpressure_on_inflight(true)
-            .build(client.clone());
-        let server_max_payload = client.server_info().max_payload;
-        Ok(Self {
-            inner: Arc::new(Inner {
-                client,
-                js,
-                config,
-                server_max_payload,
-                streams: Mutex::new(HashMap::new()),
-                closed: CancellationToken::new(),
-                receivers: ReceiverSet::new(),
-                refused,
-            }),
-        })
-    }
-
-    /// The native async-nats client (escape hatch).
-    #[must_use]
-    pub fn nats_client(&self) -> &async_nats::Client {
-        &self.inner.client
-    }
-
-    /// The native JetStream context (escape hatch).
-    #[must_use]
-    pub fn jetstream(&self) -> &jetstream::Context {
-        &self.inner.js
-    }
-
-    /// The JetStream stream name used for `topic`.
-    #[must_use]
-    pub fn stream_name(&self, topic: &str) -> String {
-        format!("{}{}", self.inner.config.stream_prefix, token(topic))
-    }
-
-    /// The subject messages of `topic` are published on.
-    #[must_use]
-    pub fn subject(&self, topic: &str) -> String {
-        format!("{}.{}", self.inner.config.subject_prefix, token(topic))
-    }
-
-    /// The durable consumer name used for a subscription.
-    #[must_use]
-    pub fn consumer_name(&self, subscription: &str) -> String {
-        token(subscription)
-    }
-
-    fn limit(&self) -> usize {
-        self.inner.server_max_payload.saturating_sub(HEADER_RESERVE)
-    }
-
-    fn check_open(&self) -> Result<()> {
-        if self.inner.closed.is_cancelled() {
-            Err(Error::Closed)
-        } else {
-            self.inner.refused.error().map_or(Ok(()), Err)
-        }
-    }
-
-    /// `e`, or [`Error::Authentication`] when it is a transient failure
-    /// while the server refuses the credentials (which waiting will not
-    /// mend).
-    fn refused_instead(&self, e: Error) -> Error {
-        if e.is_retryable() {
-            self.inner.refused.error().unwrap_or(e)
-        } else {
-            e
-        }
-    }
-
-    async fn stream(&self, topic: &str) -> Result<stream::Stream> {
-        Ok(self.topic(topic).await?.stream.clone())
-    }
-
-    /// The topic's stream (created when missing) and subject; cached, so the
-    /// publish path costs one map lookup.
-    async fn topic(&self, topic: &str) -> Result<Arc<TopicState>> {
-        if let Some(s) = self
-            .inner
-            .streams
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(topic)
-        {
-            return Ok(Arc::clone(s));
-        }
-        let c = &self.inner.config;
-        let config = stream::Config {
-            name: self.stream_name(topic),
-            subjects: vec![self.subject(topic)],
-            retention: RetentionPolicy::Interest,
-            storage: c.storage,
-            max_age: c.max_age,
-            max_bytes: c.max_bytes,
-            num_replicas: c.replicas,
-            description: Some(format!("switchyard topic {topic}")),
-            ..Default::default()
-        };
-        let s = self
-            .inner
-            .js
-            .get_or_create_stream(config)
-            .await
-            .map_err(|e| js_error(&format!("creating stream for topic {topic}"), e, true))?;
-        let state = Arc::new(TopicState {
-            stream: s,
-            subject: self.subject(topic),
-        });
-        self.inner
-            .streams
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(topic.to_owned(), Arc::clone(&state));
-        Ok(state)
-    }
-
-    fn forget_stream(&self, topic: &str) {
-        self.inner
-            .streams
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(topic);
-    }
-
-    /// Encodes and size-checks a message.
-    fn prepare(&self, message: &Message) -> Result<async_nats::HeaderMap> {
-        let (headers, header_bytes) = codec::encode(message)?;
-        let limit = self.limit();
-        let size = message.payload().len() + header_bytes.saturating_sub(HEADER_RESERVE);
-        if size > limit {
-            return Err(Error::PayloadTooLarge { size, limit });
-        }
-        Ok(headers)
-    }
-
-    /// Sends one publish; the returned future resolves on the PubAck.
-    async fn send(
-        &self,
-        subject: &str,
-        message: &Message,
-    ) -> Result<jetstream::context::PublishAckFuture> {
-        let headers = self.prepare(message)?;
-        // No Nats-Msg-Id: the message id is not used for JetStream's
-        // de-duplication, because an intentional re-publish of the same id
-        // (redrive, bridging) must be kept, not dropped as a duplicate.
-        let publish = PublishMessage::build()
-            .payload(message.payload().clone())
-            .headers(headers);
-        self.inner
-            .js
-            .send_publish(subject.to_owned(), publish)
-            .await
-            .map_err(|e| js_error("sending publish", e, true))
-    }
-
-    async fn confirm(&self, topic: &str, ack: jetstream::context::PublishAckFuture) -> Result<()> {
-        match ack.await {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
-                self.forget_stream(topic);
-                Err(Error::broker(
-                    format!("stream for topic {topic} is gone (it is re-created on retry): {e}"),
-                    true,
-                    Some(Box::new(e)),
-                ))
-            }
-            Err(e) if e.kind() == PublishErrorKind::TimedOut => Err(Error::Timeout {
-                operation: "JetStream publish acknowledgement",
-                after: self.inner.config.request_timeout,
-            }),
-            Err(e) => Err(js_error("publish not acknowledged", e, true)),
-        }
-    }
-
-    fn consumer_config(&self, options: &SubscribeOptions) -> pull::Config {
-        pull::Config {
-            durable_name: Some(self.consumer_name(options.name())),
-            description: Some(format!("switchyard subscription {}", options.name())),
-            ack_policy: AckPolicy::Explicit,
-            ack_wait: options.ack_timeout_value(),
-            // Unlimited: switchyard dead-letters after max_attempts itself.
-            max_deliver: -1,
-            deliver_policy: DeliverPolicy::New,
-            max_ack_pending: self
-                .inner
-                .config
-                .max_ack_pending
-                .max(options.prefetch_limit() as i64),
-            ..Default::default()
-        }
-    }
-
-    async fn consumer(&self, topic: &str, options: &SubscribeOptions) -> Result<PullConsumer> {
-        let stream = self.stream(topic).await?;
-        let config = self.consumer_config(options);
-        let name = self.consumer_name(options.name());
-        match stream.get_consumer::<pull::Config>(&name).await {
-            Ok(existing) => {
-                let c = &existing.cached_info().config;
-                if c.ack_wait == config.ack_wait && c.max_ack_pending == config.max_ack_pending {
-                    return Ok(existing);
-                }
-                // Creating a durable with a changed config updates it.
-                stream
-                    .create_consumer(config)
-                    .await
-                    .map_err(|e| js_error(&format!("updating consumer {name}"), e, true))
-            }
-            Err(_) => match stream.create_consumer(config).await {
-                Ok(c) => Ok(c),
-                Err(e) => {
-                    // Created concurrently by another client: use it.
-                    stream
-                        .get_consumer(&name)
-                        .await
-                        .map_err(|_| js_error(&format!("creating consumer {name}"), e, true))
-                }
-            },
-        }
-    }
-}
-
-#[async_trait]
-impl Publisher for NatsBroker {
-    async fn publish(&self, topic: &str, message: Message) -> Result<()> {
-        self.check_open()?;
-        let published = async {
-            let t = self.topic(topic).await?;
-            let ack = self.send(&t.subject, &message).await?;
-            // A stream deleted behind our back is forgotten by `confirm`, and
-            // the retryable error makes the caller's retry create it again.
-            self.confirm(topic, ack).await
-        };
-        published.await.map_err(|e| self.refused_instead(e))
-    }
-
-    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Vec<Result<()>> {
-        if let Err(e) = self.check_open() {
-            return messages.iter().map(|_| Err(e.replicate())).collect();
-        }
-        let t = match self.topic(topic).await {
-            Ok(t) => t,
-            Err(e) => return messages.iter().map(|_| Err(e.replicate())).collect(),
-        };
-        // Pipeline: keep up to `publish_window` acknowledgements in flight.
-        let window = self.inner.config.publish_window;
-        let mut results: Vec<Option<Result<()>>> = (0..messages.len()).map(|_| None).collect();
-        let mut in_flight = FuturesOrdered::new();
-        let subject = &t.subject;
-        for (i, message) in messages.iter().enumerate() {
-            if in_flight.len() >= window {
-                if let Some((j, r)) = in_flight.next().await {
-                    results[j] = Some(r);
-                }
-            }
-            match self.send(subject, message).await {
-                Ok(ack) => in_flight.push_back(async move { (i, self.confirm(topic, ack).await) }),
-                Err(e) => results[i] = Some(Err(e)),
-            }
-        }
-        while let Some((j, r)) = in_flight.next().await {
-            results[j] = Some(r);
-        }
-        results
-            .into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| Err(Error::broker("publish result missing", true, None)))
-                    .map_err(|e| self.refused_instead(e))
-            })
-            .collect()
-    }
-
-    async fn close(&self) -> Result<()> {
-        if self.inner.closed.is_cancelled() {
-            return Ok(());
-        }
-        self.inner.closed.cancel();
-        // Flush what was accepted; bounded, as the server may be unreachable
-        // (async-nats holds commands while it reconnects).
-        let bound = self.inner.config.request_timeout;
-        match tokio::time::timeout(bound, self.inner.client.flush()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Error::connection("flushing on close", e)),
-            Err(_) => Err(Error::Timeout {
-                operation: "flushing on close",
-                after: bound,
-            }),
-        }
-    }
-}
-
-#[async_trait]
-impl Subscriber for NatsBroker {
-    async fn ensure_topic(&self, topic: &str) -> Result<()> {
-        self.check_open()?;
-        self.topic(topic).await.map(|_| ())
-    }
-
-    async fn ensure_subscription(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
-        self.check_open()?;
-        self.consumer(topic, options).await.map(|_| ())
-    }
-
-    async fn receiver(&self, topic: &str, options: &SubscribeOptions) -> Result<Box<dyn Receiver>> {
-        self.check_open()?;
-        let consumer = self.consumer(topic, options).await?;
-        let info = consumer.cached_info();
-        let next_subject = format!(
-            "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
-            info.stream_name, info.name
-        );
-        // Each pull request replies to `<inbox>.<n>`; one wildcard
-        // subscription receives them all, in the order the server sent them.
-        let inbox_subject = self.inner.client.new_inbox();
-        let inbox = self
-            .inner
-            .client
-            .subscribe(format!("{inbox_subject}.*"))
-            .await
-            .map_err(|e| js_error("subscribing to the pull inbox", e, true))?;
-        let shared = Arc::new(ReceiverShared {
-            cancel: self.inner.closed.child_token(),
-            permits: Arc::new(Semaphore::new(options.prefetch_limit())),
-            prefetch: options.prefetch_limit(),
-            stream_name: self.stream_name(topic),
-            consumer_name: info.name.clone(),
-            refused: Arc::clone(&self.inner.refused),
-            // A memory-storage stream and its consumers do not survive a
-            // server restart: such a receiver creates them again.
-            recreate: (self.inner.config.storage == stream::StorageType::Memory)
-                .then(|| (self.clone(), topic.to_owned(), options.clone())),
-            next_subject,
-            inbox_subject,
-            state: tokio::sync::Mutex::new(PullState {
-                inbox,
-                reserved: Vec::new(),
-                requests: HashMap::new(),
-                next_request: 0,
-                stall: Box::pin(tokio::time::sleep(STALLED)),
-                last_activity: Instant::now(),
-                suspect: false,
-                gone: None,
-                pulled: std::collections::VecDeque::new(),
-            }),
-            js: self.inner.js.clone(),
-            client: self.inner.client.clone(),
-            request_timeout: self.inner.config.request_timeout,
-            outstanding: Arc::default(),
-            slow: SlowStart::new(),
-            ack_wait: options.ack_timeout_value(),
-        });
-        tokio::spawn(keep_leases(Arc::downgrade(&shared)));
-        self.inner.receivers.insert(&shared);
-        Ok(Box::new(NatsReceiver { shared }))
-    }
-
-    async fn close(&self) -> Result<()> {
-        self.inner.closed.cancel();
-        for r in self.inner.receivers.take_live() {
-            r.shutdown().await;
-        }
-        // Sends what is buffered (acks included), then closes the connection.
-        let _ = tokio::time::timeout(self.inner.config.request_timeout, self.inner.client.drain())
-            .await;
-        Ok(())
-    }
-}
-
-impl Broker for NatsBroker {
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::new(self.limit())
-            .with_backend("nats")
-            .with_ordering(KeyOrdering::PerKey)
-            .with_native_delay(true)
-            .with_returns_count_attempts(true)
-            .with_fan_out(true)
-            .with_competing_consumers(true)
-            .with_replay(false)
-            .with_persistent(self.inner.config.storage == stream::StorageType::File)
-            .with_min_ack_timeout(Duration::from_millis(100))
-    }
-}
+use crate::{
+    broker::{EXPIRY_MARGIN, NatsBroker, PULL_EXPIRES, PULL_RETRY, Refused, STALLED, STATE_WAIT},
+    codec,
+    error::js_error,
+};
 
 /// The consumer's pulling state, kept across cancelled receives.
-struct PullState {
+pub(crate) struct PullState {
     /// The one inbox every pull request of this consumer replies to: the
     /// server sends in stream order, so one inbox keeps that order even with
     /// several pull requests outstanding.
-    inbox: async_nats::Subscriber,
+    pub(crate) inbox: async_nats::Subscriber,
     /// Permits of messages requested but not yet received.
-    reserved: Vec<OwnedSemaphorePermit>,
+    pub(crate) reserved: Vec<OwnedSemaphorePermit>,
     /// Open pull requests (reply subject suffix) → messages still to come,
     /// and when the request was sent.
-    requests: HashMap<u64, (usize, Instant)>,
-    next_request: u64,
+    pub(crate) requests: HashMap<u64, (usize, Instant)>,
+    pub(crate) next_request: u64,
     /// Last time the server said anything on the inbox (or we asked).
-    last_activity: Instant,
+    pub(crate) last_activity: Instant,
     /// Fires when the server has been silent for [`STALLED`].
-    stall: Pin<Box<tokio::time::Sleep>>,
+    pub(crate) stall: Pin<Box<tokio::time::Sleep>>,
     /// A pull request ended as if the consumer were gone (409 "Consumer
     /// Deleted", 503 no responders, or the server silent for [`STALLED`]):
     /// `recv` asks the server whether it is.
-    suspect: bool,
+    pub(crate) suspect: bool,
     /// Set once the consumer or its stream was found deleted: every
     /// receive returns it.
-    gone: Option<Error>,
+    pub(crate) gone: Option<Error>,
     /// Messages taken off the inbox by [`keep_leases`] while no receive
     /// ran, in arrival order, each with when its ack wait last (re)started
     /// at the latest: `recv` takes these first.
-    pulled: std::collections::VecDeque<(async_nats::Message, Instant)>,
+    pub(crate) pulled: std::collections::VecDeque<(async_nats::Message, Instant)>,
 }
 
 impl PullState {
@@ -671,34 +62,34 @@ impl PullState {
     }
 }
 
-struct ReceiverShared {
-    cancel: CancellationToken,
+pub(crate) struct ReceiverShared {
+    pub(crate) cancel: CancellationToken,
     /// One permit per delivery this consumer may hold (its prefetch).
-    permits: Arc<Semaphore>,
-    prefetch: usize,
-    stream_name: String,
-    consumer_name: String,
+    pub(crate) permits: Arc<Semaphore>,
+    pub(crate) prefetch: usize,
+    pub(crate) stream_name: String,
+    pub(crate) consumer_name: String,
     /// The client's credential state ([`Refused`]).
-    refused: Arc<Refused>,
+    pub(crate) refused: Arc<Refused>,
     /// With memory storage: how to create the stream and consumer again
     /// when a server restart lost them.
-    recreate: Option<(NatsBroker, String, SubscribeOptions)>,
+    pub(crate) recreate: Option<(NatsBroker, String, SubscribeOptions)>,
     /// `$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`.
-    next_subject: String,
-    inbox_subject: String,
-    state: tokio::sync::Mutex<PullState>,
-    js: jetstream::Context,
-    client: async_nats::Client,
+    pub(crate) next_subject: String,
+    pub(crate) inbox_subject: String,
+    pub(crate) state: tokio::sync::Mutex<PullState>,
+    pub(crate) js: jetstream::Context,
+    pub(crate) client: async_nats::Client,
     /// Bound on sends to the connection and on flushing.
-    request_timeout: Duration,
+    pub(crate) request_timeout: Duration,
     /// Reply subjects of the deliveries handed out and not settled: `close`
     /// NAKs them, so they come back at once rather than after the ack wait.
-    outstanding: Arc<Outstanding<async_nats::Subject>>,
+    pub(crate) outstanding: Arc<Outstanding<async_nats::Subject>>,
     /// One message at a time until a first delivery shows that the head of
     /// the stream is not what crashed the last consumer.
-    slow: SlowStart,
+    pub(crate) slow: SlowStart,
     /// The consumer's ack wait (the ack timeout).
-    ack_wait: Duration,
+    pub(crate) ack_wait: Duration,
 }
 
 /// Whether an inbox message is a delivery (not a pull request's status).
@@ -718,7 +109,7 @@ const KEEP_TICK: Duration = Duration::from_millis(250);
 /// delivery) for those with less than half of it left — else they would come
 /// back to another consumer at a raised count while this one still hands
 /// them out. Ends with the receiver.
-async fn keep_leases(shared: std::sync::Weak<ReceiverShared>) {
+pub(crate) async fn keep_leases(shared: std::sync::Weak<ReceiverShared>) {
     let (tick, cancel) = match shared.upgrade() {
         Some(s) => ((s.ack_wait / 4).max(KEEP_TICK), s.cancel.clone()),
         None => return,
@@ -778,7 +169,7 @@ impl ReceiverShared {
     /// holding the state lock is waited for no longer than [`STATE_WAIT`]
     /// (then the inbox is left to the connection and the NAKs wait a whole
     /// pull expiry).
-    async fn shutdown(&self) {
+    pub(crate) async fn shutdown(&self) {
         self.cancel.cancel();
         let mut unseen = Vec::new();
         // Without the state (held by a receive parked and never polled
@@ -1069,8 +460,8 @@ impl fmt::Debug for ReceiverShared {
 }
 
 #[derive(Debug)]
-struct NatsReceiver {
-    shared: Arc<ReceiverShared>,
+pub(crate) struct NatsReceiver {
+    pub(crate) shared: Arc<ReceiverShared>,
 }
 
 #[async_trait]
