@@ -89,12 +89,14 @@
 //! # Ok(()) }
 //! ```
 
-mod backend;
 mod book;
+mod broker;
 mod codec;
 mod config;
+mod error;
 mod names;
+mod receiver;
 
-pub use backend::{RabbitBroker, connect};
+pub use broker::{RabbitBroker, connect};
 pub use config::RabbitConfig;
 pub use lapin;
