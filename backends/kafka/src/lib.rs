@@ -114,15 +114,16 @@
 //! # Ok(()) }
 //! ```
 
-mod backend;
+mod broker;
 mod codec;
 mod config;
+mod error;
 mod names;
 mod offsets;
 mod producer;
 mod receiver;
 
-pub use backend::{KafkaBroker, connect};
+pub use broker::{KafkaBroker, connect};
 pub use config::KafkaConfig;
 pub use producer::{Batch, DeliveryReports, KafkaProducer};
 pub use rdkafka;

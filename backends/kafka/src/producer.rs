@@ -18,7 +18,7 @@ use rdkafka::{
 };
 use tokio::sync::Notify;
 
-use crate::{backend::lock, codec};
+use crate::{broker::lock, codec};
 
 /// switchyard's producer: librdkafka's threaded producer with
 /// [`DeliveryReports`] as its context.

@@ -34,8 +34,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    backend::{BrokerInner, base_config, blocking, kafka_error, lock},
+    broker::{BrokerInner, base_config, blocking, lock},
     codec::{self, Retry},
+    error::kafka_error,
     names,
     offsets::{Gate, Journal, Track, Write},
 };

@@ -1,4 +1,5 @@
-//! The Kafka backend: producer, admin client, receivers, ackers.
+//! The Kafka backend's broker: connecting, the admin client, topics and
+//! groups, publishing through the producer.
 
 use std::{
     collections::HashSet,
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     KafkaConfig,
     codec::{self, Retry},
+    error::kafka_error,
     names,
     producer::{Batch, DeliveryReports, KafkaProducer},
     receiver::{KafkaReceiver, RecvInner},
@@ -38,63 +40,6 @@ const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(1);
 /// How much longer than `publish_timeout` a publish waits for librdkafka's
 /// own verdict (its message timeouts are scanned about once a second).
 const REPORT_MARGIN: Duration = Duration::from_secs(1);
-
-/// Maps a librdkafka error: transport and timeouts → connection errors;
-/// authentication → [`Error::Authentication`]; the rest → broker errors.
-pub(crate) fn kafka_error(what: &str, e: KafkaError) -> Error {
-    let text = format!("{what}: {e}");
-    // rdkafka reports no code for a failed admin operation, though it has
-    // one (a create-topics request timed out on a dead link, say).
-    let code = match &e {
-        KafkaError::AdminOp(code) => Some(*code),
-        other => other.rdkafka_error_code(),
-    };
-    match code {
-        Some(
-            RDKafkaErrorCode::BrokerTransportFailure
-            | RDKafkaErrorCode::AllBrokersDown
-            | RDKafkaErrorCode::Resolve
-            | RDKafkaErrorCode::OperationTimedOut
-            | RDKafkaErrorCode::MessageTimedOut
-            | RDKafkaErrorCode::RequestTimedOut
-            | RDKafkaErrorCode::NetworkException,
-        ) => Error::connection(text, e),
-        Some(
-            RDKafkaErrorCode::Authentication
-            | RDKafkaErrorCode::SaslAuthenticationFailed
-            | RDKafkaErrorCode::TopicAuthorizationFailed
-            | RDKafkaErrorCode::GroupAuthorizationFailed
-            | RDKafkaErrorCode::ClusterAuthorizationFailed,
-        ) => Error::Authentication {
-            message: text,
-            source: Some(Box::new(e)),
-        },
-        code => {
-            let retryable = matches!(
-                code,
-                Some(
-                    RDKafkaErrorCode::LeaderNotAvailable
-                        | RDKafkaErrorCode::NotLeaderForPartition
-                        | RDKafkaErrorCode::UnknownTopicOrPartition
-                        | RDKafkaErrorCode::NotEnoughReplicas
-                        | RDKafkaErrorCode::NotEnoughReplicasAfterAppend
-                        | RDKafkaErrorCode::QueueFull
-                        | RDKafkaErrorCode::CoordinatorNotAvailable
-                        | RDKafkaErrorCode::NotCoordinator
-                        | RDKafkaErrorCode::RebalanceInProgress
-                        | RDKafkaErrorCode::KafkaStorageError
-                        // UNKNOWN_SERVER_ERROR: the broker failed the
-                        // request unexpectedly (tansu answers produces so
-                        // while it restarts); nothing was stored, and a
-                        // retry with the same id cannot lose or reorder
-                        // more than at-least-once allows.
-                        | RDKafkaErrorCode::Unknown
-                )
-            );
-            Error::broker(text, retryable, Some(Box::new(e)))
-        }
-    }
-}
 
 pub(crate) fn millis(d: Duration) -> String {
     d.as_millis().max(1).to_string()
