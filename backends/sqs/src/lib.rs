@@ -83,12 +83,14 @@
 //! # Ok(()) }
 //! ```
 
-mod backend;
+mod broker;
 mod codec;
 mod config;
+mod error;
 mod names;
+mod receiver;
 
 pub use aws_sdk_sns;
 pub use aws_sdk_sqs;
-pub use backend::{SqsBroker, connect};
+pub use broker::{SqsBroker, connect};
 pub use config::{Mode, SqsConfig};
