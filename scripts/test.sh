@@ -43,7 +43,7 @@ trap cleanup EXIT
 # it, which is what a consumer busy past its ack timeout looks like: the
 # cases for exactly that (prefetched_deliveries_keep_their_lease) pass.
 # The cluster cases start clusters of broker processes of their own, not
-# containers: they run once, in the main run.
+# containers: they run once, after both lanes (below).
 cargo test --workspace --all-features --no-run "$@"
 lane_log=""
 if [ "$containers" = 1 ]; then
@@ -75,7 +75,7 @@ for _, where, exe in sorted(found):
 fi
 
 main_status=0
-cargo test --workspace --all-features "$@" || main_status=$?
+cargo test --workspace --all-features "$@" -- --skip cluster_ || main_status=$?
 
 if [ -n "$lane_pid" ]; then
     lane_status=0
@@ -93,6 +93,12 @@ if [ "$main_status" != 0 ]; then
     echo "the main run failed" >&2
     exit "$main_status"
 fi
+
+# The cluster cases (three broker processes each, started by the cases)
+# run once both lanes are done, alone: they load the machine more than any
+# other case, and the lanes' timing cases should not share it with them.
+echo "==> the cluster cases"
+cargo test -p switchyard-nats -p switchyard-rabbitmq --all-features --test it "$@" -- cluster_
 
 # The examples must keep running: on the memory broker, NATS, RabbitMQ, SQS and Kafka.
 echo "==> examples"
