@@ -194,11 +194,13 @@ impl NatsConfig {
     }
 
     /// Servers to connect to (a cluster's nodes; replaces the list given
-    /// to [`new`](Self::new)). By default the client tries them in a
-    /// random order, which spreads a fleet's connections over the nodes.
+    /// to [`new`](Self::new), and any preference). The client tries them in
+    /// a random order, which spreads a fleet's connections over the nodes;
+    /// call [`prefer_server`](Self::prefer_server) after it to pick one.
     #[must_use]
     pub fn servers<S: Into<String>>(mut self, servers: impl IntoIterator<Item = S>) -> Self {
         self.servers = servers.into_iter().map(Into::into).collect();
+        self.retain_server_order = false;
         self
     }
 
@@ -378,6 +380,7 @@ mod tests {
             vec!["nats://h2:4222", "nats://h1:4222", "nats://h3:4222"]
         );
         assert!(c.retain_server_order);
+        assert!(!c.clone().servers(["nats://h9:4222"]).retain_server_order);
         assert!(
             !NatsConfig::from_url("nats://h1:4222,h2:4222")
                 .unwrap()

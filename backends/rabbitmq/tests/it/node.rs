@@ -128,12 +128,16 @@ impl Node {
     ///
     /// # Panics
     ///
-    /// When the command fails.
+    /// When the command fails or takes longer than 60 s.
     pub(crate) fn ctl(&self, args: &[&str]) -> String {
         let ctl = Self::server()
             .expect("rabbitmq-server")
             .with_file_name("rabbitmqctl");
-        let out = std::process::Command::new(ctl)
+        // Bounded: a CLI that cannot reach its node would otherwise wait
+        // for ever, blocking the case's thread past its own time bound.
+        let out = std::process::Command::new("timeout")
+            .args(["--kill-after=5", "60"])
+            .arg(ctl)
             .args(["-n", &self.name])
             .args(args)
             .env("ERL_EPMD_ADDRESS", "127.0.0.1")
