@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
 use switchyard::{Client, SubscribeOptions};
-use switchyard_conformance::bench::{self, Latencies};
+use switchyard_bench::{self as bench, Latencies};
 
 /// The subscription `bench` reads through.
 const SUBSCRIPTION: &str = "bench";

@@ -51,7 +51,6 @@ use std::{fmt, future::Future, io::Write as _, pin::Pin, time::Duration};
 use async_trait::async_trait;
 use switchyard_core::{Client, Result};
 
-pub mod bench;
 pub mod cases;
 mod child;
 #[cfg(feature = "containers")]

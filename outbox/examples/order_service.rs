@@ -22,7 +22,10 @@ use std::{
 };
 
 use sqlx::postgres::PgPoolOptions;
-use switchyard::{Message, SubscribeOptions, consumer::Consumer, migrate::Dedup};
+use switchyard::{
+    Message, SubscribeOptions,
+    consumer::{Consumer, Dedup},
+};
 use switchyard_outbox::{Outbox, RedisDedupStore};
 
 const ORDERS: u64 = 100;

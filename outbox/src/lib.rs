@@ -20,8 +20,8 @@
 //!   transaction, so a redelivery changes nothing, and a duplicate delivered
 //!   concurrently to another consumer waits for the first and is skipped.
 //! - [`RedisDedupStore`] (feature `redis`): for handlers without a database,
-//!   a [`DedupStore`](switchyard_core::migrate::DedupStore) on Redis
-//!   (`SET NX PX`) behind switchyard's [`Dedup`](switchyard_core::migrate::Dedup).
+//!   a [`DedupStore`](switchyard_core::consumer::DedupStore) on Redis
+//!   (`SET NX PX`) behind switchyard's [`Dedup`](switchyard_core::consumer::Dedup).
 //!
 //! # Example
 //!

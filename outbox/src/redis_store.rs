@@ -9,7 +9,7 @@ use redis::{
 };
 use switchyard_core::{
     Error as SyError,
-    migrate::{Claim, DedupStore},
+    consumer::{Claim, DedupStore},
     redact_url,
 };
 
@@ -32,7 +32,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
-/// A [`DedupStore`] on Redis, for [`Dedup`](switchyard_core::migrate::Dedup):
+/// A [`DedupStore`] on Redis, for [`Dedup`](switchyard_core::consumer::Dedup):
 /// consumers in any number of processes process each message id once
 /// within the window (`ttl`). For handlers without a database; a handler
 /// that writes to PostgreSQL should use the [`Inbox`](crate::Inbox), which
@@ -50,7 +50,7 @@ return 0
 /// ```no_run
 /// # async fn demo(sub: switchyard_core::Subscription) -> Result<(), Box<dyn std::error::Error>> {
 /// use std::{sync::Arc, time::Duration};
-/// use switchyard_core::{consumer::Consumer, migrate::Dedup};
+/// use switchyard_core::consumer::{Consumer, Dedup};
 /// use switchyard_outbox::RedisDedupStore;
 ///
 /// let store = RedisDedupStore::connect("redis://127.0.0.1:6379", "billing").await?;

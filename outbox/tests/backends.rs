@@ -17,8 +17,7 @@ use sqlx::{PgPool, postgres::PgPoolOptions};
 use switchyard::{
     Broker, Capabilities, Client, KeyOrdering, Message, Publisher, Receiver, SubscribeOptions,
     Subscriber, Subscription,
-    consumer::{Backoff, Consumer, Context, HandlerError},
-    migrate::Dedup,
+    consumer::{Backoff, Consumer, Context, Dedup, HandlerError},
 };
 use switchyard_conformance::broker_url;
 use switchyard_outbox::{Inbox, Outbox, RedisDedupStore, Relay, RelayReport};

@@ -36,7 +36,7 @@ use rdkafka::{
     },
     types::RDKafkaErrorCode,
 };
-use switchyard_conformance::bench::{self, Rounds, SIZE, env_usize};
+use switchyard_bench::{self as bench, Rounds, SIZE, env_usize};
 use switchyard_core::{Client, SubscribeOptions, driver::support::ID_HEADER};
 use switchyard_kafka::{KafkaBroker, KafkaConfig};
 

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use omniqueue::backends::InMemoryBackend;
-use switchyard_conformance::bench::{self, SIZE, env_usize, rate};
+use switchyard_bench::{self as bench, SIZE, env_usize, rate};
 use switchyard_core::{Bytes, Message, PublisherExt, SubscribeOptions};
 use switchyard_memory::MemoryBroker;
 

@@ -16,7 +16,7 @@ use async_nats::jetstream::{
     stream::{self, RetentionPolicy},
 };
 use futures_util::{StreamExt, stream::FuturesOrdered};
-use switchyard_conformance::bench::{self, Rounds, SIZE, env_usize, rate};
+use switchyard_bench::{self as bench, Rounds, SIZE, env_usize, rate};
 use switchyard_core::{Bytes, Client, SubscribeOptions};
 use switchyard_nats::{NatsBroker, NatsConfig};
 

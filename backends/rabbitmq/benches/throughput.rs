@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt, stream::FuturesOrdered};
 use omniqueue::backends::rabbitmq as omni;
-use switchyard_conformance::bench::{self, Others, Rounds, SIZE, env_usize, rate};
+use switchyard_bench::{self as bench, Others, Rounds, SIZE, env_usize, rate};
 use switchyard_core::{Client, SubscribeOptions};
 use switchyard_rabbitmq::{
     RabbitBroker, RabbitConfig,

@@ -27,7 +27,7 @@ use std::{
 
 use futures_util::{StreamExt, stream::FuturesUnordered};
 use omniqueue::{QueueProducer as _, backends::sqs as omni};
-use switchyard_conformance::bench::{self, Others, Rounds, SIZE, env_usize, rate};
+use switchyard_bench::{self as bench, Others, Rounds, SIZE, env_usize, rate};
 use switchyard_core::{Client, SubscribeOptions, driver::support::ID_HEADER};
 use switchyard_sqs::{
     SqsBroker, SqsConfig,

@@ -21,8 +21,8 @@ use std::{
 
 use switchyard::{
     Client, Message, SubscribeOptions,
-    consumer::Consumer,
-    migrate::{Dedup, Tee},
+    consumer::{Consumer, Dedup},
+    migrate::Tee,
 };
 use switchyard_conformance::broker_url;
 

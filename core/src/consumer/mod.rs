@@ -17,6 +17,9 @@ use tracing::Instrument;
 
 use crate::{BoxError, Delivery, Message, Retry, Subscription, error::Result};
 
+mod dedup;
+pub use dedup::{Claim, Dedup, DedupStore, MemoryDedupStore};
+
 /// Why a handler failed, which decides what happens to the message.
 #[derive(Debug)]
 pub enum HandlerError {

@@ -1,12 +1,13 @@
 //! Pieces the broker benchmarks share: the switchyard side of each
 //! measurement and the bookkeeping of rounds, so every backend's benchmark
-//! measures switchyard the same way next to its raw client.
+//! (and the command line's `switchyard bench`) measures switchyard the same
+//! way next to its raw client. Its API is not stable.
 //!
 //! # Example
 //!
 //! ```
 //! use std::time::Duration;
-//! use switchyard_conformance::bench::{Rounds, rate};
+//! use switchyard_bench::{Rounds, rate};
 //! let mut rounds = Rounds::default();
 //! rounds.push(1, 1000, [Duration::from_millis(10), Duration::from_millis(11),
 //!     Duration::from_millis(5), Duration::from_millis(5)]);
@@ -161,7 +162,7 @@ impl Latencies {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use switchyard_conformance::bench::Latencies;
+    /// use switchyard_bench::Latencies;
     /// let l = Latencies::from_samples((1..=100).map(|ms| ms * 1_000_000).collect(), 10.0);
     /// assert_eq!(l.p50, Duration::from_millis(51));
     /// assert_eq!(l.p99, Duration::from_millis(100));
