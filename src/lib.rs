@@ -96,8 +96,7 @@ pub use switchyard_sqs as sqs;
 /// Connects to the broker named by `url`, choosing the backend by scheme:
 /// `memory://`, `kafka://`, `amqp://` / `amqps://`, `nats://` (or `tls://`), `sqs://`.
 ///
-/// The returned [`Client`] is a cheap, cloneable handle; it implements
-/// [`Broker`], so it can also be shared as `Arc<dyn Broker>`.
+/// The returned [`Client`] is a cheap, cloneable handle.
 ///
 /// # Errors
 ///

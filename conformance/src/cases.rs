@@ -10,8 +10,8 @@ use std::{
 };
 
 use switchyard_core::{
-    Broker, Client, Error, Headers, KeyOrdering, Message, NameKind, Retry, SubscribeOptions,
-    Subscription, headers,
+    Client, Error, Headers, KeyOrdering, Message, NameKind, Retry, SubscribeOptions, Subscription,
+    driver::Broker, headers,
 };
 
 use crate::{
@@ -1272,7 +1272,7 @@ pub async fn connect_and_dyn(h: &dyn Harness) -> Outcome {
         .connect_url()
         .await
         .unwrap_or_else(|e| panic!("connect(url) failed: {e}"));
-    let broker: Arc<dyn Broker> = Arc::new(connected);
+    let broker: Arc<dyn Broker> = Arc::clone(connected.broker());
     let caps = broker.capabilities();
     assert!(!caps.backend.is_empty());
     assert!(caps.max_payload > 0);

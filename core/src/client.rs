@@ -20,8 +20,11 @@ use crate::{
 /// names, header keys and payload sizes identically for every backend,
 /// stamps `published_at`, creates dead-letter subscriptions, and wraps
 /// receivers into [`Subscription`]s that apply the dead-letter rules. It
-/// implements [`Publisher`], [`Subscriber`] and [`Broker`] itself, so it can
-/// be passed on as `Arc<dyn Broker>` with the checks in place.
+/// implements [`Publisher`] (with the checks in place), so it works wherever
+/// something that publishes is asked for ([`PublisherExt`](crate::PublisherExt),
+/// the outbox relay); it is not a [`Broker`]: a raw receiver from it would
+/// skip the dead-letter rules. The backend underneath is
+/// [`broker`](Client::broker), for backend authors and tests.
 ///
 /// Cloning is cheap (an `Arc`); clones share the connection, and
 /// [`close`](Client::close) closes it for all of them.
@@ -314,32 +317,5 @@ impl Publisher for Client {
 
     async fn close(&self) -> Result<()> {
         Publisher::close(&*self.broker).await
-    }
-}
-
-#[async_trait]
-impl Subscriber for Client {
-    async fn ensure_topic(&self, topic: &str) -> Result<()> {
-        Client::ensure_topic(self, topic).await
-    }
-
-    async fn ensure_subscription(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
-        Client::ensure_subscription(self, topic, options).await
-    }
-
-    async fn receiver(&self, topic: &str, options: &SubscribeOptions) -> Result<Box<dyn Receiver>> {
-        options.validate(topic)?;
-        self.ensure_dead_letters(topic, options).await?;
-        self.broker.receiver(topic, options).await
-    }
-
-    async fn close(&self) -> Result<()> {
-        Subscriber::close(&*self.broker).await
-    }
-}
-
-impl Broker for Client {
-    fn capabilities(&self) -> Capabilities {
-        self.broker.capabilities()
     }
 }

@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::{Message, Publisher, error::Result};
+use crate::{Message, driver::Publisher, error::Result};
 
 /// Conveniences over [`Publisher`], implemented for every publisher
 /// (including `dyn Publisher` and [`Client`](crate::Client)).

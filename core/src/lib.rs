@@ -9,7 +9,9 @@
 //! - the portable handle [`Client`], which validates names, headers and
 //!   payload sizes for every backend and applies the dead-letter rules;
 //! - the backend contract in [`driver`]: the small object-safe traits a
-//!   backend implements ([`Publisher`], [`Subscriber`], [`Receiver`], [`Acker`]);
+//!   backend implements (`Publisher`, `Subscriber`, `Receiver`, `Acker`).
+//!   Applications do not need them; backend authors import them from
+//!   [`driver`];
 //! - [`PublisherExt`], generic conveniences for anything that publishes;
 //! - [`consumer::Consumer`], the runtime that runs a handler per delivery with
 //!   bounded concurrency, per-key order, retries with backoff and graceful shutdown.
@@ -73,7 +75,7 @@ pub mod telemetry;
 pub use bytes::Bytes;
 pub use client::Client;
 pub use delivery::Delivery;
-pub use driver::{Acker, Broker, Publisher, RawDelivery, Receiver, Subscriber};
+
 pub use error::{BoxError, Error, NameKind, Result, redact_url};
 pub use ext::PublisherExt;
 pub use headers::Headers;

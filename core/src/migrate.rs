@@ -21,7 +21,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::{
-    Broker, Capabilities, Client, Message, Publisher, Receiver, SubscribeOptions, Subscriber,
+    Capabilities, Client, Message, SubscribeOptions,
+    driver::{Broker, Publisher, Receiver, Subscriber},
     error::Result,
 };
 
@@ -129,7 +130,6 @@ impl Broker for Tee {
         caps
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -15,9 +15,9 @@ use async_trait::async_trait;
 use futures_util::future::BoxFuture;
 use sqlx::{PgPool, postgres::PgPoolOptions};
 use switchyard::{
-    Broker, Capabilities, Client, KeyOrdering, Message, Publisher, Receiver, SubscribeOptions,
-    Subscriber, Subscription,
+    Capabilities, Client, KeyOrdering, Message, SubscribeOptions, Subscription,
     consumer::{Backoff, Consumer, Context, Dedup, HandlerError},
+    driver::{Broker, Publisher, Receiver, Subscriber},
 };
 use switchyard_conformance::broker_url;
 use switchyard_outbox::{Inbox, Outbox, RedisDedupStore, Relay, RelayReport};

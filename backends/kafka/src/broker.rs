@@ -18,8 +18,8 @@ use rdkafka::{
     producer::{BaseRecord, Producer as _},
 };
 use switchyard_core::{
-    Broker, Capabilities, Client, Error, KeyOrdering, Message, Publisher, Receiver, Result,
-    SubscribeOptions, Subscriber, driver::ReceiverSet,
+    Capabilities, Client, Error, KeyOrdering, Message, Result, SubscribeOptions,
+    driver::{Broker, Publisher, Receiver, ReceiverSet, Subscriber},
 };
 use tokio_util::sync::CancellationToken;
 

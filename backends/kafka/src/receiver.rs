@@ -29,7 +29,10 @@ use rdkafka::{
     error::{KafkaError, RDKafkaErrorCode},
     message::Message as _,
 };
-use switchyard_core::{Acker, Error, Message, RawDelivery, Receiver, Result, SubscribeOptions};
+use switchyard_core::{
+    Error, Message, Result, SubscribeOptions,
+    driver::{Acker, RawDelivery, Receiver},
+};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 

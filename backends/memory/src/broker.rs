@@ -12,8 +12,8 @@ use std::{
 
 use async_trait::async_trait;
 use switchyard_core::{
-    Acker, Broker, Capabilities, Client, Error, KeyOrdering, Message, Publisher, RawDelivery,
-    Receiver, Result, SubscribeOptions, Subscriber, driver::ReceiverSet,
+    Capabilities, Client, Error, KeyOrdering, Message, Result, SubscribeOptions,
+    driver::{Acker, Broker, Publisher, RawDelivery, Receiver, ReceiverSet, Subscriber},
 };
 use tokio_util::sync::CancellationToken;
 

@@ -18,9 +18,8 @@ use async_nats::jetstream::{
 use async_trait::async_trait;
 use futures_util::{StreamExt, stream::FuturesOrdered};
 use switchyard_core::{
-    Broker, Capabilities, Client, Error, KeyOrdering, Message, Publisher, Receiver, Result,
-    SubscribeOptions, Subscriber,
-    driver::{ReceiverSet, SlowStart},
+    Capabilities, Client, Error, KeyOrdering, Message, Result, SubscribeOptions,
+    driver::{Broker, Publisher, Receiver, ReceiverSet, SlowStart, Subscriber},
 };
 use tokio::{sync::Semaphore, time::Instant};
 use tokio_util::sync::CancellationToken;

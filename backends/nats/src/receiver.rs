@@ -7,8 +7,8 @@ use async_nats::jetstream::{self, AckKind, consumer::pull};
 use async_trait::async_trait;
 use futures_util::{FutureExt, StreamExt};
 use switchyard_core::{
-    Acker, Error, RawDelivery, Receiver, Result, SubscribeOptions,
-    driver::{Outstanding, SlowStart},
+    Error, Result, SubscribeOptions,
+    driver::{Acker, Outstanding, RawDelivery, Receiver, SlowStart},
 };
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},

@@ -19,9 +19,8 @@ use lapin::{
     types::{AMQPValue, FieldTable, LongString},
 };
 use switchyard_core::{
-    Broker, Capabilities, Client, Error, KeyOrdering, Message, Publisher, Receiver, Result,
-    SubscribeOptions, Subscriber,
-    driver::{ReceiverSet, SlowStart},
+    Capabilities, Client, Error, KeyOrdering, Message, Result, SubscribeOptions,
+    driver::{Broker, Publisher, Receiver, ReceiverSet, SlowStart, Subscriber},
 };
 use tokio::{sync::Notify, time::Instant};
 use tokio_util::sync::CancellationToken;

@@ -21,7 +21,10 @@ use lapin::{
     },
     types::{FieldTable, ShortString},
 };
-use switchyard_core::{Acker, Error, RawDelivery, Receiver, Result, driver::SlowStart};
+use switchyard_core::{
+    Error, Result,
+    driver::{Acker, RawDelivery, Receiver, SlowStart},
+};
 use tokio::{sync::Notify, time::Instant};
 use tokio_util::sync::CancellationToken;
 

@@ -12,9 +12,8 @@ use async_trait::async_trait;
 use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName, SendMessageBatchRequestEntry};
 use futures_util::{StreamExt, stream::FuturesOrdered};
 use switchyard_core::{
-    Broker, Capabilities, Client, Error, KeyOrdering, Message, Publisher, Receiver, Result,
-    SubscribeOptions, Subscriber,
-    driver::{Outstanding, ReceiverSet, SlowStart},
+    Capabilities, Client, Error, KeyOrdering, Message, Result, SubscribeOptions,
+    driver::{Broker, Outstanding, Publisher, Receiver, ReceiverSet, SlowStart, Subscriber},
 };
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;

@@ -21,8 +21,8 @@ use aws_sdk_sqs::{
 };
 use futures_util::StreamExt;
 use switchyard_core::{
-    Acker, Error, RawDelivery, Receiver, Result,
-    driver::{FailureStreak, Outstanding, SlowStart},
+    Error, Result,
+    driver::{Acker, FailureStreak, Outstanding, RawDelivery, Receiver, SlowStart},
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;

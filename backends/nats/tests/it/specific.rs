@@ -72,7 +72,7 @@ async fn payload_limit_comes_from_the_server() {
     // Straight to the backend, past the client's own check: its limit counts
     // header bytes beyond the reserve, so the server never sees an oversize
     // message.
-    use switchyard_core::Publisher as _;
+    use switchyard_core::driver::Publisher as _;
     broker
         .publish(&topic, Message::new(vec![0u8; limit]))
         .await
