@@ -76,6 +76,29 @@ impl Client {
         &self.broker
     }
 
+    /// The backend underneath as its own type, to reach its native client
+    /// (go-cloud's `As`): `None` when the client runs on another backend.
+    /// What is done through the native client skips switchyard's checks and
+    /// rules.
+    ///
+    /// With NATS, `client.backend::<switchyard::nats::NatsBroker>()` gives
+    /// the broker whose `jetstream()` is async-nats's JetStream context; with
+    /// RabbitMQ, `RabbitBroker::connection()` is lapin's connection; with
+    /// Kafka and SQS, `producer()` and `sqs_client()`.
+    ///
+    /// ```
+    /// use switchyard_memory::{MemoryBroker, MemoryConnection};
+    ///
+    /// let client = MemoryBroker::new().client();
+    /// assert!(client.backend::<MemoryConnection>().is_some());
+    /// // Another backend's type: not this client's.
+    /// assert!(client.backend::<std::time::Duration>().is_none());
+    /// ```
+    #[must_use]
+    pub fn backend<B: 'static>(&self) -> Option<&B> {
+        self.broker.as_any()?.downcast_ref::<B>()
+    }
+
     /// What the backend can do.
     #[must_use]
     pub fn capabilities(&self) -> Capabilities {

@@ -120,6 +120,14 @@ pub trait Subscriber: Send + Sync + fmt::Debug {
 pub trait Broker: Publisher + Subscriber {
     /// What the backend can do.
     fn capabilities(&self) -> Capabilities;
+
+    /// The backend itself, for [`Client::backend`](crate::Client::backend)
+    /// (the escape hatch to the native client, go-cloud's `As`): a backend
+    /// returns `Some(self)`. The default, `None`, keeps a wrapper (a test
+    /// double, a decorator) opaque.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 /// One consumer attached to a subscription (backend side).

@@ -589,4 +589,8 @@ impl Broker for KafkaBroker {
             .with_persistent(true)
             .with_min_ack_timeout(Duration::from_millis(10))
     }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
 }

@@ -367,6 +367,10 @@ impl Broker for MemoryConnection {
             .with_replay(false)
             .with_persistent(false)
     }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
 }
 
 struct ReceiverShared {

@@ -603,4 +603,8 @@ impl Broker for NatsBroker {
             .with_persistent(self.inner.config.storage == stream::StorageType::File)
             .with_min_ack_timeout(Duration::from_millis(100))
     }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
 }

@@ -778,4 +778,8 @@ impl Broker for RabbitBroker {
             .with_persistent(true)
             .with_min_ack_timeout(Duration::from_millis(100))
     }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
 }

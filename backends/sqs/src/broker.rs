@@ -695,4 +695,8 @@ impl Broker for SqsBroker {
             .with_persistent(true)
             .with_min_ack_timeout(Duration::from_secs(1))
     }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
 }

@@ -382,3 +382,26 @@ async fn memory_storage_subscription_recovers_from_a_restart() {
     drop(_server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The escape hatch to the native client: a NATS client's backend is the
+/// `NatsBroker`, whose JetStream context sees the stream switchyard made
+/// for a topic.
+#[tokio::test]
+async fn backend_gives_the_native_client() {
+    let Some(url) = url() else { return };
+    let client = switchyard_nats::connect(&url).await.unwrap();
+    let topic = format!("native-{}", switchyard_core::new_id());
+    client.ensure_topic(&topic).await.unwrap();
+    let nats = client
+        .backend::<NatsBroker>()
+        .expect("a NATS client's backend is the NatsBroker");
+    let mut stream = nats
+        .jetstream()
+        .get_stream(nats.stream_name(&topic))
+        .await
+        .expect("the topic's stream, through async-nats");
+    assert_eq!(stream.info().await.unwrap().state.messages, 0);
+    // Another backend's type: not this client's.
+    assert!(client.backend::<NatsConfig>().is_none());
+    client.close().await.unwrap();
+}
