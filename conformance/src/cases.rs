@@ -333,6 +333,42 @@ pub async fn unsettled_redelivered_after_ack_timeout(h: &dyn Harness) -> Outcome
     Outcome::Passed
 }
 
+/// 8a. A delivery held past the ack timeout comes back (attempt 2); the
+///     late settlement of the expired copy is harmless: it returns within
+///     the receive timeout (`Ok`, or an error saying the lease was lost),
+///     the redelivered copy's ack succeeds, the subscription keeps
+///     delivering (an AMQP ack of an unknown tag would close the channel),
+///     and the acked message does not come back.
+pub async fn late_ack_after_ack_timeout_is_harmless(h: &dyn Harness) -> Outcome {
+    let s = setup(h, "late-ack", |o| o.ack_timeout(h.ack_timeout())).await;
+    let msg = Message::new("slow");
+    publish_each(&s.client, &s.topic, vec![msg.clone()]).await;
+    let mut sub = subscribe(&s.client, &s.topic, &s.opts).await;
+    let held = recv_one(&mut sub, h.receive_timeout(), "first delivery").await;
+    let bound = h.ack_timeout() + h.slack();
+    let again = recv_one(&mut sub, bound, "redelivery after the ack timeout").await;
+    assert_eq!(again.message().id(), msg.id());
+    assert_eq!(again.attempt(), 2);
+    tokio::time::timeout(h.receive_timeout(), held.ack())
+        .await
+        .expect("the late ack of the expired copy returns")
+        .ok();
+    again.ack().await.expect("the ack of the redelivered copy");
+    let next = Message::new("next");
+    publish_each(&s.client, &s.topic, vec![next.clone()]).await;
+    let d = recv_one(
+        &mut sub,
+        h.receive_timeout(),
+        "a delivery after the late ack",
+    )
+    .await;
+    assert_eq!(d.message().id(), next.id(), "the acked message came back");
+    assert_eq!(d.attempt(), 1);
+    d.ack().await.expect("ack");
+    expect_nothing(&mut sub, bound, "after both acks").await;
+    Outcome::Passed
+}
+
 /// 8b. A delivery whose holder extends its lease ([`Delivery::extend`]
 ///     every third of the ack timeout) is not redelivered for three ack
 ///     timeouts, and not after its ack either.

@@ -1269,6 +1269,88 @@ async fn killed_child(
     }
 }
 
+/// The connect timeout of the connect cases, and what they allow on top
+/// of it (a loaded machine, a client that tries twice).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const CONNECT_SLACK: Duration = Duration::from_secs(3);
+
+/// Fault case: connecting where nothing listens (a loopback port just
+/// freed) fails with a retryable [`Error::Connection`] within the connect
+/// timeout (1 s) and [`CONNECT_SLACK`].
+///
+/// [`Error::Connection`]: switchyard_core::Error::Connection
+///
+/// # Panics
+///
+/// When the connect succeeds, fails otherwise, or takes longer.
+pub async fn fault_unreachable_broker_connect_is_bounded(h: &dyn crate::Harness) -> crate::Outcome {
+    let port = free_port().expect("a spare port");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let started = Instant::now();
+    let Some(connected) = h.connect_to(addr, CONNECT_TIMEOUT).await else {
+        return crate::Outcome::Skipped("the backend has no address to connect to".into());
+    };
+    assert_connect_failed(connected, started, "nothing listens");
+    crate::Outcome::Passed
+}
+
+/// Fault case: connecting to a peer that accepts the TCP connection and
+/// never says a word (a stalled broker, a wrong port) fails with a
+/// retryable [`Error::Connection`] within the connect timeout (1 s) and
+/// [`CONNECT_SLACK`], rather than waiting for an answer forever.
+///
+/// [`Error::Connection`]: switchyard_core::Error::Connection
+///
+/// # Panics
+///
+/// When the connect succeeds, fails otherwise, or takes longer.
+pub async fn fault_silent_broker_connect_is_bounded(h: &dyn crate::Harness) -> crate::Outcome {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .expect("a loopback listener");
+    let addr = listener.local_addr().expect("its address");
+    // Accepts and holds every connection, and never writes.
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            held.push(conn);
+        }
+    });
+    let started = Instant::now();
+    let connected = h.connect_to(addr, CONNECT_TIMEOUT).await;
+    silent.abort();
+    let Some(connected) = connected else {
+        return crate::Outcome::Skipped("the backend has no address to connect to".into());
+    };
+    assert_connect_failed(connected, started, "the peer never answers");
+    crate::Outcome::Passed
+}
+
+fn assert_connect_failed(
+    connected: switchyard_core::Result<switchyard_core::Client>,
+    started: Instant,
+    what: &str,
+) {
+    let took = started.elapsed();
+    let err = match connected {
+        Ok(_) => panic!("connecting where {what} succeeded"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(err, switchyard_core::Error::Connection { .. }),
+        "connecting where {what}: expected Error::Connection, got {err:?}"
+    );
+    assert!(err.is_retryable(), "{err:?} is not retryable");
+    assert!(
+        took <= CONNECT_TIMEOUT + CONNECT_SLACK,
+        "connecting where {what} took {took:?} with a connect timeout of {CONNECT_TIMEOUT:?}"
+    );
+    let _ = writeln!(
+        std::io::stderr(),
+        "connecting where {what} failed after {took:.1?}: {err}"
+    );
+}
+
 /// Fault case: calls made while the broker is unreachable — the link
 /// reset (connections refused), then blackholed (nothing answers) — each
 /// end within the harness's [`Linked::bound`]: `publish`, every message of

@@ -84,6 +84,20 @@ pub trait Harness: Send + Sync + fmt::Debug {
         self.client().await
     }
 
+    /// A new client for the broker said to be at `addr` (a loopback port the
+    /// case chose), connecting within `connect_timeout`, for the cases
+    /// where nothing listens there or a peer accepts and never answers;
+    /// `None` (the default) where the backend has no address (an
+    /// in-process broker), which skips them.
+    async fn connect_to(
+        &self,
+        addr: std::net::SocketAddr,
+        connect_timeout: Duration,
+    ) -> Option<Result<Client>> {
+        let _ = (addr, connect_timeout);
+        None
+    }
+
     /// A short ack timeout the broker honours, used by the cases that wait
     /// for redelivery of unsettled messages.
     fn ack_timeout(&self) -> Duration {
@@ -249,6 +263,7 @@ macro_rules! conformance_tests {
             nack_with_delay,
             attempts_count_each_nack_once,
             unsettled_redelivered_after_ack_timeout,
+            late_ack_after_ack_timeout_is_harmless,
             extend_keeps_the_lease,
             prefetched_deliveries_keep_their_lease,
             close_hands_over_unsettled,
@@ -289,6 +304,8 @@ macro_rules! conformance_tests {
         );
         $crate::conformance_tests!(@cases $harness, fault;
             fault_deleted_subscription_surfaces,
+            fault_unreachable_broker_connect_is_bounded,
+            fault_silent_broker_connect_is_bounded,
         );
     };
     // The cases that crash a consumer process (a child re-running the test

@@ -23,6 +23,15 @@ impl Harness for KafkaHarness {
         switchyard_kafka::connect(&self.url).await
     }
 
+    async fn connect_to(
+        &self,
+        addr: std::net::SocketAddr,
+        connect_timeout: Duration,
+    ) -> Option<Result<Client>> {
+        let ms = connect_timeout.as_millis();
+        Some(switchyard_kafka::connect(&format!("kafka://{addr}?connect_timeout={ms}ms")).await)
+    }
+
     fn ack_timeout(&self) -> Duration {
         Duration::from_secs(2)
     }

@@ -24,6 +24,15 @@ impl Harness for NatsHarness {
         switchyard_nats::connect(&self.url).await
     }
 
+    async fn connect_to(
+        &self,
+        addr: std::net::SocketAddr,
+        connect_timeout: Duration,
+    ) -> Option<Result<Client>> {
+        let ms = connect_timeout.as_millis();
+        Some(switchyard_nats::connect(&format!("nats://{addr}?connect_timeout={ms}ms")).await)
+    }
+
     fn ack_timeout(&self) -> Duration {
         Duration::from_secs(1)
     }

@@ -25,6 +25,20 @@ impl Harness for RabbitHarness {
         switchyard_rabbitmq::connect(&self.url).await
     }
 
+    async fn connect_to(
+        &self,
+        addr: std::net::SocketAddr,
+        connect_timeout: Duration,
+    ) -> Option<Result<Client>> {
+        let ms = connect_timeout.as_millis();
+        Some(
+            switchyard_rabbitmq::connect(&format!(
+                "amqp://guest:guest@{addr}/%2f?connect_timeout={ms}ms"
+            ))
+            .await,
+        )
+    }
+
     fn ack_timeout(&self) -> Duration {
         Duration::from_secs(1)
     }

@@ -33,6 +33,25 @@ impl Harness for SqsHarness {
         switchyard_sqs::connect(&self.url).await
     }
 
+    /// Credentials given, so only the endpoint can fail.
+    async fn connect_to(
+        &self,
+        addr: std::net::SocketAddr,
+        connect_timeout: Duration,
+    ) -> Option<Result<Client>> {
+        let ms = connect_timeout.as_millis();
+        let config = switchyard_sqs::SqsConfig::from_url(&format!(
+            "sqs://?region=us-east-1&endpoint=http://{addr}&connect_timeout={ms}ms"
+        ))
+        .expect("the URL")
+        .static_credentials("test", "test");
+        Some(
+            switchyard_sqs::SqsBroker::connect(config)
+                .await
+                .map(Client::new),
+        )
+    }
+
     fn ack_timeout(&self) -> Duration {
         // SQS visibility timeouts are whole seconds.
         Duration::from_secs(1)
