@@ -48,6 +48,11 @@ trap cleanup EXIT
 # copies at attempt 1; see the stop note of 2026-12-06). The cluster cases
 # start clusters of broker processes of their own, not containers: they run
 # once, after both lanes (below).
+# The SQS suites run against moto through scripts/moto_server.py, which
+# makes moto's ReceiveMessage atomic as SQS's is: check that it does.
+if [ -n "${SWITCHYARD_SQS_URL:-}" ]; then
+    python3 scripts/check_moto.py
+fi
 cargo test --workspace --all-features --no-run "$@"
 lane_log=""
 if [ "$containers" = 1 ]; then
