@@ -19,7 +19,7 @@ use std::{
 
 use switchyard::{
     Client, Message, SubscribeOptions,
-    consumer::{Backoff, Consumer, Context, HandlerError},
+    consumer::{Backoff, Consumer, HandlerContext, HandlerError},
     headers,
 };
 
@@ -34,7 +34,7 @@ async fn until(count: Arc<AtomicUsize>, target: usize) {
     }
 }
 
-async fn payment(ctx: Context, done: Arc<AtomicUsize>) -> Result<(), HandlerError> {
+async fn payment(ctx: HandlerContext, done: Arc<AtomicUsize>) -> Result<(), HandlerError> {
     let order = String::from_utf8_lossy(ctx.message.payload()).into_owned();
     if order.contains("flaky-card") && ctx.attempt == 1 {
         println!(
@@ -52,7 +52,7 @@ async fn payment(ctx: Context, done: Arc<AtomicUsize>) -> Result<(), HandlerErro
     Ok(())
 }
 
-async fn inventory(ctx: Context, done: Arc<AtomicUsize>) -> Result<(), HandlerError> {
+async fn inventory(ctx: HandlerContext, done: Arc<AtomicUsize>) -> Result<(), HandlerError> {
     let order = String::from_utf8_lossy(ctx.message.payload()).into_owned();
     done.fetch_add(1, Ordering::SeqCst);
     if order.contains("sku=???") {
@@ -73,8 +73,8 @@ async fn run(url: &str) -> switchyard::Result<()> {
         client.capabilities().backend
     );
     let topic = format!("orders.created.{}", &switchyard::new_id()[24..]);
-    let pay = SubscribeOptions::new("payment").max_attempts(3);
-    let inv = SubscribeOptions::new("inventory").max_attempts(3);
+    let pay = SubscribeOptions::new("payment").with_max_attempts(3);
+    let inv = SubscribeOptions::new("inventory").with_max_attempts(3);
     client.ensure_subscription(&topic, &pay).await?;
     client.ensure_subscription(&topic, &inv).await?;
 
@@ -93,9 +93,9 @@ async fn run(url: &str) -> switchyard::Result<()> {
     }
 
     let consumer = Consumer::new()
-        .concurrency(4)
-        .per_key(true)
-        .backoff(Backoff::new(
+        .with_concurrency(4)
+        .with_per_key(true)
+        .with_backoff(Backoff::new(
             Duration::from_millis(200),
             Duration::from_secs(5),
         ));

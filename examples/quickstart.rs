@@ -39,7 +39,7 @@ async fn run(url: &str) -> switchyard::Result<()> {
     // Unique names so the example can run again against a persistent broker.
     let run_id = &switchyard::new_id()[24..];
     let topic = format!("quickstart.orders.{run_id}");
-    let opts = SubscribeOptions::new("billing").max_attempts(3);
+    let opts = SubscribeOptions::new("billing").with_max_attempts(3);
     client.ensure_subscription(&topic, &opts).await?;
     println!(
         "1. subscription `billing` on `{topic}` ensured (dead letters go to `{}`)",

@@ -35,7 +35,7 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> switchyard::Result<()> {
 //! let client = switchyard::connect("memory://docs").await?;
-//! let opts = SubscribeOptions::new("billing").max_attempts(3);
+//! let opts = SubscribeOptions::new("billing").with_max_attempts(3);
 //!
 //! // Create the subscription at deploy time, so nothing published before the
 //! // first consumer starts is lost.

@@ -36,7 +36,7 @@ fn runtime_counts_outcomes_and_times_handlers() {
             }
             let sub = client.subscribe("orders", opts).await.unwrap();
             let report = Consumer::new()
-                .backoff(Backoff::new(
+                .with_backoff(Backoff::new(
                     Duration::from_millis(10),
                     Duration::from_millis(10),
                 ))

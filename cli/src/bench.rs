@@ -98,7 +98,7 @@ async fn measure(
     size: usize,
     window: usize,
 ) -> anyhow::Result<Figures> {
-    let opts = SubscribeOptions::new(SUBSCRIPTION).prefetch(window);
+    let opts = SubscribeOptions::new(SUBSCRIPTION).with_prefetch(window);
     let mut figures = Figures::default();
     if a.mode == Mode::Latency {
         figures.latency = Some(

@@ -354,7 +354,7 @@ async fn tail(a: TailArgs) -> anyhow::Result<()> {
     if !ack {
         // Unsettled deliveries stay held: room for all that will be shown.
         let room = a.count.unwrap_or(1000);
-        opts = opts.prefetch(usize::try_from(room).unwrap_or(usize::MAX));
+        opts = opts.with_prefetch(usize::try_from(room).unwrap_or(usize::MAX));
     }
     let mut sub = client
         .subscribe(&a.topic, opts)
@@ -394,7 +394,7 @@ async fn bridge(a: BridgeArgs, quiet: bool) -> anyhow::Result<()> {
     let mut sub = source
         .subscribe(
             &a.topic,
-            SubscribeOptions::new(a.subscription.clone()).prefetch(window),
+            SubscribeOptions::new(a.subscription.clone()).with_prefetch(window),
         )
         .await
         .with_context(|| format!("subscribing to {} as {}", a.topic, a.subscription))?;
@@ -479,7 +479,7 @@ async fn dead_letters(a: DeadLettersArgs) -> anyhow::Result<()> {
     let client = connect(&a.url).await?;
     let mut opts = SubscribeOptions::new(a.subscription.clone());
     if let Some(t) = &a.dead_letter_topic {
-        opts = opts.dead_letter_topic(t.clone());
+        opts = opts.with_dead_letter_topic(t.clone());
     }
     opts.validate(&a.topic)?;
     let dlq = opts.dead_letter_topic_for(&a.topic);
@@ -491,7 +491,7 @@ async fn dead_letters(a: DeadLettersArgs) -> anyhow::Result<()> {
                 .subscribe(
                     &dlq,
                     SubscribeOptions::dead_letters()
-                        .prefetch(usize::try_from(room).unwrap_or(usize::MAX)),
+                        .with_prefetch(usize::try_from(room).unwrap_or(usize::MAX)),
                 )
                 .await
                 .with_context(|| format!("reading {dlq}"))?;

@@ -203,7 +203,7 @@ pub async fn generated_ids(h: &dyn Harness) -> Outcome {
 /// 5. An acked message is not redelivered, even to a new consumer after
 ///    close and reopen.
 pub async fn ack_is_final(h: &dyn Harness) -> Outcome {
-    let s = setup(h, "ack-final", |o| o.ack_timeout(h.ack_timeout())).await;
+    let s = setup(h, "ack-final", |o| o.with_ack_timeout(h.ack_timeout())).await;
     let msgs = numbered(10, "a");
     publish_each(&s.client, &s.topic, msgs.clone()).await;
     let mut sub = subscribe(&s.client, &s.topic, &s.opts).await;
@@ -285,7 +285,7 @@ pub async fn nack_with_delay(h: &dyn Harness) -> Outcome {
 ///     stale `x-delivery-count`, so "nack now, then nack after 1 s" came
 ///     back as attempt 4.)
 pub async fn attempts_count_each_nack_once(h: &dyn Harness) -> Outcome {
-    let s = setup(h, "nack-mix", |o| o.max_attempts(10)).await;
+    let s = setup(h, "nack-mix", |o| o.with_max_attempts(10)).await;
     let msg = Message::new("again and again");
     publish_each(&s.client, &s.topic, vec![msg.clone()]).await;
     let mut sub = subscribe(&s.client, &s.topic, &s.opts).await;
@@ -317,7 +317,7 @@ pub async fn attempts_count_each_nack_once(h: &dyn Harness) -> Outcome {
 
 /// 8. A delivery dropped unsettled is redelivered after the ack timeout.
 pub async fn unsettled_redelivered_after_ack_timeout(h: &dyn Harness) -> Outcome {
-    let s = setup(h, "unsettled", |o| o.ack_timeout(h.ack_timeout())).await;
+    let s = setup(h, "unsettled", |o| o.with_ack_timeout(h.ack_timeout())).await;
     let msg = Message::new("drop me");
     publish_each(&s.client, &s.topic, vec![msg.clone()]).await;
     let mut sub = subscribe(&s.client, &s.topic, &s.opts).await;
@@ -340,7 +340,7 @@ pub async fn unsettled_redelivered_after_ack_timeout(h: &dyn Harness) -> Outcome
 ///     delivering (an AMQP ack of an unknown tag would close the channel),
 ///     and the acked message does not come back.
 pub async fn late_ack_after_ack_timeout_is_harmless(h: &dyn Harness) -> Outcome {
-    let s = setup(h, "late-ack", |o| o.ack_timeout(h.ack_timeout())).await;
+    let s = setup(h, "late-ack", |o| o.with_ack_timeout(h.ack_timeout())).await;
     let msg = Message::new("slow");
     publish_each(&s.client, &s.topic, vec![msg.clone()]).await;
     let mut sub = subscribe(&s.client, &s.topic, &s.opts).await;
@@ -375,7 +375,7 @@ pub async fn late_ack_after_ack_timeout_is_harmless(h: &dyn Harness) -> Outcome 
 ///
 /// [`Delivery::extend`]: switchyard_core::Delivery::extend
 pub async fn extend_keeps_the_lease(h: &dyn Harness) -> Outcome {
-    let s = setup(h, "extend", |o| o.ack_timeout(h.ack_timeout())).await;
+    let s = setup(h, "extend", |o| o.with_ack_timeout(h.ack_timeout())).await;
     let msg = Message::new("held");
     publish_each(&s.client, &s.topic, vec![msg.clone()]).await;
     let mut sub = subscribe(&s.client, &s.topic, &s.opts).await;
@@ -409,7 +409,9 @@ pub async fn extend_keeps_the_lease(h: &dyn Harness) -> Outcome {
 ///     dead-letter topic.)
 pub async fn prefetched_deliveries_keep_their_lease(h: &dyn Harness) -> Outcome {
     let s = setup(h, "prefetch-lease", |o| {
-        o.ack_timeout(h.ack_timeout()).prefetch(4).max_attempts(2)
+        o.with_ack_timeout(h.ack_timeout())
+            .with_prefetch(4)
+            .with_max_attempts(2)
     })
     .await;
     if !s.client.capabilities().competing_consumers {
@@ -516,7 +518,7 @@ pub async fn prefetched_deliveries_keep_their_lease(h: &dyn Harness) -> Outcome 
 /// 9. Closing a subscription with unsettled deliveries hands them to
 ///    another consumer.
 pub async fn close_hands_over_unsettled(h: &dyn Harness) -> Outcome {
-    let s = setup(h, "handover", |o| o.ack_timeout(h.ack_timeout())).await;
+    let s = setup(h, "handover", |o| o.with_ack_timeout(h.ack_timeout())).await;
     if !s.client.capabilities().competing_consumers {
         return Outcome::Skipped("backend has no competing consumers".into());
     }
@@ -542,7 +544,8 @@ pub async fn close_hands_over_unsettled(h: &dyn Harness) -> Outcome {
 /// the one handed out comes back at attempt 2 (DESIGN §3.12, §3.14).
 pub async fn close_returns_held_at_once(h: &dyn Harness) -> Outcome {
     let s = setup(h, "close-returns", |o| {
-        o.ack_timeout(Duration::from_secs(30)).prefetch(10)
+        o.with_ack_timeout(Duration::from_secs(30))
+            .with_prefetch(10)
     })
     .await;
     let msgs = numbered(5, "cr");
@@ -576,7 +579,7 @@ pub async fn close_returns_held_at_once(h: &dyn Harness) -> Outcome {
 ///     the source does not deliver it again.
 pub async fn nack_past_max_attempts_dead_letters(h: &dyn Harness) -> Outcome {
     let s = setup(h, "max-attempts", |o| {
-        o.max_attempts(3).ack_timeout(h.ack_timeout())
+        o.with_max_attempts(3).with_ack_timeout(h.ack_timeout())
     })
     .await;
     let msg = Message::new("poison").with_key("p");
@@ -714,7 +717,7 @@ pub async fn redrive_returns_dead_letters(h: &dyn Harness) -> Outcome {
 ///     max_attempts is dead-lettered without reaching the application.
 pub async fn attempts_survive_restart(h: &dyn Harness) -> Outcome {
     let s = setup(h, "restart", |o| {
-        o.max_attempts(2).ack_timeout(h.ack_timeout())
+        o.with_max_attempts(2).with_ack_timeout(h.ack_timeout())
     })
     .await;
     let msg = Message::new("crashes its consumer");
@@ -751,7 +754,7 @@ pub async fn attempts_survive_restart(h: &dyn Harness) -> Outcome {
 /// 15. Competing consumers: the union is the whole set, and no message goes
 ///     to both (unless reported as a redelivery).
 pub async fn competing_consumers(h: &dyn Harness) -> Outcome {
-    let s = setup(h, "compete", |o| o.prefetch(10)).await;
+    let s = setup(h, "compete", |o| o.with_prefetch(10)).await;
     if !s.client.capabilities().competing_consumers {
         return Outcome::Skipped("backend has no competing consumers".into());
     }
@@ -874,7 +877,8 @@ pub async fn per_key_order(h: &dyn Harness) -> Outcome {
 pub async fn prefetch_bounds_unsettled(h: &dyn Harness) -> Outcome {
     let prefetch = 5;
     let s = setup(h, "prefetch", |o| {
-        o.prefetch(prefetch).ack_timeout(Duration::from_secs(60))
+        o.with_prefetch(prefetch)
+            .with_ack_timeout(Duration::from_secs(60))
     })
     .await;
     let msgs = numbered(20, "p");
@@ -1337,7 +1341,7 @@ pub async fn connect_and_dyn(h: &dyn Harness) -> Outcome {
 ///     source subscription), and the dead-letter topic is an ordinary topic.
 pub async fn dead_letters_kept_without_reader(h: &dyn Harness) -> Outcome {
     let s = setup(h, "dl-kept", |o| {
-        o.dead_letter_topic(h.unique("custom-dlq"))
+        o.with_dead_letter_topic(h.unique("custom-dlq"))
     })
     .await;
     let msgs = numbered(5, "k");

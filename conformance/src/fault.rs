@@ -748,12 +748,12 @@ impl Prepared {
             let stop = stop.clone();
             tokio::spawn(async move {
                 Consumer::new()
-                    .concurrency(8)
-                    .backoff(Backoff::new(
+                    .with_concurrency(8)
+                    .with_backoff(Backoff::new(
                         Duration::from_millis(100),
                         Duration::from_secs(1),
                     ))
-                    .shutdown_timeout(Duration::from_secs(2))
+                    .with_shutdown_timeout(Duration::from_secs(2))
                     .run(
                         sub,
                         move |ctx| {
@@ -1078,9 +1078,9 @@ pub async fn fault_consumer_killed_mid_batch(h: &dyn crate::Harness) -> crate::O
 
     const PREFETCH: usize = 10;
     let opts = SubscribeOptions::new("s")
-        .ack_timeout(h.ack_timeout())
-        .prefetch(PREFETCH)
-        .max_attempts(5);
+        .with_ack_timeout(h.ack_timeout())
+        .with_prefetch(PREFETCH)
+        .with_max_attempts(5);
     if let Some(args) = crate::child::child_args() {
         killed_child(h, opts, PREFETCH, &args).await;
     }

@@ -40,8 +40,10 @@ async fn prepare(
 
 fn quick() -> Consumer {
     Consumer::new()
-        .backoff(Backoff::new(Duration::from_millis(100), Duration::from_secs(1)).jitter(0.0))
-        .shutdown_timeout(Duration::from_secs(2))
+        .with_backoff(
+            Backoff::new(Duration::from_millis(100), Duration::from_secs(1)).with_jitter(0.0),
+        )
+        .with_shutdown_timeout(Duration::from_secs(2))
 }
 
 /// Runs `consumer` on a fresh subscription until `done` says stop (or BOUND).
@@ -54,7 +56,7 @@ async fn run_until<H, F>(
     done: impl Fn() -> bool + Send + 'static,
 ) -> switchyard_core::consumer::Report
 where
-    H: Fn(switchyard_core::consumer::Context) -> F + Send + Sync + 'static,
+    H: Fn(switchyard_core::consumer::HandlerContext) -> F + Send + Sync + 'static,
     F: std::future::Future<Output = Result<(), HandlerError>> + Send + 'static,
 {
     let sub = client.subscribe(topic, opts).await.unwrap();
@@ -89,7 +91,7 @@ pub async fn runtime_concurrency_is_bounded(h: &dyn Harness) -> Outcome {
         &client,
         &topic,
         opts,
-        quick().concurrency(4),
+        quick().with_concurrency(4),
         move |_ctx| {
             let (a, p, h) = (a.clone(), p.clone(), h.clone());
             async move {
@@ -131,7 +133,7 @@ pub async fn runtime_per_key_serialised_in_order(h: &dyn Harness) -> Outcome {
         &client,
         &topic,
         opts,
-        quick().concurrency(8).per_key(true),
+        quick().with_concurrency(8).with_per_key(true),
         move |ctx| {
             let (b, s, o) = (b.clone(), s.clone(), o.clone());
             async move {
@@ -201,7 +203,7 @@ pub async fn runtime_per_key_serialised_in_order(h: &dyn Harness) -> Outcome {
 
 /// Consumer runtime: transient failures retry with backoff
 pub async fn runtime_transient_failures_retry_with_backoff(h: &dyn Harness) -> Outcome {
-    let opts = SubscribeOptions::new("s").max_attempts(5);
+    let opts = SubscribeOptions::new("s").with_max_attempts(5);
     let (client, topic) =
         prepare(h, "retry", &opts, vec![Message::new("flaky").with_id("f")]).await;
     let times: Arc<Mutex<Vec<(u32, Instant)>>> = Arc::default();
@@ -259,7 +261,7 @@ async fn dead_letters(client: &Client, topic: &str, opts: &SubscribeOptions) -> 
 
 /// Consumer runtime: exhausted attempts dead letter with last error
 pub async fn runtime_exhausted_attempts_dead_letter_with_last_error(h: &dyn Harness) -> Outcome {
-    let opts = SubscribeOptions::new("s").max_attempts(3);
+    let opts = SubscribeOptions::new("s").with_max_attempts(3);
     let (client, topic) =
         prepare(h, "exhaust", &opts, vec![Message::new("bad").with_id("b")]).await;
     let calls = Arc::new(AtomicU32::new(0));
@@ -375,8 +377,8 @@ pub async fn runtime_shutdown_abandons_slow_handlers_without_dead_lettering(
     h: &dyn Harness,
 ) -> Outcome {
     let opts = SubscribeOptions::new("s")
-        .ack_timeout(Duration::from_secs(1))
-        .max_attempts(2);
+        .with_ack_timeout(Duration::from_secs(1))
+        .with_max_attempts(2);
     let (client, topic) = prepare(
         h,
         "shutdown",
@@ -393,7 +395,7 @@ pub async fn runtime_shutdown_abandons_slow_handlers_without_dead_lettering(
         &client,
         &topic,
         opts.clone(),
-        quick().shutdown_timeout(Duration::from_millis(300)),
+        quick().with_shutdown_timeout(Duration::from_millis(300)),
         move |ctx| {
             s.fetch_add(1, Ordering::SeqCst);
             async move {
@@ -458,8 +460,8 @@ pub(crate) async fn expect_no_dead_letters(
 pub async fn runtime_long_handler_keeps_its_lease(h: &dyn Harness) -> Outcome {
     let ack_timeout = h.ack_timeout();
     let opts = SubscribeOptions::new("s")
-        .ack_timeout(ack_timeout)
-        .max_attempts(2);
+        .with_ack_timeout(ack_timeout)
+        .with_max_attempts(2);
     let id = format!("long-{}", crate::util::short_id());
     let (client, topic) = prepare(
         h,
@@ -527,8 +529,8 @@ pub async fn runtime_long_handler_keeps_its_lease(h: &dyn Harness) -> Outcome {
 pub async fn runtime_queued_deliveries_keep_their_lease(h: &dyn Harness) -> Outcome {
     let ack_timeout = h.ack_timeout();
     let opts = SubscribeOptions::new("s")
-        .ack_timeout(ack_timeout)
-        .max_attempts(2);
+        .with_ack_timeout(ack_timeout)
+        .with_max_attempts(2);
     let tag = crate::util::short_id();
     // Eight of one key (serialised by `per_key`), four without a key
     // (queued behind the concurrency limit of 2, which the key holds half).
@@ -551,7 +553,7 @@ pub async fn runtime_queued_deliveries_keep_their_lease(h: &dyn Harness) -> Outc
         &client,
         &topic,
         opts.clone(),
-        quick().concurrency(2).per_key(true),
+        quick().with_concurrency(2).with_per_key(true),
         move |ctx| {
             let r = r.clone();
             async move {
@@ -737,8 +739,8 @@ mod otel {
 pub async fn runtime_restarts_dead_letter_nothing(h: &dyn Harness) -> Outcome {
     const ROUNDS: usize = 6;
     let opts = SubscribeOptions::new("s")
-        .ack_timeout(Duration::from_secs(30))
-        .max_attempts(5);
+        .with_ack_timeout(Duration::from_secs(30))
+        .with_max_attempts(5);
     let tag = crate::util::short_id();
     let msgs: Vec<Message> = (0..64)
         .map(|i| Message::new(format!("{i}")).with_id(format!("r{i}-{tag}")))
@@ -777,7 +779,7 @@ pub async fn runtime_restarts_dead_letter_nothing(h: &dyn Harness) -> Outcome {
         };
         let report = tokio::time::timeout(
             BOUND,
-            quick().shutdown_timeout(Duration::from_secs(5)).run(
+            quick().with_shutdown_timeout(Duration::from_secs(5)).run(
                 sub,
                 move |ctx| {
                     let r = r.clone();
@@ -831,8 +833,8 @@ pub const RETURNED_WITHIN: Duration = Duration::from_secs(8);
 pub async fn runtime_poison_message_dies_alone(h: &dyn Harness) -> Outcome {
     const MAX: u32 = 3;
     let opts = SubscribeOptions::new("s")
-        .ack_timeout(h.ack_timeout())
-        .max_attempts(MAX);
+        .with_ack_timeout(h.ack_timeout())
+        .with_max_attempts(MAX);
     if let Some(args) = crate::child::child_args() {
         poison_child(h, opts, &args).await;
     }
@@ -964,7 +966,7 @@ async fn poison_child(h: &dyn Harness, opts: SubscribeOptions, args: &[String]) 
         Err(e) => fail(format!("subscribe: {e}")),
     };
     let (path, poison) = (log.clone(), poison.clone());
-    let run = quick().per_key(true).run(
+    let run = quick().with_per_key(true).run(
         sub,
         move |ctx| {
             let (path, poison) = (path.clone(), poison.clone());

@@ -243,9 +243,9 @@ impl Client {
             topic: topic.to_owned(),
             subscription: options.name().to_owned(),
             dead_letter_topic: options.dead_letter_topic_for(topic),
-            max_attempts: options.max_attempts_value(),
-            ack_timeout: options.ack_timeout_value(),
-            prefetch: options.prefetch_limit(),
+            max_attempts: options.max_attempts(),
+            ack_timeout: options.ack_timeout(),
+            prefetch: options.prefetch(),
             broker: Arc::clone(&self.broker),
         };
         Subscription::new(receiver, Arc::new(ctx))

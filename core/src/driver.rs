@@ -36,6 +36,36 @@
 //!   only when its holder let the ack timeout pass without extending it, or
 //!   is gone. Deliveries a receiver buffered and has not handed out are the
 //!   backend's to keep alive (or to not hold at all).
+//!
+//! # Who retries, who may call concurrently, who bounds time
+//!
+//! As go-cloud's `driver` packages do, each method's docs say which of
+//! these it owes; the rules in general:
+//!
+//! - **Retries.** Core never retries a backend call, and neither does
+//!   [`Client`](crate::Client): a failed call returns its error, and the
+//!   caller — the application, or the consumer runtime for receives —
+//!   retries when [`Error::is_retryable`](crate::Error::is_retryable) says
+//!   so. A backend retries only inside the bound of one call (its native
+//!   client reconnecting, an SDK's retry of a throttled request), and marks
+//!   every error it returns retryable or not truthfully: a connection lost
+//!   or a timeout is retryable; refused credentials, a deleted resource or
+//!   bad input is not.
+//! - **Concurrency.** [`Publisher`], [`Subscriber`] and [`Broker`] are
+//!   called concurrently from any number of tasks (a `Client` is cloned
+//!   freely). A [`Receiver`]'s `recv` and `try_recv` are called by one task
+//!   at a time (its [`Subscription`](crate::Subscription)), but a `recv`
+//!   may be dropped at any await and `close` may come while one is parked.
+//!   An [`Acker`] gets at most one settlement (`ack`, `nack`, or the `ack`
+//!   after a dead-letter publish), never concurrently with its own
+//!   `extend`; ackers of different deliveries are used concurrently.
+//! - **Time.** Every call that talks to the broker is bounded by the
+//!   backend's configured timeouts (connect, request) and fails with a
+//!   retryable error when they pass; no call waits for the broker for
+//!   ever. The one wait that is not bounded is `recv` waiting for a message
+//!   to arrive — it is cancel safe, and it must still return a retryable
+//!   error or resume by itself when the connection is lost, never stall
+//!   silently.
 
 pub mod support;
 
@@ -54,7 +84,10 @@ pub trait Publisher: Send + Sync + fmt::Debug {
     /// Publishes one message and waits for the broker's confirmation.
     ///
     /// Creates the topic when the broker needs topics created. Publishing
-    /// never requires a subscription to exist.
+    /// never requires a subscription to exist. Called concurrently; bounded
+    /// by the request timeout; a failure whose outcome is unknown (no
+    /// confirm before the connection dropped) is retryable, and the caller's
+    /// retry may duplicate the message (consumers de-duplicate by id).
     ///
     /// # Errors
     ///
@@ -135,6 +168,11 @@ pub trait Broker: Publisher + Subscriber {
 pub trait Receiver: Send + Sync + fmt::Debug {
     /// The next delivery, waiting for one; `None` once closed.
     ///
+    /// Waits as long as no message arrives; while the connection is lost it
+    /// returns retryable errors (the caller pauses and calls again) or keeps
+    /// waiting and resumes by itself once it is back — never stays silent
+    /// with messages waiting on the broker.
+    ///
     /// # Cancel safety
     ///
     /// Must be cancel safe: dropping the future before it completes loses no
@@ -159,7 +197,9 @@ pub trait Receiver: Send + Sync + fmt::Debug {
     async fn close(&self) -> Result<()>;
 }
 
-/// Settles one delivery (backend side). Called at most once per delivery by core.
+/// Settles one delivery (backend side). Called at most once per delivery by
+/// core; ackers of different deliveries are called concurrently. Every
+/// method is bounded by the request timeout.
 #[async_trait]
 pub trait Acker: Send + Sync + fmt::Debug {
     /// Settles the delivery for good.

@@ -8,6 +8,13 @@ pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 /// Shorthand for `Result<T, switchyard_core::Error>`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A native error kept as an [`Error`]'s source: shared, so an [`Error`] is
+/// cheap to clone (one failure reported for every message of a batch, a
+/// deleted resource reported by every later receive) and the native error
+/// stays reachable by `downcast_ref` on
+/// [`source()`](std::error::Error::source).
+pub type SharedError = std::sync::Arc<dyn StdError + Send + Sync + 'static>;
+
 /// What kind of name failed validation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -32,15 +39,16 @@ impl fmt::Display for NameKind {
 /// The enum is `#[non_exhaustive]`: match the variants you handle and keep a
 /// wildcard arm. [`Error::is_retryable`] tells whether trying the same
 /// operation again may succeed. Broker-specific errors are kept as
-/// [`source`](std::error::Error::source), so nothing the native client said is lost.
+/// [`source`](std::error::Error::source), so nothing the native client said is lost;
+/// `source().and_then(|s| s.downcast_ref::<NativeError>())` reaches it.
+/// Cloning is cheap and keeps the source (it is shared, [`SharedError`]).
 ///
 /// `Display` never prints payloads or credentials.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Error {
     /// A topic or subscription name broke the portable naming rule
     /// (1–200 characters of `[A-Za-z0-9._-]`, not `.` or `..`).
-    #[error("invalid {kind} name {name:?}: {reason}")]
     InvalidName {
         /// Which kind of name.
         kind: NameKind,
@@ -52,7 +60,6 @@ pub enum Error {
 
     /// A header key broke the header rule (1–128 printable ASCII characters
     /// other than space and `:`, `sy-` reserved).
-    #[error("invalid header key {key:?}: {reason}")]
     InvalidHeader {
         /// The offending key.
         key: String,
@@ -61,7 +68,6 @@ pub enum Error {
     },
 
     /// The payload is larger than the backend accepts; nothing was sent.
-    #[error("payload of {size} bytes exceeds the limit of {limit} bytes")]
     PayloadTooLarge {
         /// Size of the rejected payload (as the broker would see it).
         size: usize,
@@ -70,31 +76,25 @@ pub enum Error {
     },
 
     /// The handle, publisher or subscription was closed.
-    #[error("closed")]
     Closed,
 
     /// The broker could not be reached or the connection was lost.
-    #[error("connection error: {message}")]
     Connection {
         /// What failed, without credentials.
         message: String,
         /// The native error.
-        #[source]
-        source: Option<BoxError>,
+        source: Option<SharedError>,
     },
 
     /// The broker refused the credentials.
-    #[error("authentication failed: {message}")]
     Authentication {
         /// What the broker said, without credentials.
         message: String,
         /// The native error.
-        #[source]
-        source: Option<BoxError>,
+        source: Option<SharedError>,
     },
 
     /// An operation did not finish within its bound.
-    #[error("{operation} timed out after {after:?}")]
     Timeout {
         /// What timed out.
         operation: &'static str,
@@ -103,15 +103,13 @@ pub enum Error {
     },
 
     /// The broker rejected or failed an operation.
-    #[error("broker error: {message}")]
     Broker {
         /// What failed.
         message: String,
         /// Whether trying again may succeed.
         retryable: bool,
         /// The native error.
-        #[source]
-        source: Option<BoxError>,
+        source: Option<SharedError>,
     },
 
     /// A broker resource the operation needs does not exist: a
@@ -119,7 +117,6 @@ pub enum Error {
     /// (by an operator, or a broker that lost its state). Not retryable:
     /// nothing comes back by waiting; recreate the resource (e.g.
     /// `ensure_subscription`) or stop.
-    #[error("{resource} {name:?} not found: {message}")]
     NotFound {
         /// What kind of resource (`"queue"`, `"stream"`, `"topic"`, …).
         resource: &'static str,
@@ -128,12 +125,10 @@ pub enum Error {
         /// What the broker said.
         message: String,
         /// The native error.
-        #[source]
-        source: Option<BoxError>,
+        source: Option<SharedError>,
     },
 
     /// A connection URL could not be used.
-    #[error("invalid URL {url}: {reason}")]
     InvalidUrl {
         /// The URL with any password removed.
         url: String,
@@ -142,7 +137,6 @@ pub enum Error {
     },
 
     /// The URL's scheme needs a Cargo feature that was not compiled in.
-    #[error("the {scheme}:// scheme needs switchyard's `{feature}` feature, which is not enabled")]
     FeatureNotEnabled {
         /// The URL scheme.
         scheme: String,
@@ -150,23 +144,96 @@ pub enum Error {
         feature: &'static str,
     },
 
+    /// A message the portable rules refuse (an empty id); nothing was sent.
+    InvalidMessage {
+        /// Which rule it broke.
+        reason: &'static str,
+    },
+
+    /// Credentials this side could not find or read (no AWS credentials in
+    /// the provider chain, an unreadable NATS credentials file); the broker
+    /// was not asked. Not retryable. A broker refusing credentials is
+    /// [`Error::Authentication`].
+    Credentials {
+        /// What is missing or unreadable, without secrets.
+        message: String,
+        /// The native error.
+        source: Option<SharedError>,
+    },
+
     /// Invalid options or configuration.
-    #[error("invalid configuration: {0}")]
     Config(String),
 
     /// The backend cannot do this at all (see [`Capabilities`](crate::Capabilities)).
-    #[error("not supported by this backend: {0}")]
     NotSupported(String),
 
     /// A payload could not be encoded or decoded.
-    #[error("codec error: {message}")]
     Codec {
         /// What failed.
         message: String,
         /// The native error.
-        #[source]
-        source: Option<BoxError>,
+        source: Option<SharedError>,
     },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidName {
+                kind, name, reason, ..
+            } => write!(f, "invalid {kind} name {name:?}: {reason}"),
+            Error::InvalidHeader { key, reason, .. } => {
+                write!(f, "invalid header key {key:?}: {reason}")
+            }
+            Error::PayloadTooLarge { size, limit, .. } => write!(
+                f,
+                "payload of {size} bytes exceeds the limit of {limit} bytes"
+            ),
+            Error::Closed => f.write_str("closed"),
+            Error::Connection { message, .. } => write!(f, "connection error: {message}"),
+            Error::Authentication { message, .. } => write!(f, "authentication failed: {message}"),
+            Error::Timeout {
+                operation, after, ..
+            } => write!(f, "{operation} timed out after {after:?}"),
+            Error::Broker { message, .. } => write!(f, "broker error: {message}"),
+            Error::NotFound {
+                resource,
+                name,
+                message,
+                ..
+            } => write!(f, "{resource} {name:?} not found: {message}"),
+            Error::InvalidUrl { url, reason, .. } => write!(f, "invalid URL {url}: {reason}"),
+            Error::FeatureNotEnabled {
+                scheme, feature, ..
+            } => write!(
+                f,
+                "the {scheme}:// scheme needs switchyard's `{feature}` feature, which is not enabled"
+            ),
+            Error::InvalidMessage { reason, .. } => write!(f, "invalid message: {reason}"),
+            Error::Credentials { message, .. } => write!(f, "credentials: {message}"),
+            Error::Config(detail) => write!(f, "invalid configuration: {detail}"),
+            Error::NotSupported(detail) => write!(f, "not supported by this backend: {detail}"),
+            Error::Codec { message, .. } => write!(f, "codec error: {message}"),
+        }
+    }
+}
+
+/// The source is the native error itself (not the `Arc` around it), so
+/// `source().and_then(|s| s.downcast_ref::<NativeError>())` finds it.
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            Error::Connection { source, .. }
+            | Error::Authentication { source, .. }
+            | Error::Credentials { source, .. }
+            | Error::Broker { source, .. }
+            | Error::NotFound { source, .. }
+            | Error::Codec { source, .. } => {
+                source.as_deref().map(|e| e as &(dyn StdError + 'static))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// `url` fit for error messages and `Debug`: userinfo (credentials, tokens)
@@ -201,7 +268,7 @@ impl Error {
     pub fn connection(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
         Error::Connection {
             message: message.into(),
-            source: Some(source.into()),
+            source: Some(SharedError::from(source.into())),
         }
     }
 
@@ -225,7 +292,7 @@ impl Error {
             resource,
             name: name.into(),
             message: message.into(),
-            source,
+            source: source.map(SharedError::from),
         }
     }
 
@@ -234,61 +301,7 @@ impl Error {
         Error::Broker {
             message: message.into(),
             retryable,
-            source,
-        }
-    }
-
-    /// This error once more, for a failure that hits every message of a
-    /// batch (a `publish_batch` whose setup failed reports it per message).
-    /// The copy keeps the variant, text and retryability of connection,
-    /// authentication, broker, timeout, closed and size errors (without the
-    /// native source, which stays with the original); any other error
-    /// becomes an [`Error::Broker`] with the same text.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use switchyard_core::Error;
-    /// let e = Error::broker("topic creation refused", true, None);
-    /// let copies: Vec<Error> = (0..3).map(|_| e.replicate()).collect();
-    /// assert!(copies.iter().all(|c| c.is_retryable() && c.to_string() == e.to_string()));
-    /// assert!(Error::Closed.replicate().is_closed());
-    /// ```
-    #[must_use]
-    pub fn replicate(&self) -> Error {
-        match self {
-            Error::Closed => Error::Closed,
-            Error::Timeout { operation, after } => Error::Timeout {
-                operation,
-                after: *after,
-            },
-            Error::PayloadTooLarge { size, limit } => Error::PayloadTooLarge {
-                size: *size,
-                limit: *limit,
-            },
-            Error::Connection { message, .. } => Error::Connection {
-                message: message.clone(),
-                source: None,
-            },
-            Error::Authentication { message, .. } => Error::Authentication {
-                message: message.clone(),
-                source: None,
-            },
-            Error::Broker {
-                message, retryable, ..
-            } => Error::broker(message.clone(), *retryable, None),
-            Error::NotFound {
-                resource,
-                name,
-                message,
-                ..
-            } => Error::NotFound {
-                resource,
-                name: name.clone(),
-                message: message.clone(),
-                source: None,
-            },
-            other => Error::broker(other.to_string(), other.is_retryable(), None),
+            source: source.map(SharedError::from),
         }
     }
 
@@ -343,6 +356,29 @@ mod tests {
         assert!(!Error::PayloadTooLarge { size: 2, limit: 1 }.is_retryable());
         assert!(Error::broker("busy", true, None).is_retryable());
         assert!(!Error::broker("denied", false, None).is_retryable());
+    }
+
+    #[test]
+    fn clones_share_the_native_source() {
+        #[derive(Debug)]
+        struct Native;
+        impl fmt::Display for Native {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("native")
+            }
+        }
+        impl StdError for Native {}
+
+        let e = Error::not_found("queue", "q", "gone", Some(Box::new(Native)));
+        let copy = e.clone();
+        for x in [&e, &copy] {
+            let source = StdError::source(x).expect("the native error");
+            assert!(source.downcast_ref::<Native>().is_some(), "{source:?}");
+            assert!(x.is_not_found() && !x.is_retryable());
+        }
+        assert_eq!(copy.to_string(), e.to_string());
+        let batch: Vec<Error> = (0..3).map(|_| Error::Closed.clone()).collect();
+        assert!(batch.iter().all(Error::is_closed));
     }
 
     #[test]

@@ -38,7 +38,7 @@
 //! use switchyard_core::{Client, Message, Retry, SubscribeOptions};
 //!
 //! async fn handle(client: &Client) -> switchyard_core::Result<()> {
-//!     let opts = SubscribeOptions::new("billing").max_attempts(3);
+//!     let opts = SubscribeOptions::new("billing").with_max_attempts(3);
 //!     client.ensure_subscription("orders.created", &opts).await?;
 //!     client
 //!         .publish("orders.created", Message::new(r#"{"order":1}"#).with_key("customer-7"))
@@ -76,7 +76,7 @@ pub use bytes::Bytes;
 pub use client::Client;
 pub use delivery::Delivery;
 
-pub use error::{BoxError, Error, NameKind, Result, redact_url};
+pub use error::{BoxError, Error, NameKind, Result, SharedError, redact_url};
 pub use ext::PublisherExt;
 pub use headers::Headers;
 pub use message::{Message, new_id};

@@ -141,10 +141,24 @@ impl Message {
         self.published_at
     }
 
-    /// Takes the message apart: `(id, key, headers, payload)`.
+    /// Takes the message apart into what [`from_parts`](Message::from_parts)
+    /// takes: `(id, key, headers, payload, published_at)`.
+    ///
+    /// ```
+    /// use switchyard_core::Message;
+    /// let m = Message::new("x").with_key("k");
+    /// let (id, key, headers, payload, at) = m.clone().into_parts();
+    /// assert_eq!(Message::from_parts(id, key, headers, payload, at), m);
+    /// ```
     #[must_use]
-    pub fn into_parts(self) -> (String, Option<String>, Headers, Bytes) {
-        (self.id, self.key, self.headers, self.payload)
+    pub fn into_parts(self) -> (String, Option<String>, Headers, Bytes, Option<SystemTime>) {
+        (
+            self.id,
+            self.key,
+            self.headers,
+            self.payload,
+            self.published_at,
+        )
     }
 
     /// A message with a JSON payload and a `content-type: application/json` header.
@@ -156,7 +170,7 @@ impl Message {
     pub fn json<T: serde::Serialize + ?Sized>(value: &T) -> Result<Self> {
         let body = serde_json::to_vec(value).map_err(|e| Error::Codec {
             message: "serialising JSON payload".into(),
-            source: Some(Box::new(e)),
+            source: Some(std::sync::Arc::new(e)),
         })?;
         Ok(Self::new(body).with_header("content-type", "application/json"))
     }
@@ -170,7 +184,7 @@ impl Message {
     pub fn decode_json<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
         serde_json::from_slice(&self.payload).map_err(|e| Error::Codec {
             message: "deserialising JSON payload".into(),
-            source: Some(Box::new(e)),
+            source: Some(std::sync::Arc::new(e)),
         })
     }
 
@@ -179,10 +193,12 @@ impl Message {
     /// # Errors
     ///
     /// [`Error::InvalidHeader`] for a bad header key or reserved `sy-` key;
-    /// [`Error::Config`] for an empty id.
+    /// [`Error::InvalidMessage`] for an empty id.
     pub fn validate(&self) -> Result<()> {
         if self.id.is_empty() {
-            return Err(Error::Config("message id must not be empty".into()));
+            return Err(Error::InvalidMessage {
+                reason: "message id must not be empty",
+            });
         }
         for key in self.headers.keys() {
             validate_user_header_key(key)?;

@@ -25,9 +25,9 @@ pub const DEAD_LETTERS_SUBSCRIPTION: &str = "dead-letters";
 /// use std::time::Duration;
 /// use switchyard_core::SubscribeOptions;
 /// let opts = SubscribeOptions::new("billing")
-///     .prefetch(16)
-///     .ack_timeout(Duration::from_secs(10))
-///     .max_attempts(3);
+///     .with_prefetch(16)
+///     .with_ack_timeout(Duration::from_secs(10))
+///     .with_max_attempts(3);
 /// assert_eq!(opts.dead_letter_topic_for("orders"), "orders.billing.dlq");
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,12 +58,12 @@ impl SubscribeOptions {
     /// redrive them) never dead-letters them again.
     #[must_use]
     pub fn dead_letters() -> Self {
-        Self::new(DEAD_LETTERS_SUBSCRIPTION).max_attempts(1_000)
+        Self::new(DEAD_LETTERS_SUBSCRIPTION).with_max_attempts(1_000)
     }
 
     /// Most unsettled deliveries one consumer may hold (default 64, at least 1).
     #[must_use]
-    pub fn prefetch(mut self, prefetch: usize) -> Self {
+    pub fn with_prefetch(mut self, prefetch: usize) -> Self {
         self.prefetch = prefetch;
         self
     }
@@ -71,21 +71,21 @@ impl SubscribeOptions {
     /// How long a delivery may stay unsettled before the broker redelivers it
     /// (default 30 s).
     #[must_use]
-    pub fn ack_timeout(mut self, timeout: Duration) -> Self {
+    pub fn with_ack_timeout(mut self, timeout: Duration) -> Self {
         self.ack_timeout = timeout;
         self
     }
 
     /// Delivery attempts before the message is dead-lettered (default 5, at least 1).
     #[must_use]
-    pub fn max_attempts(mut self, max_attempts: u32) -> Self {
+    pub fn with_max_attempts(mut self, max_attempts: u32) -> Self {
         self.max_attempts = max_attempts;
         self
     }
 
     /// The dead-letter topic (default `<topic>.<subscription>.dlq`).
     #[must_use]
-    pub fn dead_letter_topic(mut self, topic: impl Into<String>) -> Self {
+    pub fn with_dead_letter_topic(mut self, topic: impl Into<String>) -> Self {
         self.dead_letter_topic = Some(topic.into());
         self
     }
@@ -98,19 +98,19 @@ impl SubscribeOptions {
 
     /// The prefetch limit.
     #[must_use]
-    pub fn prefetch_limit(&self) -> usize {
+    pub fn prefetch(&self) -> usize {
         self.prefetch
     }
 
     /// The ack timeout.
     #[must_use]
-    pub fn ack_timeout_value(&self) -> Duration {
+    pub fn ack_timeout(&self) -> Duration {
         self.ack_timeout
     }
 
     /// The attempt limit.
     #[must_use]
-    pub fn max_attempts_value(&self) -> u32 {
+    pub fn max_attempts(&self) -> u32 {
         self.max_attempts
     }
 
@@ -360,19 +360,19 @@ mod tests {
     #[test]
     fn defaults_and_validation() {
         let o = SubscribeOptions::new("s");
-        assert_eq!(o.prefetch_limit(), DEFAULT_PREFETCH);
-        assert_eq!(o.max_attempts_value(), 5);
+        assert_eq!(o.prefetch(), DEFAULT_PREFETCH);
+        assert_eq!(o.max_attempts(), 5);
         assert_eq!(o.dead_letter_topic_for("t"), "t.s.dlq");
         o.validate("t").unwrap();
         assert!(
             SubscribeOptions::new("s")
-                .prefetch(0)
+                .with_prefetch(0)
                 .validate("t")
                 .is_err()
         );
         assert!(
             SubscribeOptions::new("s")
-                .max_attempts(0)
+                .with_max_attempts(0)
                 .validate("t")
                 .is_err()
         );
@@ -391,7 +391,7 @@ mod tests {
         assert_eq!(da, a.dead_letter_topic_for(&long));
         assert!(
             SubscribeOptions::new("s")
-                .dead_letter_topic("t")
+                .with_dead_letter_topic("t")
                 .validate("t")
                 .is_err()
         );

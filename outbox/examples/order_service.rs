@@ -91,14 +91,14 @@ async fn run(url: &str) -> Result<(), BoxError> {
     });
     let sub = client.subscribe(&topic, shipping).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let consumer = tokio::spawn(
-        Consumer::new()
-            .concurrency(8)
-            .run(sub, handler, async move {
-                let mut stopped = stopped;
-                let _ = stopped.wait_for(|s| *s).await;
-            }),
-    );
+    let consumer = tokio::spawn(Consumer::new().with_concurrency(8).run(
+        sub,
+        handler,
+        async move {
+            let mut stopped = stopped;
+            let _ = stopped.wait_for(|s| *s).await;
+        },
+    ));
 
     let wait = |what: &'static str, done: Box<dyn Fn() -> bool + Send>| async move {
         let until = tokio::time::Instant::now() + Duration::from_secs(60);

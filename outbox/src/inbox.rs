@@ -4,7 +4,7 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use futures_util::future::BoxFuture;
 use sqlx::{PgPool, Postgres, SqlStr, Transaction};
-use switchyard_core::consumer::{Context, HandlerError};
+use switchyard_core::consumer::{HandlerContext, HandlerError};
 
 use crate::{
     Error, Result,
@@ -198,20 +198,20 @@ impl Inbox {
         &self,
         pool: PgPool,
         handler: H,
-    ) -> impl Fn(Context) -> BoxFuture<'static, std::result::Result<(), HandlerError>>
+    ) -> impl Fn(HandlerContext) -> BoxFuture<'static, std::result::Result<(), HandlerError>>
     + Clone
     + Send
     + Sync
     + 'static
     where
-        H: Fn(Context, Transaction<'static, Postgres>) -> F + Send + Sync + 'static,
+        H: Fn(HandlerContext, Transaction<'static, Postgres>) -> F + Send + Sync + 'static,
         F: Future<Output = std::result::Result<Transaction<'static, Postgres>, HandlerError>>
             + Send
             + 'static,
     {
         let handler = Arc::new(handler);
         let this = self.clone();
-        move |ctx: Context| {
+        move |ctx: HandlerContext| {
             let (handler, this, pool) = (Arc::clone(&handler), this.clone(), pool.clone());
             Box::pin(async move {
                 let tx = this

@@ -33,8 +33,8 @@ use crate::{Error, LANES, Outbox, Result, error::bounded, sql::audited};
 ///
 /// let relay = Outbox::new()
 ///     .relay(pool, client)
-///     .batch_size(500)
-///     .retention(Duration::from_secs(3 * 24 * 3600));
+///     .with_batch_size(500)
+///     .with_retention(Duration::from_secs(3 * 24 * 3600));
 /// let report = relay.run(async { tokio::signal::ctrl_c().await.ok(); }).await?;
 /// println!("published {} events", report.published);
 /// # Ok(()) }
@@ -100,7 +100,7 @@ impl Relay {
 
     /// At most this many rows read per round (default 256).
     #[must_use]
-    pub fn batch_size(mut self, n: usize) -> Self {
+    pub fn with_batch_size(mut self, n: usize) -> Self {
         self.batch = n.max(1);
         self
     }
@@ -108,7 +108,7 @@ impl Relay {
     /// At most this many keys published concurrently (default 32); one
     /// key's events are always published one after another.
     #[must_use]
-    pub fn concurrency(mut self, n: usize) -> Self {
+    pub fn with_concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
         self
     }
@@ -117,7 +117,7 @@ impl Relay {
     /// notification (default 1 s): the fallback when a `NOTIFY` is missed,
     /// for example while its listening connection reconnects.
     #[must_use]
-    pub fn poll_interval(mut self, d: Duration) -> Self {
+    pub fn with_poll_interval(mut self, d: Duration) -> Self {
         self.poll = d.clamp(Duration::from_millis(10), DAY);
         self
     }
@@ -125,15 +125,15 @@ impl Relay {
     /// How long published rows are kept before they are deleted (default
     /// 24 h). Parked rows are kept until an operator deletes them.
     #[must_use]
-    pub fn retention(mut self, d: Duration) -> Self {
+    pub fn with_retention(mut self, d: Duration) -> Self {
         self.retention = d.min(100 * 365 * DAY);
         self
     }
 
     /// How often the relay deletes published rows older than the
-    /// [retention](Relay::retention) (default once a minute; any relay may).
+    /// [retention](Relay::with_retention) (default once a minute; any relay may).
     #[must_use]
-    pub fn prune_interval(mut self, d: Duration) -> Self {
+    pub fn with_prune_interval(mut self, d: Duration) -> Self {
         self.prune_every = d.clamp(Duration::from_millis(10), DAY);
         self
     }

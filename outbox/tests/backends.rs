@@ -16,7 +16,7 @@ use futures_util::future::BoxFuture;
 use sqlx::{PgPool, postgres::PgPoolOptions};
 use switchyard::{
     Capabilities, Client, KeyOrdering, Message, SubscribeOptions, Subscription,
-    consumer::{Backoff, Consumer, Context, Dedup, HandlerError},
+    consumer::{Backoff, Consumer, Dedup, HandlerContext, HandlerError},
     driver::{Broker, Publisher, Receiver, Subscriber},
 };
 use switchyard_conformance::broker_url;
@@ -70,7 +70,7 @@ impl Fixture {
         outbox.migrate(&pool).await.unwrap();
         let topic = format!("sy-outbox.{tag}.{id}");
         let opts = options(
-            SubscribeOptions::new(format!("sub-{id}")).ack_timeout(Duration::from_secs(30)),
+            SubscribeOptions::new(format!("sub-{id}")).with_ack_timeout(Duration::from_secs(30)),
         );
         client.ensure_subscription(&topic, &opts).await.unwrap();
         Some(Self {
@@ -107,7 +107,7 @@ impl Fixture {
     fn relay(&self) -> Relay {
         self.outbox
             .relay(self.pool.clone(), self.client.clone())
-            .poll_interval(Duration::from_millis(500))
+            .with_poll_interval(Duration::from_millis(500))
     }
 
     /// Rows not yet published.
@@ -209,7 +209,7 @@ async fn delivers_every_event_in_key_order(broker: Option<String>, _test: &str) 
         .collect();
     f.enqueue(&messages, 100).await;
     let mut sub = f.subscribe().await;
-    let relay = start(f.relay().batch_size(500));
+    let relay = start(f.relay().with_batch_size(500));
     let got = receive(
         &mut sub,
         n,
@@ -275,7 +275,7 @@ async fn a_commit_wakes_the_relay(broker: Option<String>, _test: &str) {
         return;
     };
     let mut sub = f.subscribe().await;
-    let relay = start(f.relay().poll_interval(Duration::from_secs(3600)));
+    let relay = start(f.relay().with_poll_interval(Duration::from_secs(3600)));
     // The relay's first rounds find nothing; then it waits.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let event = Message::new("wake up");
@@ -346,7 +346,7 @@ async fn a_failing_topic_does_not_hold_back_the_others(broker: Option<String>, _
         fault: Fault::Refuse(bad),
     });
     let mut sub = f.subscribe().await;
-    let relay = start(f.outbox.relay(f.pool.clone(), client).batch_size(256));
+    let relay = start(f.outbox.relay(f.pool.clone(), client).with_batch_size(256));
     let got = receive(
         &mut sub,
         10,
@@ -371,8 +371,8 @@ async fn published_rows_are_pruned(broker: Option<String>, _test: &str) {
     let mut sub = f.subscribe().await;
     let relay = start(
         f.relay()
-            .retention(Duration::ZERO)
-            .prune_interval(Duration::from_millis(100)),
+            .with_retention(Duration::ZERO)
+            .with_prune_interval(Duration::from_millis(100)),
     );
     receive(
         &mut sub,
@@ -434,10 +434,16 @@ async fn same_key_transactions_publish_in_commit_order(broker: Option<String>, _
             committed.lock().unwrap().push(m.id().to_owned());
         })
     };
-    // ...while the first is still open.
+    // ...while the first is still open: the key lock holds it back.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    t1.commit().await.unwrap();
+    assert!(
+        committed.lock().unwrap().is_empty(),
+        "the second transaction committed while the first held the key"
+    );
+    // Recorded before the commit that releases the second (recorded after
+    // it, the second could record its commit first on a busy machine).
     committed.lock().unwrap().push(first.id().to_owned());
+    t1.commit().await.unwrap();
     second.await.unwrap();
     let mut sub = f.subscribe().await;
     let relay = start(f.relay());
@@ -644,7 +650,7 @@ async fn relay_killed_between_publish_and_mark(broker: Option<String>, test: &st
 /// exactly once, every copy is acked, and none is dead-lettered (a copy that
 /// failed for finding its twin in progress would be, having no attempt left).
 async fn processed_once_under_concurrent_redelivery(broker: Option<String>, store: Store) {
-    let Some(f) = Fixture::with_options(broker, "dedup", |o| o.max_attempts(1)).await else {
+    let Some(f) = Fixture::with_options(broker, "dedup", |o| o.with_max_attempts(1)).await else {
         return;
     };
     let n = 300;
@@ -657,7 +663,10 @@ async fn processed_once_under_concurrent_redelivery(broker: Option<String>, stor
     let work = Work::default();
     // The handler, behind the store under test.
     type Handler = Arc<
-        dyn Fn(Context) -> BoxFuture<'static, Result<(), HandlerError>> + Send + Sync + 'static,
+        dyn Fn(HandlerContext) -> BoxFuture<'static, Result<(), HandlerError>>
+            + Send
+            + Sync
+            + 'static,
     >;
     let (handler, duplicates, inbox): (Handler, Option<Dedup>, Option<(PgPool, Inbox)>) =
         match store {
@@ -690,10 +699,12 @@ async fn processed_once_under_concurrent_redelivery(broker: Option<String>, stor
     for _ in 0..2 {
         let (sub, handler, mut stopped) =
             (f.subscribe().await, Arc::clone(&handler), stopped.clone());
-        let consumer = Consumer::new().concurrency(8).backoff(Backoff::new(
-            Duration::from_millis(10),
-            Duration::from_millis(200),
-        ));
+        let consumer = Consumer::new()
+            .with_concurrency(8)
+            .with_backoff(Backoff::new(
+                Duration::from_millis(10),
+                Duration::from_millis(200),
+            ));
         tasks.push(tokio::spawn(async move {
             let until_stopped = async move {
                 let _ = stopped.wait_for(|s| *s).await;
@@ -761,7 +772,7 @@ impl Default for Work {
 }
 
 impl Work {
-    async fn run(self, ctx: Context) -> Result<(), HandlerError> {
+    async fn run(self, ctx: HandlerContext) -> Result<(), HandlerError> {
         *self
             .runs
             .lock()

@@ -178,7 +178,7 @@ async fn committed_events_survive_a_database_kill() {
     let relay = tokio::spawn(
         outbox
             .relay(pool.clone(), client.clone())
-            .poll_interval(Duration::from_millis(200))
+            .with_poll_interval(Duration::from_millis(200))
             .run(async {
                 let _ = stopped.await;
             }),

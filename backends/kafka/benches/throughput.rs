@@ -200,7 +200,7 @@ async fn main() {
     };
     let n = env_usize("SY_BENCH_MESSAGES", 50_000);
     let rounds = env_usize("SY_BENCH_ROUNDS", 3);
-    let config = KafkaConfig::from_url(&url).unwrap().partitions(1);
+    let config = KafkaConfig::from_url(&url).unwrap().with_partitions(1);
     let broker = KafkaBroker::connect(config).await.unwrap();
     let client = Client::new(broker.clone());
     let servers = bootstrap(&url);
@@ -221,7 +221,7 @@ async fn main() {
         let raw_topic = format!("bench.raw.{run_id}.{round}");
         client.ensure_topic(&raw_topic).await.unwrap();
         let topic = format!("bench.switchyard.{run_id}.{round}");
-        let opts = SubscribeOptions::new("bench").prefetch(1024);
+        let opts = SubscribeOptions::new("bench").with_prefetch(1024);
         client.ensure_subscription(&topic, &opts).await.unwrap();
 
         let raw_pub = raw_publish_threaded(&threaded, &reports, &raw_topic, n).await;

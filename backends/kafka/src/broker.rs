@@ -495,10 +495,10 @@ impl Publisher for KafkaBroker {
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Vec<Result<()>> {
         if let Err(e) = self.check_open() {
-            return messages.iter().map(|_| Err(e.replicate())).collect();
+            return messages.iter().map(|_| Err(e.clone())).collect();
         }
         if let Err(e) = self.inner.ensure_topics(&[topic]).await {
-            return messages.iter().map(|_| Err(e.replicate())).collect();
+            return messages.iter().map(|_| Err(e.clone())).collect();
         }
         // Enqueue everything (librdkafka batches and pipelines), then wait
         // for the batch's delivery reports.

@@ -25,7 +25,7 @@ use switchyard_core::{
 ///     "kafka://127.0.0.1:9092?partitions=6&security.protocol=SASL_SSL&sasl.password=hunter2",
 /// )
 /// .unwrap()
-/// .publish_timeout(Duration::from_secs(10));
+/// .with_publish_timeout(Duration::from_secs(10));
 /// assert!(!format!("{config:?}").contains("hunter2"));
 /// ```
 #[derive(Clone)]
@@ -164,7 +164,7 @@ impl KafkaConfig {
     /// the same key share a partition, so per-key order holds while several
     /// consumers share the work.
     #[must_use]
-    pub fn partitions(mut self, partitions: i32) -> Self {
+    pub fn with_partitions(mut self, partitions: i32) -> Self {
         self.partitions = partitions;
         self
     }
@@ -172,14 +172,14 @@ impl KafkaConfig {
     /// Replication factor of the topics the backend creates. Default -1:
     /// the broker's `default.replication.factor`.
     #[must_use]
-    pub fn replication_factor(mut self, factor: i32) -> Self {
+    pub fn with_replication_factor(mut self, factor: i32) -> Self {
         self.replication_factor = factor;
         self
     }
 
     /// Bound on reaching the cluster when connecting. Default 5 s.
     #[must_use]
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
@@ -188,7 +188,7 @@ impl KafkaConfig {
     /// committing offsets), and on every request librdkafka sends
     /// (`socket.timeout.ms`). Default 10 s.
     #[must_use]
-    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
     }
@@ -196,7 +196,7 @@ impl KafkaConfig {
     /// Bound on a publish, from enqueueing to the delivery report
     /// (librdkafka's `message.timeout.ms`). Default 30 s.
     #[must_use]
-    pub fn publish_timeout(mut self, timeout: Duration) -> Self {
+    pub fn with_publish_timeout(mut self, timeout: Duration) -> Self {
         self.publish_timeout = timeout;
         self
     }
@@ -204,7 +204,7 @@ impl KafkaConfig {
     /// How long acks are gathered before their offsets are committed.
     /// Default 5 ms.
     #[must_use]
-    pub fn commit_interval(mut self, interval: Duration) -> Self {
+    pub fn with_commit_interval(mut self, interval: Duration) -> Self {
         self.commit_interval = interval;
         self
     }
@@ -214,7 +214,7 @@ impl KafkaConfig {
     /// `message.max.bytes` and the topic's `max.message.bytes`). Default
     /// 1,000,000.
     #[must_use]
-    pub fn max_message_bytes(mut self, bytes: usize) -> Self {
+    pub fn with_max_message_bytes(mut self, bytes: usize) -> Self {
         self.max_message_bytes = bytes;
         self
     }
@@ -222,7 +222,7 @@ impl KafkaConfig {
     /// Sets any librdkafka property on every client the backend creates
     /// (the escape hatch: security, SASL, TLS, tuning).
     #[must_use]
-    pub fn set(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+    pub fn with_set(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.properties.insert(name.into(), value.into());
         self
     }

@@ -31,7 +31,7 @@ pub(crate) fn kafka_error(what: &str, e: KafkaError) -> Error {
             | RDKafkaErrorCode::ClusterAuthorizationFailed,
         ) => Error::Authentication {
             message: text,
-            source: Some(Box::new(e)),
+            source: Some(std::sync::Arc::new(e)),
         },
         code => {
             let retryable = matches!(

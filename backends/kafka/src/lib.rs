@@ -5,7 +5,7 @@
 //!
 //! | switchyard | Kafka |
 //! |---|---|
-//! | topic `orders.created` | topic `orders.created` (created through the admin API when missing; [`KafkaConfig::partitions`]) |
+//! | topic `orders.created` | topic `orders.created` (created through the admin API when missing; [`KafkaConfig::with_partitions`]) |
 //! | subscription `billing` | consumer group `orders.created:billing`, which `ensure_subscription` starts at the topic's current end |
 //! | key, id, headers, payload | record key, header `sy-id`, record headers, record value (byte-exact); a keyless record goes to a random partition (`sticky.partitioning.linger.ms=0`), so a burst divides among consumers |
 //! | publish | idempotent producer, `acks=all`, confirmed by the delivery report; `publish_batch` enqueues everything, then waits once for the batch's reports (counted in librdkafka's delivery callback, no future per record) |

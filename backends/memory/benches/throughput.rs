@@ -16,7 +16,7 @@ const BATCH: usize = 1000;
 
 async fn switchyard(n: usize, prefetch: usize) -> Duration {
     let client = MemoryBroker::new().client();
-    let opts = SubscribeOptions::new("bench").prefetch(prefetch);
+    let opts = SubscribeOptions::new("bench").with_prefetch(prefetch);
     client.ensure_subscription("bench", &opts).await.unwrap();
     let mut sub = client.subscribe("bench", opts).await.unwrap();
     let payload = Bytes::from(vec![0xabu8; SIZE]);

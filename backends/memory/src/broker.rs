@@ -61,7 +61,7 @@ impl Core {
 ///
 /// ```
 /// use switchyard_memory::MemoryBroker;
-/// let broker = MemoryBroker::builder().max_payload(64 * 1024).build();
+/// let broker = MemoryBroker::builder().with_max_payload(64 * 1024).build();
 /// let client = broker.client();
 /// assert_eq!(client.capabilities().max_payload, 64 * 1024);
 /// ```
@@ -106,7 +106,7 @@ impl MemoryBroker {
             .unwrap_or_else(|p| p.into_inner());
         registry
             .entry(name.to_owned())
-            .or_insert_with(|| Self::builder().max_payload(max_payload).build())
+            .or_insert_with(|| Self::builder().with_max_payload(max_payload).build())
             .clone()
     }
 
@@ -167,7 +167,7 @@ pub struct MemoryBuilder {
 impl MemoryBuilder {
     /// Largest accepted payload in bytes (default 1 MiB).
     #[must_use]
-    pub fn max_payload(mut self, bytes: usize) -> Self {
+    pub fn with_max_payload(mut self, bytes: usize) -> Self {
         self.max_payload = bytes;
         self
     }
@@ -337,8 +337,8 @@ impl Subscriber for MemoryConnection {
             queue,
             name: format!("{topic}/{}", options.name()),
             consumer: self.core.consumer_ids.fetch_add(1, Ordering::Relaxed),
-            prefetch: options.prefetch_limit(),
-            ack_timeout: options.ack_timeout_value(),
+            prefetch: options.prefetch(),
+            ack_timeout: options.ack_timeout(),
             closed: self.conn.closed.child_token(),
             requeued: AtomicBool::new(false),
             buffer: Mutex::new(VecDeque::new()),

@@ -110,9 +110,13 @@ async fn raw_consume_after_publish(
 }
 
 async fn run(url: &str, n: usize, window: usize) {
-    let broker = NatsBroker::connect(NatsConfig::from_url(url).unwrap().publish_window(window))
-        .await
-        .unwrap();
+    let broker = NatsBroker::connect(
+        NatsConfig::from_url(url)
+            .unwrap()
+            .with_publish_window(window),
+    )
+    .await
+    .unwrap();
     let js = broker.jetstream().clone();
     let client = Client::new(broker.clone());
     let run_id = &switchyard_core::new_id()[24..];
@@ -141,7 +145,7 @@ async fn run(url: &str, n: usize, window: usize) {
         .unwrap();
 
     let topic = format!("bench.switchyard.{run_id}");
-    let opts = SubscribeOptions::new("bench").prefetch(window);
+    let opts = SubscribeOptions::new("bench").with_prefetch(window);
     client.ensure_subscription(&topic, &opts).await.unwrap();
 
     println!("NATS JetStream at {url}: {n} messages of {SIZE} B, window {window}");

@@ -183,12 +183,13 @@ impl NatsBroker {
             options = options.token(t.clone());
         }
         if let Some(path) = &config.credentials_file {
-            options = options.credentials_file(path).await.map_err(|e| {
-                Error::Config(format!(
-                    "reading NATS credentials file {}: {e}",
-                    path.display()
-                ))
-            })?;
+            options = options
+                .credentials_file(path)
+                .await
+                .map_err(|e| Error::Credentials {
+                    message: format!("reading NATS credentials file {}: {e}", path.display()),
+                    source: Some(std::sync::Arc::new(e)),
+                })?;
         }
         if config.retain_server_order {
             options = options.retain_servers_order();
@@ -397,7 +398,7 @@ impl NatsBroker {
             durable_name: Some(self.consumer_name(options.name())),
             description: Some(format!("switchyard subscription {}", options.name())),
             ack_policy: AckPolicy::Explicit,
-            ack_wait: options.ack_timeout_value(),
+            ack_wait: options.ack_timeout(),
             // Unlimited: switchyard dead-letters after max_attempts itself.
             max_deliver: -1,
             deliver_policy: DeliverPolicy::New,
@@ -405,7 +406,7 @@ impl NatsBroker {
                 .inner
                 .config
                 .max_ack_pending
-                .max(options.prefetch_limit() as i64),
+                .max(options.prefetch() as i64),
             ..Default::default()
         }
     }
@@ -460,11 +461,11 @@ impl Publisher for NatsBroker {
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Vec<Result<()>> {
         if let Err(e) = self.check_open() {
-            return messages.iter().map(|_| Err(e.replicate())).collect();
+            return messages.iter().map(|_| Err(e.clone())).collect();
         }
         let t = match self.topic(topic).await {
             Ok(t) => t,
-            Err(e) => return messages.iter().map(|_| Err(e.replicate())).collect(),
+            Err(e) => return messages.iter().map(|_| Err(e.clone())).collect(),
         };
         // Pipeline: keep up to `publish_window` acknowledgements in flight.
         let window = self.inner.config.publish_window;
@@ -544,8 +545,8 @@ impl Subscriber for NatsBroker {
             .map_err(|e| js_error("subscribing to the pull inbox", e, true))?;
         let shared = Arc::new(ReceiverShared {
             cancel: self.inner.closed.child_token(),
-            permits: Arc::new(Semaphore::new(options.prefetch_limit())),
-            prefetch: options.prefetch_limit(),
+            permits: Arc::new(Semaphore::new(options.prefetch())),
+            prefetch: options.prefetch(),
             stream_name: self.stream_name(topic),
             consumer_name: info.name.clone(),
             refused: Arc::clone(&self.inner.refused),
@@ -571,7 +572,7 @@ impl Subscriber for NatsBroker {
             request_timeout: self.inner.config.request_timeout,
             outstanding: Arc::default(),
             slow: SlowStart::new(),
-            ack_wait: options.ack_timeout_value(),
+            ack_wait: options.ack_timeout(),
         });
         tokio::spawn(keep_leases(Arc::downgrade(&shared)));
         self.inner.receivers.insert(&shared);

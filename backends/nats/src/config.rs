@@ -22,7 +22,7 @@ use switchyard_core::{
 /// use switchyard_nats::NatsConfig;
 /// let config = NatsConfig::from_url("nats://app:secret@127.0.0.1:4222?connect_timeout=2s")
 ///     .unwrap()
-///     .max_age(Duration::from_secs(7 * 24 * 3600));
+///     .with_max_age(Duration::from_secs(7 * 24 * 3600));
 /// assert!(!format!("{config:?}").contains("secret"));
 /// ```
 #[derive(Clone)]
@@ -106,7 +106,7 @@ impl NatsConfig {
     /// Parameters: `token`, `creds` (credentials file path), `tls=true`,
     /// `connect_timeout` and `request_timeout` (e.g. `5s`, `500ms`),
     /// `storage=file|memory`, `max_age`, `replicas`, `prefer` (one of the
-    /// listed `host:port`s, see [`prefer_server`](Self::prefer_server)).
+    /// listed `host:port`s, see [`with_prefer_server`](Self::with_prefer_server)).
     ///
     /// Several servers (a cluster's nodes) are separated by commas:
     /// `nats://n1:4222,n2:4222,n3:4222?replicas=3`. The client connects to
@@ -176,7 +176,7 @@ impl NatsConfig {
                             "prefer={v} is not one of the listed servers"
                         )));
                     }
-                    config = config.prefer_server(preferred);
+                    config = config.with_prefer_server(preferred);
                 }
                 "replicas" => {
                     config.replicas = v
@@ -196,9 +196,9 @@ impl NatsConfig {
     /// Servers to connect to (a cluster's nodes; replaces the list given
     /// to [`new`](Self::new), and any preference). The client tries them in
     /// a random order, which spreads a fleet's connections over the nodes;
-    /// call [`prefer_server`](Self::prefer_server) after it to pick one.
+    /// call [`with_prefer_server`](Self::with_prefer_server) after it to pick one.
     #[must_use]
-    pub fn servers<S: Into<String>>(mut self, servers: impl IntoIterator<Item = S>) -> Self {
+    pub fn with_servers<S: Into<String>>(mut self, servers: impl IntoIterator<Item = S>) -> Self {
         self.servers = servers.into_iter().map(Into::into).collect();
         self.retain_server_order = false;
         self
@@ -214,10 +214,10 @@ impl NatsConfig {
     /// // The same as `nats://n1:4222,n2:4222,n3:4222?replicas=3&prefer=n2:4222`:
     /// let config = NatsConfig::from_url("nats://n1:4222,n2:4222,n3:4222?replicas=3")
     ///     .unwrap()
-    ///     .prefer_server("nats://n2:4222");
+    ///     .with_prefer_server("nats://n2:4222");
     /// ```
     #[must_use]
-    pub fn prefer_server(mut self, server: impl Into<String>) -> Self {
+    pub fn with_prefer_server(mut self, server: impl Into<String>) -> Self {
         let server = server.into();
         self.servers.retain(|s| *s != server);
         self.servers.insert(0, server);
@@ -227,7 +227,7 @@ impl NatsConfig {
 
     /// User and password (default none).
     #[must_use]
-    pub fn user_and_password(
+    pub fn with_user_and_password(
         mut self,
         user: impl Into<String>,
         password: impl Into<String>,
@@ -239,42 +239,42 @@ impl NatsConfig {
 
     /// Authentication token (default none).
     #[must_use]
-    pub fn token(mut self, token: impl Into<String>) -> Self {
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
         self
     }
 
     /// NATS credentials file (JWT + NKey seed; default none).
     #[must_use]
-    pub fn credentials_file(mut self, path: impl Into<PathBuf>) -> Self {
+    pub fn with_credentials_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.credentials_file = Some(path.into());
         self
     }
 
     /// Require TLS (default false; `tls://` URLs set it).
     #[must_use]
-    pub fn require_tls(mut self, yes: bool) -> Self {
+    pub fn with_require_tls(mut self, yes: bool) -> Self {
         self.require_tls = yes;
         self
     }
 
     /// Bound on connecting (default 5 s): an unreachable server fails within it.
     #[must_use]
-    pub fn connect_timeout(mut self, d: Duration) -> Self {
+    pub fn with_connect_timeout(mut self, d: Duration) -> Self {
         self.connect_timeout = d;
         self
     }
 
     /// Bound on JetStream API requests and publish acknowledgements (default 10 s).
     #[must_use]
-    pub fn request_timeout(mut self, d: Duration) -> Self {
+    pub fn with_request_timeout(mut self, d: Duration) -> Self {
         self.request_timeout = d;
         self
     }
 
     /// Storage of topic streams (default file).
     #[must_use]
-    pub fn memory_storage(mut self, yes: bool) -> Self {
+    pub fn with_memory_storage(mut self, yes: bool) -> Self {
         self.storage = if yes {
             StorageType::Memory
         } else {
@@ -285,14 +285,14 @@ impl NatsConfig {
 
     /// Oldest message a topic stream keeps (default zero: unlimited).
     #[must_use]
-    pub fn max_age(mut self, d: Duration) -> Self {
+    pub fn with_max_age(mut self, d: Duration) -> Self {
         self.max_age = d;
         self
     }
 
     /// Largest size of a topic stream in bytes (default -1: unlimited).
     #[must_use]
-    pub fn max_bytes(mut self, bytes: i64) -> Self {
+    pub fn with_max_bytes(mut self, bytes: i64) -> Self {
         self.max_bytes = bytes;
         self
     }
@@ -302,21 +302,21 @@ impl NatsConfig {
     /// stream keeps serving while one of them is lost. Applies to the
     /// streams switchyard creates.
     #[must_use]
-    pub fn replicas(mut self, n: usize) -> Self {
+    pub fn with_replicas(mut self, n: usize) -> Self {
         self.replicas = n;
         self
     }
 
     /// Subject prefix of topic subjects (default `sy`: topic `a.b` → `sy.a_db`).
     #[must_use]
-    pub fn subject_prefix(mut self, prefix: impl Into<String>) -> Self {
+    pub fn with_subject_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.subject_prefix = prefix.into();
         self
     }
 
     /// Stream name prefix (default `sy-`).
     #[must_use]
-    pub fn stream_prefix(mut self, prefix: impl Into<String>) -> Self {
+    pub fn with_stream_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.stream_prefix = prefix.into();
         self
     }
@@ -324,14 +324,14 @@ impl NatsConfig {
     /// Server-side cap on unacknowledged messages of one subscription across
     /// all its consumers (default 10,000). Each consumer's own cap is its prefetch.
     #[must_use]
-    pub fn max_ack_pending(mut self, n: i64) -> Self {
+    pub fn with_max_ack_pending(mut self, n: i64) -> Self {
         self.max_ack_pending = n;
         self
     }
 
     /// Publish acknowledgements in flight in `publish_batch` (default 256).
     #[must_use]
-    pub fn publish_window(mut self, n: usize) -> Self {
+    pub fn with_publish_window(mut self, n: usize) -> Self {
         self.publish_window = n.max(1);
         self
     }
@@ -380,7 +380,11 @@ mod tests {
             vec!["nats://h2:4222", "nats://h1:4222", "nats://h3:4222"]
         );
         assert!(c.retain_server_order);
-        assert!(!c.clone().servers(["nats://h9:4222"]).retain_server_order);
+        assert!(
+            !c.clone()
+                .with_servers(["nats://h9:4222"])
+                .retain_server_order
+        );
         assert!(
             !NatsConfig::from_url("nats://h1:4222,h2:4222")
                 .unwrap()

@@ -18,11 +18,11 @@ pub(crate) fn connect_error(e: async_nats::ConnectError, servers: &[String]) -> 
     match e.kind() {
         K::AuthorizationViolation | K::Authentication => Error::Authentication {
             message,
-            source: Some(Box::new(e)),
+            source: Some(std::sync::Arc::new(e)),
         },
         K::TimedOut => Error::Connection {
             message,
-            source: Some(Box::new(e)),
+            source: Some(std::sync::Arc::new(e)),
         },
         _ => Error::connection(message, e),
     }

@@ -12,7 +12,7 @@
 //! | nack / nack with delay | `NAK` / `NAK` with delay (held by the server) |
 //! | prefetch | pull requests never ask for more than the consumer's free room; what arrived and is not handed out yet keeps its ack wait (a progress ack once less than half of it is left, while the application holds what it has), so it never comes back to another consumer at a raised count |
 //! | id, key, headers | NATS headers (`sy-id`, `sy-key`, user headers as they are; values NATS cannot carry are base64-encoded, reversibly) |
-//! | cluster | every node in the URL (`nats://n1:4222,n2:4222,n3:4222?replicas=3`); streams with `replicas` copies, a publish confirmed once a majority stored it; `prefer` picks the node tried first ([`NatsConfig::prefer_server`]) |
+//! | cluster | every node in the URL (`nats://n1:4222,n2:4222,n3:4222?replicas=3`); streams with `replicas` copies, a publish confirmed once a majority stored it; `prefer` picks the node tried first ([`NatsConfig::with_prefer_server`]) |
 //!
 //! Names are escaped into single JetStream tokens (`_` → `__`, `.` → `_d`;
 //! long names end in a SHA-256 digest), so every portable name works and

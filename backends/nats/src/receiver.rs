@@ -262,7 +262,7 @@ impl ReceiverShared {
     /// returns `gone`.
     async fn lost(&self, state: &mut PullState, gone: Error) -> Error {
         let Some((broker, topic, options)) = &self.recreate else {
-            state.gone = Some(gone.replicate());
+            state.gone = Some(gone.clone());
             return gone;
         };
         broker.forget_stream(topic);
@@ -488,7 +488,7 @@ impl Receiver for NatsReceiver {
                 return None;
             }
             if let Some(gone) = &state.gone {
-                return Some(Err(gone.replicate()));
+                return Some(Err(gone.clone()));
             }
             if let Some(refused) = s.refused.error() {
                 return Some(Err(refused));

@@ -240,9 +240,13 @@ async fn raw_consume(
 }
 
 async fn run(url: &str, n: usize, window: usize) {
-    let broker = RabbitBroker::connect(RabbitConfig::from_url(url).unwrap().publish_window(window))
-        .await
-        .unwrap();
+    let broker = RabbitBroker::connect(
+        RabbitConfig::from_url(url)
+            .unwrap()
+            .with_publish_window(window),
+    )
+    .await
+    .unwrap();
     let client = Client::new(broker.clone());
     let run_id = &switchyard_core::new_id()[24..];
 
@@ -262,7 +266,7 @@ async fn run(url: &str, n: usize, window: usize) {
     let (omni_producer, mut omni_consumer) = omni_pair(url, &omni_name, &omni_name, window).await;
 
     let topic = format!("bench.switchyard.{run_id}");
-    let opts = SubscribeOptions::new("bench").prefetch(window);
+    let opts = SubscribeOptions::new("bench").with_prefetch(window);
     client.ensure_subscription(&topic, &opts).await.unwrap();
 
     println!(

@@ -191,7 +191,7 @@ impl RabbitBroker {
             }),
             Ok(Err(e)) if reply_code(&e) == Some(403) => Err(Error::Authentication {
                 message: format!("connecting to {redacted}: {e}"),
-                source: Some(Box::new(e)),
+                source: Some(std::sync::Arc::new(e)),
             }),
             Ok(Err(e)) if reply_code(&e) == Some(530) => Err(Error::Config(format!(
                 "connecting to {redacted}: {e} (does the vhost exist, may this user use it?)"
@@ -646,7 +646,7 @@ impl Publisher for RabbitBroker {
         };
         let (exchange, channel) = match setup.await {
             Ok(s) => s,
-            Err(e) => return messages.iter().map(|_| Err(e.replicate())).collect(),
+            Err(e) => return messages.iter().map(|_| Err(e.clone())).collect(),
         };
         // Pipeline: keep up to `publish_window` confirms in flight.
         let window = self.inner.config.publish_window;
@@ -711,7 +711,7 @@ impl Subscriber for RabbitBroker {
         let queue = self.declare_subscription(topic, options.name()).await?;
         let inflight = Arc::new(Inflight {
             book: Mutex::new(Book::default()),
-            flush_every: (options.prefetch_limit() / 4).max(1),
+            flush_every: (options.prefetch() / 4).max(1),
             wake: Notify::new(),
             cancel: self.inner.closed.child_token(),
         });
@@ -720,8 +720,8 @@ impl Subscriber for RabbitBroker {
             topic: topic.to_owned(),
             subscription: options.name().to_owned(),
             queue,
-            prefetch: u16::try_from(options.prefetch_limit()).unwrap_or(u16::MAX),
-            ack_timeout: options.ack_timeout_value(),
+            prefetch: u16::try_from(options.prefetch()).unwrap_or(u16::MAX),
+            ack_timeout: options.ack_timeout(),
             generation: AtomicU64::new(0),
             state: tokio::sync::Mutex::new(ConsumeState {
                 consumer: None,

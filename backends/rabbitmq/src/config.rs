@@ -20,7 +20,7 @@ use switchyard_core::{
 /// use switchyard_rabbitmq::RabbitConfig;
 /// let config = RabbitConfig::from_url("amqp://app:secret@127.0.0.1:5672/%2f?connect_timeout=2s")
 ///     .unwrap()
-///     .publish_window(512);
+///     .with_publish_window(512);
 /// assert!(!format!("{config:?}").contains("secret"));
 /// ```
 #[derive(Clone)]
@@ -206,7 +206,7 @@ impl RabbitConfig {
     /// with several hosts a connect tries each within it in turn. Default
     /// 5 s.
     #[must_use]
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
@@ -214,14 +214,14 @@ impl RabbitConfig {
     /// Bound on each broker round trip: a publisher confirm, a declaration,
     /// closing. Default 10 s.
     #[must_use]
-    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
     }
 
     /// Publisher confirms `publish_batch` keeps in flight. Default 256.
     #[must_use]
-    pub fn publish_window(mut self, window: usize) -> Self {
+    pub fn with_publish_window(mut self, window: usize) -> Self {
         self.publish_window = window.max(1);
         self
     }
@@ -230,7 +230,7 @@ impl RabbitConfig {
     /// sending. Default 16 MiB, RabbitMQ 4's `max_message_size` (3.x allows
     /// 128 MiB); set it to your broker's.
     #[must_use]
-    pub fn max_message_size(mut self, bytes: usize) -> Self {
+    pub fn with_max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = bytes;
         self
     }
@@ -241,7 +241,7 @@ impl RabbitConfig {
     /// `max_attempts` you use. Fixed when a queue is first declared. Default
     /// 1,000,000.
     #[must_use]
-    pub fn delivery_limit(mut self, limit: u32) -> Self {
+    pub fn with_delivery_limit(mut self, limit: u32) -> Self {
         self.delivery_limit = limit.max(1);
         self
     }
@@ -252,7 +252,7 @@ impl RabbitConfig {
     /// subscription that must keep messages while its service is down. Fixed
     /// when a queue is first declared. Default: never.
     #[must_use]
-    pub fn queue_expires(mut self, after: Duration) -> Self {
+    pub fn with_queue_expires(mut self, after: Duration) -> Self {
         self.queue_expires = Some(after);
         self
     }

@@ -32,7 +32,7 @@
 //! cache): a crash right after a subscription or a delay is first used can
 //! lose what it holds.
 //! Queues get an explicit `x-delivery-limit`
-//! ([`RabbitConfig::delivery_limit`]) so RabbitMQ 4's default limit of 20
+//! ([`RabbitConfig::with_delivery_limit`]) so RabbitMQ 4's default limit of 20
 //! never drops a message before switchyard dead-letters it.
 //!
 //! # Details

@@ -356,7 +356,7 @@ impl ReceiverShared {
     /// returns it too.
     async fn mark_gone(&self, state: &mut ConsumeState) -> Option<Error> {
         let gone = self.queue_gone().await?;
-        state.gone = Some(gone.replicate());
+        state.gone = Some(gone.clone());
         Some(gone)
     }
 
@@ -488,7 +488,7 @@ impl Receiver for RabbitReceiver {
                 return None;
             }
             if let Some(gone) = &state.gone {
-                return Some(Err(gone.replicate()));
+                return Some(Err(gone.clone()));
             }
             if state.consumer.is_none()
                 && let Some(channel) = state.channel.clone()

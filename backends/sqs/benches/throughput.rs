@@ -227,7 +227,7 @@ async fn omni_consume(consumer: Arc<omni::SqsConsumer>, n: usize) -> Duration {
 /// as the raw side's loops ending is not.
 async fn sy_consume(client: &Client, topic: &str, n: usize) -> Duration {
     let mut sub = client
-        .subscribe(topic, SubscribeOptions::new("bench").prefetch(40))
+        .subscribe(topic, SubscribeOptions::new("bench").with_prefetch(40))
         .await
         .unwrap();
     let start = Instant::now();

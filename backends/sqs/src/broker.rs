@@ -632,9 +632,9 @@ impl Subscriber for SqsBroker {
     async fn receiver(&self, topic: &str, options: &SubscribeOptions) -> Result<Box<dyn Receiver>> {
         self.check_open()?;
         let url = self.subscription_queue(topic, options.name()).await?;
-        let prefetch = options.prefetch_limit();
+        let prefetch = options.prefetch();
         let (tx, rx) = mpsc::channel(prefetch.max(1));
-        let ack_timeout = options.ack_timeout_value();
+        let ack_timeout = options.ack_timeout();
         let visibility =
             i32::try_from(ack_timeout.as_secs() + u64::from(ack_timeout.subsec_nanos() > 0))
                 .unwrap_or(43_200)

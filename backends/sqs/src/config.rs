@@ -22,7 +22,7 @@ pub enum Mode {
 /// Configuration of an [`SqsBroker`](crate::SqsBroker).
 ///
 /// Credentials come from the standard AWS chain (environment, profile,
-/// container or instance role), or from [`SqsConfig::static_credentials`]
+/// container or instance role), or from [`SqsConfig::with_static_credentials`]
 /// for local emulators. `Debug` never prints the secret key.
 ///
 /// # Examples
@@ -203,7 +203,7 @@ impl SqsConfig {
     /// Static credentials instead of the AWS chain (for local emulators
     /// such as moto or LocalStack).
     #[must_use]
-    pub fn static_credentials(
+    pub fn with_static_credentials(
         mut self,
         key_id: impl Into<String>,
         secret: impl Into<String>,
@@ -239,7 +239,7 @@ mod tests {
             let e = SqsConfig::from_url(url).unwrap_err().to_string();
             assert!(e.contains(why), "{url}: {e}");
         }
-        let c = SqsConfig::default().static_credentials("id", "very-secret");
+        let c = SqsConfig::default().with_static_credentials("id", "very-secret");
         assert!(!format!("{c:?}").contains("very-secret"));
     }
 }

@@ -30,7 +30,10 @@ where
     match &e {
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => {
             if text.contains("credentials") {
-                Error::Config(text)
+                Error::Credentials {
+                    message: text,
+                    source: Some(std::sync::Arc::new(e)),
+                }
             } else {
                 Error::connection(text, e)
             }
@@ -46,7 +49,7 @@ where
                 | "InvalidAccessKeyId"
                 | "AuthorizationError" => Error::Authentication {
                     message: text,
-                    source: Some(Box::new(e)),
+                    source: Some(std::sync::Arc::new(e)),
                 },
                 _ => {
                     let retryable = code.contains("Throttl")
@@ -59,7 +62,10 @@ where
                 }
             }
         }
-        SdkError::ConstructionFailure(_) if text.contains("credentials") => Error::Config(text),
+        SdkError::ConstructionFailure(_) if text.contains("credentials") => Error::Credentials {
+            message: text,
+            source: Some(std::sync::Arc::new(e)),
+        },
         _ => Error::broker(text, true, Some(Box::new(e))),
     }
 }

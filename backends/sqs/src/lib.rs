@@ -55,7 +55,7 @@
 //! one receive on those messages; the long-poll wait is kept below the
 //! visibility timeout (short polling for a one-second timeout), so messages the
 //! closed receiver held are not caught that way. Credentials come from the
-//! standard AWS chain (`SqsConfig::static_credentials` for emulators); throttling
+//! standard AWS chain (`SqsConfig::with_static_credentials` for emulators); throttling
 //! is retried by the SDK with backoff and reported as retryable; credentials
 //! refused → `Error::Authentication`, none found or no region → `Error::Config`.
 //! With `fifo=true` queues (and, in fan-out mode, SNS topics) are FIFO and

@@ -310,7 +310,7 @@ async fn delete_batch(sqs: &aws_sdk_sqs::Client, url: &str, batch: Vec<Delete>) 
         }
         Err(e) => {
             let e = sdk_error("DeleteMessageBatch", e);
-            batch.iter().map(|_| Err(e.replicate())).collect()
+            batch.iter().map(|_| Err(e.clone())).collect()
         }
     };
     for d in batch.into_iter().rev() {
@@ -608,7 +608,7 @@ impl Receiver for SqsReceiver {
     /// channel; a cancelled receive leaves them there.
     async fn recv(&self) -> Option<Result<RawDelivery>> {
         let s = &self.shared;
-        let ended = || s.gone.get().map(|gone| Err(gone.replicate()));
+        let ended = || s.gone.get().map(|gone| Err(gone.clone()));
         if s.gone.get().is_some() {
             return ended();
         }

@@ -82,13 +82,17 @@ async fn migrate(old_url: &str, new_url: &str) {
         }
     });
     let sub = new
-        .subscribe(&topic, app_opts.clone().prefetch(256))
+        .subscribe(&topic, app_opts.clone().with_prefetch(256))
         .await
         .expect("subscribe on the new broker");
     let (stop_app, app_stopped) = tokio::sync::oneshot::channel::<()>();
-    let app = tokio::spawn(Consumer::new().concurrency(8).run(sub, handler, async {
-        let _ = app_stopped.await;
-    }));
+    let app = tokio::spawn(
+        Consumer::new()
+            .with_concurrency(8)
+            .run(sub, handler, async {
+                let _ = app_stopped.await;
+            }),
+    );
 
     // The bridge, as an operator runs it, while publishing goes on.
     let bridge = {

@@ -16,7 +16,7 @@ use std::{
 use async_trait::async_trait;
 use futures_util::future::BoxFuture;
 
-use super::{Context, HandlerError};
+use super::{HandlerContext, HandlerError};
 use crate::error::Result;
 
 /// What a [`DedupStore`] knows about a message id.
@@ -143,7 +143,7 @@ impl DedupStore for MemoryDedupStore {
 /// the claim up so the redelivery tries again. An id already done is acked
 /// without running the handler. An id another consumer is processing right
 /// now waits here for that consumer's outcome (polling the store, at most
-/// the [lease](Dedup::lease)): acked once that one finished, or processed
+/// the [lease](Dedup::with_lease)): acked once that one finished, or processed
 /// here if it failed — never failed for being busy, which would spend a
 /// delivery attempt.
 ///
@@ -176,7 +176,7 @@ pub struct Dedup {
 
 impl Dedup {
     /// De-duplicates through `store`, remembering processed ids for `ttl`.
-    /// A claim lapses after 5 minutes (see [`Dedup::lease`]).
+    /// A claim lapses after 5 minutes (see [`Dedup::with_lease`]).
     #[must_use]
     pub fn new(store: Arc<dyn DedupStore>, ttl: Duration) -> Self {
         Self {
@@ -197,7 +197,7 @@ impl Dedup {
     /// crashed mid-way holds an id at most this long). Default 5 minutes;
     /// keep it above the longest handler run.
     #[must_use]
-    pub fn lease(mut self, lease: Duration) -> Self {
+    pub fn with_lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
         self
     }
@@ -213,18 +213,18 @@ impl Dedup {
     pub fn wrap<H, F>(
         &self,
         handler: H,
-    ) -> impl Fn(Context) -> BoxFuture<'static, std::result::Result<(), HandlerError>>
+    ) -> impl Fn(HandlerContext) -> BoxFuture<'static, std::result::Result<(), HandlerError>>
     + Clone
     + Send
     + Sync
     + 'static
     where
-        H: Fn(Context) -> F + Send + Sync + 'static,
+        H: Fn(HandlerContext) -> F + Send + Sync + 'static,
         F: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
     {
         let handler = Arc::new(handler);
         let this = self.clone();
-        move |ctx: Context| {
+        move |ctx: HandlerContext| {
             let handler = Arc::clone(&handler);
             let this = this.clone();
             Box::pin(async move {
@@ -323,8 +323,8 @@ mod tests {
         assert_eq!(store.len(), 2);
     }
 
-    fn ctx(id: &str) -> Context {
-        Context {
+    fn ctx(id: &str) -> HandlerContext {
+        HandlerContext {
             message: Message::new("x").with_id(id),
             attempt: 1,
             max_attempts: 5,
@@ -338,7 +338,7 @@ mod tests {
         let dedup = Dedup::in_memory(Duration::from_secs(60));
         let runs = Arc::new(Mutex::new(Vec::<String>::new()));
         let r = Arc::clone(&runs);
-        let handler = dedup.wrap(move |ctx: Context| {
+        let handler = dedup.wrap(move |ctx: HandlerContext| {
             let r = Arc::clone(&r);
             async move {
                 r.lock().unwrap().push(ctx.message.id().to_owned());
@@ -368,7 +368,7 @@ mod tests {
         let dedup = Dedup::in_memory(Duration::from_secs(60));
         let runs = Arc::new(AtomicU64::new(0));
         let r = Arc::clone(&runs);
-        let handler = dedup.wrap(move |_ctx: Context| {
+        let handler = dedup.wrap(move |_ctx: HandlerContext| {
             let r = Arc::clone(&r);
             async move {
                 r.fetch_add(1, Ordering::Relaxed);
@@ -395,7 +395,7 @@ mod tests {
         let dedup = Dedup::in_memory(Duration::from_secs(60));
         let runs = Arc::new(AtomicU64::new(0));
         let r = Arc::clone(&runs);
-        let handler = dedup.wrap(move |_ctx: Context| {
+        let handler = dedup.wrap(move |_ctx: HandlerContext| {
             let r = Arc::clone(&r);
             async move {
                 let n = r.fetch_add(1, Ordering::Relaxed);

@@ -87,7 +87,7 @@ impl From<crate::Error> for HandlerError {
 
 /// What a handler sees of a delivery.
 #[derive(Debug, Clone)]
-pub struct Context {
+pub struct HandlerContext {
     /// The message.
     pub message: Message,
     /// The delivery attempt (1 on first delivery).
@@ -109,7 +109,7 @@ pub struct Context {
 /// ```
 /// use std::time::Duration;
 /// use switchyard_core::consumer::Backoff;
-/// let b = Backoff::new(Duration::from_millis(100), Duration::from_secs(10)).jitter(0.0);
+/// let b = Backoff::new(Duration::from_millis(100), Duration::from_secs(10)).with_jitter(0.0);
 /// assert_eq!(b.delay(1), Duration::from_millis(100));
 /// assert_eq!(b.delay(3), Duration::from_millis(400));
 /// assert_eq!(b.delay(30), Duration::from_secs(10));
@@ -143,14 +143,14 @@ impl Backoff {
 
     /// Growth per attempt (default 2).
     #[must_use]
-    pub fn multiplier(mut self, m: f64) -> Self {
+    pub fn with_multiplier(mut self, m: f64) -> Self {
         self.multiplier = m.max(1.0);
         self
     }
 
     /// Relative jitter, 0 to 1 (default 0.2).
     #[must_use]
-    pub fn jitter(mut self, j: f64) -> Self {
+    pub fn with_jitter(mut self, j: f64) -> Self {
         self.jitter = j.clamp(0.0, 1.0);
         self
     }
@@ -197,8 +197,8 @@ pub struct Report {
 
 /// Runs a handler for each delivery of a subscription.
 ///
-/// - at most [`concurrency`](Consumer::concurrency) handlers run at once;
-/// - with [`per_key`](Consumer::per_key), messages with the same key are
+/// - at most [`concurrency`](Consumer::with_concurrency) handlers run at once;
+/// - with [`per_key`](Consumer::with_per_key), messages with the same key are
 ///   handled one at a time, in arrival order, while other keys run in
 ///   parallel;
 /// - `Ok` acks; a transient error (or a panic) nacks with the next
@@ -213,7 +213,7 @@ pub struct Report {
 ///   attempt for) what waits behind it; it holds at most the subscription's
 ///   prefetch;
 /// - when `shutdown` completes it stops fetching, lets running handlers finish
-///   within the [`shutdown_timeout`](Consumer::shutdown_timeout) and settles
+///   within the [`shutdown_timeout`](Consumer::with_shutdown_timeout) and settles
 ///   them, and closes the subscription, which hands the rest back unsettled
 ///   at once (queued, prefetched, or still running at the deadline), so
 ///   another consumer gets them next — nothing is dead-lettered because of
@@ -230,8 +230,8 @@ pub struct Report {
 /// async fn serve(client: Client, stop: tokio::sync::oneshot::Receiver<()>) -> switchyard_core::Result<()> {
 ///     let sub = client.subscribe("orders", SubscribeOptions::new("billing")).await?;
 ///     let report = Consumer::new()
-///         .concurrency(16)
-///         .per_key(true)
+///         .with_concurrency(16)
+///         .with_per_key(true)
 ///         .run(sub, |ctx| async move {
 ///             if ctx.message.payload().is_empty() {
 ///                 return Err(HandlerError::permanent("empty order"));
@@ -277,28 +277,28 @@ impl Consumer {
 
     /// Handlers running at once (default 8, at least 1).
     #[must_use]
-    pub fn concurrency(mut self, n: usize) -> Self {
+    pub fn with_concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
         self
     }
 
     /// Handle messages with the same key one at a time, in order (default off).
     #[must_use]
-    pub fn per_key(mut self, yes: bool) -> Self {
+    pub fn with_per_key(mut self, yes: bool) -> Self {
         self.per_key = yes;
         self
     }
 
     /// Retry delays for transient failures (default [`Backoff::default`]).
     #[must_use]
-    pub fn backoff(mut self, backoff: Backoff) -> Self {
+    pub fn with_backoff(mut self, backoff: Backoff) -> Self {
         self.backoff = backoff;
         self
     }
 
     /// How long running handlers may finish after shutdown (default 30 s).
     #[must_use]
-    pub fn shutdown_timeout(mut self, d: Duration) -> Self {
+    pub fn with_shutdown_timeout(mut self, d: Duration) -> Self {
         self.shutdown_timeout = d;
         self
     }
@@ -327,7 +327,7 @@ impl Consumer {
         shutdown: impl Future<Output = ()>,
     ) -> Result<Report>
     where
-        H: Fn(Context) -> F + Send + Sync + 'static,
+        H: Fn(HandlerContext) -> F + Send + Sync + 'static,
         F: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
     {
         let handler = Arc::new(handler);
@@ -468,14 +468,14 @@ impl Consumer {
         delivery: Delivery,
         key: Option<String>,
     ) where
-        H: Fn(Context) -> F + Send + Sync + 'static,
+        H: Fn(HandlerContext) -> F + Send + Sync + 'static,
         F: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
     {
         let handler = Arc::clone(handler);
         let backoff = self.backoff;
         tasks.spawn(async move {
             let mut report = Report::default();
-            let ctx = Context {
+            let ctx = HandlerContext {
                 message: delivery.message().clone(),
                 attempt: delivery.attempt(),
                 max_attempts: delivery.max_attempts(),
@@ -618,7 +618,7 @@ mod tests {
         }
         let d = b.delay(1).as_secs_f64();
         assert!((0.08..=0.12).contains(&d), "{d}");
-        let flat = b.jitter(0.0);
+        let flat = b.with_jitter(0.0);
         assert_eq!(flat.delay(2), Duration::from_millis(200));
         assert_eq!(flat.delay(10), Duration::from_secs(1));
     }

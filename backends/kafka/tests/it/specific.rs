@@ -264,7 +264,7 @@ async fn a_deleted_topic_ends_recv_with_not_found() {
     let sep = if url.contains('?') { '&' } else { '?' };
     let url = format!("{url}{sep}topic.metadata.refresh.interval.ms=1000");
     let (client, topic) = with_topic(&url, "deleted").await;
-    let options = SubscribeOptions::new("held").prefetch(1);
+    let options = SubscribeOptions::new("held").with_prefetch(1);
     let mut sub = subscribed_to_three(&client, &topic, options).await;
     let held = tokio::time::timeout(Duration::from_secs(20), sub.recv())
         .await
@@ -321,8 +321,8 @@ async fn a_slow_application_loses_nothing_across_a_pause() {
     );
     let (client, topic) = with_topic(&url, "slow").await;
     let options = SubscribeOptions::new("slow")
-        .prefetch(1)
-        .ack_timeout(Duration::from_secs(60));
+        .with_prefetch(1)
+        .with_ack_timeout(Duration::from_secs(60));
     let mut sub = subscribed_to_three(&client, &topic, options).await;
     let mut seen = Vec::new();
     let first = tokio::time::timeout(Duration::from_secs(20), sub.recv())

@@ -62,7 +62,7 @@ async fn closing_the_connection_ends_its_subscriptions() {
 #[tokio::test]
 async fn late_ack_after_ack_timeout_is_accepted_and_message_redelivered() {
     let client = MemoryBroker::new().client();
-    let opts = SubscribeOptions::new("s").ack_timeout(Duration::from_millis(100));
+    let opts = SubscribeOptions::new("s").with_ack_timeout(Duration::from_millis(100));
     client.ensure_subscription("t", &opts).await.unwrap();
     client
         .publish("t", Message::new("slow").with_id("slow"))
@@ -116,8 +116,8 @@ async fn ack_timeout_runs_from_hand_out_not_from_buffering() {
     // in the buffer (that would duplicate them and inflate their attempts).
     let client = MemoryBroker::new().client();
     let opts = SubscribeOptions::new("s")
-        .prefetch(4)
-        .ack_timeout(Duration::from_millis(250));
+        .with_prefetch(4)
+        .with_ack_timeout(Duration::from_millis(250));
     client.ensure_subscription("t", &opts).await.unwrap();
     for i in 0..4 {
         client

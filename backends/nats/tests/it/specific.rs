@@ -152,8 +152,8 @@ async fn server_restart_mid_stream_loses_no_confirmed_message() {
     // A small prefetch: most messages are still on the server, and the
     // consumer's pull requests die with it.
     let opts = SubscribeOptions::new("s")
-        .ack_timeout(Duration::from_secs(2))
-        .prefetch(5);
+        .with_ack_timeout(Duration::from_secs(2))
+        .with_prefetch(5);
     client.ensure_subscription(topic, &opts).await.unwrap();
     let mut expected = std::collections::HashSet::new();
     for i in 0..50 {
@@ -237,7 +237,7 @@ async fn memory_storage_subscription_recovers_from_a_restart() {
     .await
     .unwrap();
     let topic = "memory.orders";
-    let opts = SubscribeOptions::new("s").ack_timeout(Duration::from_secs(2));
+    let opts = SubscribeOptions::new("s").with_ack_timeout(Duration::from_secs(2));
     client.ensure_subscription(topic, &opts).await.unwrap();
     let mut sub = client.subscribe(topic, opts).await.unwrap();
     client

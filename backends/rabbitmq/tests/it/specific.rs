@@ -93,7 +93,7 @@ async fn configured_limit_is_enforced_before_sending() {
     let broker = RabbitBroker::connect(
         RabbitConfig::from_url(&url)
             .unwrap()
-            .max_message_size(200 * 1024),
+            .with_max_message_size(200 * 1024),
     )
     .await
     .unwrap();
@@ -183,7 +183,7 @@ async fn lost_connection_recovers_without_losing_confirmed_messages() {
     via.set_port(Some(proxy.port)).unwrap();
     let client = switchyard_rabbitmq::connect(via.as_str()).await.unwrap();
     let topic = unique("sy-test.reconnect");
-    let opts = SubscribeOptions::new("s").prefetch(20);
+    let opts = SubscribeOptions::new("s").with_prefetch(20);
     client.ensure_subscription(&topic, &opts).await.unwrap();
 
     let mut confirmed = HashSet::new();
@@ -299,7 +299,7 @@ async fn out_of_order_acks_and_nacks_coalesce_without_redelivery() {
     let Some(url) = url() else { return };
     let client = switchyard_rabbitmq::connect(&url).await.unwrap();
     let topic = unique("sy-test.coalesce");
-    let opts = SubscribeOptions::new("s").prefetch(16);
+    let opts = SubscribeOptions::new("s").with_prefetch(16);
     client.ensure_subscription(&topic, &opts).await.unwrap();
     let msgs: Vec<Message> = (0..96)
         .map(|i| Message::new("x").with_id(format!("m{i}")))
@@ -369,7 +369,7 @@ async fn delayed_nacks_survive_a_broker_kill() {
     };
     let url = super::with_expiry(&node.url());
     let topic = unique("sy-test.delay-kill");
-    let opts = SubscribeOptions::new("s").prefetch(100);
+    let opts = SubscribeOptions::new("s").with_prefetch(100);
     let client = switchyard_rabbitmq::connect(&url).await.unwrap();
     client.ensure_subscription(&topic, &opts).await.unwrap();
     let msgs: Vec<Message> = (0..N)
@@ -444,7 +444,7 @@ async fn delayed_nacks_keep_coming_back_past_a_wait_queue_lease() {
         .await
         .unwrap();
     let topic = unique("sy-test.lease");
-    let opts = SubscribeOptions::new("s").max_attempts(20);
+    let opts = SubscribeOptions::new("s").with_max_attempts(20);
     client.ensure_subscription(&topic, &opts).await.unwrap();
     client
         .publish(&topic, Message::new("x").with_id("a"))

@@ -44,7 +44,7 @@ impl Harness for SqsHarness {
             "sqs://?region=us-east-1&endpoint=http://{addr}&connect_timeout={ms}ms"
         ))
         .expect("the URL")
-        .static_credentials("test", "test");
+        .with_static_credentials("test", "test");
         Some(
             switchyard_sqs::SqsBroker::connect(config)
                 .await
