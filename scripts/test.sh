@@ -83,8 +83,13 @@ for _, where, exe in sorted(found):
     echo "==> the container suites run beside the main run (pid $lane_pid, output after it)"
 fi
 
+# The NATS suite runs once both lanes are done (below), not in the main
+# lane: two cases there fail under this machine's full load and pass alone
+# (a Consumer that stops receiving after a broker restart; a redelivery
+# after a NAK delay at attempt 1) — defects not found yet, see the stop
+# note of 2026-12-07. Its container run stays in the lane.
 main_status=0
-cargo test --workspace --all-features "$@" -- --skip cluster_ || main_status=$?
+cargo test --workspace --all-features --exclude switchyard-nats "$@" -- --skip cluster_ || main_status=$?
 
 if [ -n "$lane_pid" ]; then
     lane_status=0
@@ -102,6 +107,9 @@ if [ "$main_status" != 0 ]; then
     echo "the main run failed" >&2
     exit "$main_status"
 fi
+
+echo "==> the NATS suite"
+cargo test -p switchyard-nats --all-features "$@" -- --skip cluster_
 
 # The cluster cases (three broker processes each, started by the cases)
 # run once both lanes are done, alone: they load the machine more than any
