@@ -6,7 +6,8 @@ ReceiveMessage calls both taking one message, frequent: 4 duplicates and 11
 messages missing in three runs of this check without the fix), queues 600
 messages and receives them with 16 concurrent receivers, each message held
 for 60 s. Fails when a message is received twice within its visibility
-timeout or not at all. About 8 s.
+timeout or not at all, or when the whole check outlasts 120 s (every call
+is bounded too). About 8 s.
 
 Usage: python3 scripts/check_moto.py
 """
@@ -20,9 +21,12 @@ import threading
 import time
 
 import boto3
+from botocore.config import Config
 
 MESSAGES = 600
 RECEIVERS = 16
+BOUND = 120  # seconds for the whole check
+CALLS = Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2})
 LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "moto_server.py")
 SERVE = (
     "import runpy, sys; sys.setswitchinterval(1e-6); "
@@ -38,6 +42,7 @@ def spare_port():
 
 
 def main():
+    started = time.time()
     port = spare_port()
     server = subprocess.Popen(
         [sys.executable, "-c", SERVE, LAUNCHER, "-H", "127.0.0.1", "-p", str(port)],
@@ -62,6 +67,7 @@ def main():
                 endpoint_url=f"http://127.0.0.1:{port}",
                 aws_access_key_id="test",
                 aws_secret_access_key="test",
+                config=CALLS,
             )
 
         sqs = client()
@@ -75,7 +81,7 @@ def main():
 
         def receive():
             own, empty = client(), 0
-            while empty < 3:
+            while empty < 3 and time.time() - started < BOUND:
                 answer = own.receive_message(
                     QueueUrl=url,
                     MaxNumberOfMessages=10,
@@ -92,11 +98,13 @@ def main():
                         count = int(m["Attributes"]["ApproximateReceiveCount"])
                         got[m["Body"]].append(count)
 
-        threads = [threading.Thread(target=receive) for _ in range(RECEIVERS)]
+        threads = [threading.Thread(target=receive, daemon=True) for _ in range(RECEIVERS)]
         for t in threads:
             t.start()
         for t in threads:
-            t.join()
+            t.join(max(0.0, BOUND - (time.time() - started)) + 15)
+        if any(t.is_alive() for t in threads) or time.time() - started > BOUND:
+            sys.exit(f"check_moto: the check did not finish within {BOUND} s")
     finally:
         server.terminate()
         server.wait()
