@@ -43,9 +43,8 @@ trap cleanup EXIT
 # it, which is what a consumer busy past its ack timeout looks like: the
 # cases for exactly that (prefetched_deliveries_keep_their_lease) pass.
 # The container lane runs one case at a time: beside the main run, two at
-# a time loaded the machine enough that cases which pass alone failed there
-# (a NATS Consumer that stopped receiving after a broker restart, SQS
-# copies at attempt 1; see the stop note of 2026-12-06). The cluster cases
+# a time loaded the machine enough that cases which pass alone failed there.
+# The cluster cases
 # start clusters of broker processes of their own, not containers: they run
 # once, after both lanes (below).
 # The SQS suites run against moto through scripts/moto_server.py, which
@@ -83,13 +82,8 @@ for _, where, exe in sorted(found):
     echo "==> the container suites run beside the main run (pid $lane_pid, output after it)"
 fi
 
-# The NATS suite runs once both lanes are done (below), not in the main
-# lane: two cases there fail under this machine's full load and pass alone
-# (a Consumer that stops receiving after a broker restart; a redelivery
-# after a NAK delay at attempt 1) — defects not found yet, see the stop
-# note of 2026-12-07. Its container run stays in the lane.
 main_status=0
-cargo test --workspace --all-features --exclude switchyard-nats "$@" -- --skip cluster_ || main_status=$?
+cargo test --workspace --all-features "$@" -- --skip cluster_ || main_status=$?
 
 if [ -n "$lane_pid" ]; then
     lane_status=0
@@ -107,9 +101,6 @@ if [ "$main_status" != 0 ]; then
     echo "the main run failed" >&2
     exit "$main_status"
 fi
-
-echo "==> the NATS suite"
-cargo test -p switchyard-nats --all-features "$@" -- --skip cluster_
 
 # The cluster cases (three broker processes each, started by the cases)
 # run once both lanes are done, alone: they load the machine more than any

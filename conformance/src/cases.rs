@@ -561,6 +561,11 @@ pub async fn close_returns_held_at_once(h: &dyn Harness) -> Outcome {
     let mut b = subscribe(&s.client, &s.topic, &s.opts).await;
     let bound = crate::runtime::RETURNED_WITHIN;
     let got = collect_acked(&mut b, &ids(&msgs), bound, "after close").await;
+    eprintln!(
+        "close_returns_held_at_once: all {} back {:?} after the close",
+        msgs.len(),
+        started.elapsed()
+    );
     let counted = s.client.capabilities().returns_count_attempts;
     for (m, attempt) in &got {
         if m.id() == seen_id {

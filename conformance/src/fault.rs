@@ -489,6 +489,102 @@ pub async fn fault_broker_frozen(h: &dyn crate::Harness) -> crate::Outcome {
     crate::Outcome::Passed
 }
 
+/// Fault case: a delayed retry falls due while the broker is frozen, with a
+/// receive waiting for it; once the broker is thawed the message comes back
+/// as attempt 2 — not as a first delivery again (attempts never go back),
+/// not twice. Four rounds, each frozen past the retry delay and past any
+/// short-lived pull request the receiver had open, since the order in which
+/// a thawed broker handles its overdue timers varies.
+///
+/// (nats-server before 2.10.14 — nats-io/nats-server#5305 — took a
+/// redelivery that found only expired pull requests waiting as a message
+/// never sent: it stepped its stream cursor back one message, which went
+/// out again as delivery 1, and counted the redelivery it never sent.)
+///
+/// # Panics
+///
+/// When the retry comes back at another attempt than 2, more than once, or
+/// not within its bound.
+pub async fn fault_delayed_retry_due_while_frozen(h: &dyn crate::Harness) -> crate::Outcome {
+    use switchyard_core::{Message, Retry, SubscribeOptions};
+
+    const DELAY: Duration = Duration::from_secs(1);
+    const FROZEN: Duration = Duration::from_secs(3);
+    const ROUNDS: usize = 4;
+
+    let Some(mut broker) = h.private_broker().await else {
+        return crate::Outcome::Skipped("the harness has no private broker".into());
+    };
+    let client = broker
+        .client()
+        .await
+        .expect("connect to the private broker");
+    let topic = h.unique("fault-retry-frozen");
+    let opts = SubscribeOptions::new("retried").with_max_attempts(10);
+    client
+        .ensure_subscription(&topic, &opts)
+        .await
+        .expect("ensure the subscription");
+    let mut sub = client.subscribe(&topic, opts).await.expect("subscribe");
+    let bound = FROZEN + DELAY + h.slack() + h.receive_timeout();
+    for round in 0..ROUNDS {
+        let id = format!("retried-{round}");
+        client
+            .publish(&topic, Message::new("x").with_id(&id))
+            .await
+            .expect("publish");
+        let first = tokio::time::timeout(bound, sub.recv())
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: no first delivery within {bound:?}"))
+            .expect("first delivery");
+        assert_eq!(first.message().id(), id, "round {round}: first delivery");
+        assert_eq!(first.attempt(), 1, "round {round}: first delivery");
+        first
+            .nack(Retry::after(DELAY))
+            .await
+            .expect("nack with delay");
+        // A receive waits for the retry (a pull request is open) while the
+        // broker freezes, past the delay.
+        let fault = async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if !broker.freeze().await {
+                return false;
+            }
+            tokio::time::sleep(FROZEN).await;
+            broker.thaw().await;
+            true
+        };
+        let (again, frozen) = tokio::join!(tokio::time::timeout(bound, sub.recv()), fault);
+        if !frozen {
+            return crate::Outcome::Skipped("this private broker cannot be frozen".into());
+        }
+        let again = again
+            .unwrap_or_else(|_| {
+                panic!("round {round}: the retry did not come back within {bound:?}")
+            })
+            .expect("the retry");
+        assert_eq!(
+            (again.message().id(), again.attempt()),
+            (id.as_str(), 2),
+            "round {round}: the retry due while the broker was frozen came back as (id, attempt)"
+        );
+        again.ack().await.expect("ack the retry");
+    }
+    // Nothing comes back: no second copy of any retry.
+    match tokio::time::timeout(h.slack(), sub.recv()).await {
+        Err(_) => {}
+        Ok(Ok(d)) => panic!(
+            "{} came back again at attempt {} after its retry was acked",
+            d.message().id(),
+            d.attempt()
+        ),
+        Ok(Err(e)) => panic!("receiving after the rounds: {e}"),
+    }
+    let _ = sub.close().await;
+    let _ = client.close().await;
+    crate::Outcome::Passed
+}
+
 /// Fault case: the same flow as [`fault_broker_killed_twice`] through a
 /// [`Link`] that is reset for 10 s (every connection closed with `RST`,
 /// new ones too) and later blackholed for 10 s (nothing passes, nothing
@@ -735,6 +831,12 @@ impl Prepared {
             consumer::{Backoff, Consumer},
         };
 
+        // The library's warnings (a receive retried, pull requests presumed
+        // lost, …) go to the case's output, shown when it fails.
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
+            .try_init();
         let (by_runtime, by_raw): (Seen, Seen) = Default::default();
         let delivered_at = Instants::default();
         let (stop, publishing) = (Stop::default(), Stop::default());

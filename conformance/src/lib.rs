@@ -324,6 +324,7 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@cases $harness, fault;
             fault_broker_killed_twice,
             fault_broker_frozen,
+            fault_delayed_retry_due_while_frozen,
             fault_refused_credentials_surface,
         );
         $crate::conformance_tests!(link_faults $harness);

@@ -34,21 +34,34 @@ use crate::{
 /// Bytes of the server's `max_payload` kept for headers: the payload limit
 /// switchyard reports is the server's minus this.
 const HEADER_RESERVE: usize = 16 * 1024;
-/// Longest a pull request waits on the server before it is renewed. Short,
-/// because a closing receiver cannot withdraw its open requests and must
-/// delay the NAKs of what it hands back until they expired (see
-/// `ReceiverShared::shutdown`).
-pub(crate) const PULL_EXPIRES: Duration = Duration::from_secs(2);
+/// Longest a pull request waits on the server before it is renewed, by
+/// default ([`NatsConfig::with_pull_expiry`](crate::NatsConfig::with_pull_expiry)). Long,
+/// so that requests seldom expire: nats-server before 2.10.14
+/// (nats-io/nats-server#5305) mishandles a redelivery that falls due while
+/// the only requests waiting have expired but are not yet swept — it steps
+/// its stream cursor back, sends the message before it again as delivery 1,
+/// and counts the redelivery it never sent. A closing receiver does not wait
+/// for its requests to expire: see [`PULL_HEARTBEAT`].
+pub(crate) const PULL_EXPIRES: Duration = Duration::from_secs(30);
+/// The idle heartbeat each pull request asks for: the server says "100 Idle
+/// Heartbeat" on a request's reply subject whenever it sent nothing there
+/// for this long. So a receiver with requests open that hears nothing for
+/// [`STALLED`] has lost them (a server restart drops requests without a
+/// word). And the server's delivery loop
+/// wakes for these heartbeats, sweeping requests whose reply subject lost
+/// its subscriber: so a closing receiver's requests are gone within one
+/// heartbeat after its inbox is unsubscribed (`ReceiverShared::shutdown`).
+pub(crate) const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
 /// How long a closing receiver waits for its state: a receive being
 /// cancelled gives it up at once, one parked and never polled again never
 /// does.
 pub(crate) const STATE_WAIT: Duration = Duration::from_millis(200);
-/// Added to a pull request's expiry for the server's view of it (it counts
-/// from when the request arrived).
-pub(crate) const EXPIRY_MARGIN: Duration = Duration::from_millis(250);
-/// Silence after which open pull requests are presumed lost (a reconnect
-/// drops them without the server reporting their end).
-pub(crate) const STALLED: Duration = Duration::from_secs(10);
+/// Added to the server's timings (a request's expiry, its heartbeat) for
+/// scheduling and the way there.
+pub(crate) const EXPIRY_MARGIN: Duration = Duration::from_millis(500);
+/// Silence on the inbox, with pull requests open, after which they are
+/// presumed lost: five missed heartbeats ([`PULL_HEARTBEAT`]).
+pub(crate) const STALLED: Duration = Duration::from_secs(5);
 /// Pause after a failed pull before the next one.
 pub(crate) const PULL_RETRY: Duration = Duration::from_millis(500);
 
@@ -573,6 +586,7 @@ impl Subscriber for NatsBroker {
             outstanding: Arc::default(),
             slow: SlowStart::new(),
             ack_wait: options.ack_timeout(),
+            pull_expiry: self.inner.config.pull_expiry,
         });
         tokio::spawn(keep_leases(Arc::downgrade(&shared)));
         self.inner.receivers.insert(&shared);

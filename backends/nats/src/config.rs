@@ -44,6 +44,7 @@ pub struct NatsConfig {
     pub(crate) replicas: usize,
     pub(crate) max_ack_pending: i64,
     pub(crate) publish_window: usize,
+    pub(crate) pull_expiry: Duration,
 }
 
 impl fmt::Debug for NatsConfig {
@@ -73,6 +74,7 @@ impl fmt::Debug for NatsConfig {
             .field("replicas", &self.replicas)
             .field("max_ack_pending", &self.max_ack_pending)
             .field("publish_window", &self.publish_window)
+            .field("pull_expiry", &self.pull_expiry)
             .finish()
     }
 }
@@ -98,6 +100,7 @@ impl NatsConfig {
             replicas: 1,
             max_ack_pending: 10_000,
             publish_window: 256,
+            pull_expiry: crate::broker::PULL_EXPIRES,
         }
     }
 
@@ -105,7 +108,7 @@ impl NatsConfig {
     ///
     /// Parameters: `token`, `creds` (credentials file path), `tls=true`,
     /// `connect_timeout` and `request_timeout` (e.g. `5s`, `500ms`),
-    /// `storage=file|memory`, `max_age`, `replicas`, `prefer` (one of the
+    /// `storage=file|memory`, `max_age`, `pull_expiry`, `replicas`, `prefer` (one of the
     /// listed `host:port`s, see [`with_prefer_server`](Self::with_prefer_server)).
     ///
     /// Several servers (a cluster's nodes) are separated by commas:
@@ -158,6 +161,7 @@ impl NatsConfig {
                 "connect_timeout" => config.connect_timeout = duration(&v)?,
                 "request_timeout" => config.request_timeout = duration(&v)?,
                 "max_age" => config.max_age = duration(&v)?,
+                "pull_expiry" => config = config.with_pull_expiry(duration(&v)?),
                 "storage" => {
                     config.storage = match &*v {
                         "file" => StorageType::File,
@@ -334,6 +338,32 @@ impl NatsConfig {
     pub fn with_publish_window(mut self, n: usize) -> Self {
         self.publish_window = n.max(1);
         self
+    }
+
+    /// How long a pull request waits on the server before a new one
+    /// replaces it (default 30 s, at least 2 s: twice the 1 s idle
+    /// heartbeat every request asks for). A receiver renews its requests
+    /// this often while nothing arrives. Keep it long on nats-server before
+    /// 2.10.14: a redelivery falling due just as the only waiting requests
+    /// expire is sent as a first delivery of the message before it there
+    /// (nats-io/nats-server#5305).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// use switchyard_nats::NatsConfig;
+    /// let config = NatsConfig::new("127.0.0.1:4222").with_pull_expiry(Duration::from_secs(10));
+    /// assert_eq!(config.pull_expiry(), Duration::from_secs(10));
+    /// ```
+    #[must_use]
+    pub fn with_pull_expiry(mut self, d: Duration) -> Self {
+        self.pull_expiry = d.max(2 * crate::broker::PULL_HEARTBEAT);
+        self
+    }
+
+    /// The pull request expiry ([`with_pull_expiry`](Self::with_pull_expiry)).
+    #[must_use]
+    pub fn pull_expiry(&self) -> Duration {
+        self.pull_expiry
     }
 }
 

@@ -34,11 +34,16 @@
 //! sent as `Nats-Msg-Id`, because JetStream would then drop an intentional
 //! re-publish of the same id (redrive, bridging) as a duplicate. Each consumer
 //! requests only as many messages as it has free prefetch room, with overlapping
-//! pull requests on one inbox (which keeps stream order). A consumer that closes
+//! pull requests on one inbox (which keeps stream order). Pull requests wait up
+//! to 30 s with a 1 s idle heartbeat (a receiver that hears nothing for 5 s
+//! has lost them in a server restart and asks again): nats-server before
+//! 2.10.14 sends a redelivery that falls due just as the only waiting requests
+//! expire as a first delivery of the message before it
+//! (nats-io/nats-server#5305), so requests expire seldom. A consumer that closes
 //! hands back what it pulled and did not settle with a NAK whose delay
-//! outlasts its open pull requests, which it cannot withdraw (nats-server 2.9
-//! resets the delivery count of a message NAKed into a request whose inbox is
-//! gone): another consumer gets it within about 2.25 s. An ack is a NATS `+ACK` sent on
+//! outlasts its open pull requests, which it cannot withdraw: the server drops
+//! them at the first heartbeat after the consumer's inbox is unsubscribed, and
+//! another consumer gets the message within about 1.5 s. An ack is a NATS `+ACK` sent on
 //! the connection (as AMQP's `basic.ack`, it is not confirmed by the server): `Ok`
 //! means it was handed to the connection, close flushes it, and an ack lost with
 //! a dropped connection shows up as a redelivery. Closing is bounded by the

@@ -17,7 +17,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    broker::{EXPIRY_MARGIN, NatsBroker, PULL_EXPIRES, PULL_RETRY, Refused, STALLED, STATE_WAIT},
+    broker::{EXPIRY_MARGIN, NatsBroker, PULL_HEARTBEAT, PULL_RETRY, Refused, STALLED, STATE_WAIT},
     codec,
     error::js_error,
 };
@@ -28,13 +28,19 @@ pub(crate) struct PullState {
     /// server sends in stream order, so one inbox keeps that order even with
     /// several pull requests outstanding.
     pub(crate) inbox: async_nats::Subscriber,
-    /// Permits of messages requested but not yet received.
+    /// Permits of messages requested but not yet received: as many as the
+    /// open requests together may still send. (A delivery does not say
+    /// which request it answers — it comes on the stream's subject — so
+    /// the count is kept for all of them.)
     pub(crate) reserved: Vec<OwnedSemaphorePermit>,
-    /// Open pull requests (reply subject suffix) → messages still to come,
-    /// and when the request was sent.
-    pub(crate) requests: HashMap<u64, (usize, Instant)>,
+    /// Pull requests that may be open, by reply subject suffix (a status
+    /// about a request comes on its reply subject). One filled ends
+    /// without a word, so entries stay until `reserved` runs out.
+    pub(crate) requests: HashMap<u64, Request>,
     pub(crate) next_request: u64,
-    /// Last time the server said anything on the inbox (or we asked).
+    /// Last time the server said anything on the inbox (or we asked). An
+    /// open request is never silent for long: it gets a delivery, an idle
+    /// heartbeat ([`PULL_HEARTBEAT`]) or its end.
     pub(crate) last_activity: Instant,
     /// Fires when the server has been silent for [`STALLED`].
     pub(crate) stall: Pin<Box<tokio::time::Sleep>>,
@@ -49,6 +55,14 @@ pub(crate) struct PullState {
     /// ran, in arrival order, each with when its ack wait last (re)started
     /// at the latest: `recv` takes these first.
     pub(crate) pulled: std::collections::VecDeque<(async_nats::Message, Instant)>,
+}
+
+/// A pull request that may be open.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Request {
+    /// Messages asked for.
+    batch: usize,
+    sent: Instant,
 }
 
 impl PullState {
@@ -90,6 +104,8 @@ pub(crate) struct ReceiverShared {
     pub(crate) slow: SlowStart,
     /// The consumer's ack wait (the ack timeout).
     pub(crate) ack_wait: Duration,
+    /// How long each pull request waits on the server.
+    pub(crate) pull_expiry: Duration,
 }
 
 /// Whether an inbox message is a delivery (not a pull request's status).
@@ -154,27 +170,30 @@ pub(crate) async fn keep_leases(shared: std::sync::Weak<ReceiverShared>) {
 impl ReceiverShared {
     /// Stops pulling and hands back everything this receiver holds: the
     /// deliveries it handed out and that are not settled, and what it pulled
-    /// but never handed out — NAKed, so they come back within the pull
-    /// expiry ([`PULL_EXPIRES`], 2 s) instead of after the ack wait.
+    /// but never handed out — NAKed, so they come back within about a second
+    /// instead of after the ack wait.
     ///
     /// Open pull requests cannot be withdrawn, and a message NAKed while one
-    /// is open goes back to it: to this receiver, which no longer reads
-    /// (nats-server 2.9 then also resets the message's delivery count, as
-    /// measured). So the inbox is drained first (`UNSUB` then `PING`: what
-    /// the server sent before it saw the `UNSUB` still arrives, then the
-    /// inbox ends), and the NAKs carry a delay that outlasts the open
-    /// requests' expiry (none when no request is open).
+    /// waits on the server may be taken for it. So the inbox is drained first
+    /// (`UNSUB` then `PING`: what the server sent before it saw the `UNSUB`
+    /// still arrives, then the inbox ends); the server drops requests whose
+    /// reply subject has no subscriber when its delivery loop next wakes,
+    /// which their idle heartbeats make happen within [`PULL_HEARTBEAT`]. The
+    /// NAKs carry a delay that outlasts that (none when no request is open):
+    /// a redelivery that finds only such requests is what nats-server before
+    /// 2.10.14 mishandles ([`NatsConfig::with_pull_expiry`](crate::NatsConfig::with_pull_expiry)).
     ///
     /// Every step is bounded by the request timeout; a `recv` parked while
     /// holding the state lock is waited for no longer than [`STATE_WAIT`]
-    /// (then the inbox is left to the connection and the NAKs wait a whole
-    /// pull expiry).
+    /// (then the inbox stays subscribed, and the NAKs wait until any request
+    /// it may have open expired).
     pub(crate) async fn shutdown(&self) {
         self.cancel.cancel();
         let mut unseen = Vec::new();
         // Without the state (held by a receive parked and never polled
         // again), the open requests are unknown: assume one was just sent.
-        let mut open_until = Some(Instant::now() + PULL_EXPIRES + EXPIRY_MARGIN);
+        let mut open_until = Some(Instant::now() + self.pull_expiry + EXPIRY_MARGIN);
+        let mut unsubscribed = false;
         if let Ok(mut state) = tokio::time::timeout(STATE_WAIT, self.state.lock()).await {
             state.reserved.clear();
             unseen.extend(
@@ -185,6 +204,7 @@ impl ReceiverShared {
                     .filter_map(|(m, _)| m.reply),
             );
             if state.inbox.drain().await.is_ok() {
+                unsubscribed = true;
                 let inbox = &mut state.inbox;
                 let _ = tokio::time::timeout(self.request_timeout, async {
                     while let Some(m) = inbox.next().await {
@@ -197,10 +217,20 @@ impl ReceiverShared {
                 })
                 .await;
             }
+            // Gone when they expire, or a heartbeat after the inbox was
+            // unsubscribed (which the drain above waited for).
+            let swept = Instant::now() + PULL_HEARTBEAT + EXPIRY_MARGIN;
             open_until = state
                 .requests
                 .drain()
-                .map(|(_, (_, sent))| sent + PULL_EXPIRES + EXPIRY_MARGIN)
+                .map(|(_, r)| {
+                    let expired = r.sent + self.pull_expiry + EXPIRY_MARGIN;
+                    if unsubscribed {
+                        expired.min(swept)
+                    } else {
+                        expired
+                    }
+                })
                 .max();
         }
         let delay = open_until
@@ -261,6 +291,7 @@ impl ReceiverShared {
     /// retryable; otherwise it was deleted, and every later receive
     /// returns `gone`.
     async fn lost(&self, state: &mut PullState, gone: Error) -> Error {
+        tracing::warn!(consumer = %self.consumer_name, error = %gone, "the subscription's consumer is gone");
         let Some((broker, topic, options)) = &self.recreate else {
             state.gone = Some(gone.clone());
             return gone;
@@ -324,9 +355,10 @@ impl ReceiverShared {
             return Ok(());
         }
         let body = format!(
-            r#"{{"batch":{},"expires":{}}}"#,
+            r#"{{"batch":{},"expires":{},"idle_heartbeat":{}}}"#,
             got.len(),
-            PULL_EXPIRES.as_nanos()
+            self.pull_expiry.as_nanos(),
+            PULL_HEARTBEAT.as_nanos()
         );
         let request = state.next_request;
         let send = self.client.publish_with_reply(
@@ -342,9 +374,16 @@ impl ReceiverShared {
             () = self.cancel.cancelled() => return Err(Error::Closed),
         }
         state.next_request += 1;
-        state.requests.insert(request, (got.len(), Instant::now()));
+        let now = Instant::now();
+        state.requests.insert(
+            request,
+            Request {
+                batch: got.len(),
+                sent: now,
+            },
+        );
         state.reserved.extend(got);
-        state.last_activity = Instant::now();
+        state.last_activity = now;
         Ok(())
     }
 
@@ -363,17 +402,22 @@ impl ReceiverShared {
             .and_then(|n| n.parse::<u64>().ok());
         match message.status.map(|s| s.as_u16()) {
             None | Some(200) => {
-                if let Some(n) = request
-                    && let Some((left, _)) = state.requests.get_mut(&n)
-                {
-                    *left -= 1;
-                    if *left == 0 {
-                        state.requests.remove(&n);
-                    }
+                let permit = state.reserved.pop().or_else(|| {
+                    // More than was asked for: a request presumed lost (the
+                    // server silent for `STALLED`) was not. The server
+                    // counted this delivery, so it is handed out (an
+                    // attempt is a delivery the application saw), over the
+                    // prefetch when that is full.
+                    tracing::debug!(
+                        consumer = %self.consumer_name,
+                        "a delivery beyond the open pull requests"
+                    );
+                    Arc::clone(&self.permits).try_acquire_owned().ok()
+                });
+                if state.reserved.is_empty() {
+                    // Every request was filled or ended.
+                    state.requests.clear();
                 }
-                // More than requested cannot happen; if it does, leave it
-                // unsettled (it comes back after the ack wait).
-                let permit = state.reserved.pop()?;
                 self.deliver(
                     jetstream::Message {
                         message,
@@ -382,18 +426,34 @@ impl ReceiverShared {
                     permit,
                 )
             }
-            // Heartbeat.
+            // Idle heartbeat: a request is still open.
             Some(100) => None,
             // Any other status ends that pull request (408 expired, 409
             // limits exceeded or consumer deleted, …): its unfilled room
             // comes back.
             Some(status) => {
+                // The server says how many it did not send (a request
+                // already forgotten gives nothing back).
                 let unfilled = request
                     .and_then(|n| state.requests.remove(&n))
-                    .map_or(0, |(left, _)| left);
+                    .map_or(0, |r| {
+                        message
+                            .headers
+                            .as_ref()
+                            .and_then(|h| h.get("Nats-Pending-Messages"))
+                            .and_then(|v| v.as_str().parse::<usize>().ok())
+                            .map_or(r.batch, |n| n.min(r.batch))
+                    });
                 let keep = state.reserved.len().saturating_sub(unfilled);
                 state.reserved.truncate(keep);
                 let description = message.description.unwrap_or_default();
+                tracing::debug!(
+                    consumer = %self.consumer_name,
+                    status,
+                    %description,
+                    unfilled,
+                    "a pull request ended"
+                );
                 if status == 503 || (status == 409 && description.contains("Deleted")) {
                     state.suspect = true;
                 }
@@ -413,7 +473,7 @@ impl ReceiverShared {
     fn deliver(
         &self,
         msg: jetstream::Message,
-        permit: OwnedSemaphorePermit,
+        permit: Option<OwnedSemaphorePermit>,
     ) -> Option<Result<RawDelivery>> {
         let (attempt, seq, published) = match msg.info() {
             Ok(info) => (
@@ -529,7 +589,7 @@ impl Receiver for NatsReceiver {
                 continue;
             }
             // A pull request whose end the server never reported (lost in a
-            // reconnect) must not hold room forever. The timer lives in the
+            // restart) must not hold room forever. The timer lives in the
             // state, so waiting for each message does not re-arm one.
             let PullState {
                 inbox,
@@ -542,10 +602,17 @@ impl Receiver for NatsReceiver {
                 () = stall.as_mut() => {
                     let due = *last_activity + STALLED;
                     if Instant::now() >= due {
+                        tracing::warn!(
+                            consumer = %s.consumer_name,
+                            requests = state.requests.len(),
+                            reserved = state.reserved.len(),
+                            "no word from the server on open pull requests for {STALLED:?}: \
+                             presumed lost, asking again"
+                        );
                         state.reserved.clear();
                         state.requests.clear();
-                        // Lost in a reconnect, or the consumer was deleted
-                        // (nats-server 2.9 then says nothing): ask.
+                        // Lost in a server restart, or the consumer was
+                        // deleted (nats-server 2.9 then says nothing): ask.
                         state.suspect = true;
                         state.stall.as_mut().reset(Instant::now() + STALLED);
                     } else {
@@ -612,7 +679,8 @@ struct NatsAcker {
     /// Where this delivery is recorded as handed out, until it is settled.
     outstanding: Arc<Outstanding<async_nats::Subject>>,
     ticket: Option<u64>,
-    _permit: OwnedSemaphorePermit,
+    /// `None` for a delivery over the prefetch (see `handle`).
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl fmt::Debug for NatsAcker {

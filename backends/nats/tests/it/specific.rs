@@ -329,3 +329,107 @@ async fn backend_gives_the_native_client() {
     assert!(client.backend::<NatsConfig>().is_none());
     client.close().await.unwrap();
 }
+
+/// Pull requests that lapse (the server ends them with "408 Request
+/// Timeout" and says how many messages it did not send) give back exactly
+/// that room. A delivery does not say which request it answers, so a
+/// receiver that gave back a lapsed request's whole batch also gave back
+/// room that another open request still held, asked for it again, and then
+/// got more deliveries than it had room for — and dropped those: the server
+/// counted them, the application never saw them, and they came back an
+/// attempt later after the ack wait.
+///
+/// Each round, on a new receiver: a request for 4 is half filled, a second
+/// one for 2 opens beside it, both lapse while nothing is published, then a
+/// burst of 6 arrives; every message must come at attempt 1, once.
+#[tokio::test]
+async fn lapsed_pull_requests_give_back_their_room() {
+    let Some(url) = url() else { return };
+    let expiry = Duration::from_secs(2);
+    let config = NatsConfig::from_url(&url).unwrap().with_pull_expiry(expiry);
+    let client = switchyard_core::Client::new(NatsBroker::connect(config).await.unwrap());
+    let topic = format!("lapsed-{}", &switchyard_core::new_id()[24..]);
+    let opts = SubscribeOptions::new("lapsed")
+        .with_prefetch(4)
+        .with_ack_timeout(Duration::from_secs(30));
+    client.ensure_subscription(&topic, &opts).await.unwrap();
+    let mut seen = std::collections::HashMap::<String, Vec<u32>>::new();
+    for round in 0..3 {
+        let mut sub = client.subscribe(&topic, opts.clone()).await.unwrap();
+        let ids: Vec<String> = (0..9).map(|i| format!("r{round}-m{i}")).collect();
+        // Receives `n`, settling each at once or holding them all.
+        async fn receive(
+            sub: &mut switchyard_core::Subscription,
+            seen: &mut std::collections::HashMap<String, Vec<u32>>,
+            n: usize,
+            hold: bool,
+        ) -> Vec<switchyard_core::Delivery> {
+            let mut held = Vec::new();
+            for _ in 0..n {
+                let d = tokio::time::timeout(Duration::from_secs(5), sub.recv())
+                    .await
+                    .expect("a message within 5 s")
+                    .unwrap();
+                seen.entry(d.message().id().to_owned())
+                    .or_default()
+                    .push(d.attempt());
+                if hold {
+                    held.push(d);
+                } else {
+                    d.ack().await.unwrap();
+                }
+            }
+            held
+        }
+        // One at a time until a first delivery; then a request for 4, half
+        // filled, and (on the next receive) one for 2 beside it.
+        client
+            .publish(&topic, Message::new("x").with_id(&ids[0]))
+            .await
+            .unwrap();
+        receive(&mut sub, &mut seen, 1, false).await;
+        for id in &ids[1..3] {
+            client
+                .publish(&topic, Message::new("x").with_id(id))
+                .await
+                .unwrap();
+        }
+        receive(&mut sub, &mut seen, 2, false).await;
+        let publisher = {
+            let (client, topic, burst) = (client.clone(), topic.clone(), ids[3..].to_vec());
+            tokio::spawn(async move {
+                // Past the expiry of both open requests.
+                tokio::time::sleep(expiry + Duration::from_millis(1200)).await;
+                for id in burst {
+                    client
+                        .publish(&topic, Message::new("x").with_id(&id))
+                        .await
+                        .unwrap();
+                }
+            })
+        };
+        // The burst of 6 meets a full prefetch of 4, held.
+        let held = receive(&mut sub, &mut seen, 4, true).await;
+        publisher.await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if let Ok(d) = tokio::time::timeout(Duration::from_secs(1), sub.recv()).await {
+            panic!(
+                "round {round}: a delivery beyond the prefetch: {:?}",
+                d.map(|d| d.attempt())
+            );
+        }
+        for d in held {
+            d.ack().await.unwrap();
+        }
+        receive(&mut sub, &mut seen, 2, false).await;
+        for id in &ids {
+            assert_eq!(
+                seen.get(id),
+                Some(&vec![1]),
+                "round {round}: {id}'s attempts"
+            );
+        }
+        sub.close().await.unwrap();
+    }
+    client.close().await.unwrap();
+}
