@@ -830,13 +830,18 @@ impl Prepared {
             Message, SubscribeOptions,
             consumer::{Backoff, Consumer},
         };
+        use tracing::instrument::WithSubscriber as _;
 
-        // The library's warnings (a receive retried, pull requests presumed
-        // lost, …) go to the case's output, shown when it fails.
-        let _ = tracing_subscriber::fmt()
-            .with_test_writer()
-            .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
-            .try_init();
+        // The library's warnings while the two receive (a receive retried,
+        // pull requests presumed lost, …) go to the case's output, shown
+        // when it fails. Scoped to their tasks: the trace case owns the
+        // process's global subscriber.
+        let warnings = tracing::Dispatch::new(
+            tracing_subscriber::fmt()
+                .with_test_writer()
+                .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
+                .finish(),
+        );
         let (by_runtime, by_raw): (Seen, Seen) = Default::default();
         let delivered_at = Instants::default();
         let (stop, publishing) = (Stop::default(), Stop::default());
@@ -848,6 +853,7 @@ impl Prepared {
             let seen = std::sync::Arc::clone(&by_runtime);
             let at = std::sync::Arc::clone(&delivered_at);
             let stop = stop.clone();
+            let warnings = warnings.clone();
             tokio::spawn(async move {
                 Consumer::new()
                     .with_concurrency(8)
@@ -872,6 +878,7 @@ impl Prepared {
                         },
                         async move { stop.wait().await },
                     )
+                    .with_subscriber(warnings)
                     .await
             })
         };
@@ -883,36 +890,39 @@ impl Prepared {
             let seen = std::sync::Arc::clone(&by_raw);
             let at = std::sync::Arc::clone(&delivered_at);
             let stop = stop.clone();
-            tokio::spawn(async move {
-                let (mut errors, mut longest_ack) = (0u32, Duration::ZERO);
-                loop {
-                    let next = tokio::select! {
-                        () = stop.wait() => break,
-                        next = sub.recv() => next,
-                    };
-                    match next {
-                        Ok(d) => {
-                            at.lock().unwrap().push(Instant::now());
-                            *seen
-                                .lock()
-                                .unwrap()
-                                .entry(d.message().id().to_owned())
-                                .or_default() += 1;
-                            // An ack lost with the connection comes back.
-                            let started = Instant::now();
-                            let _ = d.ack().await;
-                            longest_ack = longest_ack.max(started.elapsed());
+            tokio::spawn(
+                async move {
+                    let (mut errors, mut longest_ack) = (0u32, Duration::ZERO);
+                    loop {
+                        let next = tokio::select! {
+                            () = stop.wait() => break,
+                            next = sub.recv() => next,
+                        };
+                        match next {
+                            Ok(d) => {
+                                at.lock().unwrap().push(Instant::now());
+                                *seen
+                                    .lock()
+                                    .unwrap()
+                                    .entry(d.message().id().to_owned())
+                                    .or_default() += 1;
+                                // An ack lost with the connection comes back.
+                                let started = Instant::now();
+                                let _ = d.ack().await;
+                                longest_ack = longest_ack.max(started.elapsed());
+                            }
+                            Err(e) if e.is_retryable() => {
+                                errors += 1;
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                            Err(e) => panic!("raw recv failed for good: {e}"),
                         }
-                        Err(e) if e.is_retryable() => {
-                            errors += 1;
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                        Err(e) => panic!("raw recv failed for good: {e}"),
                     }
+                    let _ = sub.close().await;
+                    (errors, longest_ack)
                 }
-                let _ = sub.close().await;
-                (errors, longest_ack)
-            })
+                .with_subscriber(warnings),
+            )
         };
         let confirmed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let publisher = {
@@ -1041,9 +1051,16 @@ impl Flow {
         {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // A Consumer whose subscription ended returns `Ok` as if stopped:
+        // tell that apart from one that stopped receiving.
+        let ended_by_itself = self.runtime.is_finished();
         self.stop.set();
         let report = self.runtime.await.expect("the consumer task");
         let (raw_errors, longest_ack) = self.raw.await.expect("the raw receiver");
+        assert!(
+            !ended_by_itself,
+            "the Consumer ended before it was stopped (its subscription ended?): {report:?}"
+        );
         let groups = groups
             .iter()
             .map(|(name, sets)| Group {

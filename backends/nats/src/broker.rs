@@ -573,6 +573,7 @@ impl Subscriber for NatsBroker {
                 inbox,
                 reserved: Vec::new(),
                 requests: HashMap::new(),
+                prune_at: crate::receiver::PRUNE_AT,
                 next_request: 0,
                 stall: Box::pin(tokio::time::sleep(STALLED)),
                 last_activity: Instant::now(),

@@ -35,8 +35,11 @@ pub(crate) struct PullState {
     pub(crate) reserved: Vec<OwnedSemaphorePermit>,
     /// Pull requests that may be open, by reply subject suffix (a status
     /// about a request comes on its reply subject). One filled ends
-    /// without a word, so entries stay until `reserved` runs out.
+    /// without a word, so entries stay until `reserved` runs out, or until
+    /// well past their expiry once there are [`prune_at`](Self::prune_at).
     pub(crate) requests: HashMap<u64, Request>,
+    /// The size of `requests` at which entries past their expiry go.
+    pub(crate) prune_at: usize,
     pub(crate) next_request: u64,
     /// Last time the server said anything on the inbox (or we asked). An
     /// open request is never silent for long: it gets a delivery, an idle
@@ -112,6 +115,11 @@ pub(crate) struct ReceiverShared {
 fn is_delivery(m: &async_nats::Message) -> bool {
     matches!(m.status.map(|s| s.as_u16()), None | Some(200))
 }
+
+/// Entries of [`PullState::requests`] kept before the old ones are pruned.
+pub(crate) const PRUNE_AT: usize = 64;
+/// How long past its expiry a request's entry is kept.
+const PRUNE_AFTER: Duration = Duration::from_secs(5);
 
 /// Shortest pause between two rounds of [`keep_leases`].
 const KEEP_TICK: Duration = Duration::from_millis(250);
@@ -384,6 +392,12 @@ impl ReceiverShared {
         );
         state.reserved.extend(got);
         state.last_activity = now;
+        if state.requests.len() >= state.prune_at {
+            // Ended by now (a status about them comes at their expiry).
+            let live = self.pull_expiry + PRUNE_AFTER;
+            state.requests.retain(|_, r| r.sent + live > now);
+            state.prune_at = (2 * state.requests.len()).max(PRUNE_AT);
+        }
         Ok(())
     }
 
