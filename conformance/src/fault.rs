@@ -380,6 +380,19 @@ impl Linked for Via {
     }
 }
 
+/// The harness's private broker and a client connected to it; `None` when
+/// the harness has none.
+async fn private_broker_and_client(
+    h: &dyn crate::Harness,
+) -> Option<(Box<dyn PrivateBroker>, switchyard_core::Client)> {
+    let broker = h.private_broker().await?;
+    let client = broker
+        .client()
+        .await
+        .expect("connect to the private broker");
+    Some((broker, client))
+}
+
 /// Fault case: the broker is killed (`SIGKILL`) and restarted twice — a
 /// third and two thirds of the way through — while one long-lived
 /// [`Client`](switchyard_core::Client) publishes 10,000 messages at a steady
@@ -398,13 +411,9 @@ pub async fn fault_broker_killed_twice(h: &dyn crate::Harness) -> crate::Outcome
     const DOWN: Duration = Duration::from_secs(2);
     const KILLED_MESSAGES: usize = 10_000;
 
-    let Some(mut broker) = h.private_broker().await else {
+    let Some((mut broker, client)) = private_broker_and_client(h).await else {
         return crate::Outcome::Skipped("the harness has no private broker".into());
     };
-    let client = broker
-        .client()
-        .await
-        .expect("connect to the private broker");
     let topic = h.unique("fault-kill");
     let flow = Flow::steady(&client, &topic, KILLED_MESSAGES).await;
 
@@ -438,13 +447,9 @@ pub async fn fault_broker_killed_twice(h: &dyn crate::Harness) -> crate::Outcome
 pub async fn fault_broker_frozen(h: &dyn crate::Harness) -> crate::Outcome {
     const FROZEN: Duration = Duration::from_secs(10);
 
-    let Some(mut broker) = h.private_broker().await else {
+    let Some((mut broker, client)) = private_broker_and_client(h).await else {
         return crate::Outcome::Skipped("the harness has no private broker".into());
     };
-    let client = broker
-        .client()
-        .await
-        .expect("connect to the private broker");
     let topic = h.unique("fault-freeze");
     let flow = Flow::prepare(&client, &topic).await;
     let flow = flow
@@ -512,13 +517,9 @@ pub async fn fault_delayed_retry_due_while_frozen(h: &dyn crate::Harness) -> cra
     const FROZEN: Duration = Duration::from_secs(3);
     const ROUNDS: usize = 4;
 
-    let Some(mut broker) = h.private_broker().await else {
+    let Some((mut broker, client)) = private_broker_and_client(h).await else {
         return crate::Outcome::Skipped("the harness has no private broker".into());
     };
-    let client = broker
-        .client()
-        .await
-        .expect("connect to the private broker");
     let topic = h.unique("fault-retry-frozen");
     let opts = SubscribeOptions::new("retried").with_max_attempts(10);
     client

@@ -262,6 +262,7 @@ manual_fault_case!(
 // Calls while the link is dead are bounded (a private tansu behind a link).
 switchyard_conformance::conformance_tests!(@cases harness, fault;
     fault_dead_broker_calls_are_bounded,
+    fault_delayed_retry_due_while_frozen,
 );
 
 // A private tansu frozen (SIGSTOP) for 10 s, then thawed. Ignored (run it
