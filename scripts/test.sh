@@ -44,9 +44,8 @@ trap cleanup EXIT
 # cases for exactly that (prefetched_deliveries_keep_their_lease) pass.
 # The container lane runs one case at a time: beside the main run, two at
 # a time loaded the machine enough that cases which pass alone failed there.
-# The cluster cases
-# start clusters of broker processes of their own, not containers: they run
-# once, after both lanes (below).
+# The cluster cases start clusters of broker processes of their own, not
+# containers: they run once, after both lanes (below).
 # The SQS suites run against moto through scripts/moto_server.py, which
 # makes moto's ReceiveMessage atomic as SQS's is: check that it does.
 if [ -n "${SWITCHYARD_SQS_URL:-}" ]; then
