@@ -69,6 +69,13 @@ pub(crate) struct Request {
 }
 
 impl PullState {
+    /// Nothing more to come: every request was filled or ended.
+    fn forget_ended(&mut self) {
+        if self.reserved.is_empty() && !self.requests.is_empty() {
+            self.requests.clear();
+        }
+    }
+
     /// The next message that already arrived, if any: `Some(None)` when the
     /// inbox ended.
     fn arrived(&mut self) -> Option<Option<async_nats::Message>> {
@@ -231,15 +238,16 @@ impl ReceiverShared {
             open_until = state
                 .requests
                 .drain()
-                .map(|(_, r)| {
-                    let expired = r.sent + self.pull_expiry + EXPIRY_MARGIN;
+                .map(|(_, r)| r.sent)
+                .max()
+                .map(|sent| {
+                    let expired = sent + self.pull_expiry + EXPIRY_MARGIN;
                     if unsubscribed {
                         expired.min(swept)
                     } else {
                         expired
                     }
-                })
-                .max();
+                });
         }
         let delay = open_until
             .map(|until| until.saturating_duration_since(Instant::now()))
@@ -428,10 +436,7 @@ impl ReceiverShared {
                     );
                     Arc::clone(&self.permits).try_acquire_owned().ok()
                 });
-                if state.reserved.is_empty() {
-                    // Every request was filled or ended.
-                    state.requests.clear();
-                }
+                state.forget_ended();
                 self.deliver(
                     jetstream::Message {
                         message,
@@ -460,6 +465,7 @@ impl ReceiverShared {
                     });
                 let keep = state.reserved.len().saturating_sub(unfilled);
                 state.reserved.truncate(keep);
+                state.forget_ended();
                 let description = message.description.unwrap_or_default();
                 tracing::debug!(
                     consumer = %self.consumer_name,
