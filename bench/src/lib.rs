@@ -32,6 +32,37 @@ pub fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// A broker benchmark's `main`: the broker's URL from the environment
+/// variable `url_var` (without it, says so and returns: `hint` tells how to
+/// start the broker), the message count from `SY_BENCH_MESSAGES` (else
+/// `default_n`), then `bench(url, n)` on a two-thread runtime, within
+/// `bound`.
+///
+/// # Panics
+///
+/// When the benchmark outlasts `bound` (or panics itself).
+pub fn main_with<F, Fut>(url_var: &str, hint: &str, default_n: usize, bound: Duration, bench: F)
+where
+    F: FnOnce(String, usize) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let Ok(url) = std::env::var(url_var) else {
+        println!("{url_var} is not set: benchmark skipped ({hint})");
+        return;
+    };
+    let n = env_usize("SY_BENCH_MESSAGES", default_n);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    rt.block_on(async {
+        tokio::time::timeout(bound, bench(url, n))
+            .await
+            .expect("benchmark exceeded its time bound");
+    });
+}
+
 /// Messages per second (a zero duration counts as one nanosecond).
 #[must_use]
 pub fn rate(n: usize, d: Duration) -> f64 {

@@ -6,8 +6,6 @@
 
 use std::{
     collections::HashMap,
-    future::Future,
-    pin::Pin,
     sync::{Mutex, OnceLock},
 };
 
@@ -93,10 +91,7 @@ fn writeln_stderr(line: &str) -> std::io::Result<()> {
     writeln!(std::io::stderr(), "{line}")
 }
 
-/// Connects a client to a URL (a backend's `connect`, perhaps with
-/// settings added to the URL).
-pub type Connect =
-    Box<dyn Fn(String) -> Pin<Box<dyn Future<Output = Result<Client>> + Send>> + Send + Sync>;
+pub use crate::fault::Connect;
 
 /// A broker of a fault case's own in a container: killed with `SIGKILL`
 /// and started again (same port, same data) through the engine.

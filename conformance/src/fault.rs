@@ -63,6 +63,9 @@ pub struct BrokerProcess {
     port: u16,
     dir: PathBuf,
     child: Option<std::process::Child>,
+    /// Remove `dir` when dropped (unless a panic is unwinding: its log
+    /// tells what happened).
+    scratch: bool,
 }
 
 impl BrokerProcess {
@@ -76,7 +79,16 @@ impl BrokerProcess {
             port,
             dir: dir.as_ref().to_owned(),
             child: None,
+            scratch: false,
         }
+    }
+
+    /// With `true`, removes its directory when dropped, unless the test is
+    /// panicking (the log then stays for the failure's reader). Off by
+    /// default.
+    pub fn scratch(&mut self, remove: bool) -> &mut Self {
+        self.scratch = remove;
+        self
     }
 
     /// Adds one argument.
@@ -179,6 +191,18 @@ impl BrokerProcess {
         }
     }
 
+    /// [`start`](Self::start) for a case that cannot go on without its
+    /// broker.
+    ///
+    /// # Panics
+    ///
+    /// When it does not start (the message carries the end of its log).
+    pub async fn boot(&mut self, ready_within: Duration) {
+        if let Err(e) = self.start(ready_within).await {
+            panic!("a private broker: {e}");
+        }
+    }
+
     /// Sends `SIGSTOP` (`stop == true`) or `SIGCONT` to the broker: frozen,
     /// it keeps its connections and answers nothing.
     ///
@@ -227,6 +251,105 @@ impl BrokerProcess {
 impl Drop for BrokerProcess {
     fn drop(&mut self) {
         self.kill();
+        if self.scratch && !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Connects a client to a URL (a backend's `connect`, perhaps with
+/// settings added to the URL).
+pub type Connect = Box<
+    dyn Fn(
+            String,
+        ) -> std::pin::Pin<
+            Box<
+                dyn std::future::Future<Output = switchyard_core::Result<switchyard_core::Client>>
+                    + Send,
+            >,
+        > + Send
+        + Sync,
+>;
+
+/// A [`PrivateBroker`] that is one [`BrokerProcess`], reached by URL: what
+/// a harness whose broker is a single binary needs.
+///
+/// ```no_run
+/// # async fn demo() {
+/// use std::time::Duration;
+/// use switchyard_conformance::fault::{BrokerProcess, Connect, ProcessBroker, free_port};
+///
+/// let port = free_port().unwrap();
+/// let dir = std::env::temp_dir().join(format!("my-broker-{port}"));
+/// let mut process = BrokerProcess::new("nats-server", port, &dir);
+/// process.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js"]);
+/// let connect: Connect = Box::new(|url| Box::pin(async move {
+///     unimplemented!("the backend's connect({url})")
+/// }));
+/// let url = format!("nats://127.0.0.1:{port}");
+/// let broker = ProcessBroker::start(process, Duration::from_secs(20), url, connect).await;
+/// # }
+/// ```
+pub struct ProcessBroker {
+    process: BrokerProcess,
+    ready_within: Duration,
+    url: String,
+    connect: Connect,
+}
+
+impl std::fmt::Debug for ProcessBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessBroker")
+            .field("process", &self.process)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProcessBroker {
+    /// Starts `process` (its directory removed when done: see
+    /// [`BrokerProcess::scratch`]), waiting `ready_within` for its port,
+    /// now and on each restart; its clients come from `connect(url)`.
+    ///
+    /// # Panics
+    ///
+    /// When it does not start.
+    pub async fn start(
+        mut process: BrokerProcess,
+        ready_within: Duration,
+        url: String,
+        connect: Connect,
+    ) -> Self {
+        process.scratch(true).boot(ready_within).await;
+        Self {
+            process,
+            ready_within,
+            url,
+            connect,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl PrivateBroker for ProcessBroker {
+    async fn client(&self) -> switchyard_core::Result<switchyard_core::Client> {
+        (self.connect)(self.url.clone()).await
+    }
+
+    fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    async fn restart(&mut self) {
+        self.process.boot(self.ready_within).await;
+    }
+
+    async fn freeze(&mut self) -> bool {
+        self.process.signal_stop(true);
+        true
+    }
+
+    async fn thaw(&mut self) {
+        self.process.signal_stop(false);
     }
 }
 
@@ -1407,9 +1530,10 @@ pub async fn fault_unreachable_broker_connect_is_bounded(h: &dyn crate::Harness)
     let port = free_port().expect("a spare port");
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let started = Instant::now();
-    let Some(connected) = h.connect_to(addr, CONNECT_TIMEOUT).await else {
+    let Some(url) = h.url_at(addr, CONNECT_TIMEOUT) else {
         return crate::Outcome::Skipped("the backend has no address to connect to".into());
     };
+    let connected = h.connect(&url).await;
     assert_connect_failed(connected, started, "nothing listens");
     crate::Outcome::Passed
 }
@@ -1436,12 +1560,13 @@ pub async fn fault_silent_broker_connect_is_bounded(h: &dyn crate::Harness) -> c
             held.push(conn);
         }
     });
-    let started = Instant::now();
-    let connected = h.connect_to(addr, CONNECT_TIMEOUT).await;
-    silent.abort();
-    let Some(connected) = connected else {
+    let Some(url) = h.url_at(addr, CONNECT_TIMEOUT) else {
+        silent.abort();
         return crate::Outcome::Skipped("the backend has no address to connect to".into());
     };
+    let started = Instant::now();
+    let connected = h.connect(&url).await;
+    silent.abort();
     assert_connect_failed(connected, started, "the peer never answers");
     crate::Outcome::Passed
 }

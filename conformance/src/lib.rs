@@ -20,8 +20,7 @@
 //! # Example
 //!
 //! ```
-//! use std::time::Duration;
-//! use switchyard_conformance::Harness;
+//! use switchyard_conformance::{Harness, Timing};
 //! use switchyard_core::{Client, Result};
 //!
 //! #[derive(Debug)]
@@ -32,8 +31,8 @@
 //!     async fn client(&self) -> Result<Client> {
 //!         unimplemented!("connect to the broker under test")
 //!     }
-//!     fn ack_timeout(&self) -> Duration {
-//!         Duration::from_secs(2)
+//!     fn timing(&self) -> Timing {
+//!         Timing::LOOPBACK
 //!     }
 //! }
 //!
@@ -84,35 +83,54 @@ pub trait Harness: Send + Sync + fmt::Debug {
         self.client().await
     }
 
-    /// A new client for the broker said to be at `addr` (a loopback port the
-    /// case chose), connecting within `connect_timeout`, for the cases
-    /// where nothing listens there or a peer accepts and never answers;
-    /// `None` (the default) where the backend has no address (an
-    /// in-process broker), which skips them.
-    async fn connect_to(
-        &self,
-        addr: std::net::SocketAddr,
-        connect_timeout: Duration,
-    ) -> Option<Result<Client>> {
+    /// A new client from a URL of this backend (the backend's own
+    /// `connect(url)`), for the cases that connect to an address of their
+    /// own ([`Harness::url_at`]). Defaults to an [`Error::Config`] saying
+    /// the harness connects to no URL.
+    ///
+    /// [`Error::Config`]: switchyard_core::Error::Config
+    ///
+    /// # Errors
+    ///
+    /// When the connect fails (what the cases check).
+    async fn connect(&self, url: &str) -> Result<Client> {
+        let _ = url;
+        Err(switchyard_core::Error::Config(
+            "the harness connects to no URL".into(),
+        ))
+    }
+
+    /// The URL of a broker of this backend said to be at `addr` (a loopback
+    /// port the case chose) with this connect timeout, for the cases where
+    /// nothing listens there or a peer accepts and never answers; `None`
+    /// (the default) where the backend has no address (an in-process
+    /// broker), which skips them.
+    fn url_at(&self, addr: std::net::SocketAddr, connect_timeout: Duration) -> Option<String> {
         let _ = (addr, connect_timeout);
         None
+    }
+
+    /// The timings the suite waits by ([`Timing`]); the methods below read
+    /// it.
+    fn timing(&self) -> Timing {
+        Timing::default()
     }
 
     /// A short ack timeout the broker honours, used by the cases that wait
     /// for redelivery of unsettled messages.
     fn ack_timeout(&self) -> Duration {
-        Duration::from_secs(2)
+        self.timing().ack_timeout
     }
 
     /// The longest the suite waits for one expected message before failing.
     fn receive_timeout(&self) -> Duration {
-        Duration::from_secs(15)
+        self.timing().receive_timeout
     }
 
     /// How late a redelivery may be, on top of a requested delay or the ack
     /// timeout.
     fn slack(&self) -> Duration {
-        Duration::from_secs(3)
+        self.timing().slack
     }
 
     /// The bound on one whole case.
@@ -175,6 +193,50 @@ pub trait Harness: Send + Sync + fmt::Debug {
     /// A fresh name, unique per call, for a topic or subscription.
     fn unique(&self, prefix: &str) -> String {
         format!("sy-conf.{prefix}.{}", util::short_id())
+    }
+}
+
+/// The timings a harness gives the suite ([`Harness::timing`]).
+///
+/// ```
+/// use std::time::Duration;
+/// use switchyard_conformance::Timing;
+///
+/// // A broker across loopback, whose consumers redeliver in whole seconds
+/// // and are a little later than NATS or RabbitMQ:
+/// let timing = Timing { slack: Duration::from_millis(2500), ..Timing::LOOPBACK };
+/// assert_eq!(timing.ack_timeout, Duration::from_secs(1));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// A short ack timeout the broker honours, used by the cases that wait
+    /// for redelivery of unsettled messages.
+    pub ack_timeout: Duration,
+    /// The longest the suite waits for one expected message before failing.
+    pub receive_timeout: Duration,
+    /// How late a redelivery may be, on top of a requested delay or the ack
+    /// timeout.
+    pub slack: Duration,
+}
+
+impl Timing {
+    /// A broker on this machine, reached over loopback: 1 s ack timeout,
+    /// 10 s to receive, 1.5 s late at most.
+    pub const LOOPBACK: Self = Self {
+        ack_timeout: Duration::from_secs(1),
+        receive_timeout: Duration::from_secs(10),
+        slack: Duration::from_millis(1500),
+    };
+}
+
+impl Default for Timing {
+    /// 2 s ack timeout, 15 s to receive, 3 s late at most.
+    fn default() -> Self {
+        Self {
+            ack_timeout: Duration::from_secs(2),
+            receive_timeout: Duration::from_secs(15),
+            slack: Duration::from_secs(3),
+        }
     }
 }
 

@@ -320,6 +320,347 @@ impl<T> fmt::Debug for ReceiverSet<T> {
     }
 }
 
+/// The life of a broker connection, which every backend keeps the same way:
+/// closed once and for good, and the receivers it opened, which close with
+/// it (a helper for backend authors).
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::Arc;
+/// use switchyard_core::{Error, driver::Lifecycle};
+///
+/// let life = Lifecycle::new();
+/// assert!(life.check_open().is_ok());
+/// let receiver = Arc::new("a receiver's shared state");
+/// let stops = life.child_token(); // the receiver stops with the connection
+/// life.adopt(&receiver);
+/// // `close` marks the connection closed and hands over the live receivers
+/// // for the backend to shut down.
+/// assert_eq!(life.close().len(), 1);
+/// assert!(stops.is_cancelled());
+/// assert!(matches!(life.check_open(), Err(Error::Closed)));
+/// ```
+pub struct Lifecycle<R> {
+    closed: tokio_util::sync::CancellationToken,
+    receivers: ReceiverSet<R>,
+}
+
+impl<R> Lifecycle<R> {
+    /// An open connection with no receivers.
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            closed: tokio_util::sync::CancellationToken::new(),
+            receivers: ReceiverSet::new(),
+        }
+    }
+
+    /// `Err(Error::Closed)` once the connection was closed.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`](crate::Error::Closed) after [`Lifecycle::close`].
+    pub fn check_open(&self) -> Result<()> {
+        if self.is_closed() {
+            Err(crate::Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Whether the connection was closed.
+    #[must_use]
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// Cancelled when the connection closes (for its background tasks).
+    #[must_use]
+    pub fn token(&self) -> &tokio_util::sync::CancellationToken {
+        &self.closed
+    }
+
+    /// A token of a receiver's own: cancelled when the receiver closes, and
+    /// when the connection does.
+    #[must_use]
+    pub fn child_token(&self) -> tokio_util::sync::CancellationToken {
+        self.closed.child_token()
+    }
+
+    /// Remembers an open receiver (weakly), so that closing the connection
+    /// closes it.
+    pub fn adopt(&self, receiver: &std::sync::Arc<R>) {
+        self.receivers.insert(receiver);
+    }
+
+    /// Marks the connection closed: new calls fail with `Closed`, and the
+    /// receivers' tokens are cancelled; the receivers stay adopted (for
+    /// [`Lifecycle::close`] to hand over).
+    pub fn cancel(&self) {
+        self.closed.cancel();
+    }
+
+    /// Marks the connection closed (as [`Lifecycle::cancel`]) and hands
+    /// over the receivers still open, which the backend shuts down.
+    #[must_use = "the receivers still open are for the caller to shut down"]
+    pub fn close(&self) -> Vec<std::sync::Arc<R>> {
+        self.closed.cancel();
+        self.receivers.take_live()
+    }
+}
+
+impl<R> Default for Lifecycle<R> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<R> fmt::Debug for Lifecycle<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lifecycle")
+            .field("closed", &self.is_closed())
+            .field("receivers", &self.receivers)
+            .finish()
+    }
+}
+
+/// The skeleton every receiver shares (a helper for backend authors): its
+/// closing token, and its receive state behind one async lock, so that one
+/// receive at a time works on it, `try_recv` never waits for it, a
+/// cancelled receive leaves it whole, and every wait ends with the receiver.
+///
+/// Closing is a one-way switch: after [`ReceiverCore::close`] (or the
+/// connection's [`Lifecycle::close`], whose child token the receiver holds),
+/// receives end with `None` and settlements fail with
+/// [`Error::Closed`](crate::Error::Closed).
+///
+/// # Examples
+///
+/// ```
+/// use std::{collections::VecDeque, time::Duration};
+/// use switchyard_core::driver::ReceiverCore;
+/// use tokio_util::sync::CancellationToken;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let core = ReceiverCore::new(CancellationToken::new(), VecDeque::from([1, 2]));
+/// // A receive: the state for as long as it takes, or `None` once closed.
+/// let mut state = core.enter().await.expect("open");
+/// assert_eq!(state.pop_front(), Some(1));
+/// // Another receive meanwhile does not wait (`try_recv`'s rule).
+/// assert!(core.try_enter().is_none());
+/// drop(state);
+/// core.close();
+/// assert!(core.enter().await.is_none());
+/// assert!(core.until_closed(std::future::pending::<()>()).await.is_none());
+/// assert!(!core.pause(Duration::from_secs(60)).await);
+/// # }
+/// ```
+pub struct ReceiverCore<S> {
+    closed: tokio_util::sync::CancellationToken,
+    state: tokio::sync::Mutex<S>,
+}
+
+impl<S> ReceiverCore<S> {
+    /// A receiver that closes with `closed` (usually
+    /// [`Lifecycle::child_token`]), with its receive state.
+    pub fn new(closed: tokio_util::sync::CancellationToken, state: S) -> Self {
+        Self {
+            closed,
+            state: tokio::sync::Mutex::new(state),
+        }
+    }
+
+    /// The receiver's closing token (for its background tasks and ackers).
+    #[must_use]
+    pub fn token(&self) -> &tokio_util::sync::CancellationToken {
+        &self.closed
+    }
+
+    /// Whether the receiver closed.
+    #[must_use]
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// Closes the receiver: receives end, waits return.
+    pub fn close(&self) {
+        self.closed.cancel();
+    }
+
+    /// `Err(Error::Closed)` once closed: what a settlement after the close
+    /// returns.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`](crate::Error::Closed) after the close.
+    pub fn check_open(&self) -> Result<()> {
+        if self.is_closed() {
+            Err(crate::Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The receive state, for one receive: waits for a receive already
+    /// holding it; `None` once closed (also while waiting).
+    pub async fn enter(&self) -> Option<tokio::sync::MutexGuard<'_, S>> {
+        if self.is_closed() {
+            return None;
+        }
+        match self.state.try_lock() {
+            Ok(state) => Some(state),
+            Err(_) => self.until_closed(self.state.lock()).await,
+        }
+    }
+
+    /// The receive state without waiting (for `try_recv`): `None` once
+    /// closed, or while a receive holds it.
+    #[must_use]
+    pub fn try_enter(&self) -> Option<tokio::sync::MutexGuard<'_, S>> {
+        if self.is_closed() {
+            return None;
+        }
+        self.state.try_lock().ok()
+    }
+
+    /// The state for closing: waits at most `bound` for a receive holding
+    /// it (a receive ends soon after the close).
+    pub async fn enter_to_close(&self, bound: Duration) -> Option<tokio::sync::MutexGuard<'_, S>> {
+        tokio::time::timeout(bound, self.state.lock()).await.ok()
+    }
+
+    /// The state if no receive holds it (for `Drop`, which cannot wait),
+    /// closed or not.
+    #[must_use]
+    pub fn try_state(&self) -> Option<tokio::sync::MutexGuard<'_, S>> {
+        self.state.try_lock().ok()
+    }
+
+    /// What `fut` gives, or `None` once the receiver closes first.
+    pub async fn until_closed<F: std::future::Future>(&self, fut: F) -> Option<F::Output> {
+        self.closed.run_until_cancelled(fut).await
+    }
+
+    /// Sleeps for `pause` (between attempts of a failing call); `false`
+    /// when the receiver closed first.
+    pub async fn pause(&self, pause: Duration) -> bool {
+        self.until_closed(tokio::time::sleep(pause)).await.is_some()
+    }
+}
+
+impl<S> fmt::Debug for ReceiverCore<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReceiverCore")
+            .field("closed", &self.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+/// When to send settlements gathered into one call — acks as one
+/// `multiple` `basic.ack`, offsets as one commit — the rule every backend
+/// that coalesces follows (a helper for backend authors): at once when
+/// `max` are waiting, else `delay` after the first of them.
+///
+/// It only keeps count and time; the backend keeps what is waiting, and a
+/// flusher (its reaper or committer) wakes at [`Coalescer::due`].
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use switchyard_core::driver::{Coalescer, Gathered};
+/// use tokio::time::Instant;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let mut acks = Coalescer::new(3, Duration::from_millis(5));
+/// let now = Instant::now();
+/// // The first sets the deadline the flusher wakes for…
+/// assert_eq!(acks.add(1, now), Gathered::First(now + Duration::from_millis(5)));
+/// assert_eq!(acks.add(1, now), Gathered::Joined);
+/// // …the third fills the batch: send now.
+/// assert_eq!(acks.add(1, now), Gathered::Full);
+/// assert_eq!(acks.take(), 3);
+/// assert_eq!(acks.due(), None);
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Coalescer {
+    max: usize,
+    delay: Duration,
+    waiting: usize,
+    due: Option<tokio::time::Instant>,
+}
+
+/// What [`Coalescer::add`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gathered {
+    /// `max` are waiting: send them now (and [`Coalescer::take`]).
+    Full,
+    /// The first one waiting: send by this instant at the latest (wake the
+    /// flusher for it).
+    First(tokio::time::Instant),
+    /// Joined the ones waiting; the deadline stands.
+    Joined,
+}
+
+impl Coalescer {
+    /// Sends once `max` (at least 1) are waiting, or `delay` after the
+    /// first.
+    #[must_use]
+    pub fn new(max: usize, delay: Duration) -> Self {
+        Self {
+            max: max.max(1),
+            delay,
+            waiting: 0,
+            due: None,
+        }
+    }
+
+    /// Records `n` more settlements waiting, at `now`.
+    pub fn add(&mut self, n: usize, now: tokio::time::Instant) -> Gathered {
+        self.waiting = self.waiting.saturating_add(n);
+        if self.waiting >= self.max {
+            return Gathered::Full;
+        }
+        match self.due {
+            Some(_) => Gathered::Joined,
+            None => {
+                let due = now + self.delay;
+                self.due = Some(due);
+                Gathered::First(due)
+            }
+        }
+    }
+
+    /// When what is waiting must be sent at the latest (`None`: nothing
+    /// waits).
+    #[must_use]
+    pub fn due(&self) -> Option<tokio::time::Instant> {
+        self.due
+    }
+
+    /// Whether what is waiting must be sent by `now`.
+    #[must_use]
+    pub fn is_due(&self, now: tokio::time::Instant) -> bool {
+        self.waiting >= self.max || self.due.is_some_and(|due| due <= now)
+    }
+
+    /// How many are waiting.
+    #[must_use]
+    pub fn waiting(&self) -> usize {
+        self.waiting
+    }
+
+    /// Starts over (what was waiting is being sent); returns how many were.
+    pub fn take(&mut self) -> usize {
+        self.due = None;
+        std::mem::take(&mut self.waiting)
+    }
+}
+
 /// What a receiver handed out and has not seen settled, so that `close` can
 /// hand it back at once (a helper for backend authors whose broker returns
 /// unsettled deliveries only after the ack timeout, e.g. by their NATS reply

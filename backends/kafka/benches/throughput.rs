@@ -40,6 +40,9 @@ use switchyard_bench::{self as bench, Rounds, SIZE, env_usize};
 use switchyard_core::{Client, SubscribeOptions, driver::support::ID_HEADER};
 use switchyard_kafka::{KafkaBroker, KafkaConfig};
 
+/// The longest the whole benchmark may take.
+const BOUND: Duration = Duration::from_secs(1200);
+
 fn bootstrap(url: &str) -> String {
     let rest = url.trim_start_matches("kafka://");
     rest.split('?').next().unwrap_or(rest).to_owned()
@@ -192,18 +195,25 @@ async fn raw_consume(servers: &str, topic: &str, group: &str, n: usize) -> Durat
     elapsed
 }
 
-#[tokio::main]
-async fn main() {
-    let Ok(url) = std::env::var("SWITCHYARD_KAFKA_URL") else {
-        eprintln!("SWITCHYARD_KAFKA_URL is not set: nothing to measure");
-        return;
-    };
-    let n = env_usize("SY_BENCH_MESSAGES", 50_000);
+fn main() {
+    let hint = "scripts/brokers.sh start kafka";
+    bench::main_with(
+        "SWITCHYARD_KAFKA_URL",
+        hint,
+        50_000,
+        BOUND,
+        |url, n| async move {
+            run(&url, n).await;
+        },
+    );
+}
+
+async fn run(url: &str, n: usize) {
     let rounds = env_usize("SY_BENCH_ROUNDS", 3);
-    let config = KafkaConfig::from_url(&url).unwrap().with_partitions(1);
+    let config = KafkaConfig::from_url(url).unwrap().with_partitions(1);
     let broker = KafkaBroker::connect(config).await.unwrap();
     let client = Client::new(broker.clone());
-    let servers = bootstrap(&url);
+    let servers = bootstrap(url);
     let mut producer_config = ClientConfig::new();
     producer_config
         .set("bootstrap.servers", &servers)

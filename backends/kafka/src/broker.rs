@@ -19,9 +19,8 @@ use rdkafka::{
 };
 use switchyard_core::{
     Capabilities, Client, Error, KeyOrdering, Message, Result, SubscribeOptions,
-    driver::{Broker, Publisher, Receiver, ReceiverSet, Subscriber},
+    driver::{Broker, Lifecycle, Publisher, Receiver, Subscriber},
 };
-use tokio_util::sync::CancellationToken;
 
 use crate::{
     KafkaConfig,
@@ -85,15 +84,14 @@ pub(crate) struct BrokerInner {
     topics: Mutex<HashSet<String>>,
     /// Groups whose start position was settled (`ensure_subscription`).
     groups: Mutex<HashSet<String>>,
-    closed: CancellationToken,
-    pub(crate) receivers: ReceiverSet<RecvInner>,
+    pub(crate) life: Lifecycle<RecvInner>,
 }
 
 impl fmt::Debug for KafkaBroker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KafkaBroker")
             .field("config", &self.inner.config)
-            .field("closed", &self.inner.closed.is_cancelled())
+            .field("life", &self.inner.life)
             .finish_non_exhaustive()
     }
 }
@@ -167,8 +165,7 @@ impl KafkaBroker {
                 admin,
                 topics: Mutex::new(HashSet::new()),
                 groups: Mutex::new(HashSet::new()),
-                closed: CancellationToken::new(),
-                receivers: ReceiverSet::new(),
+                life: Lifecycle::new(),
             }),
         })
     }
@@ -200,11 +197,7 @@ impl KafkaBroker {
     }
 
     fn check_open(&self) -> Result<()> {
-        if self.inner.closed.is_cancelled() {
-            Err(Error::Closed)
-        } else {
-            Ok(())
-        }
+        self.inner.life.check_open()
     }
 }
 
@@ -510,8 +503,7 @@ impl Publisher for KafkaBroker {
     /// `publish_timeout + request_timeout` (a receiver's close), also on a
     /// dead network. The first error is returned, after everything closed.
     async fn close(&self) -> Result<()> {
-        self.inner.closed.cancel();
-        let receivers = self.inner.receivers.take_live();
+        let receivers = self.inner.life.close();
         let producer = self.inner.producer.clone();
         let bound = self.inner.config.publish_timeout;
         let flush = blocking(
@@ -565,12 +557,12 @@ impl Subscriber for KafkaBroker {
     async fn receiver(&self, topic: &str, options: &SubscribeOptions) -> Result<Box<dyn Receiver>> {
         self.ensure_subscription(topic, options).await?;
         let receiver = KafkaReceiver::open(&self.inner, topic, options).await?;
-        self.inner.receivers.insert(&receiver.inner);
+        self.inner.life.adopt(&receiver.inner);
         Ok(Box::new(receiver))
     }
 
     async fn close(&self) -> Result<()> {
-        let receivers = self.inner.receivers.take_live();
+        let receivers = self.inner.life.close();
         futures_util::future::join_all(receivers.iter().map(|r| r.shutdown()))
             .await
             .into_iter()

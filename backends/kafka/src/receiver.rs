@@ -31,7 +31,7 @@ use rdkafka::{
 };
 use switchyard_core::{
     Error, Message, Result, SubscribeOptions,
-    driver::{Acker, RawDelivery, Receiver},
+    driver::{Acker, Coalescer, Gathered, RawDelivery, Receiver, ReceiverCore},
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -600,7 +600,8 @@ pub(crate) struct RecvInner {
     target: String,
     prefetch: usize,
     ack_timeout: Duration,
-    closed: CancellationToken,
+    /// The closing token; one `recv` at a time.
+    core: ReceiverCore<()>,
     /// Signalled when `recv` may have something to do (a record admitted,
     /// a delivery settled).
     wake: Arc<Notify>,
@@ -608,8 +609,10 @@ pub(crate) struct RecvInner {
     space: Arc<Notify>,
     /// Signalled when offsets need committing.
     commit: Arc<Notify>,
-    /// One `recv` at a time.
-    recv_lock: tokio::sync::Mutex<()>,
+    /// Settlements since the last commit: committed `commit_interval` after
+    /// the first (offsets, not acks, are committed, so how many does not
+    /// change the cost: time alone decides).
+    commits: Mutex<Coalescer>,
     /// The shutdown ran (or is running).
     shut: std::sync::atomic::AtomicBool,
     /// A [`watch_topic`] task is confirming that the topic is gone.
@@ -621,7 +624,7 @@ impl fmt::Debug for RecvInner {
         f.debug_struct("KafkaReceiver")
             .field("subscription", &self.target)
             .field("prefetch", &self.prefetch)
-            .field("closed", &self.closed.is_cancelled())
+            .field("core", &self.core)
             .finish_non_exhaustive()
     }
 }
@@ -681,15 +684,19 @@ impl KafkaReceiver {
             target: group,
             prefetch: options.prefetch(),
             ack_timeout: options.ack_timeout(),
-            closed: CancellationToken::new(),
+            core: ReceiverCore::new(CancellationToken::new(), ()),
             wake: Arc::new(Notify::new()),
             space: Arc::new(Notify::new()),
             commit: Arc::new(Notify::new()),
-            recv_lock: tokio::sync::Mutex::new(()),
+            commits: Mutex::new(Coalescer::new(usize::MAX, config.commit_interval)),
             shut: std::sync::atomic::AtomicBool::new(false),
             watching: std::sync::atomic::AtomicBool::new(false),
         });
-        tokio::spawn(pump(Arc::downgrade(&inner), consumer, inner.closed.clone()));
+        tokio::spawn(pump(
+            Arc::downgrade(&inner),
+            consumer,
+            inner.core.token().clone(),
+        ));
         tokio::spawn(committer(Arc::downgrade(&inner)));
         tokio::spawn(reaper(Arc::downgrade(&inner)));
         let deadline = tokio::time::Instant::now() + config.request_timeout;
@@ -802,7 +809,7 @@ async fn pump(inner: Weak<RecvInner>, consumer: Arc<KConsumer>, closed: Cancella
         }
         let (admitted, skipped) = i.admit(run);
         if skipped {
-            i.commit.notify_one();
+            i.commit_soon(1);
         }
         if admitted {
             i.wake.notify_one();
@@ -890,7 +897,7 @@ async fn watch_topic(inner: Weak<RecvInner>, cause: KafkaError) {
             (
                 Arc::clone(&i.shared),
                 i.broker.config.request_timeout,
-                i.closed.clone(),
+                i.core.token().clone(),
             )
         };
         if closed.is_cancelled() {
@@ -1136,12 +1143,9 @@ impl RecvInner {
     }
 
     async fn recv(self: &Arc<Self>) -> Option<Result<RawDelivery>> {
-        let _one = tokio::select! {
-            g = self.recv_lock.lock() => g,
-            () = self.closed.cancelled() => return None,
-        };
+        let _one = self.core.enter().await?;
         loop {
-            if self.closed.is_cancelled() {
+            if self.core.is_closed() {
                 return None;
             }
             let wake = self.wake.notified();
@@ -1159,9 +1163,8 @@ impl RecvInner {
                         // The records wait (their counts must be durable
                         // first); the broker is probably restarting.
                         tracing::warn!(error = %e, "kafka: writing the delivery journal failed; retrying");
-                        tokio::select! {
-                            () = self.closed.cancelled() => return None,
-                            () = tokio::time::sleep(JOURNAL_RETRY) => {}
+                        if !self.core.pause(JOURNAL_RETRY).await {
+                            return None;
                         }
                     }
                     continue;
@@ -1179,7 +1182,7 @@ impl RecvInner {
                 }
             };
             tokio::select! {
-                () = self.closed.cancelled() => return None,
+                () = self.core.token().cancelled() => return None,
                 () = &mut wake => {}
                 () = sleep => {}
             }
@@ -1189,15 +1192,21 @@ impl RecvInner {
     /// A record ready now, without waiting (the hot path of `recv`; a
     /// record that needs a journal write first is left to `recv`).
     fn try_recv(self: &Arc<Self>) -> Option<Result<RawDelivery>> {
-        if self.closed.is_cancelled() {
-            return None;
-        }
         // A `recv` in progress owns the hand-out; it will see the record.
-        let _one = self.recv_lock.try_lock().ok()?;
+        let _one = self.core.try_enter()?;
         match self.take() {
             Ok(d) => Some(Ok(d)),
             Err(Next::Gone(e)) => Some(Err(e)),
             Err(_) => None,
+        }
+    }
+
+    /// Counts settled offsets towards the next commit, waking the committer
+    /// for the first.
+    fn commit_soon(&self, settled: usize) {
+        let gathered = lock(&self.commits).add(settled, tokio::time::Instant::now());
+        if gathered != Gathered::Joined {
+            self.commit.notify_one();
         }
     }
 
@@ -1227,7 +1236,7 @@ impl RecvInner {
         if any {
             self.shared.settled.notify_all();
             self.wake.notify_one();
-            self.commit.notify_one();
+            self.commit_soon(tokens.len());
         }
     }
 
@@ -1281,7 +1290,7 @@ impl RecvInner {
         }
         // A pending `recv` sees the token and returns `None`; one parked
         // (not being polled) does when next polled.
-        self.closed.cancel();
+        self.core.close();
         let consumer = lock(&self.consumer).take();
         finish(
             Arc::clone(&self.broker),
@@ -1419,7 +1428,7 @@ fn close_consumer(mut consumer: Arc<KConsumer>) {
 
 impl Drop for RecvInner {
     fn drop(&mut self) {
-        self.closed.cancel();
+        self.core.close();
         if self.shut.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return;
         }
@@ -1445,31 +1454,41 @@ impl Drop for RecvInner {
     }
 }
 
-/// Commits settled offsets shortly after acks, coalescing them.
+/// Commits settled offsets shortly after acks, coalescing them (see
+/// `RecvInner::commits`).
 async fn committer(inner: Weak<RecvInner>) {
     loop {
-        let (interval, closed) = {
+        let (signal, closed, due) = {
             let Some(i) = inner.upgrade() else { return };
-            let signal = Arc::clone(&i.commit);
-            let notified = signal.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let closed = i.closed.clone();
-            let interval = i.broker.config.commit_interval;
-            drop(i);
-            tokio::select! {
-                () = &mut notified => {}
-                () = closed.cancelled() => return,
-            }
-            (interval, closed)
+            (
+                Arc::clone(&i.commit),
+                i.core.token().clone(),
+                lock(&i.commits).due(),
+            )
         };
-        tokio::time::sleep(interval).await;
-        if closed.is_cancelled() {
+        let Some(due) = due else {
+            // Nothing waits: until the first settlement (its `notify_one`
+            // is kept for this wait if it comes first).
+            if closed
+                .run_until_cancelled(signal.notified())
+                .await
+                .is_none()
+            {
+                return;
+            }
+            continue;
+        };
+        if closed
+            .run_until_cancelled(tokio::time::sleep_until(due))
+            .await
+            .is_none()
+        {
             return;
         }
         let Some(i) = inner.upgrade() else { return };
         let Some(consumer) = i.consumer() else { return };
         let mut st = i.state();
+        lock(&i.commits).take();
         let tpl = st.commit_list(&i.shared.names, None);
         if tpl.count() > 0 {
             // Under the lock: a revoke's synchronous commit never overtakes it.
@@ -1486,7 +1505,7 @@ async fn reaper(inner: Weak<RecvInner>) {
     let (tick, closed) = match inner.upgrade() {
         Some(i) => (
             (i.ack_timeout / 10).clamp(Duration::from_millis(5), Duration::from_secs(1)),
-            i.closed.clone(),
+            i.core.token().clone(),
         ),
         None => return,
     };

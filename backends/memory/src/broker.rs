@@ -1,28 +1,24 @@
-//! The broker, its connections, receivers and ackers.
+//! The broker and its connections.
 
 use std::{
     collections::{HashMap, VecDeque},
-    fmt,
     sync::{
         Arc, Mutex, OnceLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
 };
 
 use async_trait::async_trait;
 use switchyard_core::{
     Capabilities, Client, Error, KeyOrdering, Message, Result, SubscribeOptions,
-    driver::{Acker, Broker, Publisher, RawDelivery, Receiver, ReceiverSet, Subscriber},
+    driver::{Broker, Lifecycle, Publisher, Receiver, ReceiverCore, Subscriber},
 };
-use tokio_util::sync::CancellationToken;
 
-use crate::queue::{SharedQueue, Take};
-
-/// Default payload limit: 1 MiB (SQS's, the smallest of the brokers).
-const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
-/// Deliveries a receiver takes from the queue at once (within its prefetch).
-const TAKE_BATCH: usize = 64;
+use crate::{
+    config::{DEFAULT_MAX_PAYLOAD, MemoryBuilder, MemoryUrl},
+    queue::SharedQueue,
+    receiver::{MemoryReceiver, ReceiverShared},
+};
 
 #[derive(Debug, Default)]
 struct Topic {
@@ -116,8 +112,7 @@ impl MemoryBroker {
         MemoryConnection {
             core: Arc::clone(&self.core),
             conn: Arc::new(ConnState {
-                closed: CancellationToken::new(),
-                receivers: ReceiverSet::new(),
+                life: Lifecycle::new(),
             }),
         }
     }
@@ -158,20 +153,7 @@ impl MemoryBroker {
     }
 }
 
-/// Builder for [`MemoryBroker`].
-#[derive(Debug, Clone)]
-pub struct MemoryBuilder {
-    max_payload: usize,
-}
-
 impl MemoryBuilder {
-    /// Largest accepted payload in bytes (default 1 MiB).
-    #[must_use]
-    pub fn with_max_payload(mut self, bytes: usize) -> Self {
-        self.max_payload = bytes;
-        self
-    }
-
     /// Builds the broker.
     #[must_use]
     pub fn build(self) -> MemoryBroker {
@@ -200,52 +182,25 @@ impl MemoryBuilder {
 /// assert_eq!(client.capabilities().backend, "memory");
 /// ```
 pub fn connect(url: &str) -> Result<Client> {
-    let invalid = |reason: String| Error::InvalidUrl {
-        url: switchyard_core::redact_url(url),
-        reason,
-    };
-    let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
-    if parsed.scheme() != "memory" {
-        return Err(invalid(format!(
-            "expected memory://, got {}://",
-            parsed.scheme()
-        )));
-    }
-    let name = parsed
-        .host_str()
-        .filter(|h| !h.is_empty())
-        .unwrap_or("default");
-    let mut max_payload = None;
-    for (k, v) in parsed.query_pairs() {
-        match &*k {
-            "max_payload" => {
-                max_payload = Some(v.parse::<usize>().map_err(|_| {
-                    invalid(format!("max_payload must be a byte count, got {v:?}"))
-                })?);
-            }
-            other => {
-                return Err(invalid(format!(
-                    "unknown parameter {other:?} (known: max_payload)"
-                )));
-            }
-        }
-    }
-    let broker = MemoryBroker::named_with(name, max_payload.unwrap_or(DEFAULT_MAX_PAYLOAD));
+    let MemoryUrl { name, max_payload } = MemoryUrl::parse(url)?;
+    let broker = MemoryBroker::named_with(&name, max_payload.unwrap_or(DEFAULT_MAX_PAYLOAD));
     if let Some(limit) = max_payload
         && broker.core.max_payload != limit
     {
-        return Err(invalid(format!(
-            "memory broker {name:?} already exists with max_payload={}",
-            broker.core.max_payload
-        )));
+        return Err(Error::InvalidUrl {
+            url: switchyard_core::redact_url(url),
+            reason: format!(
+                "memory broker {name:?} already exists with max_payload={}",
+                broker.core.max_payload
+            ),
+        });
     }
     Ok(broker.client())
 }
 
 #[derive(Debug)]
 struct ConnState {
-    closed: CancellationToken,
-    receivers: ReceiverSet<ReceiverShared>,
+    life: Lifecycle<ReceiverShared>,
 }
 
 /// One connection to a [`MemoryBroker`]; implements the backend traits.
@@ -258,11 +213,7 @@ pub struct MemoryConnection {
 
 impl MemoryConnection {
     fn check_open(&self) -> Result<()> {
-        if self.conn.closed.is_cancelled() {
-            Err(Error::Closed)
-        } else {
-            Ok(())
-        }
+        self.conn.life.check_open()
     }
 
     fn check_size(&self, message: &Message) -> Result<()> {
@@ -311,7 +262,7 @@ impl Publisher for MemoryConnection {
     }
 
     async fn close(&self) -> Result<()> {
-        self.conn.closed.cancel();
+        self.conn.life.cancel();
         Ok(())
     }
 }
@@ -339,17 +290,16 @@ impl Subscriber for MemoryConnection {
             consumer: self.core.consumer_ids.fetch_add(1, Ordering::Relaxed),
             prefetch: options.prefetch(),
             ack_timeout: options.ack_timeout(),
-            closed: self.conn.closed.child_token(),
+            core: ReceiverCore::new(self.conn.life.child_token(), ()),
             requeued: AtomicBool::new(false),
             buffer: Mutex::new(VecDeque::new()),
         });
-        self.conn.receivers.insert(&shared);
+        self.conn.life.adopt(&shared);
         Ok(Box::new(MemoryReceiver { shared }))
     }
 
     async fn close(&self) -> Result<()> {
-        self.conn.closed.cancel();
-        for r in self.conn.receivers.take_live() {
+        for r in self.conn.life.close() {
             r.shutdown();
         }
         Ok(())
@@ -370,187 +320,5 @@ impl Broker for MemoryConnection {
 
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         Some(self)
-    }
-}
-
-struct ReceiverShared {
-    queue: SharedQueue,
-    /// `topic/subscription`, for errors.
-    name: String,
-    consumer: u64,
-    prefetch: usize,
-    ack_timeout: Duration,
-    closed: CancellationToken,
-    requeued: AtomicBool,
-    /// Deliveries taken from the queue (so counted against prefetch) but not
-    /// yet handed to the application: (tag, message, attempt).
-    buffer: Mutex<VecDeque<(u64, Message, u32)>>,
-}
-
-impl ReceiverShared {
-    fn buffer(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, Message, u32)>> {
-        self.buffer.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Closes this consumer: buffered deliveries go back untouched, handed-out
-    /// unsettled ones go back for redelivery.
-    fn shutdown(&self) {
-        self.closed.cancel();
-        if self.requeued.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let tags = self.buffer().drain(..).map(|(t, _, _)| t).collect();
-        self.queue.untake(tags);
-        self.queue.requeue_consumer(self.consumer);
-    }
-
-    /// The next buffered delivery whose ack clock restarts now: the ack
-    /// timeout runs from hand-out, not from when it was buffered.
-    fn pop_buffered(&self) -> Option<(u64, Message, u32)> {
-        loop {
-            let d = self.buffer().pop_front()?;
-            if self.queue.restamp(d.0, self.ack_timeout) {
-                return Some(d);
-            }
-        }
-    }
-
-    fn raw(self: &Arc<Self>, (tag, message, attempt): (u64, Message, u32)) -> RawDelivery {
-        RawDelivery {
-            message,
-            attempt,
-            acker: Box::new(MemoryAcker {
-                receiver: Arc::clone(self),
-                tag,
-            }),
-        }
-    }
-}
-
-impl fmt::Debug for ReceiverShared {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ReceiverShared")
-            .field("consumer", &self.consumer)
-            .field("prefetch", &self.prefetch)
-            .field("ack_timeout", &self.ack_timeout)
-            .field("closed", &self.closed.is_cancelled())
-            .finish_non_exhaustive()
-    }
-}
-
-#[derive(Debug)]
-struct MemoryReceiver {
-    shared: Arc<ReceiverShared>,
-}
-
-#[async_trait]
-impl Receiver for MemoryReceiver {
-    async fn recv(&self) -> Option<Result<RawDelivery>> {
-        let s = &self.shared;
-        // Take part in tokio's cooperative budget (as tokio's channels do),
-        // so a consumer that always finds work still lets its task yield.
-        tokio::task::consume_budget().await;
-        loop {
-            // Register for wake-ups before looking, so none is missed.
-            let changed = s.queue.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if s.closed.is_cancelled() {
-                s.shutdown();
-                return None;
-            }
-            if s.queue.is_deleted() {
-                return Some(Err(Error::not_found(
-                    "subscription",
-                    s.name.clone(),
-                    "the subscription was deleted",
-                    None,
-                )));
-            }
-            if let Some(d) = s.pop_buffered() {
-                return Some(Ok(s.raw(d)));
-            }
-            let wake = match s
-                .queue
-                .take(s.consumer, s.prefetch, TAKE_BATCH, s.ack_timeout)
-            {
-                Take::Got(mut got) => {
-                    let first = got.remove(0);
-                    s.buffer().extend(got);
-                    return Some(Ok(s.raw(first)));
-                }
-                Take::Wait(wake) => wake,
-            };
-            let sleep = async {
-                match wake {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                () = &mut changed => {}
-                () = sleep => {}
-                () = s.closed.cancelled() => {}
-            }
-        }
-    }
-
-    fn try_recv(&self) -> Option<Result<RawDelivery>> {
-        let s = &self.shared;
-        if s.closed.is_cancelled() {
-            return None;
-        }
-        s.pop_buffered().map(|d| Ok(s.raw(d)))
-    }
-
-    async fn close(&self) -> Result<()> {
-        self.shared.shutdown();
-        Ok(())
-    }
-}
-
-impl Drop for MemoryReceiver {
-    fn drop(&mut self) {
-        // A dropped consumer is a crashed one: its deliveries go back.
-        self.shared.shutdown();
-    }
-}
-
-#[derive(Debug)]
-struct MemoryAcker {
-    receiver: Arc<ReceiverShared>,
-    tag: u64,
-}
-
-#[async_trait]
-impl Acker for MemoryAcker {
-    async fn ack(&self) -> Result<()> {
-        if self.receiver.closed.is_cancelled() {
-            return Err(Error::Closed);
-        }
-        // An unknown tag expired after the ack timeout and was redelivered:
-        // at-least-once, so this is not an error (as NATS and SQS behave).
-        self.receiver.queue.ack(self.tag);
-        Ok(())
-    }
-
-    async fn nack(&self, delay: Option<Duration>) -> Result<()> {
-        if self.receiver.closed.is_cancelled() {
-            return Err(Error::Closed);
-        }
-        self.receiver.queue.nack(self.tag, delay);
-        Ok(())
-    }
-
-    /// Moves the delivery's deadline to an ack timeout from now (a delivery
-    /// already expired is not revived).
-    async fn extend(&self) -> Result<()> {
-        if self.receiver.closed.is_cancelled() {
-            return Err(Error::Closed);
-        }
-        self.receiver
-            .queue
-            .restamp(self.tag, self.receiver.ack_timeout);
-        Ok(())
     }
 }

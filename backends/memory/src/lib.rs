@@ -43,6 +43,9 @@
 //! ```
 
 mod broker;
+mod config;
 mod queue;
+mod receiver;
 
-pub use broker::{MemoryBroker, MemoryBuilder, MemoryConnection, connect};
+pub use broker::{MemoryBroker, MemoryConnection, connect};
+pub use config::MemoryBuilder;

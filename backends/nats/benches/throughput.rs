@@ -222,22 +222,14 @@ async fn run(url: &str, n: usize, window: usize) {
 }
 
 fn main() {
-    let Ok(url) = std::env::var("SWITCHYARD_NATS_URL") else {
-        println!(
-            "SWITCHYARD_NATS_URL is not set: NATS benchmark skipped (scripts/brokers.sh start nats)"
-        );
-        return;
-    };
-    let n = env_usize("SY_BENCH_MESSAGES", 100_000);
-    let window = env_usize("SY_BENCH_WINDOW", 256);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        tokio::time::timeout(BOUND, run(&url, n, window))
-            .await
-            .expect("benchmark exceeded its time bound");
-    });
+    let hint = "scripts/brokers.sh start nats";
+    bench::main_with(
+        "SWITCHYARD_NATS_URL",
+        hint,
+        100_000,
+        BOUND,
+        |url, n| async move {
+            run(&url, n, env_usize("SY_BENCH_WINDOW", 256)).await;
+        },
+    );
 }

@@ -19,10 +19,9 @@ use async_trait::async_trait;
 use futures_util::{StreamExt, stream::FuturesOrdered};
 use switchyard_core::{
     Capabilities, Client, Error, KeyOrdering, Message, Result, SubscribeOptions,
-    driver::{Broker, Publisher, Receiver, ReceiverSet, SlowStart, Subscriber},
+    driver::{Broker, Lifecycle, Publisher, Receiver, ReceiverCore, SlowStart, Subscriber},
 };
 use tokio::{sync::Semaphore, time::Instant};
-use tokio_util::sync::CancellationToken;
 
 use crate::{
     NatsConfig, codec,
@@ -78,8 +77,7 @@ struct Inner {
     server_max_payload: usize,
     /// Topics whose stream is known to exist.
     streams: Mutex<HashMap<String, Arc<TopicState>>>,
-    closed: CancellationToken,
-    receivers: ReceiverSet<ReceiverShared>,
+    life: Lifecycle<ReceiverShared>,
     /// Set while the server refuses the credentials on reconnect.
     refused: Arc<Refused>,
 }
@@ -98,7 +96,7 @@ impl fmt::Debug for NatsBroker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NatsBroker")
             .field("config", &self.inner.config)
-            .field("closed", &self.inner.closed.is_cancelled())
+            .field("life", &self.inner.life)
             .finish_non_exhaustive()
     }
 }
@@ -242,8 +240,7 @@ impl NatsBroker {
                 config,
                 server_max_payload,
                 streams: Mutex::new(HashMap::new()),
-                closed: CancellationToken::new(),
-                receivers: ReceiverSet::new(),
+                life: Lifecycle::new(),
                 refused,
             }),
         })
@@ -284,11 +281,8 @@ impl NatsBroker {
     }
 
     fn check_open(&self) -> Result<()> {
-        if self.inner.closed.is_cancelled() {
-            Err(Error::Closed)
-        } else {
-            self.inner.refused.error().map_or(Ok(()), Err)
-        }
+        self.inner.life.check_open()?;
+        self.inner.refused.error().map_or(Ok(()), Err)
     }
 
     /// `e`, or [`Error::Authentication`] when it is a transient failure
@@ -509,10 +503,10 @@ impl Publisher for NatsBroker {
     }
 
     async fn close(&self) -> Result<()> {
-        if self.inner.closed.is_cancelled() {
+        if self.inner.life.is_closed() {
             return Ok(());
         }
-        self.inner.closed.cancel();
+        self.inner.life.cancel();
         // Flush what was accepted; bounded, as the server may be unreachable
         // (async-nats holds commands while it reconnects).
         let bound = self.inner.config.request_timeout;
@@ -557,7 +551,6 @@ impl Subscriber for NatsBroker {
             .await
             .map_err(|e| js_error("subscribing to the pull inbox", e, true))?;
         let shared = Arc::new(ReceiverShared {
-            cancel: self.inner.closed.child_token(),
             permits: Arc::new(Semaphore::new(options.prefetch())),
             prefetch: options.prefetch(),
             stream_name: self.stream_name(topic),
@@ -569,18 +562,21 @@ impl Subscriber for NatsBroker {
                 .then(|| (self.clone(), topic.to_owned(), options.clone())),
             next_subject,
             inbox_subject,
-            state: tokio::sync::Mutex::new(PullState {
-                inbox,
-                reserved: Vec::new(),
-                requests: HashMap::new(),
-                prune_at: crate::receiver::PRUNE_AT,
-                next_request: 0,
-                stall: Box::pin(tokio::time::sleep(STALLED)),
-                last_activity: Instant::now(),
-                suspect: false,
-                gone: None,
-                pulled: std::collections::VecDeque::new(),
-            }),
+            core: ReceiverCore::new(
+                self.inner.life.child_token(),
+                PullState {
+                    inbox,
+                    reserved: Vec::new(),
+                    requests: HashMap::new(),
+                    prune_at: crate::receiver::PRUNE_AT,
+                    next_request: 0,
+                    stall: Box::pin(tokio::time::sleep(STALLED)),
+                    last_activity: Instant::now(),
+                    suspect: false,
+                    gone: None,
+                    pulled: std::collections::VecDeque::new(),
+                },
+            ),
             js: self.inner.js.clone(),
             client: self.inner.client.clone(),
             request_timeout: self.inner.config.request_timeout,
@@ -590,13 +586,12 @@ impl Subscriber for NatsBroker {
             pull_expiry: self.inner.config.pull_expiry,
         });
         tokio::spawn(keep_leases(Arc::downgrade(&shared)));
-        self.inner.receivers.insert(&shared);
+        self.inner.life.adopt(&shared);
         Ok(Box::new(NatsReceiver { shared }))
     }
 
     async fn close(&self) -> Result<()> {
-        self.inner.closed.cancel();
-        for r in self.inner.receivers.take_live() {
+        for r in self.inner.life.close() {
             r.shutdown().await;
         }
         // Sends what is buffered (acks included), then closes the connection.

@@ -130,18 +130,10 @@ mod tests {
 
     #[test]
     fn round_trip_awkward_headers() {
-        let m = Message::new(vec![0u8, 255])
-            .with_id("id with space/ü")
-            .with_key(" padded ")
-            .with_header("plain", "value")
-            .with_header("empty", "")
-            .with_header("spaces", "  x  ")
-            .with_header("newline", "a\nb\r\nc")
-            .with_header("uni", "ünï ✓")
-            .with_header("Nats-Msg-Id", "user's")
-            .with_header("nats-expected-stream", "user's too")
-            .with_header("Case", "A")
-            .with_header("case", "a");
+        let m = switchyard_core::driver::support::awkward_message(&[
+            ("Nats-Msg-Id", "user's"),
+            ("nats-expected-stream", "user's too"),
+        ]);
         let (map, size) = encode(&m).unwrap();
         assert!(size > 0);
         assert!(

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use futures_util::{FutureExt, StreamExt};
 use switchyard_core::{
     Error, Result, SubscribeOptions,
-    driver::{Acker, Outstanding, RawDelivery, Receiver, SlowStart},
+    driver::{Acker, Outstanding, RawDelivery, Receiver, ReceiverCore, SlowStart},
 };
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
@@ -87,7 +87,8 @@ impl PullState {
 }
 
 pub(crate) struct ReceiverShared {
-    pub(crate) cancel: CancellationToken,
+    /// The closing token and the pulling state.
+    pub(crate) core: ReceiverCore<PullState>,
     /// One permit per delivery this consumer may hold (its prefetch).
     pub(crate) permits: Arc<Semaphore>,
     pub(crate) prefetch: usize,
@@ -101,7 +102,6 @@ pub(crate) struct ReceiverShared {
     /// `$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`.
     pub(crate) next_subject: String,
     pub(crate) inbox_subject: String,
-    pub(crate) state: tokio::sync::Mutex<PullState>,
     pub(crate) js: jetstream::Context,
     pub(crate) client: async_nats::Client,
     /// Bound on sends to the connection and on flushing.
@@ -142,18 +142,21 @@ const KEEP_TICK: Duration = Duration::from_millis(250);
 /// them out. Ends with the receiver.
 pub(crate) async fn keep_leases(shared: std::sync::Weak<ReceiverShared>) {
     let (tick, cancel) = match shared.upgrade() {
-        Some(s) => ((s.ack_wait / 4).max(KEEP_TICK), s.cancel.clone()),
+        Some(s) => ((s.ack_wait / 4).max(KEEP_TICK), s.core.token().clone()),
         None => return,
     };
     let mut last = Instant::now();
     loop {
-        tokio::select! {
-            () = tokio::time::sleep(tick) => {}
-            () = cancel.cancelled() => return,
+        if cancel
+            .run_until_cancelled(tokio::time::sleep(tick))
+            .await
+            .is_none()
+        {
+            return;
         }
         let Some(s) = shared.upgrade() else { return };
         // A receive holding the state reads the inbox itself.
-        let Ok(mut state) = s.state.try_lock() else {
+        let Some(mut state) = s.core.try_state() else {
             last = Instant::now();
             continue;
         };
@@ -203,13 +206,13 @@ impl ReceiverShared {
     /// (then the inbox stays subscribed, and the NAKs wait until any request
     /// it may have open expired).
     pub(crate) async fn shutdown(&self) {
-        self.cancel.cancel();
+        self.core.close();
         let mut unseen = Vec::new();
         // Without the state (held by a receive parked and never polled
         // again), the open requests are unknown: assume one was just sent.
         let mut open_until = Some(Instant::now() + self.pull_expiry + EXPIRY_MARGIN);
         let mut unsubscribed = false;
-        if let Ok(mut state) = tokio::time::timeout(STATE_WAIT, self.state.lock()).await {
+        if let Some(mut state) = self.core.enter_to_close(STATE_WAIT).await {
             state.reserved.clear();
             unseen.extend(
                 state
@@ -332,10 +335,11 @@ impl ReceiverShared {
         let asked = self
             .js
             .get_consumer_from_stream::<pull::Config, _, _>(&self.consumer_name, &self.stream_name);
-        let answer = tokio::select! {
-            a = tokio::time::timeout(self.request_timeout, asked) => a.ok()?,
-            () = self.cancel.cancelled() => return None,
-        };
+        let answer = self
+            .core
+            .until_closed(tokio::time::timeout(self.request_timeout, asked))
+            .await?
+            .ok()?;
         let e = answer.err()?;
         let jetstream::stream::ConsumerErrorKind::JetStream(js) = e.kind() else {
             return None;
@@ -382,12 +386,19 @@ impl ReceiverShared {
             format!("{}.{request}", self.inbox_subject),
             body.into(),
         );
-        tokio::select! {
-            r = tokio::time::timeout(self.request_timeout, send) => match r {
-                Ok(r) => r.map_err(|e| js_error("sending pull request", e, true))?,
-                Err(_) => return Err(Error::Timeout { operation: "sending a pull request", after: self.request_timeout }),
-            },
-            () = self.cancel.cancelled() => return Err(Error::Closed),
+        match self
+            .core
+            .until_closed(tokio::time::timeout(self.request_timeout, send))
+            .await
+        {
+            Some(Ok(sent)) => sent.map_err(|e| js_error("sending pull request", e, true))?,
+            Some(Err(_)) => {
+                return Err(Error::Timeout {
+                    operation: "sending a pull request",
+                    after: self.request_timeout,
+                });
+            }
+            None => return Err(Error::Closed),
         }
         state.next_request += 1;
         let now = Instant::now();
@@ -518,7 +529,7 @@ impl ReceiverShared {
             attempt,
             acker: Box::new(NatsAcker {
                 acker,
-                cancel: self.cancel.clone(),
+                cancel: self.core.token().clone(),
                 timeout: self.request_timeout,
                 outstanding: Arc::clone(&self.outstanding),
                 ticket,
@@ -533,7 +544,7 @@ impl fmt::Debug for ReceiverShared {
         f.debug_struct("ReceiverShared")
             .field("stream", &self.stream_name)
             .field("prefetch", &self.prefetch)
-            .field("closed", &self.cancel.is_cancelled())
+            .field("core", &self.core)
             .field("free_permits", &self.permits.available_permits())
             .finish_non_exhaustive()
     }
@@ -556,15 +567,9 @@ impl Receiver for NatsReceiver {
     /// request is sent, and the inbox is a channel.
     async fn recv(&self) -> Option<Result<RawDelivery>> {
         let s = &*self.shared;
-        let mut state = match s.state.try_lock() {
-            Ok(state) => state,
-            Err(_) => tokio::select! {
-                st = s.state.lock() => st,
-                () = s.cancel.cancelled() => return None,
-            },
-        };
+        let mut state = s.core.enter().await?;
         loop {
-            if s.cancel.is_cancelled() {
+            if s.core.is_closed() {
                 return None;
             }
             if let Some(gone) = &state.gone {
@@ -580,9 +585,8 @@ impl Receiver for NatsReceiver {
                 }
             }
             if let Err(e) = s.top_up(&mut state).await {
-                tokio::select! {
-                    () = tokio::time::sleep(PULL_RETRY) => {}
-                    () = s.cancel.cancelled() => return None,
+                if !s.core.pause(PULL_RETRY).await {
+                    return None;
                 }
                 return Some(Err(e));
             }
@@ -602,10 +606,12 @@ impl Receiver for NatsReceiver {
                 } else {
                     u32::try_from(s.prefetch).unwrap_or(u32::MAX)
                 };
-                tokio::select! {
-                    p = s.permits.acquire_many(want) => drop(p.ok()?),
-                    () = s.cancel.cancelled() => return None,
-                }
+                drop(
+                    s.core
+                        .until_closed(s.permits.acquire_many(want))
+                        .await?
+                        .ok()?,
+                );
                 continue;
             }
             // A pull request whose end the server never reported (lost in a
@@ -640,7 +646,7 @@ impl Receiver for NatsReceiver {
                     }
                     continue;
                 }
-                () = s.cancel.cancelled() => return None,
+                () = s.core.token().cancelled() => return None,
             };
             let Some(message) = message else {
                 // The inbox subscription ended (connection closed).
@@ -654,10 +660,7 @@ impl Receiver for NatsReceiver {
 
     fn try_recv(&self) -> Option<Result<RawDelivery>> {
         let s = &*self.shared;
-        if s.cancel.is_cancelled() {
-            return None;
-        }
-        let mut state = s.state.try_lock().ok()?;
+        let mut state = s.core.try_enter()?;
         // Only what already arrived. When a pull request is due, leave the
         // call to `recv`, which sends it (keeping requests overlapped).
         if s.pull_due(&state) {
@@ -682,8 +685,8 @@ impl Drop for NatsReceiver {
     fn drop(&mut self) {
         // A dropped consumer: stop pulling; what it held comes back after
         // the ack wait (`close` hands it back at once).
-        self.shared.cancel.cancel();
-        if let Ok(mut state) = self.shared.state.try_lock() {
+        self.shared.core.close();
+        if let Some(mut state) = self.shared.core.try_state() {
             state.reserved.clear();
             state.requests.clear();
         }

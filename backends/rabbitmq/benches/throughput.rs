@@ -330,22 +330,14 @@ async fn run(url: &str, n: usize, window: usize) {
 }
 
 fn main() {
-    let Ok(url) = std::env::var("SWITCHYARD_RABBITMQ_URL") else {
-        println!(
-            "SWITCHYARD_RABBITMQ_URL is not set: RabbitMQ benchmark skipped (scripts/brokers.sh start rabbitmq)"
-        );
-        return;
-    };
-    let n = env_usize("SY_BENCH_MESSAGES", 50_000);
-    let window = env_usize("SY_BENCH_WINDOW", 256);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        tokio::time::timeout(BOUND, run(&url, n, window))
-            .await
-            .expect("benchmark exceeded its time bound");
-    });
+    let hint = "scripts/brokers.sh start rabbitmq";
+    bench::main_with(
+        "SWITCHYARD_RABBITMQ_URL",
+        hint,
+        50_000,
+        BOUND,
+        |url, n| async move {
+            run(&url, n, env_usize("SY_BENCH_WINDOW", 256)).await;
+        },
+    );
 }

@@ -9,9 +9,15 @@
 //! a delivery nobody acked — a lost message — and the reject of a tag the
 //! broker no longer knows would close the channel.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
-use switchyard_core::Result;
+use switchyard_core::{
+    Result,
+    driver::{Coalescer, Gathered},
+};
 use tokio::time::Instant;
 
 /// A delivery's (channel generation, delivery tag).
@@ -34,8 +40,9 @@ pub(crate) enum Acked {
     /// Not in the book any more: its ack timeout expired and it was
     /// returned, or the receiver closed.
     Late,
-    /// Recorded; sent with the next ones (or at the flush deadline).
-    Deferred,
+    /// Recorded; sent with the next ones, or at the flush deadline — given
+    /// when this ack set it (the reaper must wake for it).
+    Deferred(Option<Instant>),
     /// Recorded and sent now, with the ones before it.
     Sent(Result<()>),
 }
@@ -49,20 +56,23 @@ pub(crate) struct Book<C> {
     deadlines: BTreeSet<(Instant, Key)>,
     /// Acked by the application, `basic.ack` not sent yet (coalesced).
     acked: BTreeSet<Key>,
-    /// When `acked` must be sent at the latest.
-    flush_at: Option<Instant>,
+    /// When `acked` is sent: `flush_every` of them, or a delay after the
+    /// first.
+    coalescer: Coalescer,
     /// The highest delivery handed out, and its channel: a `multiple` ack
     /// never reaches past it (deliveries not handed out yet are not acked).
     handed: Option<(Key, C)>,
 }
 
-impl<C> Default for Book<C> {
-    fn default() -> Self {
+impl<C> Book<C> {
+    /// An empty book whose acks are sent `flush_every` at a time, or
+    /// `flush_delay` after the first.
+    pub(crate) fn new(flush_every: usize, flush_delay: Duration) -> Self {
         Self {
             unsettled: BTreeMap::new(),
             deadlines: BTreeSet::new(),
             acked: BTreeSet::new(),
-            flush_at: None,
+            coalescer: Coalescer::new(flush_every, flush_delay),
             handed: None,
         }
     }
@@ -80,11 +90,6 @@ impl<C: Wire> Book<C> {
             handed => *handed = Some((key, channel.clone())),
         }
         was_empty
-    }
-
-    /// Whether deferred acks wait for their flush deadline.
-    pub(crate) fn has_flush_deadline(&self) -> bool {
-        self.flush_at.is_some()
     }
 
     /// How many deliveries are handed out and unsettled.
@@ -106,7 +111,7 @@ impl<C: Wire> Book<C> {
     /// coalesced acks' deadline.
     pub(crate) fn next_due(&self) -> Option<Instant> {
         let expiry = self.deadlines.first().map(|(d, _)| *d);
-        match (expiry, self.flush_at) {
+        match (expiry, self.coalescer.due()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -145,18 +150,17 @@ impl<C: Wire> Book<C> {
         Ok(true)
     }
 
-    /// Records an ack; sends the batch when `flush_every` acks are waiting.
-    /// Sets the flush deadline (`flush_at`) for the first deferred one.
-    pub(crate) fn ack(&mut self, key: Key, flush_every: usize, flush_at: Instant) -> Acked {
+    /// Records an ack at `now`; sends the batch when it is full.
+    pub(crate) fn ack(&mut self, key: Key, now: Instant) -> Acked {
         if self.remove(key).is_none() {
             return Acked::Late;
         }
         self.acked.insert(key);
-        if self.acked.len() >= flush_every {
-            return Acked::Sent(self.flush());
+        match self.coalescer.add(1, now) {
+            Gathered::Full => Acked::Sent(self.flush()),
+            Gathered::First(due) => Acked::Deferred(Some(due)),
+            Gathered::Joined => Acked::Deferred(None),
         }
-        self.flush_at.get_or_insert(flush_at);
-        Acked::Deferred
     }
 
     /// Sends everything acked on the current channel: one `multiple` ack
@@ -164,7 +168,7 @@ impl<C: Wire> Book<C> {
     /// above it (so a slow delivery never holds back the acks of later
     /// ones).
     pub(crate) fn flush(&mut self) -> Result<()> {
-        self.flush_at = None;
+        self.coalescer.take();
         let Some(((generation, handed_tag), channel)) = self.handed.clone() else {
             return Ok(());
         };
@@ -215,7 +219,7 @@ impl<C: Wire> Book<C> {
                 result = Err(e);
             }
         }
-        if self.flush_at.is_some_and(|at| at <= now) {
+        if self.coalescer.is_due(now) {
             result = result.and(self.flush());
         }
         result
@@ -301,14 +305,13 @@ mod tests {
     #[test]
     fn an_expired_delivery_is_never_covered_by_a_multiple_ack() {
         let wire = Model::default();
-        let mut book = Book::default();
         let t0 = Instant::now();
         let lease = Duration::from_secs(1);
+        let mut book = Book::new(100, lease);
         wire.deliver(&mut book, 3, t0 + lease);
         // 2 and 3 acked, deferred; their flush comes due with 1's expiry.
-        let flush_at = t0 + lease;
-        assert!(matches!(book.ack((1, 2), 100, flush_at), Acked::Deferred));
-        assert!(matches!(book.ack((1, 3), 100, flush_at), Acked::Deferred));
+        assert!(matches!(book.ack((1, 2), t0), Acked::Deferred(Some(due)) if due == t0 + lease));
+        assert!(matches!(book.ack((1, 3), t0), Acked::Deferred(None)));
         book.reap(t0 + lease).unwrap();
         let s = wire.0.lock().unwrap();
         assert!(
@@ -333,14 +336,14 @@ mod tests {
     #[test]
     fn a_rejected_delivery_is_never_covered_by_a_later_multiple_ack() {
         let wire = Model::default();
-        let mut book = Book::default();
+        let mut book = Book::new(3, Duration::from_secs(30));
         let t0 = Instant::now();
         wire.deliver(&mut book, 4, t0 + Duration::from_secs(30));
-        assert!(matches!(book.ack((1, 2), 100, t0), Acked::Deferred));
+        assert!(matches!(book.ack((1, 2), t0), Acked::Deferred(Some(_))));
         assert!(book.reject((1, 1)).unwrap());
         // The next acks reach the flush threshold: one batch for 2..=4.
-        assert!(matches!(book.ack((1, 3), 100, t0), Acked::Deferred));
-        assert!(matches!(book.ack((1, 4), 3, t0), Acked::Sent(Ok(()))));
+        assert!(matches!(book.ack((1, 3), t0), Acked::Deferred(None)));
+        assert!(matches!(book.ack((1, 4), t0), Acked::Sent(Ok(()))));
         let s = wire.0.lock().unwrap();
         assert!(
             s.unknown.is_empty(),
@@ -356,7 +359,7 @@ mod tests {
     #[test]
     fn an_extended_lease_moves_its_deadline_only() {
         let wire = Model::default();
-        let mut book = Book::default();
+        let mut book = Book::new(100, Duration::from_millis(5));
         let t0 = Instant::now();
         let lease = Duration::from_secs(1);
         wire.deliver(&mut book, 2, t0 + lease);

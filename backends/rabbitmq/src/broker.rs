@@ -20,10 +20,9 @@ use lapin::{
 };
 use switchyard_core::{
     Capabilities, Client, Error, KeyOrdering, Message, Result, SubscribeOptions,
-    driver::{Broker, Publisher, Receiver, ReceiverSet, SlowStart, Subscriber},
+    driver::{Broker, Lifecycle, Publisher, Receiver, ReceiverCore, SlowStart, Subscriber},
 };
 use tokio::{sync::Notify, time::Instant};
-use tokio_util::sync::CancellationToken;
 
 use crate::{
     RabbitConfig,
@@ -60,8 +59,7 @@ pub(crate) struct Inner {
     pub(crate) declared: Mutex<HashSet<String>>,
     /// Wait queues declared by this client, and when.
     pub(crate) wait_queues: Mutex<HashMap<String, Instant>>,
-    pub(crate) closed: CancellationToken,
-    pub(crate) receivers: ReceiverSet<ReceiverShared>,
+    pub(crate) life: Lifecycle<ReceiverShared>,
 }
 
 /// A connection to RabbitMQ implementing switchyard's backend traits.
@@ -80,7 +78,7 @@ impl fmt::Debug for RabbitBroker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RabbitBroker")
             .field("config", &self.inner.config)
-            .field("closed", &self.inner.closed.is_cancelled())
+            .field("life", &self.inner.life)
             .finish_non_exhaustive()
     }
 }
@@ -115,8 +113,7 @@ impl RabbitBroker {
                 publish_channel_init: tokio::sync::Mutex::new(()),
                 declared: Mutex::new(HashSet::new()),
                 wait_queues: Mutex::new(HashMap::new()),
-                closed: CancellationToken::new(),
-                receivers: ReceiverSet::new(),
+                life: Lifecycle::new(),
             }),
         };
         broker.connection().await?;
@@ -234,11 +231,7 @@ impl RabbitBroker {
     }
 
     fn check_open(&self) -> Result<()> {
-        if self.inner.closed.is_cancelled() {
-            Err(Error::Closed)
-        } else {
-            Ok(())
-        }
+        self.inner.life.check_open()
     }
 
     fn is_declared(&self, name: &str) -> bool {
@@ -687,7 +680,7 @@ impl Publisher for RabbitBroker {
     async fn close(&self) -> Result<()> {
         // Every accepted publish was confirmed before `publish` returned;
         // closing refuses new ones.
-        self.inner.closed.cancel();
+        self.inner.life.cancel();
         Ok(())
     }
 }
@@ -710,10 +703,11 @@ impl Subscriber for RabbitBroker {
         self.check_open()?;
         let queue = self.declare_subscription(topic, options.name()).await?;
         let inflight = Arc::new(Inflight {
-            book: Mutex::new(Book::default()),
-            flush_every: (options.prefetch() / 4).max(1),
+            // Acks go a quarter of the prefetch at a time, or a moment
+            // after the first.
+            book: Mutex::new(Book::new((options.prefetch() / 4).max(1), ACK_FLUSH_DELAY)),
             wake: Notify::new(),
-            cancel: self.inner.closed.child_token(),
+            cancel: self.inner.life.child_token(),
         });
         let shared = Arc::new(ReceiverShared {
             broker: self.clone(),
@@ -723,32 +717,34 @@ impl Subscriber for RabbitBroker {
             prefetch: u16::try_from(options.prefetch()).unwrap_or(u16::MAX),
             ack_timeout: options.ack_timeout(),
             generation: AtomicU64::new(0),
-            state: tokio::sync::Mutex::new(ConsumeState {
-                consumer: None,
-                channel: None,
-                get: None,
-                starting: None,
-                outside: None,
-                pause: REOPEN_PAUSE,
-                gone: None,
-            }),
+            core: ReceiverCore::new(
+                inflight.cancel.clone(),
+                ConsumeState {
+                    consumer: None,
+                    channel: None,
+                    get: None,
+                    starting: None,
+                    outside: None,
+                    pause: REOPEN_PAUSE,
+                    gone: None,
+                },
+            ),
             inflight: Arc::clone(&inflight),
             slow: SlowStart::new(),
         });
         // Open the consumer now, so errors surface here rather than on the
         // first receive.
         {
-            let mut state = shared.state.lock().await;
+            let mut state = shared.core.enter().await.ok_or(Error::Closed)?;
             shared.open(&mut state).await?;
         }
         tokio::spawn(reap(inflight));
-        self.inner.receivers.insert(&shared);
+        self.inner.life.adopt(&shared);
         Ok(Box::new(RabbitReceiver { shared }))
     }
 
     async fn close(&self) -> Result<()> {
-        self.inner.closed.cancel();
-        for r in self.inner.receivers.take_live() {
+        for r in self.inner.life.close() {
             r.shutdown().await;
         }
         let conn = self.inner.connection.lock().await.take();

@@ -23,7 +23,7 @@ use lapin::{
 };
 use switchyard_core::{
     Error, Result,
-    driver::{Acker, RawDelivery, Receiver, SlowStart},
+    driver::{Acker, RawDelivery, Receiver, ReceiverCore, SlowStart},
 };
 use tokio::{sync::Notify, time::Instant};
 use tokio_util::sync::CancellationToken;
@@ -40,7 +40,7 @@ use crate::{
 const SLOW_SETTLE_POLL: Duration = Duration::from_millis(5);
 
 /// How long an ack may wait to be coalesced with the next ones.
-const ACK_FLUSH_DELAY: Duration = Duration::from_millis(5);
+pub(crate) const ACK_FLUSH_DELAY: Duration = Duration::from_millis(5);
 
 impl Wire for Arc<Channel> {
     fn connected(&self) -> bool {
@@ -75,8 +75,6 @@ impl Wire for Arc<Channel> {
 /// book's lock (see [`book`](crate::book)).
 pub(crate) struct Inflight {
     pub(crate) book: Mutex<Book<Arc<Channel>>>,
-    /// Acks at or above this many are sent at once.
-    pub(crate) flush_every: usize,
     /// Wakes the reaper when its next deadline may have moved earlier.
     pub(crate) wake: Notify,
     pub(crate) cancel: CancellationToken,
@@ -108,15 +106,10 @@ impl Inflight {
     }
 
     fn ack(&self, key: Key) -> Acked {
-        let (acked, newly_due) = {
-            let mut book = self.book();
-            let had_deadline = book.has_flush_deadline();
-            let acked = book.ack(key, self.flush_every, Instant::now() + ACK_FLUSH_DELAY);
-            (acked, !had_deadline && book.has_flush_deadline())
-        };
+        let acked = self.book().ack(key, Instant::now());
         // Only the ack that sets the flush deadline wakes the reaper; the
         // ones coalesced with it add nothing to wait for.
-        if newly_due {
+        if matches!(acked, Acked::Deferred(Some(_))) {
             self.wake.notify_one();
         }
         acked
@@ -185,7 +178,8 @@ pub(crate) struct ReceiverShared {
     pub(crate) ack_timeout: Duration,
     /// Bumped each time the consumer is reopened on a new channel.
     pub(crate) generation: AtomicU64,
-    pub(crate) state: tokio::sync::Mutex<ConsumeState>,
+    /// The closing token (the reaper's too) and the consuming state.
+    pub(crate) core: ReceiverCore<ConsumeState>,
     pub(crate) inflight: Arc<Inflight>,
     /// One delivery at a time (`basic.get`, no consumer yet) until a first
     /// delivery or an empty queue shows that the head of the queue is not
@@ -198,16 +192,12 @@ impl fmt::Debug for ReceiverShared {
         f.debug_struct("ReceiverShared")
             .field("queue", &self.queue)
             .field("prefetch", &self.prefetch)
-            .field("closed", &self.inflight.cancel.is_cancelled())
+            .field("core", &self.core)
             .finish_non_exhaustive()
     }
 }
 
 impl ReceiverShared {
-    fn cancel(&self) -> &CancellationToken {
-        &self.inflight.cancel
-    }
-
     /// Opens a channel with `basic.qos` = prefetch and starts consuming.
     pub(crate) async fn open(&self, state: &mut ConsumeState) -> Result<()> {
         let broker = &self.broker;
@@ -302,9 +292,8 @@ impl ReceiverShared {
         let channel = state.channel.clone()?;
         while !self.inflight.is_settled() {
             self.inflight.flush();
-            tokio::select! {
-                () = tokio::time::sleep(SLOW_SETTLE_POLL) => {}
-                () = self.cancel().cancelled() => return None,
+            if !self.core.pause(SLOW_SETTLE_POLL).await {
+                return None;
             }
         }
         // In a task kept in the state, so a cancelled `recv` loses nothing:
@@ -321,10 +310,11 @@ impl ReceiverShared {
                 .await
             })
         });
-        let got = tokio::select! {
-            got = get => got.unwrap_or_else(|e| Err(Error::broker(format!("basic.get task: {e}"), true, None))),
-            () = self.cancel().cancelled() => return None,
-        };
+        let got = self
+            .core
+            .until_closed(get)
+            .await?
+            .unwrap_or_else(|e| Err(Error::broker(format!("basic.get task: {e}"), true, None)));
         state.get = None;
         match got {
             Ok(Some(message)) => {
@@ -398,7 +388,7 @@ impl ReceiverShared {
     /// delivery to the queue. Never waits for the state lock: a cancelled
     /// `recv` may hold it.
     pub(crate) async fn shutdown(&self) {
-        self.cancel().cancel();
+        self.core.close();
         // Acks recorded before the close go out before it.
         {
             let mut book = self.inflight.book();
@@ -406,9 +396,8 @@ impl ReceiverShared {
             book.clear();
         }
         let taken = self
-            .state
-            .try_lock()
-            .ok()
+            .core
+            .try_state()
             .map(|mut s| (s.consumer.take(), s.channel.take()));
         if let Some((consumer, Some(channel))) = taken {
             drop(consumer);
@@ -476,15 +465,9 @@ impl Receiver for RabbitReceiver {
     /// receiver's state.
     async fn recv(&self) -> Option<Result<RawDelivery>> {
         let s = &self.shared;
-        let mut state = match s.state.try_lock() {
-            Ok(state) => state,
-            Err(_) => tokio::select! {
-                st = s.state.lock() => st,
-                () = s.cancel().cancelled() => return None,
-            },
-        };
+        let mut state = s.core.enter().await?;
         loop {
-            if s.cancel().is_cancelled() {
+            if s.core.is_closed() {
                 return None;
             }
             if let Some(gone) = &state.gone {
@@ -512,9 +495,8 @@ impl Receiver for RabbitReceiver {
                 } else if s.inflight.unsettled() >= usize::from(s.prefetch) {
                     // Full: wait for a settlement before taking the next.
                     s.inflight.flush();
-                    tokio::select! {
-                        () = tokio::time::sleep(SLOW_SETTLE_POLL) => {}
-                        () = s.cancel().cancelled() => return None,
+                    if !s.core.pause(SLOW_SETTLE_POLL).await {
+                        return None;
                     }
                     continue;
                 }
@@ -523,9 +505,8 @@ impl Receiver for RabbitReceiver {
                 let pause = state.pause;
                 if let Err(e) = s.open(&mut state).await {
                     state.pause = (pause * 2).min(MAX_REOPEN_PAUSE);
-                    tokio::select! {
-                        () = tokio::time::sleep(pause) => {}
-                        () = s.cancel().cancelled() => return None,
+                    if !s.core.pause(pause).await {
+                        return None;
                     }
                     return Some(Err(e));
                 }
@@ -537,10 +518,7 @@ impl Receiver for RabbitReceiver {
                     // About to wait for the broker: send the acks it may be
                     // waiting for first.
                     s.inflight.flush();
-                    tokio::select! {
-                        next = consumer.next() => next,
-                        () = s.cancel().cancelled() => return None,
-                    }
+                    s.core.until_closed(consumer.next()).await?
                 }
             };
             match next {
@@ -565,10 +543,7 @@ impl Receiver for RabbitReceiver {
 
     fn try_recv(&self) -> Option<Result<RawDelivery>> {
         let s = &self.shared;
-        if s.cancel().is_cancelled() {
-            return None;
-        }
-        let mut state = s.state.try_lock().ok()?;
+        let mut state = s.core.try_enter()?;
         // Counting against the prefetch itself: `recv`'s work.
         if state.outside.is_some() {
             return None;
@@ -594,9 +569,9 @@ impl Drop for RabbitReceiver {
     fn drop(&mut self) {
         // A dropped consumer: stop the reaper; dropping the channel closes
         // it, which returns its unsettled deliveries to the queue.
-        self.shared.cancel().cancel();
+        self.shared.core.close();
         self.shared.inflight.flush();
-        if let Ok(mut state) = self.shared.state.try_lock() {
+        if let Some(mut state) = self.shared.core.try_state() {
             state.consumer = None;
             state.channel = None;
         }
@@ -624,11 +599,7 @@ impl fmt::Debug for RabbitAcker {
 
 impl RabbitAcker {
     fn check_open(&self) -> Result<()> {
-        if self.shared.cancel().is_cancelled() {
-            Err(Error::Closed)
-        } else {
-            Ok(())
-        }
+        self.shared.core.check_open()
     }
 
     fn lost(&self, what: &str) -> Error {
@@ -658,8 +629,8 @@ impl RabbitAcker {
     fn ack_once(&self, what: &str) -> Result<()> {
         match self.shared.inflight.ack(self.key) {
             Acked::Late => Ok(()),
-            Acked::Deferred if !self.channel.status().connected() => Err(self.lost(what)),
-            Acked::Deferred => Ok(()),
+            Acked::Deferred(_) if !self.channel.status().connected() => Err(self.lost(what)),
+            Acked::Deferred(_) => Ok(()),
             Acked::Sent(result) => result,
         }
     }

@@ -27,7 +27,7 @@ use std::{
 
 use futures_util::{StreamExt, stream::FuturesUnordered};
 use omniqueue::{QueueProducer as _, backends::sqs as omni};
-use switchyard_bench::{self as bench, Others, Rounds, SIZE, env_usize, rate};
+use switchyard_bench::{self as bench, Others, Rounds, SIZE, rate};
 use switchyard_core::{Client, SubscribeOptions, driver::support::ID_HEADER};
 use switchyard_sqs::{
     SqsBroker, SqsConfig,
@@ -335,21 +335,14 @@ async fn run(url: &str, n: usize) {
 }
 
 fn main() {
-    let Ok(url) = std::env::var("SWITCHYARD_SQS_URL") else {
-        println!(
-            "SWITCHYARD_SQS_URL is not set: SQS benchmark skipped (scripts/brokers.sh start sqs)"
-        );
-        return;
-    };
-    let n = env_usize("SY_BENCH_MESSAGES", 500);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        tokio::time::timeout(BOUND, run(&url, n))
-            .await
-            .expect("benchmark exceeded its time bound");
-    });
+    let hint = "scripts/brokers.sh start sqs";
+    bench::main_with(
+        "SWITCHYARD_SQS_URL",
+        hint,
+        500,
+        BOUND,
+        |url, n| async move {
+            run(&url, n).await;
+        },
+    );
 }

@@ -13,10 +13,11 @@ use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName, SendMessageB
 use futures_util::{StreamExt, stream::FuturesOrdered};
 use switchyard_core::{
     Capabilities, Client, Error, KeyOrdering, Message, Result, SubscribeOptions,
-    driver::{Broker, Outstanding, Publisher, Receiver, ReceiverSet, SlowStart, Subscriber},
+    driver::{
+        Broker, Lifecycle, Outstanding, Publisher, Receiver, ReceiverCore, SlowStart, Subscriber,
+    },
 };
 use tokio::sync::{Semaphore, mpsc};
-use tokio_util::sync::CancellationToken;
 
 use crate::{
     Mode, SqsConfig,
@@ -83,8 +84,7 @@ struct Inner {
     queues: Mutex<HashMap<String, String>>,
     /// Topic → SNS topic ARN (fan-out mode).
     topics: Mutex<HashMap<String, String>>,
-    closed: CancellationToken,
-    receivers: ReceiverSet<ReceiverShared>,
+    life: Lifecycle<ReceiverShared>,
 }
 
 /// A connection to SQS (and SNS in fan-out mode) implementing switchyard's
@@ -98,7 +98,7 @@ impl fmt::Debug for SqsBroker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SqsBroker")
             .field("config", &self.inner.config)
-            .field("closed", &self.inner.closed.is_cancelled())
+            .field("life", &self.inner.life)
             .finish_non_exhaustive()
     }
 }
@@ -184,8 +184,7 @@ impl SqsBroker {
                 config,
                 queues: Mutex::new(HashMap::new()),
                 topics: Mutex::new(HashMap::new()),
-                closed: CancellationToken::new(),
-                receivers: ReceiverSet::new(),
+                life: Lifecycle::new(),
             }),
         })
     }
@@ -246,11 +245,7 @@ impl SqsBroker {
     }
 
     fn check_open(&self) -> Result<()> {
-        if self.inner.closed.is_cancelled() {
-            Err(Error::Closed)
-        } else {
-            Ok(())
-        }
+        self.inner.life.check_open()
     }
 
     /// The URL of queue `name`, created when missing (cached).
@@ -604,7 +599,7 @@ impl Publisher for SqsBroker {
 
     async fn close(&self) -> Result<()> {
         // Every publish was confirmed by the service before it returned.
-        self.inner.closed.cancel();
+        self.inner.life.cancel();
         Ok(())
     }
 }
@@ -645,13 +640,12 @@ impl Subscriber for SqsBroker {
             sqs: self.inner.sqs.clone(),
             url,
             deletes,
-            cancel: self.inner.closed.child_token(),
             permits: Arc::new(Semaphore::new(prefetch)),
             prefetch,
             visibility,
             wait: wait_for(self.inner.config.wait, visibility),
             request_timeout: self.inner.config.request_timeout,
-            rx: tokio::sync::Mutex::new(rx),
+            core: ReceiverCore::new(self.inner.life.child_token(), rx),
             receiving: AtomicUsize::new(0),
             receive_started: std::sync::Mutex::new(None),
             outstanding: Outstanding::new(),
@@ -663,14 +657,13 @@ impl Subscriber for SqsBroker {
             tokio::spawn(poll(Arc::clone(&shared), tx.clone()));
         }
         tokio::spawn(keep_leases(Arc::clone(&shared)));
-        self.inner.receivers.insert(&shared);
+        self.inner.life.adopt(&shared);
         Ok(Box::new(SqsReceiver { shared }))
     }
 
     async fn close(&self) -> Result<()> {
-        self.inner.closed.cancel();
         // At once, so closing takes one receiver's bound, not their sum.
-        let live = self.inner.receivers.take_live();
+        let live = self.inner.life.close();
         futures_util::future::join_all(live.iter().map(|r| r.shutdown())).await;
         Ok(())
     }

@@ -22,10 +22,9 @@ use aws_sdk_sqs::{
 use futures_util::StreamExt;
 use switchyard_core::{
     Error, Result,
-    driver::{Acker, FailureStreak, Outstanding, RawDelivery, Receiver, SlowStart},
+    driver::{Acker, FailureStreak, Outstanding, RawDelivery, Receiver, ReceiverCore, SlowStart},
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 
 use crate::{
     broker::*,
@@ -62,7 +61,6 @@ pub(crate) struct Lease {
 pub(crate) struct ReceiverShared {
     pub(crate) sqs: aws_sdk_sqs::Client,
     pub(crate) url: String,
-    pub(crate) cancel: CancellationToken,
     /// One permit per message this consumer may hold (its prefetch).
     pub(crate) permits: Arc<Semaphore>,
     pub(crate) prefetch: usize,
@@ -72,7 +70,8 @@ pub(crate) struct ReceiverShared {
     pub(crate) wait: i32,
     /// Bound on one SQS call.
     pub(crate) request_timeout: Duration,
-    pub(crate) rx: tokio::sync::Mutex<mpsc::Receiver<Received>>,
+    /// The closing token and what the pollers received.
+    pub(crate) core: ReceiverCore<mpsc::Receiver<Received>>,
     /// Acks, to the receiver's deleter (see [`deleter`]).
     pub(crate) deletes: mpsc::UnboundedSender<Delete>,
     /// Receive calls in flight, over all of the receiver's pollers.
@@ -103,7 +102,7 @@ impl fmt::Debug for ReceiverShared {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ReceiverShared")
             .field("url", &self.url)
-            .field("closed", &self.cancel.is_cancelled())
+            .field("core", &self.core)
             .finish_non_exhaustive()
     }
 }
@@ -125,14 +124,14 @@ impl ReceiverShared {
     /// batches at once), and what it could not hand back comes back after
     /// the visibility timeout.
     pub(crate) async fn shutdown(&self) {
-        self.cancel.cancel();
+        self.core.close();
         let wait = Duration::from_secs(u64::try_from(self.wait).unwrap_or(0));
         let until = tokio::time::Instant::now() + wait + self.request_timeout;
         while self.receiving.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let mut held = self.outstanding.take_all();
-        if let Ok(mut rx) = self.rx.try_lock() {
+        if let Some(mut rx) = self.core.try_state() {
             rx.close();
             while let Ok((m, _permit, ticket)) = rx.try_recv() {
                 self.prefetched.settle(ticket);
@@ -332,7 +331,7 @@ async fn gather(
             Ok(p) => p,
             Err(_) => return None,
         },
-        () = shared.cancel.cancelled() => return None,
+        () = shared.core.token().cancelled() => return None,
     };
     let mut permits = vec![first];
     let target = BATCH.min(shared.prefetch);
@@ -351,7 +350,7 @@ async fn gather(
                 Err(_) => return None,
             },
             () = tokio::time::sleep_until(gather_until) => break,
-            () = shared.cancel.cancelled() => return None,
+            () = shared.core.token().cancelled() => return None,
         }
     }
     Some(permits)
@@ -386,7 +385,7 @@ pub(crate) async fn poll(shared: Arc<ReceiverShared>, tx: mpsc::Sender<Received>
                     Err(_) => return,
                 },
                 () = shared.slow.opened() => None,
-                () = shared.cancel.cancelled() => return,
+                () = shared.core.token().cancelled() => return,
             };
             let Some(mut room) = room else { continue };
             room.split(1).into_iter().collect()
@@ -426,7 +425,7 @@ pub(crate) async fn poll(shared: Arc<ReceiverShared>, tx: mpsc::Sender<Received>
                         format!("the subscription's queue was deleted: {e}"),
                         Some(Box::new(e)),
                     ));
-                    shared.cancel.cancel();
+                    shared.core.close();
                     return;
                 }
                 // Transient (the endpoint unreachable, throttling): retry,
@@ -434,14 +433,13 @@ pub(crate) async fn poll(shared: Arc<ReceiverShared>, tx: mpsc::Sender<Received>
                 if failing.failed() {
                     tracing::warn!(queue = %shared.url, error = %e, "receiving failed; retrying");
                 }
-                tokio::select! {
-                    () = tokio::time::sleep(POLL_RETRY) => {}
-                    () = shared.cancel.cancelled() => return,
+                if !shared.core.pause(POLL_RETRY).await {
+                    return;
                 }
                 continue;
             }
         };
-        if shared.cancel.is_cancelled() {
+        if shared.core.is_closed() {
             shared.release(receipts(messages)).await;
             return;
         }
@@ -471,9 +469,8 @@ pub(crate) async fn poll(shared: Arc<ReceiverShared>, tx: mpsc::Sender<Received>
         }
         if empty && shared.wait == 0 {
             // Short polling (see `wait_for`): do not spin on an empty queue.
-            tokio::select! {
-                () = tokio::time::sleep(SHORT_POLL_PAUSE) => {}
-                () = shared.cancel.cancelled() => return,
+            if !shared.core.pause(SHORT_POLL_PAUSE).await {
+                return;
             }
         }
     }
@@ -490,9 +487,8 @@ pub(crate) async fn keep_leases(shared: Arc<ReceiverShared>) {
     let tick = (visibility / 4).max(KEEP_TICK);
     let mut failing = FailureStreak::default();
     loop {
-        tokio::select! {
-            () = tokio::time::sleep(tick) => {}
-            () = shared.cancel.cancelled() => return,
+        if !shared.core.pause(tick).await {
+            return;
         }
         let by = tokio::time::Instant::now() + visibility / 2;
         let due = shared
@@ -612,17 +608,12 @@ impl Receiver for SqsReceiver {
         if s.gone.get().is_some() {
             return ended();
         }
-        let mut rx = tokio::select! {
-            rx = s.rx.lock() => rx,
-            () = s.cancel.cancelled() => return ended(),
+        let Some(mut rx) = s.core.enter().await else {
+            return ended();
         };
         loop {
-            let received = tokio::select! {
-                r = rx.recv() => match r {
-                    Some(r) => r,
-                    None => return ended(),
-                },
-                () = s.cancel.cancelled() => return ended(),
+            let Some(Some(received)) = s.core.until_closed(rx.recv()).await else {
+                return ended();
             };
             if let Some(d) = s.deliver(received) {
                 return Some(Ok(d));
@@ -632,10 +623,7 @@ impl Receiver for SqsReceiver {
 
     fn try_recv(&self) -> Option<Result<RawDelivery>> {
         let s = &self.shared;
-        if s.cancel.is_cancelled() {
-            return None;
-        }
-        let mut rx = s.rx.try_lock().ok()?;
+        let mut rx = s.core.try_enter()?;
         loop {
             if let Some(d) = s.deliver(rx.try_recv().ok()?) {
                 return Some(Ok(d));
@@ -653,7 +641,7 @@ impl Drop for SqsReceiver {
     fn drop(&mut self) {
         // What it held comes back after the visibility timeout (`close`
         // hands it back at once).
-        self.shared.cancel.cancel();
+        self.shared.core.close();
     }
 }
 
@@ -676,9 +664,7 @@ impl Acker for SqsAcker {
     /// Deleted through the receiver's batched deletes (`DeleteMessageBatch`,
     /// up to 10 per call); `Ok` once SQS confirmed this message's entry.
     async fn ack(&self) -> Result<()> {
-        if self.shared.cancel.is_cancelled() {
-            return Err(Error::Closed);
-        }
+        self.shared.core.check_open()?;
         let (done, result) = oneshot::channel();
         self.shared
             .deletes
@@ -703,9 +689,7 @@ impl Acker for SqsAcker {
     /// `ChangeMessageVisibility` to the delay (whole seconds, rounded up;
     /// 0 without one): SQS holds the message and counts the next receive.
     async fn nack(&self, delay: Option<Duration>) -> Result<()> {
-        if self.shared.cancel.is_cancelled() {
-            return Err(Error::Closed);
-        }
+        self.shared.core.check_open()?;
         let secs = delay.map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0));
         let secs = i32::try_from(secs.min(43_200)).unwrap_or(43_200);
         self.shared
@@ -725,9 +709,7 @@ impl Acker for SqsAcker {
     /// SQS hides the message for that long from now. (It does not count a
     /// receive.)
     async fn extend(&self) -> Result<()> {
-        if self.shared.cancel.is_cancelled() {
-            return Err(Error::Closed);
-        }
+        self.shared.core.check_open()?;
         self.shared
             .sqs
             .change_message_visibility()

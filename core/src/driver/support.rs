@@ -129,6 +129,38 @@ pub fn positive_param(key: &str, value: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("{key} must be a positive integer, got {value:?}"))
 }
 
+/// A message with every part a codec finds awkward, for backend authors'
+/// round-trip tests: a binary payload, an id with a space and non-ASCII, a
+/// key with padding, headers that are empty, padded, multi-line, non-ASCII
+/// and differ only by case — plus `lookalikes`, headers named like the
+/// broker's own (which a codec must carry as the user's, not obey).
+///
+/// ```
+/// use switchyard_core::driver::support::awkward_message;
+///
+/// let m = awkward_message(&[("x-death", "user's")]);
+/// assert_eq!(m.headers().get("x-death"), Some("user's"));
+/// assert_eq!(m.headers().get("Case"), Some("A"));
+/// assert_eq!(m.headers().get("case"), Some("a"));
+/// ```
+#[must_use]
+pub fn awkward_message(lookalikes: &[(&str, &str)]) -> crate::Message {
+    let mut m = crate::Message::new(vec![0u8, 255])
+        .with_id("id with space/ü")
+        .with_key(" padded ")
+        .with_header("plain", "value")
+        .with_header("empty", "")
+        .with_header("spaces", "  x  ")
+        .with_header("newline", "a\nb\r\nc")
+        .with_header("uni", "ünï ✓")
+        .with_header("Case", "A")
+        .with_header("case", "a");
+    for (name, value) in lookalikes {
+        m = m.with_header(*name, *value);
+    }
+    m
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use switchyard_conformance::{
-    Harness,
+    Harness, Timing,
     containers::{Connect, Contained, Kind},
-    fault::{BrokerProcess, Link, Linked, PrivateBroker, Via, free_port},
+    fault::{BrokerProcess, Link, Linked, PrivateBroker, ProcessBroker, Via, free_port},
 };
 use switchyard_core::{Client, Result};
 
@@ -23,22 +23,21 @@ impl Harness for KafkaHarness {
         switchyard_kafka::connect(&self.url).await
     }
 
-    async fn connect_to(
-        &self,
-        addr: std::net::SocketAddr,
-        connect_timeout: Duration,
-    ) -> Option<Result<Client>> {
+    async fn connect(&self, url: &str) -> Result<Client> {
+        switchyard_kafka::connect(url).await
+    }
+
+    fn url_at(&self, addr: std::net::SocketAddr, connect_timeout: Duration) -> Option<String> {
         let ms = connect_timeout.as_millis();
-        Some(switchyard_kafka::connect(&format!("kafka://{addr}?connect_timeout={ms}ms")).await)
+        Some(format!("kafka://{addr}?connect_timeout={ms}ms"))
     }
 
-    fn ack_timeout(&self) -> Duration {
-        Duration::from_secs(2)
-    }
-
-    fn receive_timeout(&self) -> Duration {
-        // A new consumer first joins its group.
-        Duration::from_secs(20)
+    /// A new consumer first joins its group: 20 s to receive.
+    fn timing(&self) -> Timing {
+        Timing {
+            receive_timeout: Duration::from_secs(20),
+            ..Timing::default()
+        }
     }
 
     /// Deletes the subscription's topic (a subscription is a consumer group
@@ -81,18 +80,24 @@ impl Harness for KafkaHarness {
     /// A container of its own with `SWITCHYARD_CONTAINERS=1`, else a
     /// tansu process.
     async fn private_broker(&self) -> Option<Box<dyn PrivateBroker>> {
-        let connect: Connect = Box::new(|url| {
-            Box::pin(async move {
-                switchyard_kafka::connect(&format!(
-                    "{url}?session.timeout.ms=6000&heartbeat.interval.ms=1000"
-                ))
-                .await
+        let connect = || -> Connect {
+            Box::new(|url| {
+                Box::pin(async move {
+                    switchyard_kafka::connect(&format!(
+                        "{url}?session.timeout.ms=6000&heartbeat.interval.ms=1000"
+                    ))
+                    .await
+                })
             })
-        });
-        if let Some(contained) = Contained::start_if_enabled(Kind::Kafka, connect).await {
+        };
+        if let Some(contained) = Contained::start_if_enabled(Kind::Kafka, connect()).await {
             return Some(Box::new(contained));
         }
-        Some(Box::new(OwnTansu::start().await))
+        let process = own_tansu(None);
+        let url = Kind::Kafka.url(process.port());
+        Some(Box::new(
+            ProcessBroker::start(process, TANSU_BOOT, url, connect()).await,
+        ))
     }
 
     /// A private tansu behind a link: it advertises the link's address (a
@@ -109,8 +114,9 @@ impl Harness for KafkaHarness {
     /// restarted — 3 of 3 runs on 2026-12-03. Apache Kafka takes the bump.
     async fn linked(&self) -> Option<Box<dyn Linked>> {
         let port = free_port().expect("a spare port");
-        let tansu = OwnTansu::start_advertising(port).await;
-        let target = ([127, 0, 0, 1], tansu.process.port()).into();
+        let mut tansu = own_tansu(Some(port));
+        tansu.boot(TANSU_BOOT).await;
+        let target = ([127, 0, 0, 1], tansu.port()).into();
         let link = Link::start(port, target).await.expect("a link");
         Some(Box::new(
             Via::new(link, Duration::from_secs(8), |addr| async move {
@@ -126,87 +132,32 @@ impl Harness for KafkaHarness {
     }
 }
 
-/// A tansu of the test's own (sqlite storage in its own directory), for the
-/// fault cases: the Kafka-compatible broker `scripts/brokers.sh` installs.
-struct OwnTansu {
-    process: BrokerProcess,
-}
+/// How long a private tansu may take to start.
+const TANSU_BOOT: Duration = Duration::from_secs(30);
 
-impl OwnTansu {
-    async fn start() -> Self {
-        Self::on(None).await
-    }
-
-    /// One whose clients are told to connect to `127.0.0.1:advertised`.
-    async fn start_advertising(advertised: u16) -> Self {
-        Self::on(Some(advertised)).await
-    }
-
-    async fn on(advertised: Option<u16>) -> Self {
-        let bin = std::env::var_os("SWITCHYARD_TANSU").unwrap_or_else(|| "tansu".into());
-        let port = free_port().expect("a spare port");
-        let dir = std::env::temp_dir().join(format!("switchyard-tansu-{port}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        let url = format!("tcp://127.0.0.1:{port}");
-        let advertised = format!("tcp://127.0.0.1:{}", advertised.unwrap_or(port));
-        let mut process = BrokerProcess::new(bin, port, &dir);
-        process
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &advertised,
-            ])
-            .args(["--storage-engine", "sqlite://tansu.db"]);
-        let mut own = Self { process };
-        own.boot().await;
-        own
-    }
-
-    async fn boot(&mut self) {
-        self.process
-            .start(Duration::from_secs(30))
-            .await
-            .unwrap_or_else(|e| panic!("a private tansu: {e}"));
-    }
-}
-
-#[async_trait::async_trait]
-impl PrivateBroker for OwnTansu {
-    async fn client(&self) -> Result<Client> {
-        switchyard_kafka::connect(&format!(
-            "kafka://127.0.0.1:{}?session.timeout.ms=6000&heartbeat.interval.ms=1000",
-            self.process.port()
-        ))
-        .await
-    }
-
-    fn kill(&mut self) {
-        self.process.kill();
-    }
-
-    async fn restart(&mut self) {
-        self.boot().await;
-    }
-
-    async fn freeze(&mut self) -> bool {
-        self.process.signal_stop(true);
-        true
-    }
-
-    async fn thaw(&mut self) {
-        self.process.signal_stop(false);
-    }
-}
-
-impl Drop for OwnTansu {
-    fn drop(&mut self) {
-        self.process.kill();
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(self.process.dir());
-        }
-    }
+/// A tansu of the test's own (sqlite storage in its own directory, removed
+/// when it is dropped), for the fault cases: the Kafka-compatible broker
+/// `scripts/brokers.sh` installs. Its clients are told to connect to
+/// `127.0.0.1:advertised` (its own port by default). Not started.
+fn own_tansu(advertised: Option<u16>) -> BrokerProcess {
+    let bin = std::env::var_os("SWITCHYARD_TANSU").unwrap_or_else(|| "tansu".into());
+    let port = free_port().expect("a spare port");
+    let dir = std::env::temp_dir().join(format!("switchyard-tansu-{port}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let url = format!("tcp://127.0.0.1:{port}");
+    let advertised = format!("tcp://127.0.0.1:{}", advertised.unwrap_or(port));
+    let mut process = BrokerProcess::new(bin, port, &dir);
+    process
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &advertised,
+        ])
+        .args(["--storage-engine", "sqlite://tansu.db"])
+        .scratch(true);
+    process
 }
 
 async fn harness() -> Option<KafkaHarness> {

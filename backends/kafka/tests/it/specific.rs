@@ -253,11 +253,9 @@ async fn subscribed_to_three(
 async fn a_deleted_topic_ends_recv_with_not_found() {
     let Some(url) = url() else { return };
     let (url, _own) = if on_tansu() {
-        let own = crate::OwnTansu::start().await;
-        (
-            format!("kafka://127.0.0.1:{}", own.process.port()),
-            Some(own),
-        )
+        let mut own = crate::own_tansu(None);
+        own.boot(crate::TANSU_BOOT).await;
+        (format!("kafka://127.0.0.1:{}", own.port()), Some(own))
     } else {
         (url, None)
     };

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use switchyard_conformance::Harness;
+use switchyard_conformance::{Harness, Timing};
 use switchyard_core::{Client, Result};
 use switchyard_memory::MemoryBroker;
 
@@ -26,16 +26,12 @@ impl Harness for MemoryHarness {
         switchyard_memory::connect(&format!("memory://{}", self.name))
     }
 
-    fn ack_timeout(&self) -> Duration {
-        Duration::from_millis(300)
-    }
-
-    fn receive_timeout(&self) -> Duration {
-        Duration::from_secs(5)
-    }
-
-    fn slack(&self) -> Duration {
-        Duration::from_millis(500)
+    fn timing(&self) -> Timing {
+        Timing {
+            ack_timeout: Duration::from_millis(300),
+            receive_timeout: Duration::from_secs(5),
+            slack: Duration::from_millis(500),
+        }
     }
 
     /// The broker's own [`MemoryBroker::delete_subscription`].

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use switchyard_conformance::{
-    Harness,
+    Harness, Timing,
     containers::{Connect, Contained, Kind},
-    fault::{BrokerProcess, Linked, PrivateBroker, Revocable, Via, free_port},
+    fault::{BrokerProcess, Linked, PrivateBroker, ProcessBroker, Revocable, Via, free_port},
 };
 use switchyard_core::{Client, Result};
 
@@ -24,36 +24,33 @@ impl Harness for NatsHarness {
         switchyard_nats::connect(&self.url).await
     }
 
-    async fn connect_to(
-        &self,
-        addr: std::net::SocketAddr,
-        connect_timeout: Duration,
-    ) -> Option<Result<Client>> {
+    async fn connect(&self, url: &str) -> Result<Client> {
+        switchyard_nats::connect(url).await
+    }
+
+    fn url_at(&self, addr: std::net::SocketAddr, connect_timeout: Duration) -> Option<String> {
         let ms = connect_timeout.as_millis();
-        Some(switchyard_nats::connect(&format!("nats://{addr}?connect_timeout={ms}ms")).await)
+        Some(format!("nats://{addr}?connect_timeout={ms}ms"))
     }
 
-    fn ack_timeout(&self) -> Duration {
-        Duration::from_secs(1)
-    }
-
-    fn receive_timeout(&self) -> Duration {
-        Duration::from_secs(10)
-    }
-
-    fn slack(&self) -> Duration {
-        Duration::from_millis(1500)
+    fn timing(&self) -> Timing {
+        Timing::LOOPBACK
     }
 
     /// A container of its own with `SWITCHYARD_CONTAINERS=1`, else a
     /// process.
     async fn private_broker(&self) -> Option<Box<dyn PrivateBroker>> {
-        let connect: Connect =
-            Box::new(|url| Box::pin(async move { switchyard_nats::connect(&url).await }));
-        if let Some(contained) = Contained::start_if_enabled(Kind::Nats, connect).await {
+        let connect = || -> Connect {
+            Box::new(|url| Box::pin(async move { switchyard_nats::connect(&url).await }))
+        };
+        if let Some(contained) = Contained::start_if_enabled(Kind::Nats, connect()).await {
             return Some(Box::new(contained));
         }
-        Some(Box::new(OwnNats::start().await))
+        let process = OwnNats::fresh(&[]);
+        let url = Kind::Nats.url(process.port());
+        Some(Box::new(
+            ProcessBroker::start(process, BOOT, url, connect()).await,
+        ))
     }
 
     /// Three private servers forming a JetStream cluster; streams with
@@ -113,32 +110,32 @@ impl Harness for NatsHarness {
     }
 }
 
+/// How long a private nats-server may take to start.
+const BOOT: Duration = Duration::from_secs(20);
+
 /// A nats-server of the test's own (JetStream, file storage in its own
-/// directory), for the fault cases.
+/// directory), for the credential case.
 struct OwnNats {
     process: BrokerProcess,
 }
 
 impl OwnNats {
-    async fn start() -> Self {
-        Self::with(&[]).await
-    }
-
     /// One that accepts the user `app` with `password` only.
     async fn with_password(password: &str) -> Self {
-        Self::with(&["--user", "app", "--pass", password]).await
+        let mut process = Self::fresh(&["--user", "app", "--pass", password]);
+        process.boot(BOOT).await;
+        Self { process }
     }
 
-    /// On a spare port with a fresh store, with `extra` arguments.
-    async fn with(extra: &[&str]) -> Self {
+    /// On a spare port with a fresh store, with `extra` arguments; not
+    /// started.
+    fn fresh(extra: &[&str]) -> BrokerProcess {
         let port = free_port().expect("a spare port");
         let dir = std::env::temp_dir().join(format!("switchyard-nats-{port}"));
         let _ = std::fs::remove_dir_all(&dir);
-        let mut own = Self {
-            process: Self::process(port, &dir, extra),
-        };
-        own.boot().await;
-        own
+        let mut process = Self::process(port, &dir, extra);
+        process.scratch(true);
+        process
     }
 
     /// The server on `port` with its store in `dir`, not started.
@@ -153,13 +150,6 @@ impl OwnNats {
             .arg(dir.join("store"))
             .args(extra);
         process
-    }
-
-    async fn boot(&mut self) {
-        self.process
-            .start(Duration::from_secs(20))
-            .await
-            .unwrap_or_else(|e| panic!("a private nats-server: {e}"));
     }
 }
 
@@ -178,41 +168,10 @@ impl Revocable for OwnNats {
     async fn revoke(&mut self) {
         self.process.kill();
         let (port, dir) = (self.process.port(), self.process.dir().to_owned());
+        // The store stays for the new process.
+        self.process.scratch(false);
         self.process = Self::process(port, &dir, &["--user", "app", "--pass", "second"]);
-        self.boot().await;
-    }
-}
-
-#[async_trait::async_trait]
-impl PrivateBroker for OwnNats {
-    async fn client(&self) -> Result<Client> {
-        switchyard_nats::connect(&format!("nats://127.0.0.1:{}", self.process.port())).await
-    }
-
-    fn kill(&mut self) {
-        self.process.kill();
-    }
-
-    async fn restart(&mut self) {
-        self.boot().await;
-    }
-
-    async fn freeze(&mut self) -> bool {
-        self.process.signal_stop(true);
-        true
-    }
-
-    async fn thaw(&mut self) {
-        self.process.signal_stop(false);
-    }
-}
-
-impl Drop for OwnNats {
-    fn drop(&mut self) {
-        self.process.kill();
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(self.process.dir());
-        }
+        self.process.scratch(true).boot(BOOT).await;
     }
 }
 

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use switchyard_conformance::{
-    Harness,
+    Harness, Timing,
     containers::{Connect, Contained, Kind},
-    fault::{Linked, PrivateBroker, Revocable, Via},
+    fault::{Linked, PrivateBroker, ProcessBroker, Revocable, Via},
 };
 use switchyard_core::{Client, Result};
 
@@ -25,30 +25,19 @@ impl Harness for RabbitHarness {
         switchyard_rabbitmq::connect(&self.url).await
     }
 
-    async fn connect_to(
-        &self,
-        addr: std::net::SocketAddr,
-        connect_timeout: Duration,
-    ) -> Option<Result<Client>> {
+    async fn connect(&self, url: &str) -> Result<Client> {
+        switchyard_rabbitmq::connect(url).await
+    }
+
+    fn url_at(&self, addr: std::net::SocketAddr, connect_timeout: Duration) -> Option<String> {
         let ms = connect_timeout.as_millis();
-        Some(
-            switchyard_rabbitmq::connect(&format!(
-                "amqp://guest:guest@{addr}/%2f?connect_timeout={ms}ms"
-            ))
-            .await,
-        )
+        Some(format!(
+            "amqp://guest:guest@{addr}/%2f?connect_timeout={ms}ms"
+        ))
     }
 
-    fn ack_timeout(&self) -> Duration {
-        Duration::from_secs(1)
-    }
-
-    fn receive_timeout(&self) -> Duration {
-        Duration::from_secs(10)
-    }
-
-    fn slack(&self) -> Duration {
-        Duration::from_millis(1500)
+    fn timing(&self) -> Timing {
+        Timing::LOOPBACK
     }
 
     /// `queue.delete` of the subscription's queue, through a plain AMQP
@@ -83,16 +72,22 @@ impl Harness for RabbitHarness {
     /// A container of its own with `SWITCHYARD_CONTAINERS=1`, else a node
     /// process.
     async fn private_broker(&self) -> Option<Box<dyn PrivateBroker>> {
-        let connect: Connect = Box::new(|url| {
-            Box::pin(async move {
-                switchyard_rabbitmq::connect(&with_expiry(&format!("{url}?connect_timeout=5s")))
-                    .await
+        let connect = || -> Connect {
+            Box::new(|url| {
+                Box::pin(async move {
+                    let url = with_expiry(&format!("{url}?connect_timeout=5s"));
+                    switchyard_rabbitmq::connect(&url).await
+                })
             })
-        });
-        if let Some(contained) = Contained::start_if_enabled(Kind::RabbitMq, connect).await {
+        };
+        if let Some(contained) = Contained::start_if_enabled(Kind::RabbitMq, connect()).await {
             return Some(Box::new(contained));
         }
-        Some(Box::new(node::Node::start().await?))
+        let process = node::Node::create("sy-fault")?.into_process();
+        let url = Kind::RabbitMq.url(process.port());
+        Some(Box::new(
+            ProcessBroker::start(process, node::BOOT, url, connect()).await,
+        ))
     }
 
     /// Three node processes joined in a cluster; quorum queues with a

@@ -6,11 +6,11 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use switchyard_conformance::fault::{BrokerProcess, PrivateBroker, Revocable, free_port};
+use switchyard_conformance::fault::{BrokerProcess, Revocable, free_port};
 use switchyard_core::{Client, Result};
 
 /// How long a node may take to boot (about 5 s here).
-const BOOT: Duration = Duration::from_secs(60);
+pub(crate) const BOOT: Duration = Duration::from_secs(60);
 
 pub(crate) struct Node {
     process: BrokerProcess,
@@ -89,7 +89,8 @@ impl Node {
                 "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
                 "-noinput -kernel inet_dist_use_interface {127,0,0,1} \
                  +sbwt none +sbwtdcpu none +sbwtdio none",
-            );
+            )
+            .scratch(true);
         Some(Self {
             process,
             name: format!("{prefix}-{port}@localhost"),
@@ -104,10 +105,12 @@ impl Node {
     /// Starts the node (again, after a kill: same port and data) and
     /// returns once it accepts connections.
     pub(crate) async fn boot(&mut self) {
+        self.process.boot(BOOT).await;
+    }
+
+    /// The node's process (for a `ProcessBroker`).
+    pub(crate) fn into_process(self) -> BrokerProcess {
         self.process
-            .start(BOOT)
-            .await
-            .unwrap_or_else(|e| panic!("a private RabbitMQ node: {e}"));
     }
 
     /// The node's AMQP URL.
@@ -178,39 +181,5 @@ impl Revocable for Node {
     async fn revoke(&mut self) {
         let _ = self.ctl(&["change_password", "guest", "changed"]);
         let _ = self.ctl(&["close_all_connections", "credentials revoked"]);
-    }
-}
-
-#[async_trait::async_trait]
-impl PrivateBroker for Node {
-    async fn client(&self) -> Result<Client> {
-        switchyard_rabbitmq::connect(&super::with_expiry(&self.url())).await
-    }
-
-    fn kill(&mut self) {
-        Node::kill(self);
-    }
-
-    async fn restart(&mut self) {
-        Node::restart(self).await;
-    }
-
-    async fn freeze(&mut self) -> bool {
-        self.process.signal_stop(true);
-        true
-    }
-
-    async fn thaw(&mut self) {
-        self.process.signal_stop(false);
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.process.kill();
-        let dir = self.process.dir().to_owned();
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
     }
 }

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use switchyard_conformance::{
-    Harness,
+    Harness, Timing,
     fault::{Linked, Via},
 };
 use switchyard_core::{Client, Result};
@@ -33,36 +33,32 @@ impl Harness for SqsHarness {
         switchyard_sqs::connect(&self.url).await
     }
 
-    /// Credentials given, so only the endpoint can fail.
-    async fn connect_to(
-        &self,
-        addr: std::net::SocketAddr,
-        connect_timeout: Duration,
-    ) -> Option<Result<Client>> {
+    /// Moto's test credentials where the environment has none, so that
+    /// only the endpoint can fail.
+    async fn connect(&self, url: &str) -> Result<Client> {
+        let mut config = switchyard_sqs::SqsConfig::from_url(url)?;
+        if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
+            config = config.with_static_credentials("test", "test");
+        }
+        switchyard_sqs::SqsBroker::connect(config)
+            .await
+            .map(Client::new)
+    }
+
+    fn url_at(&self, addr: std::net::SocketAddr, connect_timeout: Duration) -> Option<String> {
         let ms = connect_timeout.as_millis();
-        let config = switchyard_sqs::SqsConfig::from_url(&format!(
+        Some(format!(
             "sqs://?region=us-east-1&endpoint=http://{addr}&connect_timeout={ms}ms"
         ))
-        .expect("the URL")
-        .with_static_credentials("test", "test");
-        Some(
-            switchyard_sqs::SqsBroker::connect(config)
-                .await
-                .map(Client::new),
-        )
     }
 
-    fn ack_timeout(&self) -> Duration {
-        // SQS visibility timeouts are whole seconds.
-        Duration::from_secs(1)
-    }
-
-    fn receive_timeout(&self) -> Duration {
-        Duration::from_secs(10)
-    }
-
-    fn slack(&self) -> Duration {
-        Duration::from_millis(2500)
+    /// Visibility timeouts are whole seconds (1 s here), and moto is a
+    /// little later than a broker.
+    fn timing(&self) -> Timing {
+        Timing {
+            slack: Duration::from_millis(2500),
+            ..Timing::LOOPBACK
+        }
     }
 
     /// Deletes the subscription's queue (`DeleteQueue`, as `aws sqs
