@@ -197,6 +197,118 @@ pub trait Receiver: Send + Sync + fmt::Debug {
     async fn close(&self) -> Result<()>;
 }
 
+/// A receiver's state shared with its background tasks and ackers (behind
+/// an `Arc`), which [`ReceiverHandle`] turns into a [`Receiver`] that
+/// closes when dropped: the skeleton every backend's receiver has, written
+/// once (a helper for backend authors).
+///
+/// The methods take the `Arc` (`this`), so deliveries can hold on to the
+/// receiver.
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::Arc;
+/// use switchyard_core::{Result, driver::{RawDelivery, ReceiverCore, ReceiverHandle, SharedReceiver}};
+/// use tokio_util::sync::CancellationToken;
+///
+/// #[derive(Debug)]
+/// struct Nothing {
+///     core: ReceiverCore<()>,
+/// }
+///
+/// #[async_trait::async_trait]
+/// impl SharedReceiver for Nothing {
+///     async fn recv(this: &Arc<Self>) -> Option<Result<RawDelivery>> {
+///         let _one = this.core.enter().await?;
+///         this.core.until_closed(std::future::pending()).await?
+///     }
+///     fn try_recv(_: &Arc<Self>) -> Option<Result<RawDelivery>> {
+///         None
+///     }
+///     async fn shutdown(&self) -> Result<()> {
+///         self.core.close();
+///         Ok(())
+///     }
+///     fn dropped(&self) {
+///         self.core.close();
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use switchyard_core::driver::Receiver;
+/// let shared = Arc::new(Nothing { core: ReceiverCore::new(CancellationToken::new(), ()) });
+/// let receiver = ReceiverHandle::new(Arc::clone(&shared));
+/// receiver.close().await.unwrap();
+/// assert!(receiver.recv().await.is_none());
+/// drop(receiver);
+/// assert!(shared.core.is_closed());
+/// # }
+/// ```
+#[async_trait]
+pub trait SharedReceiver: Send + Sync + fmt::Debug + Sized + 'static {
+    /// [`Receiver::recv`], with the same rules (cancel safe; `None` once
+    /// closed).
+    async fn recv(this: &std::sync::Arc<Self>) -> Option<Result<RawDelivery>>;
+
+    /// [`Receiver::try_recv`]: what already arrived, never waiting.
+    fn try_recv(this: &std::sync::Arc<Self>) -> Option<Result<RawDelivery>>;
+
+    /// [`Receiver::close`]: stops receiving and hands back what the
+    /// receiver holds. Idempotent.
+    ///
+    /// # Errors
+    ///
+    /// When the broker fails to close the consumer cleanly.
+    async fn shutdown(&self) -> Result<()>;
+
+    /// The receiver was dropped without [`Receiver::close`] (a crashed
+    /// consumer): stop receiving now, without waiting; what it held comes
+    /// back as the broker returns a crashed consumer's deliveries.
+    fn dropped(&self);
+}
+
+/// The [`Receiver`] of a backend's [`SharedReceiver`]: closes it when
+/// dropped.
+#[derive(Debug)]
+pub struct ReceiverHandle<T: SharedReceiver>(std::sync::Arc<T>);
+
+impl<T: SharedReceiver> ReceiverHandle<T> {
+    /// The receiver of `shared`.
+    #[must_use]
+    pub fn new(shared: std::sync::Arc<T>) -> Self {
+        Self(shared)
+    }
+
+    /// The shared state.
+    #[must_use]
+    pub fn shared(&self) -> &std::sync::Arc<T> {
+        &self.0
+    }
+}
+
+#[async_trait]
+impl<T: SharedReceiver> Receiver for ReceiverHandle<T> {
+    async fn recv(&self) -> Option<Result<RawDelivery>> {
+        T::recv(&self.0).await
+    }
+
+    fn try_recv(&self) -> Option<Result<RawDelivery>> {
+        T::try_recv(&self.0)
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.0.shutdown().await
+    }
+}
+
+impl<T: SharedReceiver> Drop for ReceiverHandle<T> {
+    fn drop(&mut self) {
+        self.0.dropped();
+    }
+}
+
 /// Settles one delivery (backend side). Called at most once per delivery by
 /// core; ackers of different deliveries are called concurrently. Every
 /// method is bounded by the request timeout.

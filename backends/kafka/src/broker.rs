@@ -19,7 +19,7 @@ use rdkafka::{
 };
 use switchyard_core::{
     Capabilities, Client, Error, KeyOrdering, Message, Result, SubscribeOptions,
-    driver::{Broker, Lifecycle, Publisher, Receiver, Subscriber},
+    driver::{Broker, Lifecycle, Publisher, Receiver, ReceiverHandle, Subscriber},
 };
 
 use crate::{
@@ -28,7 +28,7 @@ use crate::{
     error::kafka_error,
     names,
     producer::{Batch, DeliveryReports, KafkaProducer},
-    receiver::{KafkaReceiver, RecvInner},
+    receiver::RecvInner,
 };
 
 /// Bytes of `max_message_bytes` kept for the key, headers and framing: the
@@ -516,7 +516,7 @@ impl Publisher for KafkaBroker {
             },
         );
         let (closed, flushed) = tokio::join!(
-            futures_util::future::join_all(receivers.iter().map(|r| r.shutdown())),
+            futures_util::future::join_all(receivers.iter().map(|r| r.hand_back())),
             flush
         );
         closed.into_iter().collect::<Result<Vec<()>>>()?;
@@ -556,14 +556,14 @@ impl Subscriber for KafkaBroker {
 
     async fn receiver(&self, topic: &str, options: &SubscribeOptions) -> Result<Box<dyn Receiver>> {
         self.ensure_subscription(topic, options).await?;
-        let receiver = KafkaReceiver::open(&self.inner, topic, options).await?;
-        self.inner.life.adopt(&receiver.inner);
-        Ok(Box::new(receiver))
+        let receiver = RecvInner::open(&self.inner, topic, options).await?;
+        self.inner.life.adopt(&receiver);
+        Ok(Box::new(ReceiverHandle::new(receiver)))
     }
 
     async fn close(&self) -> Result<()> {
         let receivers = self.inner.life.close();
-        futures_util::future::join_all(receivers.iter().map(|r| r.shutdown()))
+        futures_util::future::join_all(receivers.iter().map(|r| r.hand_back()))
             .await
             .into_iter()
             .collect()

@@ -2,7 +2,7 @@
 //!
 //! A pump task keeps polling the consumer (so the member takes part in
 //! rebalances even while the application is busy) and admits records into
-//! a small ready queue; [`Receiver::recv`] hands them out within the
+//! a small ready queue; [`Receiver::recv`](switchyard_core::driver::Receiver::recv) hands them out within the
 //! prefetch limit. Records of the retry topic wait in a heap until due.
 //! A committer commits settled offsets shortly after acks; a reaper
 //! re-publishes deliveries that outlive the ack timeout. Delivery counts
@@ -31,7 +31,7 @@ use rdkafka::{
 };
 use switchyard_core::{
     Error, Message, Result, SubscribeOptions,
-    driver::{Acker, Coalescer, Gathered, RawDelivery, Receiver, ReceiverCore},
+    driver::{Acker, Coalescer, Gathered, RawDelivery, ReceiverCore, SharedReceiver},
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -629,21 +629,15 @@ impl fmt::Debug for RecvInner {
     }
 }
 
-/// A consumer on one subscription (see [`Receiver`]).
-#[derive(Debug)]
-pub(crate) struct KafkaReceiver {
-    pub(crate) inner: Arc<RecvInner>,
-}
-
-impl KafkaReceiver {
-    /// Joins the subscription's group and waits (up to the request timeout)
+impl RecvInner {
+    /// A consumer on one subscription: joins the subscription's group and waits (up to the request timeout)
     /// for the first assignment, so a consumer that `subscribe` returned is
     /// a member that receives its share.
     pub(crate) async fn open(
         broker: &Arc<BrokerInner>,
         topic: &str,
         options: &SubscribeOptions,
-    ) -> Result<Self> {
+    ) -> Result<Arc<Self>> {
         let names = Names {
             topic: topic.to_owned(),
             retry: names::retry_topic(topic, options.name()),
@@ -703,7 +697,7 @@ impl KafkaReceiver {
         while !inner.shared.state().assigned && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Ok(Self { inner })
+        Ok(inner)
     }
 }
 
@@ -1284,7 +1278,7 @@ impl RecvInner {
 
     /// Stops fetching, hands what is still out back to the subscription
     /// (re-published with the next attempt), commits and leaves the group.
-    pub(crate) async fn shutdown(&self) -> Result<()> {
+    pub(crate) async fn hand_back(&self) -> Result<()> {
         if self.shut.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return Ok(());
         }
@@ -1568,17 +1562,23 @@ async fn reaper(inner: Weak<RecvInner>) {
 }
 
 #[async_trait]
-impl Receiver for KafkaReceiver {
-    async fn recv(&self) -> Option<Result<RawDelivery>> {
-        self.inner.recv().await
+impl SharedReceiver for RecvInner {
+    async fn recv(this: &Arc<Self>) -> Option<Result<RawDelivery>> {
+        this.recv().await
     }
 
-    fn try_recv(&self) -> Option<Result<RawDelivery>> {
-        self.inner.try_recv()
+    fn try_recv(this: &Arc<Self>) -> Option<Result<RawDelivery>> {
+        this.try_recv()
     }
 
-    async fn close(&self) -> Result<()> {
-        self.inner.shutdown().await
+    async fn shutdown(&self) -> Result<()> {
+        self.hand_back().await
+    }
+
+    /// Stops receiving; the hand-back runs when the last handle on the
+    /// receiver goes (see its `Drop`).
+    fn dropped(&self) {
+        self.core.close();
     }
 }
 

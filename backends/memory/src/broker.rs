@@ -11,13 +11,13 @@ use std::{
 use async_trait::async_trait;
 use switchyard_core::{
     Capabilities, Client, Error, KeyOrdering, Message, Result, SubscribeOptions,
-    driver::{Broker, Lifecycle, Publisher, Receiver, ReceiverCore, Subscriber},
+    driver::{Broker, Lifecycle, Publisher, Receiver, ReceiverCore, ReceiverHandle, Subscriber},
 };
 
 use crate::{
     config::{DEFAULT_MAX_PAYLOAD, MemoryBuilder, MemoryUrl},
     queue::SharedQueue,
-    receiver::{MemoryReceiver, ReceiverShared},
+    receiver::ReceiverShared,
 };
 
 #[derive(Debug, Default)]
@@ -295,12 +295,12 @@ impl Subscriber for MemoryConnection {
             buffer: Mutex::new(VecDeque::new()),
         });
         self.conn.life.adopt(&shared);
-        Ok(Box::new(MemoryReceiver { shared }))
+        Ok(Box::new(ReceiverHandle::new(shared)))
     }
 
     async fn close(&self) -> Result<()> {
         for r in self.conn.life.close() {
-            r.shutdown();
+            r.hand_back();
         }
         Ok(())
     }

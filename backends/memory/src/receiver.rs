@@ -14,7 +14,7 @@ use std::{
 use async_trait::async_trait;
 use switchyard_core::{
     Error, Message, Result,
-    driver::{Acker, RawDelivery, Receiver, ReceiverCore},
+    driver::{Acker, RawDelivery, ReceiverCore, SharedReceiver},
 };
 
 use crate::queue::{SharedQueue, Take};
@@ -44,7 +44,7 @@ impl ReceiverShared {
 
     /// Closes this consumer: buffered deliveries go back untouched, handed-out
     /// unsettled ones go back for redelivery.
-    pub(crate) fn shutdown(&self) {
+    pub(crate) fn hand_back(&self) {
         self.core.close();
         if self.requeued.swap(true, Ordering::AcqRel) {
             return;
@@ -88,15 +88,10 @@ impl fmt::Debug for ReceiverShared {
     }
 }
 
-#[derive(Debug)]
-pub(crate) struct MemoryReceiver {
-    pub(crate) shared: Arc<ReceiverShared>,
-}
-
 #[async_trait]
-impl Receiver for MemoryReceiver {
-    async fn recv(&self) -> Option<Result<RawDelivery>> {
-        let s = &self.shared;
+impl SharedReceiver for ReceiverShared {
+    async fn recv(this: &Arc<Self>) -> Option<Result<RawDelivery>> {
+        let s = this;
         // Take part in tokio's cooperative budget (as tokio's channels do),
         // so a consumer that always finds work still lets its task yield.
         tokio::task::consume_budget().await;
@@ -106,7 +101,7 @@ impl Receiver for MemoryReceiver {
             tokio::pin!(changed);
             changed.as_mut().enable();
             if s.core.is_closed() {
-                s.shutdown();
+                s.hand_back();
                 return None;
             }
             if s.queue.is_deleted() {
@@ -145,24 +140,22 @@ impl Receiver for MemoryReceiver {
         }
     }
 
-    fn try_recv(&self) -> Option<Result<RawDelivery>> {
-        let s = &self.shared;
+    fn try_recv(this: &Arc<Self>) -> Option<Result<RawDelivery>> {
+        let s = this;
         if s.core.is_closed() {
             return None;
         }
         s.pop_buffered().map(|d| Ok(s.raw(d)))
     }
 
-    async fn close(&self) -> Result<()> {
-        self.shared.shutdown();
+    async fn shutdown(&self) -> Result<()> {
+        self.hand_back();
         Ok(())
     }
-}
 
-impl Drop for MemoryReceiver {
-    fn drop(&mut self) {
-        // A dropped consumer is a crashed one: its deliveries go back.
-        self.shared.shutdown();
+    /// A dropped consumer is a crashed one: its deliveries go back.
+    fn dropped(&self) {
+        self.hand_back();
     }
 }
 

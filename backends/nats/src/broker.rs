@@ -19,7 +19,9 @@ use async_trait::async_trait;
 use futures_util::{StreamExt, stream::FuturesOrdered};
 use switchyard_core::{
     Capabilities, Client, Error, KeyOrdering, Message, Result, SubscribeOptions,
-    driver::{Broker, Lifecycle, Publisher, Receiver, ReceiverCore, SlowStart, Subscriber},
+    driver::{
+        Broker, Lifecycle, Publisher, Receiver, ReceiverCore, ReceiverHandle, SlowStart, Subscriber,
+    },
 };
 use tokio::{sync::Semaphore, time::Instant};
 
@@ -27,7 +29,7 @@ use crate::{
     NatsConfig, codec,
     error::{connect_error, js_error},
     names::token,
-    receiver::{NatsReceiver, PullState, ReceiverShared, keep_leases},
+    receiver::{PullState, ReceiverShared, keep_leases},
 };
 
 /// Bytes of the server's `max_payload` kept for headers: the payload limit
@@ -49,7 +51,7 @@ pub(crate) const PULL_EXPIRES: Duration = Duration::from_secs(30);
 /// word). And the server's delivery loop
 /// wakes for these heartbeats, sweeping requests whose reply subject lost
 /// its subscriber: so a closing receiver's requests are gone within one
-/// heartbeat after its inbox is unsubscribed (`ReceiverShared::shutdown`).
+/// heartbeat after its inbox is unsubscribed (`ReceiverShared::hand_back`).
 pub(crate) const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
 /// How long a closing receiver waits for its state: a receive being
 /// cancelled gives it up at once, one parked and never polled again never
@@ -587,12 +589,12 @@ impl Subscriber for NatsBroker {
         });
         tokio::spawn(keep_leases(Arc::downgrade(&shared)));
         self.inner.life.adopt(&shared);
-        Ok(Box::new(NatsReceiver { shared }))
+        Ok(Box::new(ReceiverHandle::new(shared)))
     }
 
     async fn close(&self) -> Result<()> {
         for r in self.inner.life.close() {
-            r.shutdown().await;
+            r.hand_back().await;
         }
         // Sends what is buffered (acks included), then closes the connection.
         let _ = tokio::time::timeout(self.inner.config.request_timeout, self.inner.client.drain())

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use futures_util::{FutureExt, StreamExt};
 use switchyard_core::{
     Error, Result, SubscribeOptions,
-    driver::{Acker, Outstanding, RawDelivery, Receiver, ReceiverCore, SlowStart},
+    driver::{Acker, Outstanding, RawDelivery, ReceiverCore, SharedReceiver, SlowStart},
 };
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
@@ -205,7 +205,7 @@ impl ReceiverShared {
     /// holding the state lock is waited for no longer than [`STATE_WAIT`]
     /// (then the inbox stays subscribed, and the NAKs wait until any request
     /// it may have open expired).
-    pub(crate) async fn shutdown(&self) {
+    pub(crate) async fn hand_back(&self) {
         self.core.close();
         let mut unseen = Vec::new();
         // Without the state (held by a receive parked and never polled
@@ -550,13 +550,8 @@ impl fmt::Debug for ReceiverShared {
     }
 }
 
-#[derive(Debug)]
-pub(crate) struct NatsReceiver {
-    pub(crate) shared: Arc<ReceiverShared>,
-}
-
 #[async_trait]
-impl Receiver for NatsReceiver {
+impl SharedReceiver for ReceiverShared {
     /// Pulls exactly as many messages as the consumer has room for: every
     /// message requested holds one prefetch permit until it is settled, so the
     /// consumer never has more than `prefetch` deliveries outstanding on the
@@ -565,8 +560,8 @@ impl Receiver for NatsReceiver {
     ///
     /// Cancel safe: permits move into the receiver's state only once the pull
     /// request is sent, and the inbox is a channel.
-    async fn recv(&self) -> Option<Result<RawDelivery>> {
-        let s = &*self.shared;
+    async fn recv(this: &Arc<Self>) -> Option<Result<RawDelivery>> {
+        let s = &**this;
         let mut state = s.core.enter().await?;
         loop {
             if s.core.is_closed() {
@@ -658,8 +653,8 @@ impl Receiver for NatsReceiver {
         }
     }
 
-    fn try_recv(&self) -> Option<Result<RawDelivery>> {
-        let s = &*self.shared;
+    fn try_recv(this: &Arc<Self>) -> Option<Result<RawDelivery>> {
+        let s = &**this;
         let mut state = s.core.try_enter()?;
         // Only what already arrived. When a pull request is due, leave the
         // call to `recv`, which sends it (keeping requests overlapped).
@@ -675,18 +670,16 @@ impl Receiver for NatsReceiver {
         }
     }
 
-    async fn close(&self) -> Result<()> {
-        self.shared.shutdown().await;
+    async fn shutdown(&self) -> Result<()> {
+        self.hand_back().await;
         Ok(())
     }
-}
 
-impl Drop for NatsReceiver {
-    fn drop(&mut self) {
-        // A dropped consumer: stop pulling; what it held comes back after
-        // the ack wait (`close` hands it back at once).
-        self.shared.core.close();
-        if let Some(mut state) = self.shared.core.try_state() {
+    /// Stops pulling; what it held comes back after the ack wait (`close`
+    /// hands it back at once).
+    fn dropped(&self) {
+        self.core.close();
+        if let Some(mut state) = self.core.try_state() {
             state.reserved.clear();
             state.requests.clear();
         }

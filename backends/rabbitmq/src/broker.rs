@@ -20,7 +20,9 @@ use lapin::{
 };
 use switchyard_core::{
     Capabilities, Client, Error, KeyOrdering, Message, Result, SubscribeOptions,
-    driver::{Broker, Lifecycle, Publisher, Receiver, ReceiverCore, SlowStart, Subscriber},
+    driver::{
+        Broker, Lifecycle, Publisher, Receiver, ReceiverCore, ReceiverHandle, SlowStart, Subscriber,
+    },
 };
 use tokio::{sync::Notify, time::Instant};
 
@@ -740,12 +742,12 @@ impl Subscriber for RabbitBroker {
         }
         tokio::spawn(reap(inflight));
         self.inner.life.adopt(&shared);
-        Ok(Box::new(RabbitReceiver { shared }))
+        Ok(Box::new(ReceiverHandle::new(shared)))
     }
 
     async fn close(&self) -> Result<()> {
         for r in self.inner.life.close() {
-            r.shutdown().await;
+            r.hand_back().await;
         }
         let conn = self.inner.connection.lock().await.take();
         if let Some(conn) = conn

@@ -23,7 +23,7 @@ use lapin::{
 };
 use switchyard_core::{
     Error, Result,
-    driver::{Acker, RawDelivery, Receiver, ReceiverCore, SlowStart},
+    driver::{Acker, RawDelivery, ReceiverCore, SharedReceiver, SlowStart},
 };
 use tokio::{sync::Notify, time::Instant};
 use tokio_util::sync::CancellationToken;
@@ -387,7 +387,7 @@ impl ReceiverShared {
     /// Stops consuming: closing the channel returns every unsettled
     /// delivery to the queue. Never waits for the state lock: a cancelled
     /// `recv` may hold it.
-    pub(crate) async fn shutdown(&self) {
+    pub(crate) async fn hand_back(&self) {
         self.core.close();
         // Acks recorded before the close go out before it.
         {
@@ -449,13 +449,8 @@ impl ReceiverShared {
     }
 }
 
-#[derive(Debug)]
-pub(crate) struct RabbitReceiver {
-    pub(crate) shared: Arc<ReceiverShared>,
-}
-
 #[async_trait]
-impl Receiver for RabbitReceiver {
+impl SharedReceiver for ReceiverShared {
     /// The next delivery from the channel's consumer; the broker never sends
     /// more than the prefetch (`basic.qos`) unsettled. When the channel or
     /// the connection is lost, the consumer is reopened (with a growing
@@ -463,8 +458,8 @@ impl Receiver for RabbitReceiver {
     ///
     /// Cancel safe: the consumer is a channel of deliveries kept in the
     /// receiver's state.
-    async fn recv(&self) -> Option<Result<RawDelivery>> {
-        let s = &self.shared;
+    async fn recv(this: &Arc<Self>) -> Option<Result<RawDelivery>> {
+        let s = this;
         let mut state = s.core.enter().await?;
         loop {
             if s.core.is_closed() {
@@ -541,8 +536,8 @@ impl Receiver for RabbitReceiver {
         }
     }
 
-    fn try_recv(&self) -> Option<Result<RawDelivery>> {
-        let s = &self.shared;
+    fn try_recv(this: &Arc<Self>) -> Option<Result<RawDelivery>> {
+        let s = this;
         let mut state = s.core.try_enter()?;
         // Counting against the prefetch itself: `recv`'s work.
         if state.outside.is_some() {
@@ -559,19 +554,17 @@ impl Receiver for RabbitReceiver {
         }
     }
 
-    async fn close(&self) -> Result<()> {
-        self.shared.shutdown().await;
+    async fn shutdown(&self) -> Result<()> {
+        self.hand_back().await;
         Ok(())
     }
-}
 
-impl Drop for RabbitReceiver {
-    fn drop(&mut self) {
-        // A dropped consumer: stop the reaper; dropping the channel closes
-        // it, which returns its unsettled deliveries to the queue.
-        self.shared.core.close();
-        self.shared.inflight.flush();
-        if let Some(mut state) = self.shared.core.try_state() {
+    /// Stops the reaper; dropping the channel closes it, which returns its
+    /// unsettled deliveries to the queue.
+    fn dropped(&self) {
+        self.core.close();
+        self.inflight.flush();
+        if let Some(mut state) = self.core.try_state() {
             state.consumer = None;
             state.channel = None;
         }

@@ -14,7 +14,8 @@ use futures_util::{StreamExt, stream::FuturesOrdered};
 use switchyard_core::{
     Capabilities, Client, Error, KeyOrdering, Message, Result, SubscribeOptions,
     driver::{
-        Broker, Lifecycle, Outstanding, Publisher, Receiver, ReceiverCore, SlowStart, Subscriber,
+        Broker, Lifecycle, Outstanding, Publisher, Receiver, ReceiverCore, ReceiverHandle,
+        SlowStart, Subscriber,
     },
 };
 use tokio::sync::{Semaphore, mpsc};
@@ -658,13 +659,13 @@ impl Subscriber for SqsBroker {
         }
         tokio::spawn(keep_leases(Arc::clone(&shared)));
         self.inner.life.adopt(&shared);
-        Ok(Box::new(SqsReceiver { shared }))
+        Ok(Box::new(ReceiverHandle::new(shared)))
     }
 
     async fn close(&self) -> Result<()> {
         // At once, so closing takes one receiver's bound, not their sum.
         let live = self.inner.life.close();
-        futures_util::future::join_all(live.iter().map(|r| r.shutdown())).await;
+        futures_util::future::join_all(live.iter().map(|r| r.hand_back())).await;
         Ok(())
     }
 }

@@ -22,7 +22,9 @@ use aws_sdk_sqs::{
 use futures_util::StreamExt;
 use switchyard_core::{
     Error, Result,
-    driver::{Acker, FailureStreak, Outstanding, RawDelivery, Receiver, ReceiverCore, SlowStart},
+    driver::{
+        Acker, FailureStreak, Outstanding, RawDelivery, ReceiverCore, SharedReceiver, SlowStart,
+    },
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
@@ -123,7 +125,7 @@ impl ReceiverShared {
     /// for (within that bound), the hand-back gets what is left of it (its
     /// batches at once), and what it could not hand back comes back after
     /// the visibility timeout.
-    pub(crate) async fn shutdown(&self) {
+    pub(crate) async fn hand_back(&self) {
         self.core.close();
         let wait = Duration::from_secs(u64::try_from(self.wait).unwrap_or(0));
         let until = tokio::time::Instant::now() + wait + self.request_timeout;
@@ -591,19 +593,14 @@ pub(crate) fn wait_for(configured: Duration, visibility: i32) -> i32 {
     configured.min(visibility - 1).max(0)
 }
 
-#[derive(Debug)]
-pub(crate) struct SqsReceiver {
-    pub(crate) shared: Arc<ReceiverShared>,
-}
-
 #[async_trait]
-impl Receiver for SqsReceiver {
+impl SharedReceiver for ReceiverShared {
     /// The next message the receiver's long polls brought in.
     ///
     /// Cancel safe: polls run in background tasks and hand messages over a
     /// channel; a cancelled receive leaves them there.
-    async fn recv(&self) -> Option<Result<RawDelivery>> {
-        let s = &self.shared;
+    async fn recv(this: &Arc<Self>) -> Option<Result<RawDelivery>> {
+        let s = this;
         let ended = || s.gone.get().map(|gone| Err(gone.clone()));
         if s.gone.get().is_some() {
             return ended();
@@ -621,8 +618,8 @@ impl Receiver for SqsReceiver {
         }
     }
 
-    fn try_recv(&self) -> Option<Result<RawDelivery>> {
-        let s = &self.shared;
+    fn try_recv(this: &Arc<Self>) -> Option<Result<RawDelivery>> {
+        let s = this;
         let mut rx = s.core.try_enter()?;
         loop {
             if let Some(d) = s.deliver(rx.try_recv().ok()?) {
@@ -631,17 +628,15 @@ impl Receiver for SqsReceiver {
         }
     }
 
-    async fn close(&self) -> Result<()> {
-        self.shared.shutdown().await;
+    async fn shutdown(&self) -> Result<()> {
+        self.hand_back().await;
         Ok(())
     }
-}
 
-impl Drop for SqsReceiver {
-    fn drop(&mut self) {
-        // What it held comes back after the visibility timeout (`close`
-        // hands it back at once).
-        self.shared.core.close();
+    /// Stops the pollers; what it held comes back after the visibility
+    /// timeout (`close` hands it back at once).
+    fn dropped(&self) {
+        self.core.close();
     }
 }
 
