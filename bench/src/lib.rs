@@ -33,21 +33,22 @@ pub fn env_usize(name: &str, default: usize) -> usize {
 }
 
 /// A broker benchmark's `main`: the broker's URL from the environment
-/// variable `url_var` (without it, says so and returns: `hint` tells how to
-/// start the broker), the message count from `SY_BENCH_MESSAGES` (else
-/// `default_n`), then `bench(url, n)` on a two-thread runtime, within
-/// `bound`.
+/// variable `url_var` (without it, says so and returns), the message count
+/// from `SY_BENCH_MESSAGES` (else `default_n`), then `bench(url, n)` on a
+/// two-thread runtime, within `bound`.
 ///
 /// # Panics
 ///
 /// When the benchmark outlasts `bound` (or panics itself).
-pub fn main_with<F, Fut>(url_var: &str, hint: &str, default_n: usize, bound: Duration, bench: F)
+pub fn main_with<F, Fut>(url_var: &str, default_n: usize, bound: Duration, bench: F)
 where
     F: FnOnce(String, usize) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
     let Ok(url) = std::env::var(url_var) else {
-        println!("{url_var} is not set: benchmark skipped ({hint})");
+        println!(
+            "{url_var} is not set: benchmark skipped (`scripts/brokers.sh start` starts the brokers)"
+        );
         return;
     };
     let n = env_usize("SY_BENCH_MESSAGES", default_n);

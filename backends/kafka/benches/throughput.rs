@@ -196,19 +196,11 @@ async fn raw_consume(servers: &str, topic: &str, group: &str, n: usize) -> Durat
 }
 
 fn main() {
-    let hint = "scripts/brokers.sh start kafka";
-    bench::main_with(
-        "SWITCHYARD_KAFKA_URL",
-        hint,
-        50_000,
-        BOUND,
-        |url, n| async move {
-            run(&url, n).await;
-        },
-    );
+    bench::main_with("SWITCHYARD_KAFKA_URL", 50_000, BOUND, run);
 }
 
-async fn run(url: &str, n: usize) {
+async fn run(url: String, n: usize) {
+    let url = url.as_str();
     let rounds = env_usize("SY_BENCH_ROUNDS", 3);
     let config = KafkaConfig::from_url(url).unwrap().with_partitions(1);
     let broker = KafkaBroker::connect(config).await.unwrap();

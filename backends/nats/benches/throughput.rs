@@ -109,7 +109,9 @@ async fn raw_consume_after_publish(
     rate(n, raw_consume(consumer, n, batch).await)
 }
 
-async fn run(url: &str, n: usize, window: usize) {
+async fn run(url: String, n: usize) {
+    let url = url.as_str();
+    let window = env_usize("SY_BENCH_WINDOW", 256);
     let broker = NatsBroker::connect(
         NatsConfig::from_url(url)
             .unwrap()
@@ -222,14 +224,5 @@ async fn run(url: &str, n: usize, window: usize) {
 }
 
 fn main() {
-    let hint = "scripts/brokers.sh start nats";
-    bench::main_with(
-        "SWITCHYARD_NATS_URL",
-        hint,
-        100_000,
-        BOUND,
-        |url, n| async move {
-            run(&url, n, env_usize("SY_BENCH_WINDOW", 256)).await;
-        },
-    );
+    bench::main_with("SWITCHYARD_NATS_URL", 100_000, BOUND, run);
 }

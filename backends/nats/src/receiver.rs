@@ -563,10 +563,7 @@ impl SharedReceiver for ReceiverShared {
     async fn recv(this: &Arc<Self>) -> Option<Result<RawDelivery>> {
         let s = &**this;
         let mut state = s.core.enter().await?;
-        loop {
-            if s.core.is_closed() {
-                return None;
-            }
+        while !s.core.is_closed() {
             if let Some(gone) = &state.gone {
                 return Some(Err(gone.clone()));
             }
@@ -651,6 +648,7 @@ impl SharedReceiver for ReceiverShared {
                 return Some(s.confirm(&mut state, item).await);
             }
         }
+        None
     }
 
     fn try_recv(this: &Arc<Self>) -> Option<Result<RawDelivery>> {

@@ -239,7 +239,9 @@ async fn raw_consume(
     elapsed
 }
 
-async fn run(url: &str, n: usize, window: usize) {
+async fn run(url: String, n: usize) {
+    let url = url.as_str();
+    let window = env_usize("SY_BENCH_WINDOW", 256);
     let broker = RabbitBroker::connect(
         RabbitConfig::from_url(url)
             .unwrap()
@@ -330,14 +332,5 @@ async fn run(url: &str, n: usize, window: usize) {
 }
 
 fn main() {
-    let hint = "scripts/brokers.sh start rabbitmq";
-    bench::main_with(
-        "SWITCHYARD_RABBITMQ_URL",
-        hint,
-        50_000,
-        BOUND,
-        |url, n| async move {
-            run(&url, n, env_usize("SY_BENCH_WINDOW", 256)).await;
-        },
-    );
+    bench::main_with("SWITCHYARD_RABBITMQ_URL", 50_000, BOUND, run);
 }

@@ -265,7 +265,8 @@ async fn create_queue(sqs: &aws_sdk_sqs::Client, name: &str) -> String {
         .to_owned()
 }
 
-async fn run(url: &str, n: usize) {
+async fn run(url: String, n: usize) {
+    let url = url.as_str();
     let config = SqsConfig::from_url(&format!("{url}&mode=queue&wait=1s")).unwrap();
     let broker = SqsBroker::connect(config).await.unwrap();
     let client = Client::new(broker.clone());
@@ -335,14 +336,5 @@ async fn run(url: &str, n: usize) {
 }
 
 fn main() {
-    let hint = "scripts/brokers.sh start sqs";
-    bench::main_with(
-        "SWITCHYARD_SQS_URL",
-        hint,
-        500,
-        BOUND,
-        |url, n| async move {
-            run(&url, n).await;
-        },
-    );
+    bench::main_with("SWITCHYARD_SQS_URL", 500, BOUND, run);
 }
