@@ -876,6 +876,21 @@ struct Published {
     longest: Duration,
 }
 
+/// For each instant in `faults` (a fault's end), the seconds until the
+/// first of `times` at or after it (`NaN`: none).
+fn seconds_until_next(faults: &[Instant], times: &[Instant]) -> Vec<f64> {
+    faults
+        .iter()
+        .map(|f| {
+            times
+                .iter()
+                .filter(|t| *t >= f)
+                .min()
+                .map_or(f64::NAN, |t| t.duration_since(*f).as_secs_f64())
+        })
+        .collect()
+}
+
 /// What a flow saw, once everything confirmed arrived (or the bound ran
 /// out).
 struct End {
@@ -883,6 +898,8 @@ struct End {
     groups: Vec<Group>,
     /// Seconds from each fault's end until the next confirmed publish.
     recovery: Vec<f64>,
+    /// Seconds from each fault's end until the next delivery.
+    delivery_recovery: Vec<f64>,
     /// When each delivery reached the test, in order.
     delivered_at: Vec<Instant>,
     raw_errors: u32,
@@ -1134,16 +1151,7 @@ impl Flow {
     /// are the instants each fault ended.
     async fn finish(self, faults: &[Instant]) -> End {
         let published = self.publisher.await.expect("the publisher");
-        let recovery = faults
-            .iter()
-            .map(|f| {
-                published
-                    .oks
-                    .iter()
-                    .find(|done| *done >= f)
-                    .map_or(f64::NAN, |done| done.duration_since(*f).as_secs_f64())
-            })
-            .collect();
+        let recovery = seconds_until_next(faults, &published.oks);
         // Without fan-out (an SQS queue) the two subscriptions share one
         // queue: each message reaches one of them.
         let groups: Vec<(&'static str, Vec<Seen>)> = if self.fan_out {
@@ -1204,6 +1212,7 @@ impl Flow {
             published,
             groups,
             recovery,
+            delivery_recovery: seconds_until_next(faults, &delivered_at),
             delivered_at,
             raw_errors,
             acked: report.acked,
@@ -1227,13 +1236,14 @@ impl End {
             let _ = writeln!(
                 std::io::stderr(),
                 "{case} [{}]: {} confirmed, {} lost, {} duplicates; {} failed publishes \
-                 retried; publishing back {:.1?} s after {after}",
+                 retried; publishing back {:.1?} s, deliveries back {:.1?} s after {after}",
                 g.name,
                 self.published.confirmed.len(),
                 g.lost.len(),
                 g.duplicates,
                 self.published.failures,
                 self.recovery,
+                self.delivery_recovery,
             );
         }
         let _ = writeln!(

@@ -82,6 +82,8 @@ struct Inner {
     life: Lifecycle<ReceiverShared>,
     /// Set while the server refuses the credentials on reconnect.
     refused: Arc<Refused>,
+    /// How many times the connection dropped (see `NatsBroker::confirm`).
+    drops: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// A connection to NATS JetStream implementing switchyard's backend traits.
@@ -151,16 +153,24 @@ impl Refused {
     }
 }
 
-/// Keeps `refused` up to date from the client's connection events.
-fn watch_credentials(
+/// Keeps `refused` up to date from the client's connection events, and
+/// counts the connection's drops in `drops`.
+fn watch_connection(
     options: async_nats::ConnectOptions,
     refused: &Arc<Refused>,
+    drops: &Arc<tokio::sync::watch::Sender<u64>>,
 ) -> async_nats::ConnectOptions {
     let refused = Arc::clone(refused);
+    let drops = Arc::clone(drops);
     options.event_callback(move |event| {
         let refused = Arc::clone(&refused);
+        let drops = Arc::clone(&drops);
         async move {
             let said = match event {
+                async_nats::Event::Disconnected => {
+                    drops.send_modify(|n| *n += 1);
+                    return;
+                }
                 async_nats::Event::Connected => None,
                 async_nats::Event::ServerError(async_nats::ServerError::AuthorizationViolation) => {
                     Some("authorization violation".to_owned())
@@ -208,7 +218,8 @@ impl NatsBroker {
             options = options.retain_servers_order();
         }
         let refused = Arc::<Refused>::default();
-        options = watch_credentials(options, &refused);
+        let drops = Arc::new(tokio::sync::watch::Sender::new(0));
+        options = watch_connection(options, &refused, &drops);
         let servers: Vec<async_nats::ServerAddr> = config
             .servers
             .iter()
@@ -244,6 +255,7 @@ impl NatsBroker {
                 streams: Mutex::new(HashMap::new()),
                 life: Lifecycle::new(),
                 refused,
+                drops,
             }),
         })
     }
@@ -363,13 +375,15 @@ impl NatsBroker {
         Ok(headers)
     }
 
-    /// Sends one publish; the returned future resolves on the PubAck.
+    /// Sends one publish; the returned future resolves on the PubAck. With
+    /// it, how many times the connection had dropped before the send.
     async fn send(
         &self,
         subject: &str,
         message: &Message,
-    ) -> Result<jetstream::context::PublishAckFuture> {
+    ) -> Result<(jetstream::context::PublishAckFuture, u64)> {
         let headers = self.prepare(message)?;
+        let drops = *self.inner.drops.borrow();
         // No Nats-Msg-Id: the message id is not used for JetStream's
         // de-duplication, because an intentional re-publish of the same id
         // (redrive, bridging) must be kept, not dropped as a duplicate.
@@ -380,11 +394,40 @@ impl NatsBroker {
             .js
             .send_publish(subject.to_owned(), publish)
             .await
+            .map(|ack| (ack, drops))
             .map_err(|e| js_error("sending publish", e, true))
     }
 
-    async fn confirm(&self, topic: &str, ack: jetstream::context::PublishAckFuture) -> Result<()> {
-        match ack.await {
+    /// Waits for a publish's PubAck. When the connection drops after the
+    /// publish was sent, the PubAck (if the server sent one) went with it:
+    /// rather than wait out the request timeout, the publish fails at once
+    /// with a retryable [`Error::Connection`], and the caller's retry goes
+    /// out as soon as the client has reconnected. (The message may have been
+    /// stored: a retry may store it twice, as after a timeout.)
+    async fn confirm(
+        &self,
+        topic: &str,
+        (ack, drops): (jetstream::context::PublishAckFuture, u64),
+    ) -> Result<()> {
+        let mut dropped = self.inner.drops.subscribe();
+        let dropped = async move {
+            if dropped.wait_for(|n| *n != drops).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let acked = tokio::select! {
+            biased;
+            acked = ack => acked,
+            () = dropped => {
+                return Err(Error::Connection {
+                    message: "the connection to the NATS server dropped before the publish \
+                              was acknowledged (it may have been stored)"
+                        .into(),
+                    source: None,
+                });
+            }
+        };
+        match acked {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
                 self.forget_stream(topic);
