@@ -280,12 +280,6 @@ impl<T: SharedReceiver> ReceiverHandle<T> {
     pub fn new(shared: std::sync::Arc<T>) -> Self {
         Self(shared)
     }
-
-    /// The shared state.
-    #[must_use]
-    pub fn shared(&self) -> &std::sync::Arc<T> {
-        &self.0
-    }
 }
 
 #[async_trait]
@@ -485,12 +479,6 @@ impl<R> Lifecycle<R> {
     #[must_use]
     pub fn is_closed(&self) -> bool {
         self.closed.is_cancelled()
-    }
-
-    /// Cancelled when the connection closes (for its background tasks).
-    #[must_use]
-    pub fn token(&self) -> &tokio_util::sync::CancellationToken {
-        &self.closed
     }
 
     /// A token of a receiver's own: cancelled when the receiver closes, and
@@ -758,12 +746,6 @@ impl Coalescer {
     #[must_use]
     pub fn is_due(&self, now: tokio::time::Instant) -> bool {
         self.waiting >= self.max || self.due.is_some_and(|due| due <= now)
-    }
-
-    /// How many are waiting.
-    #[must_use]
-    pub fn waiting(&self) -> usize {
-        self.waiting
     }
 
     /// Starts over (what was waiting is being sent); returns how many were.
