@@ -82,8 +82,18 @@ struct Inner {
     life: Lifecycle<ReceiverShared>,
     /// Set while the server refuses the credentials on reconnect.
     refused: Arc<Refused>,
-    /// How many times the connection dropped (see `NatsBroker::confirm`).
-    drops: Arc<tokio::sync::watch::Sender<u64>>,
+    /// How many times the connection dropped and came back (see
+    /// `NatsBroker::confirm` and the receivers' pull requests).
+    link: Arc<tokio::sync::watch::Sender<Link>>,
+}
+
+/// What the client reported of its connection since it connected.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Link {
+    /// How many times the connection dropped.
+    pub(crate) drops: u64,
+    /// How many times it came back after a drop.
+    pub(crate) returns: u64,
 }
 
 /// A connection to NATS JetStream implementing switchyard's backend traits.
@@ -154,24 +164,34 @@ impl Refused {
 }
 
 /// Keeps `refused` up to date from the client's connection events, and
-/// counts the connection's drops in `drops`.
+/// counts the connection's drops and returns in `link`.
 fn watch_connection(
     options: async_nats::ConnectOptions,
     refused: &Arc<Refused>,
-    drops: &Arc<tokio::sync::watch::Sender<u64>>,
+    link: &Arc<tokio::sync::watch::Sender<Link>>,
 ) -> async_nats::ConnectOptions {
     let refused = Arc::clone(refused);
-    let drops = Arc::clone(drops);
+    let link = Arc::clone(link);
     options.event_callback(move |event| {
         let refused = Arc::clone(&refused);
-        let drops = Arc::clone(&drops);
+        let link = Arc::clone(&link);
         async move {
             let said = match event {
                 async_nats::Event::Disconnected => {
-                    drops.send_modify(|n| *n += 1);
+                    link.send_modify(|l| l.drops += 1);
                     return;
                 }
-                async_nats::Event::Connected => None,
+                async_nats::Event::Connected => {
+                    // The first connection is not a return.
+                    link.send_if_modified(|l| {
+                        let back = l.drops > l.returns;
+                        if back {
+                            l.returns = l.drops;
+                        }
+                        back
+                    });
+                    None
+                }
                 async_nats::Event::ServerError(async_nats::ServerError::AuthorizationViolation) => {
                     Some("authorization violation".to_owned())
                 }
@@ -218,8 +238,8 @@ impl NatsBroker {
             options = options.retain_servers_order();
         }
         let refused = Arc::<Refused>::default();
-        let drops = Arc::new(tokio::sync::watch::Sender::new(0));
-        options = watch_connection(options, &refused, &drops);
+        let link = Arc::new(tokio::sync::watch::Sender::new(Link::default()));
+        options = watch_connection(options, &refused, &link);
         let servers: Vec<async_nats::ServerAddr> = config
             .servers
             .iter()
@@ -255,7 +275,7 @@ impl NatsBroker {
                 streams: Mutex::new(HashMap::new()),
                 life: Lifecycle::new(),
                 refused,
-                drops,
+                link,
             }),
         })
     }
@@ -383,7 +403,7 @@ impl NatsBroker {
         message: &Message,
     ) -> Result<(jetstream::context::PublishAckFuture, u64)> {
         let headers = self.prepare(message)?;
-        let drops = *self.inner.drops.borrow();
+        let drops = self.inner.link.borrow().drops;
         // No Nats-Msg-Id: the message id is not used for JetStream's
         // de-duplication, because an intentional re-publish of the same id
         // (redrive, bridging) must be kept, not dropped as a duplicate.
@@ -409,9 +429,9 @@ impl NatsBroker {
         topic: &str,
         (ack, drops): (jetstream::context::PublishAckFuture, u64),
     ) -> Result<()> {
-        let mut dropped = self.inner.drops.subscribe();
+        let mut dropped = self.inner.link.subscribe();
         let dropped = async move {
-            if dropped.wait_for(|n| *n != drops).await.is_err() {
+            if dropped.wait_for(|l| l.drops != drops).await.is_err() {
                 std::future::pending::<()>().await;
             }
         };
@@ -617,6 +637,8 @@ impl Subscriber for NatsBroker {
                     next_request: 0,
                     stall: Box::pin(tokio::time::sleep(STALLED)),
                     last_activity: Instant::now(),
+                    link: self.inner.link.subscribe(),
+                    returns: self.inner.link.borrow().returns,
                     suspect: false,
                     gone: None,
                     pulled: std::collections::VecDeque::new(),

@@ -47,6 +47,11 @@ pub(crate) struct PullState {
     pub(crate) last_activity: Instant,
     /// Fires when the server has been silent for [`STALLED`].
     pub(crate) stall: Pin<Box<tokio::time::Sleep>>,
+    /// The connection's drops and returns: a return means the open requests
+    /// are presumed lost.
+    pub(crate) link: tokio::sync::watch::Receiver<crate::broker::Link>,
+    /// The returns seen so far.
+    pub(crate) returns: u64,
     /// A pull request ended as if the consumer were gone (409 "Consumer
     /// Deleted", 503 no responders, or the server silent for [`STALLED`]):
     /// `recv` asks the server whether it is.
@@ -613,10 +618,30 @@ impl SharedReceiver for ReceiverShared {
                 inbox,
                 stall,
                 last_activity,
+                link,
+                returns,
                 ..
             } = &mut *state;
             let message = tokio::select! {
                 m = inbox.next() => m,
+                // The connection came back after a drop: requests sent
+                // before it are presumed lost (a restarted server forgot
+                // them), so ask again now rather than after `STALLED`. Were
+                // they kept (a short cut, the same server), their extra
+                // deliveries are handled as over the prefetch.
+                Ok(back) = async { link.wait_for(|l| l.returns != *returns).await.map(|l| l.returns) } => {
+                    state.returns = back;
+                    tracing::debug!(
+                        consumer = %s.consumer_name,
+                        requests = state.requests.len(),
+                        "the connection came back: asking again"
+                    );
+                    state.reserved.clear();
+                    state.requests.clear();
+                    state.suspect = true;
+                    state.last_activity = Instant::now();
+                    continue;
+                }
                 () = stall.as_mut() => {
                     let due = *last_activity + STALLED;
                     if Instant::now() >= due {

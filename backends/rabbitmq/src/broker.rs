@@ -62,6 +62,9 @@ pub(crate) struct Inner {
     /// Wait queues declared by this client, and when.
     pub(crate) wait_queues: Mutex<HashMap<String, Instant>>,
     pub(crate) life: Lifecycle<ReceiverShared>,
+    /// How many times a lost connection was replaced: receivers pausing
+    /// between attempts to reopen resume at once.
+    pub(crate) reconnects: tokio::sync::watch::Sender<u64>,
 }
 
 /// A connection to RabbitMQ implementing switchyard's backend traits.
@@ -116,6 +119,7 @@ impl RabbitBroker {
                 declared: Mutex::new(HashSet::new()),
                 wait_queues: Mutex::new(HashMap::new()),
                 life: Lifecycle::new(),
+                reconnects: tokio::sync::watch::Sender::new(0),
             }),
         };
         broker.connection().await?;
@@ -144,6 +148,7 @@ impl RabbitBroker {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clear();
+            self.inner.reconnects.send_modify(|n| *n += 1);
         }
         Ok(c)
     }

@@ -495,11 +495,18 @@ impl SharedReceiver for ReceiverShared {
             }
             let Some(consumer) = state.consumer.as_mut() else {
                 let pause = state.pause;
+                let mut reconnected = s.broker.inner.reconnects.subscribe();
                 if let Err(e) = s.open(&mut state).await {
                     state.pause = (pause * 2).min(MAX_REOPEN_PAUSE);
-                    if !s.core.pause(pause).await {
-                        return None;
-                    }
+                    // Until the next attempt, or until another caller (a
+                    // publish, another receiver) has connected again.
+                    let wait = async {
+                        tokio::select! {
+                            () = tokio::time::sleep(pause) => {}
+                            Ok(()) = reconnected.changed() => {}
+                        }
+                    };
+                    s.core.until_closed(wait).await?;
                     return Some(Err(e));
                 }
                 continue;
