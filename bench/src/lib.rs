@@ -9,8 +9,12 @@
 //! use std::time::Duration;
 //! use switchyard_bench::{Rounds, rate};
 //! let mut rounds = Rounds::default();
-//! rounds.push(1, 1000, [Duration::from_millis(10), Duration::from_millis(11),
-//!     Duration::from_millis(5), Duration::from_millis(5)]);
+//! let ms = Duration::from_millis;
+//! rounds.push(1, 1000, [ms(10), ms(10), ms(5), ms(5)]);
+//! rounds.push(2, 1000, [ms(10), ms(20), ms(5), ms(10)]); // one odd round
+//! rounds.push(3, 1000, [ms(20), ms(20), ms(10), ms(10)]); // a slow spell
+//! // The ratios (switchyard over raw) are 1, 0.5 and 1: the median is 1.
+//! assert_eq!(rounds.median_ratios(), [1.0, 1.0]);
 //! assert_eq!(rate(1000, Duration::from_secs(1)), 1000.0);
 //! ```
 
@@ -299,10 +303,30 @@ pub async fn latency(
 /// Prints one row of the results table (`| backend | measure | switchyard |
 /// other | ratio |`), the lines `scripts/bench.sh` collects.
 pub fn row(backend: &str, measure: &str, switchyard: f64, other: &str, value: f64) {
-    println!(
-        "| {backend} | {measure} | {switchyard:.0} | {other} | {value:.0} | {:.2} |",
-        switchyard / value
+    ratio_row(
+        backend,
+        measure,
+        switchyard,
+        other,
+        value,
+        switchyard / value,
     );
+}
+
+/// [`row`] with its ratio given (the median of the rounds' ratios, which
+/// need not be the quotient of the mean rates).
+fn ratio_row(backend: &str, measure: &str, switchyard: f64, other: &str, value: f64, ratio: f64) {
+    println!("| {backend} | {measure} | {switchyard:.0} | {other} | {value:.0} | {ratio:.2} |");
+}
+
+/// The median of `values` (`NaN` when there are none).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => f64::midpoint(values[n / 2 - 1], values[n / 2]),
+    }
 }
 
 /// Prints the latency row of the results table.
@@ -357,20 +381,34 @@ impl Rounds {
         sum.map(|s| s / k)
     }
 
-    /// Prints the means as two rows of the results table: publish against
-    /// `raw_publish`, consume+ack against `raw_consume` (the raw client and
-    /// how it was configured).
-    pub fn print_rows(&self, backend: &str, raw_publish: &str, raw_consume: &str) {
-        let [rp, sp, rc, sc] = self.mean();
-        row(backend, "publish (msg/s)", sp, raw_publish, rp);
-        row(backend, "consume+ack (msg/s)", sc, raw_consume, rc);
+    /// The medians of the rounds' ratios (switchyard over raw), publish and
+    /// consume+ack. A round measures both clients back to back, so a slow
+    /// spell of the machine moves both of its figures rather than the
+    /// ratio, and the median leaves out one odd round.
+    #[must_use]
+    pub fn median_ratios(&self) -> [f64; 2] {
+        [
+            median(self.rates.iter().map(|r| r[1] / r[0]).collect()),
+            median(self.rates.iter().map(|r| r[3] / r[2]).collect()),
+        ]
     }
 
-    /// Prints the means and their ratios.
+    /// Prints the means as two rows of the results table, with the median
+    /// ratios: publish against `raw_publish`, consume+ack against
+    /// `raw_consume` (the raw client and how it was configured).
+    pub fn print_rows(&self, backend: &str, raw_publish: &str, raw_consume: &str) {
+        let [rp, sp, rc, sc] = self.mean();
+        let [publish, consume] = self.median_ratios();
+        ratio_row(backend, "publish (msg/s)", sp, raw_publish, rp, publish);
+        ratio_row(backend, "consume+ack (msg/s)", sc, raw_consume, rc, consume);
+    }
+
+    /// Prints the means, the ratio of the means and the median ratio.
     pub fn print_mean(&self, raw: &str) {
         let [rp, sp, rc, sc] = self.mean();
+        let [publish, consume] = self.median_ratios();
         println!(
-            "mean: publish {raw} {rp:.0} / switchyard {sp:.0} (ratio {:.2}); consume+ack {raw} {rc:.0} / switchyard {sc:.0} (ratio {:.2})",
+            "mean: publish {raw} {rp:.0} / switchyard {sp:.0} (ratio {:.2}, median of rounds {publish:.2}); consume+ack {raw} {rc:.0} / switchyard {sc:.0} (ratio {:.2}, median of rounds {consume:.2})",
             sp / rp,
             sc / rc
         );

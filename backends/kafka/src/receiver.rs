@@ -31,7 +31,7 @@ use rdkafka::{
 };
 use switchyard_core::{
     Error, Message, Result, SubscribeOptions,
-    driver::{Acker, Coalescer, Gathered, RawDelivery, ReceiverCore, SharedReceiver},
+    driver::{Acker, RawDelivery, ReceiverCore, SharedReceiver},
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -136,6 +136,11 @@ struct State {
     /// The subscription's topic is gone (deleted): what the broker said.
     /// Every `recv` from then on returns [`Error::NotFound`].
     gone: Option<(String, KafkaError)>,
+    /// When settled offsets are next committed: `commit_interval` after the
+    /// first settlement since the last commit (offsets, not acks, are
+    /// committed, so how many does not change the cost: time alone
+    /// decides). `None`: nothing to commit.
+    commit_due: Option<tokio::time::Instant>,
 }
 
 impl State {
@@ -290,8 +295,12 @@ struct Shared {
     journal: JournalGroups,
     /// Records one journal reservation covers.
     reserve: usize,
-    /// Signalled when handed-out deliveries are settled (or handed back).
+    /// Signalled when handed-out deliveries are settled (or handed back)
+    /// while a revoke waits for them ([`Ctx::drain`]).
     settled: Condvar,
+    /// How many revokes wait on `settled`: a settlement signals it only
+    /// then (`notify_all` is a system call even with no one waiting).
+    draining: std::sync::atomic::AtomicUsize,
     /// Longest a revoke waits for the application to settle what it holds
     /// of the partitions it loses (see [`Ctx::drain`]).
     revoke_grace: Duration,
@@ -443,6 +452,23 @@ fn off_the_runtime<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// One revoke waiting for settlements, counted in `Shared::draining` while
+/// it lives.
+struct Draining<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Draining<'a> {
+    fn enter(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Draining<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 impl Ctx {
     fn revoke(&self, consumer: &BaseConsumer<Ctx>, list: &TopicPartitionList) {
         // Let the application finish what it holds of these partitions
@@ -491,6 +517,9 @@ impl Ctx {
             return st;
         }
         let until = Instant::now() + self.shared.revoke_grace;
+        // Counted under the state lock, which a settlement takes before it
+        // reads the count: none between this check and the wait is missed.
+        let _waiting = Draining::enter(&self.shared.draining);
         loop {
             let now = Instant::now();
             let holding = !st.closed
@@ -607,12 +636,9 @@ pub(crate) struct RecvInner {
     wake: Arc<Notify>,
     /// Signalled when the ready queue has room (for the pump).
     space: Arc<Notify>,
-    /// Signalled when offsets need committing.
+    /// Signalled when offsets need committing (see `State::commit_due`).
     commit: Arc<Notify>,
-    /// Settlements since the last commit: committed `commit_interval` after
-    /// the first (offsets, not acks, are committed, so how many does not
-    /// change the cost: time alone decides).
-    commits: Mutex<Coalescer>,
+    commit_interval: Duration,
     /// The shutdown ran (or is running).
     shut: std::sync::atomic::AtomicBool,
     /// A [`watch_topic`] task is confirming that the topic is gone.
@@ -660,6 +686,7 @@ impl RecvInner {
             journal: JournalGroups::open(config, &group)?,
             reserve: options.prefetch().saturating_mul(4).max(MIN_RESERVE),
             settled: Condvar::new(),
+            draining: std::sync::atomic::AtomicUsize::new(0),
             revoke_grace: revoke_grace(config),
         });
         let consumer: KConsumer = cc
@@ -682,7 +709,7 @@ impl RecvInner {
             wake: Arc::new(Notify::new()),
             space: Arc::new(Notify::new()),
             commit: Arc::new(Notify::new()),
-            commits: Mutex::new(Coalescer::new(usize::MAX, config.commit_interval)),
+            commit_interval: config.commit_interval,
             shut: std::sync::atomic::AtomicBool::new(false),
             watching: std::sync::atomic::AtomicBool::new(false),
         });
@@ -768,7 +795,7 @@ async fn pump(inner: Weak<RecvInner>, consumer: Arc<KConsumer>, closed: Cancella
         let Some(i) = inner.upgrade() else { return };
         // What librdkafka already has queued comes along without waiting:
         // one lock and one wake-up per run of records, not per record.
-        let mut run = Vec::new();
+        let mut run = Vec::with_capacity(PUMP_RUN);
         let mut next = Some(r);
         while let Some(r) = next.take() {
             match r {
@@ -801,9 +828,9 @@ async fn pump(inner: Weak<RecvInner>, consumer: Arc<KConsumer>, closed: Cancella
         if run.is_empty() {
             continue;
         }
-        let (admitted, skipped) = i.admit(run);
-        if skipped {
-            i.commit_soon(1);
+        let (admitted, commit) = i.admit(run);
+        if commit {
+            i.commit.notify_one();
         }
         if admitted {
             i.wake.notify_one();
@@ -957,7 +984,8 @@ impl RecvInner {
     }
 
     /// Registers fetched records under one lock; returns whether any was
-    /// admitted and whether any was skipped (settled before).
+    /// admitted and whether the committer must be woken: a skipped record
+    /// (settled before) is committed soon.
     fn admit(&self, run: Vec<(Part, i64, codec::Decoded)>) -> (bool, bool) {
         let mut st = self.state();
         let now_ms = codec::unix_ms(SystemTime::now());
@@ -969,7 +997,8 @@ impl RecvInner {
                 skipped = true;
             }
         }
-        (admitted, skipped)
+        let first = skipped && self.commit_soon(&mut st);
+        (admitted, first)
     }
 
     /// Hands out an admitted record (under the state lock) that its gate
@@ -1032,7 +1061,12 @@ impl RecvInner {
         if st.closed || st.handed.len() >= self.prefetch {
             return Err(Next::Idle(None));
         }
-        let now_ms = codec::unix_ms(SystemTime::now());
+        // The clock only for held records (retries due later).
+        let now_ms = if st.held.is_empty() {
+            0
+        } else {
+            codec::unix_ms(SystemTime::now())
+        };
         // Records of stale assignments are dropped on the way.
         let gate = |st: &State, a: &Admitted| {
             st.tracks
@@ -1195,13 +1229,15 @@ impl RecvInner {
         }
     }
 
-    /// Counts settled offsets towards the next commit, waking the committer
-    /// for the first.
-    fn commit_soon(&self, settled: usize) {
-        let gathered = lock(&self.commits).add(settled, tokio::time::Instant::now());
-        if gathered != Gathered::Joined {
-            self.commit.notify_one();
+    /// Arms the next commit for a settlement (under the state lock);
+    /// `true` for the first since the last commit, whose committer must be
+    /// woken (once the lock is released).
+    fn commit_soon(&self, st: &mut State) -> bool {
+        if st.commit_due.is_some() {
+            return false;
         }
+        st.commit_due = Some(tokio::time::Instant::now() + self.commit_interval);
+        true
     }
 
     /// Settles a handed-out delivery for good.
@@ -1226,11 +1262,21 @@ impl RecvInner {
                 any = true;
             }
         }
+        let first = any && self.commit_soon(&mut st);
         drop(st);
         if any {
-            self.shared.settled.notify_all();
+            if self
+                .shared
+                .draining
+                .load(std::sync::atomic::Ordering::SeqCst)
+                > 0
+            {
+                self.shared.settled.notify_all();
+            }
             self.wake.notify_one();
-            self.commit_soon(tokens.len());
+        }
+        if first {
+            self.commit.notify_one();
         }
     }
 
@@ -1449,7 +1495,7 @@ impl Drop for RecvInner {
 }
 
 /// Commits settled offsets shortly after acks, coalescing them (see
-/// `RecvInner::commits`).
+/// `State::commit_due`).
 async fn committer(inner: Weak<RecvInner>) {
     loop {
         let (signal, closed, due) = {
@@ -1457,7 +1503,7 @@ async fn committer(inner: Weak<RecvInner>) {
             (
                 Arc::clone(&i.commit),
                 i.core.token().clone(),
-                lock(&i.commits).due(),
+                i.state().commit_due,
             )
         };
         let Some(due) = due else {
@@ -1482,7 +1528,7 @@ async fn committer(inner: Weak<RecvInner>) {
         let Some(i) = inner.upgrade() else { return };
         let Some(consumer) = i.consumer() else { return };
         let mut st = i.state();
-        lock(&i.commits).take();
+        st.commit_due = None;
         let tpl = st.commit_list(&i.shared.names, None);
         if tpl.count() > 0 {
             // Under the lock: a revoke's synchronous commit never overtakes it.
