@@ -40,6 +40,11 @@ pub(crate) const SHORT_POLL_PAUSE: Duration = Duration::from_millis(100);
 /// Longest a poller waits for more free prefetch room before receiving,
 /// while its consumer still has messages to work on.
 pub(crate) const GATHER: Duration = Duration::from_millis(25);
+/// Longest a poller whose consumer has nothing to work on waits for more
+/// free room: one `DeleteMessageBatch` frees up to ten permits, released
+/// one by one as each ack returns, and the burst is taken in one receive
+/// rather than a receive of one and another of the rest.
+pub(crate) const BURST: Duration = Duration::from_millis(2);
 /// Shortest pause between two rounds of the lease keeper (see
 /// [`keep_leases`]).
 pub(crate) const KEEP_TICK: Duration = Duration::from_millis(250);
@@ -648,6 +653,7 @@ impl Subscriber for SqsBroker {
             request_timeout: self.inner.config.request_timeout,
             core: ReceiverCore::new(self.inner.life.child_token(), rx),
             receiving: AtomicUsize::new(0),
+            gathering: tokio::sync::Mutex::new(()),
             receive_started: std::sync::Mutex::new(None),
             outstanding: Outstanding::new(),
             prefetched: Prefetched::new(),

@@ -78,6 +78,10 @@ pub(crate) struct ReceiverShared {
     pub(crate) deletes: mpsc::UnboundedSender<Delete>,
     /// Receive calls in flight, over all of the receiver's pollers.
     pub(crate) receiving: AtomicUsize,
+    /// Held by the poller gathering room for its next receive: room freed
+    /// by a burst of acks goes to one receive of up to 10, not spread over
+    /// every poller as receives of two or three.
+    pub(crate) gathering: tokio::sync::Mutex<()>,
     /// When the latest of them started.
     pub(crate) receive_started: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// Receipt handles of the messages handed out and not settled: `close`
@@ -323,7 +327,10 @@ async fn delete_batch(sqs: &aws_sdk_sqs::Client, url: &str, batch: Vec<Delete>) 
 /// Takes room for a receive: one permit, then more while the consumer still
 /// has messages to work on, or another poller's receive is on its way to
 /// it: one receive of 10 instead of ten of 1 (each receive is a billed call,
-/// and emulators scan the queue on each). `None` when the receiver closed.
+/// and emulators scan the queue on each). A consumer with nothing to work
+/// on waits [`BURST`] at most, for the rest of the room its acks free. One
+/// poller gathers at a time (`ReceiverShared::gathering`). `None` when the
+/// receiver closed.
 async fn gather(
     shared: &Arc<ReceiverShared>,
     tx: &mpsc::Sender<Received>,
@@ -337,21 +344,23 @@ async fn gather(
     };
     let mut permits = vec![first];
     let target = BATCH.min(shared.prefetch);
-    let gather_until = tokio::time::Instant::now() + GATHER;
+    let mut until = tokio::time::Instant::now() + GATHER;
     while permits.len() < target {
         if let Ok(p) = Arc::clone(&shared.permits).try_acquire_owned() {
             permits.push(p);
             continue;
         }
         if tx.capacity() == tx.max_capacity() && shared.receiving.load(Ordering::Acquire) == 0 {
-            break; // the consumer is waiting on nothing: receive now
+            // The consumer is waiting on nothing: receive now, with the
+            // rest of the burst of room its last acks are freeing.
+            until = until.min(tokio::time::Instant::now() + BURST);
         }
         tokio::select! {
             p = Arc::clone(&shared.permits).acquire_owned() => match p {
                 Ok(p) => permits.push(p),
                 Err(_) => return None,
             },
-            () = tokio::time::sleep_until(gather_until) => break,
+            () = tokio::time::sleep_until(until) => break,
             () = shared.core.token().cancelled() => return None,
         }
     }
@@ -369,7 +378,14 @@ pub(crate) async fn poll(shared: Arc<ReceiverShared>, tx: mpsc::Sender<Received>
     let mut failing = FailureStreak::default();
     loop {
         let mut permits = if shared.slow.is_open() {
-            let Some(permits) = gather(&shared, &tx).await else {
+            // Released before the receive: receives still overlap.
+            let gathered = {
+                let Some(_turn) = shared.core.until_closed(shared.gathering.lock()).await else {
+                    return;
+                };
+                gather(&shared, &tx).await
+            };
+            let Some(permits) = gathered else {
                 return;
             };
             permits
