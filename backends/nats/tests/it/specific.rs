@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use switchyard_conformance::fault::BrokerProcess;
 use switchyard_core::{Error, Message, SubscribeOptions};
 use switchyard_nats::{NatsBroker, NatsConfig};
 
@@ -10,6 +11,21 @@ fn url() -> Option<String> {
         "SWITCHYARD_NATS_URL",
         switchyard_conformance::containers::Kind::Nats,
     )
+}
+
+/// A private nats-server of this test's own, booted, and a client of it
+/// whose URL ends with `query`; `None` in a broker-less run (needs the
+/// nats-server binary, which scripts/brokers.sh installs), which skips like
+/// every broker test.
+async fn own_server(query: &str) -> Option<(BrokerProcess, switchyard_core::Client)> {
+    url()?;
+    let mut server = crate::OwnNats::fresh(&[]);
+    server.boot(crate::BOOT).await;
+    let port = server.port();
+    let client = switchyard_nats::connect(&format!("nats://127.0.0.1:{port}{query}"))
+        .await
+        .unwrap();
+    Some((server, client))
 }
 
 #[tokio::test]
@@ -72,18 +88,9 @@ async fn names_map_to_distinct_streams() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_restart_mid_stream_loses_no_confirmed_message() {
-    // Needs the nats-server binary (scripts/brokers.sh installs it); a
-    // broker-less run skips like every broker test.
-    if url().is_none() {
+    let Some((mut server, client)) = own_server("").await else {
         return;
-    }
-    let mut server = crate::OwnNats::fresh(&[]);
-    server.boot(crate::BOOT).await;
-    let port = server.port();
-
-    let client = switchyard_nats::connect(&format!("nats://127.0.0.1:{port}"))
-        .await
-        .unwrap();
+    };
     let topic = "restart.orders";
     // A small prefetch: most messages are still on the server, and the
     // consumer's pull requests die with it.
@@ -160,17 +167,9 @@ async fn server_restart_mid_stream_loses_no_confirmed_message() {
 /// unanswered forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_storage_subscription_recovers_from_a_restart() {
-    if url().is_none() {
+    let Some((mut server, client)) = own_server("?storage=memory&request_timeout=2s").await else {
         return;
-    }
-    let mut server = crate::OwnNats::fresh(&[]);
-    server.boot(crate::BOOT).await;
-    let port = server.port();
-    let client = switchyard_nats::connect(&format!(
-        "nats://127.0.0.1:{port}?storage=memory&request_timeout=2s"
-    ))
-    .await
-    .unwrap();
+    };
     let topic = "memory.orders";
     let opts = SubscribeOptions::new("s").with_ack_timeout(Duration::from_secs(2));
     client.ensure_subscription(topic, &opts).await.unwrap();
@@ -377,15 +376,9 @@ async fn lapsed_pull_requests_give_back_their_room() {
 /// server is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_in_flight_when_the_connection_drops_fails_at_once() {
-    if url().is_none() {
+    let Some((mut server, client)) = own_server("?request_timeout=30s").await else {
         return;
-    }
-    let mut server = crate::OwnNats::fresh(&[]);
-    server.boot(crate::BOOT).await;
-    let port = server.port();
-    let client = switchyard_nats::connect(&format!("nats://127.0.0.1:{port}?request_timeout=30s"))
-        .await
-        .unwrap();
+    };
     let topic = "drop.orders";
     client.ensure_topic(topic).await.unwrap();
     // The server stops answering: the publish goes out and waits for its
