@@ -659,9 +659,10 @@ impl<S> fmt::Debug for ReceiverCore<S> {
 }
 
 /// When to send settlements gathered into one call — acks as one
-/// `multiple` `basic.ack`, offsets as one commit — the rule every backend
-/// that coalesces follows (a helper for backend authors): at once when
-/// `max` are waiting, else `delay` after the first of them.
+/// `multiple` `basic.ack`, say — by count and time (a helper for backend
+/// authors): at once when `max` are waiting, else `delay` after the first
+/// of them. (Where time alone decides, as for Kafka's offset commits, a
+/// deadline set by the first settlement is all it takes.)
 ///
 /// It only keeps count and time; the backend keeps what is waiting, and a
 /// flusher (its reaper or committer) wakes at [`Coalescer::due`].
