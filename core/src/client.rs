@@ -107,6 +107,11 @@ impl Client {
 
     fn prepare(&self, topic: &str, message: Message, limit: usize) -> Result<Message> {
         validate_name(NameKind::Topic, topic)?;
+        Self::prepare_message(message, limit)
+    }
+
+    /// [`prepare`](Self::prepare) for a topic already checked.
+    fn prepare_message(message: Message, limit: usize) -> Result<Message> {
         message.validate()?;
         let size = message.payload().len();
         if size > limit {
@@ -148,10 +153,14 @@ impl Client {
     /// being sent; the others are still published.
     pub async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Vec<Result<()>> {
         let limit = self.capabilities().max_payload;
+        // The topic once for the batch, not once per message.
+        if let Err(e) = validate_name(NameKind::Topic, topic) {
+            return messages.iter().map(|_| Err(e.clone())).collect();
+        }
         let mut results: Vec<Option<Result<()>>> = Vec::with_capacity(messages.len());
         let mut valid = Vec::with_capacity(messages.len());
         for message in messages {
-            match self.prepare(topic, message, limit) {
+            match Self::prepare_message(message, limit) {
                 Ok(m) => {
                     valid.push(m);
                     results.push(None);

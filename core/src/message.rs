@@ -1,6 +1,6 @@
 //! The message model.
 
-use std::{fmt, time::SystemTime};
+use std::{fmt, sync::Arc, time::SystemTime};
 
 use bytes::Bytes;
 
@@ -35,7 +35,10 @@ use crate::{
 /// ```
 #[derive(Clone, PartialEq, Eq)]
 pub struct Message {
-    id: String,
+    /// Shared, not owned: a backend that keeps a delivery for redelivery
+    /// while the application holds it clones the message, and a clone then
+    /// costs no allocation.
+    id: Arc<str>,
     key: Option<String>,
     headers: Headers,
     payload: Bytes,
@@ -46,7 +49,7 @@ impl Message {
     /// A message with `payload`, a fresh UUIDv7 id, no key and no headers.
     pub fn new(payload: impl Into<Bytes>) -> Self {
         Self {
-            id: new_id(),
+            id: fresh_id(),
             key: None,
             headers: Headers::new(),
             payload: payload.into(),
@@ -55,8 +58,10 @@ impl Message {
     }
 
     /// A message from its parts, as a backend decodes it (no id is generated).
+    ///
+    /// The id may be a `&str` (copied once), a `String` or an `Arc<str>`.
     pub fn from_parts(
-        id: impl Into<String>,
+        id: impl Into<Arc<str>>,
         key: Option<String>,
         headers: Headers,
         payload: impl Into<Bytes>,
@@ -74,7 +79,7 @@ impl Message {
     /// Sets the id (for example to make re-publishing idempotent).
     #[must_use]
     pub fn with_id(mut self, id: impl Into<String>) -> Self {
-        self.id = id.into();
+        self.id = Arc::from(id.into());
         self
     }
 
@@ -153,7 +158,7 @@ impl Message {
     #[must_use]
     pub fn into_parts(self) -> (String, Option<String>, Headers, Bytes, Option<SystemTime>) {
         (
-            self.id,
+            self.id.to_string(),
             self.key,
             self.headers,
             self.payload,
@@ -221,7 +226,19 @@ impl fmt::Debug for Message {
 /// A new UUIDv7 message id.
 #[must_use]
 pub fn new_id() -> String {
-    uuid::Uuid::now_v7().to_string()
+    let mut buf = uuid::Uuid::encode_buffer();
+    uuid::Uuid::now_v7()
+        .hyphenated()
+        .encode_lower(&mut buf)
+        .to_owned()
+}
+
+/// [`new_id`] for a [`Message`]: encoded on the stack, then copied once
+/// into its shared allocation (`to_string` would go through the
+/// formatting machinery).
+fn fresh_id() -> Arc<str> {
+    let mut buf = uuid::Uuid::encode_buffer();
+    Arc::from(&*uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buf))
 }
 
 #[cfg(test)]

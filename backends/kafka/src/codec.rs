@@ -132,7 +132,9 @@ pub(crate) fn decode(record: &BorrowedMessage<'_>, from_retry_topic: bool) -> De
             let value = h.value.unwrap_or_default();
             let text = || String::from_utf8_lossy(value).into_owned();
             match h.key {
-                ID => id = Some(text()),
+                // Borrowed where it is valid UTF-8: copied once, into the
+                // message's shared id.
+                ID => id = Some(String::from_utf8_lossy(value)),
                 RETRY_FOR if from_retry_topic => target = Some(text()),
                 RETRY_ATTEMPT if from_retry_topic => attempt = text().parse::<u32>().ok(),
                 RETRY_DUE if from_retry_topic => due = text().parse::<i64>().ok(),
@@ -142,14 +144,16 @@ pub(crate) fn decode(record: &BorrowedMessage<'_>, from_retry_topic: bool) -> De
             }
         }
     }
-    let id = id.unwrap_or_else(|| {
-        format!(
+    let id: std::sync::Arc<str> = match id {
+        Some(id) => id.into(),
+        None => format!(
             "kafka:{}:{}:{}",
             record.topic(),
             record.partition(),
             record.offset()
         )
-    });
+        .into(),
+    };
     let key = record
         .key()
         .map(|k| String::from_utf8_lossy(k).into_owned());

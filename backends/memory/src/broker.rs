@@ -249,13 +249,21 @@ impl Publisher for MemoryConnection {
         }
         let results: Vec<Result<()>> = messages.iter().map(|m| self.check_size(m)).collect();
         let queues = self.core.queues(topic);
-        for q in &queues {
-            q.push_many(
+        if let Some((last, rest)) = queues.split_last() {
+            for q in rest {
+                q.push_many(
+                    messages
+                        .iter()
+                        .zip(&results)
+                        .filter(|(_, r)| r.is_ok())
+                        .map(|(m, _)| m.clone()),
+                );
+            }
+            last.push_many(
                 messages
-                    .iter()
+                    .into_iter()
                     .zip(&results)
-                    .filter(|(_, r)| r.is_ok())
-                    .map(|(m, _)| m.clone()),
+                    .filter_map(|(m, r)| r.is_ok().then_some(m)),
             );
         }
         results

@@ -1,11 +1,13 @@
 //! One subscription's queue: ready, delayed and in-flight messages.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    cmp::Reverse,
+    collections::{BTreeMap, BinaryHeap, VecDeque},
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
+use rustc_hash::FxHashMap;
 use switchyard_core::Message;
 use tokio::{sync::Notify, time::Instant};
 
@@ -20,7 +22,9 @@ struct Entry {
 struct InFlight {
     seq: u64,
     entry: Entry,
-    deadline: Instant,
+    /// When it expires; `None` while it waits in its consumer's buffer
+    /// (its clock starts at hand-out, see [`Queue::restamp`]).
+    deadline: Option<Instant>,
     consumer: u64,
 }
 
@@ -34,13 +38,22 @@ struct State {
     returned: BTreeMap<u64, Entry>,
     /// Nacked-with-delay messages by (due, seq).
     delayed: BTreeMap<(Instant, u64), Entry>,
-    /// Handed-out deliveries by delivery tag.
-    in_flight: HashMap<u64, InFlight>,
-    /// Ack deadlines (deadline, tag) of in-flight deliveries.
-    deadlines: BTreeSet<(Instant, u64)>,
+    /// Handed-out deliveries by delivery tag (sequential integers: a
+    /// multiplicative hash, not SipHash, which cost more than the rest of
+    /// a settlement).
+    in_flight: FxHashMap<u64, InFlight>,
+    /// Ack deadlines `(deadline, tag)`, earliest first. Lazy: a settled
+    /// delivery's entry, or one whose deadline moved, is dropped when it
+    /// reaches the top or when stale entries outnumber live ones; the
+    /// delivery's own [`InFlight::deadline`] is the truth.
+    deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
     /// Unsettled deliveries per consumer.
-    held: HashMap<u64, usize>,
+    held: FxHashMap<u64, usize>,
     next_tag: u64,
+    /// A consumer found no room in its prefetch: the next settlement wakes
+    /// the waiting consumers (otherwise an ack wakes nobody, as nobody
+    /// waits for what it frees).
+    room_wanted: bool,
     /// Publish sequence of the next message.
     next_seq: u64,
 }
@@ -72,7 +85,6 @@ impl State {
 
     fn release(&mut self, tag: u64) -> Option<InFlight> {
         let f = self.in_flight.remove(&tag)?;
-        self.deadlines.remove(&(f.deadline, tag));
         if let Some(n) = self.held.get_mut(&f.consumer) {
             *n -= 1;
         }
@@ -88,19 +100,43 @@ impl State {
             let ((_, seq), e) = entry.remove_entry();
             self.returned.insert(seq, e);
         }
-        while let Some(&(deadline, tag)) = self.deadlines.first() {
-            if deadline > now {
+        // Stale entries at the top go whatever their time, so the top is
+        // live afterwards (`next_wake` reads it).
+        while let Some(&Reverse((deadline, tag))) = self.deadlines.peek() {
+            let live = self.is_live(deadline, tag);
+            if live && deadline > now {
                 break;
             }
-            if let Some(f) = self.release(tag) {
+            self.deadlines.pop();
+            if live && let Some(f) = self.release(tag) {
                 self.returned.insert(f.seq, f.entry);
             }
         }
     }
 
+    /// Whether a deadline entry still stands for its delivery.
+    fn is_live(&self, deadline: Instant, tag: u64) -> bool {
+        self.in_flight
+            .get(&tag)
+            .is_some_and(|f| f.deadline == Some(deadline))
+    }
+
+    /// Records a delivery's new deadline (its `InFlight::deadline` is
+    /// already set). Stale entries are dropped once they outnumber the
+    /// deliveries in flight: a delivery held for long at the top no longer
+    /// lets everything settled after it pile up behind it.
+    fn stamp(&mut self, deadline: Instant, tag: u64) {
+        self.deadlines.push(Reverse((deadline, tag)));
+        if self.deadlines.len() > 2 * self.in_flight.len() + 64 {
+            let mut deadlines = std::mem::take(&mut self.deadlines);
+            deadlines.retain(|&Reverse((d, t))| self.is_live(d, t));
+            self.deadlines = deadlines;
+        }
+    }
+
     fn next_wake(&self) -> Option<Instant> {
         let delayed = self.delayed.keys().next().map(|k| k.0);
-        let deadline = self.deadlines.first().map(|k| k.0);
+        let deadline = self.deadlines.peek().map(|k| k.0.0);
         match (delayed, deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -170,6 +206,9 @@ impl Queue {
         let mut state = self.lock();
         state.promote(now);
         let held = state.held.get(&consumer).copied().unwrap_or(0);
+        if held >= prefetch {
+            state.room_wanted = true;
+        }
         let room = prefetch.saturating_sub(held).min(max);
         let mut out = Vec::new();
         let deadline = now + ack_timeout;
@@ -183,19 +222,20 @@ impl Queue {
             // Only the delivery handed out now starts its ack clock; the rest
             // wait in the consumer's buffer without one (like prefetched
             // messages in a real client) until `restamp` hands them out.
-            if out.is_empty() {
-                state.deadlines.insert((deadline, tag));
-            }
+            let first = out.is_empty();
             out.push((tag, entry.message.clone(), entry.deliveries));
             state.in_flight.insert(
                 tag,
                 InFlight {
                     seq,
                     entry,
-                    deadline,
+                    deadline: first.then_some(deadline),
                     consumer,
                 },
             );
+            if first {
+                state.stamp(deadline, tag);
+            }
         }
         if out.is_empty() {
             Take::Wait(state.next_wake())
@@ -210,26 +250,26 @@ impl Queue {
     /// not be handed out).
     pub(crate) fn restamp(&self, tag: u64, ack_timeout: Duration) -> bool {
         let mut state = self.lock();
-        let State {
-            in_flight,
-            deadlines,
-            ..
-        } = &mut *state;
-        let Some(f) = in_flight.get_mut(&tag) else {
+        let Some(f) = state.in_flight.get_mut(&tag) else {
             return false;
         };
-        deadlines.remove(&(f.deadline, tag));
-        f.deadline = Instant::now() + ack_timeout;
-        deadlines.insert((f.deadline, tag));
+        let deadline = Instant::now() + ack_timeout;
+        f.deadline = Some(deadline);
+        state.stamp(deadline, tag);
         true
     }
 
     /// Settles a delivery for good. An unknown tag already expired and went
     /// back to the queue: nothing to do (at-least-once).
     pub(crate) fn ack(&self, tag: u64) {
-        self.lock().release(tag);
-        // Room for the consumer that acked, which may be waiting at its prefetch.
-        self.changed.notify_waiters();
+        let mut state = self.lock();
+        state.release(tag);
+        // Room for a consumer waiting at its prefetch, if one is.
+        let wake = std::mem::take(&mut state.room_wanted);
+        drop(state);
+        if wake {
+            self.changed.notify_waiters();
+        }
     }
 
     /// Returns a delivery to the queue, now or after `delay`.
@@ -285,3 +325,59 @@ impl Queue {
 }
 
 pub(crate) type SharedQueue = Arc<Queue>;
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use switchyard_core::Message;
+
+    use super::{Queue, Take};
+
+    const TIMEOUT: Duration = Duration::from_secs(60);
+
+    fn take_one(q: &Queue, ack_timeout: Duration) -> Option<(u64, u32)> {
+        match q.take(1, 1_000, 1, ack_timeout) {
+            Take::Got(got) => got.first().map(|(tag, _, attempt)| (*tag, *attempt)),
+            Take::Wait(_) => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn settled_deliveries_do_not_pile_up_behind_one_held_for_long() {
+        let q = Queue::default();
+        q.push(Message::new("held"));
+        let (_held, _) = take_one(&q, TIMEOUT).expect("the held delivery");
+        for _ in 0..10_000 {
+            q.push(Message::new("x"));
+            let (tag, _) = take_one(&q, TIMEOUT).expect("a delivery");
+            q.ack(tag);
+        }
+        let state = q.lock();
+        assert_eq!(state.in_flight.len(), 1);
+        // The held delivery's entry stays at the top all along; the 10,000
+        // settled ones behind it are compacted away.
+        assert!(
+            state.deadlines.len() <= 2 * state.in_flight.len() + 64 + 1,
+            "{} deadline entries for 1 delivery in flight",
+            state.deadlines.len()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_extended_delivery_expires_at_its_new_deadline_not_its_old_one() {
+        let q = Queue::default();
+        q.push(Message::new("m"));
+        let ack_timeout = Duration::from_secs(10);
+        let (tag, attempt) = take_one(&q, ack_timeout).expect("a delivery");
+        assert_eq!(attempt, 1);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(q.restamp(tag, ack_timeout), "extended while in flight");
+        // Past the first deadline (10 s), before the new one (16 s).
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(take_one(&q, ack_timeout), None);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let (_, attempt) = take_one(&q, ack_timeout).expect("redelivered after the new deadline");
+        assert_eq!(attempt, 2);
+    }
+}

@@ -119,8 +119,9 @@ impl SharedReceiver for ReceiverShared {
                 .queue
                 .take(s.consumer, s.prefetch, TAKE_BATCH, s.ack_timeout)
             {
-                Take::Got(mut got) => {
-                    let first = got.remove(0);
+                Take::Got(got) => {
+                    let mut got = got.into_iter();
+                    let first = got.next().expect("a take hands out at least one");
                     s.buffer().extend(got);
                     return Some(Ok(s.raw(first)));
                 }
