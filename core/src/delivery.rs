@@ -128,7 +128,10 @@ impl Delivery {
     /// as at-least-once delivery allows. The same holds for
     /// [`nack`](Delivery::nack) and [`dead_letter`](Delivery::dead_letter).
     pub async fn ack(self) -> Result<()> {
-        self.acker.ack().await
+        match self.acker.ack_now() {
+            Some(done) => done,
+            None => self.acker.ack().await,
+        }
     }
 
     /// Asks for redelivery with attempt + 1 (not before the [`Retry`] delay).

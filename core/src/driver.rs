@@ -324,6 +324,14 @@ pub trait Acker: Send + Sync + fmt::Debug {
     /// connection and broker errors.
     async fn ack(&self) -> Result<()>;
 
+    /// [`ack`](Acker::ack) without a future, for a backend that settles in
+    /// place (its own book, no round trip): `Some` with the result, or
+    /// `None` (the default) when the ack must be awaited. Core tries it
+    /// first, so a backend's ack need not allocate a future per delivery.
+    fn ack_now(&self) -> Option<Result<()>> {
+        None
+    }
+
     /// Returns the delivery for redelivery with attempt + 1, not before
     /// `delay` where one is given.
     ///

@@ -29,6 +29,7 @@ use rdkafka::{
     error::{KafkaError, RDKafkaErrorCode},
     message::Message as _,
 };
+use rustc_hash::FxHashMap;
 use switchyard_core::{
     Error, Message, Result, SubscribeOptions,
     driver::{Acker, RawDelivery, ReceiverCore, SharedReceiver},
@@ -123,14 +124,16 @@ impl Ord for Admitted {
 #[derive(Default)]
 struct State {
     /// Assigned partitions, each with the epoch of its assignment.
-    tracks: HashMap<Part, (u64, Track)>,
+    /// (Fx maps: small integer keys, looked up for every record; SipHash
+    /// cost more than the rest of the lookup.)
+    tracks: FxHashMap<Part, (u64, Track)>,
     next_epoch: u64,
     /// An assignment (possibly empty) has been received.
     assigned: bool,
     ready: VecDeque<Admitted>,
     held: BinaryHeap<Reverse<Admitted>>,
     next_seq: u64,
-    handed: HashMap<u64, Handed>,
+    handed: FxHashMap<u64, Handed>,
     next_token: u64,
     closed: bool,
     /// The subscription's topic is gone (deleted): what the broker said.
@@ -1641,13 +1644,25 @@ impl fmt::Debug for KafkaAcker {
     }
 }
 
-#[async_trait]
-impl Acker for KafkaAcker {
-    async fn ack(&self) -> Result<()> {
+impl KafkaAcker {
+    fn settle(&self) -> Result<()> {
         self.inner
             .upgrade()
             .ok_or(Error::Closed)?
             .settle(self.token)
+    }
+}
+
+#[async_trait]
+impl Acker for KafkaAcker {
+    async fn ack(&self) -> Result<()> {
+        self.settle()
+    }
+
+    /// Settling is bookkeeping under the state lock (the committer commits
+    /// the offsets later): done in place.
+    fn ack_now(&self) -> Option<Result<()>> {
+        Some(self.settle())
     }
 
     async fn nack(&self, delay: Option<Duration>) -> Result<()> {

@@ -166,14 +166,24 @@ struct MemoryAcker {
     tag: u64,
 }
 
-#[async_trait]
-impl Acker for MemoryAcker {
-    async fn ack(&self) -> Result<()> {
+impl MemoryAcker {
+    fn settle(&self) -> Result<()> {
         self.receiver.core.check_open()?;
         // An unknown tag expired after the ack timeout and was redelivered:
         // at-least-once, so this is not an error (as NATS and SQS behave).
         self.receiver.queue.ack(self.tag);
         Ok(())
+    }
+}
+
+#[async_trait]
+impl Acker for MemoryAcker {
+    async fn ack(&self) -> Result<()> {
+        self.settle()
+    }
+
+    fn ack_now(&self) -> Option<Result<()>> {
+        Some(self.settle())
     }
 
     async fn nack(&self, delay: Option<Duration>) -> Result<()> {

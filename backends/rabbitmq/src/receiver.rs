@@ -600,6 +600,11 @@ impl RabbitAcker {
         self.shared.core.check_open()
     }
 
+    fn record_ack(&self) -> Result<()> {
+        self.check_open()?;
+        self.ack_once("ack")
+    }
+
     fn lost(&self, what: &str) -> Error {
         Error::Connection {
             message: format!("{what}: the channel closed first; the broker redelivers the message"),
@@ -641,8 +646,12 @@ impl Acker for RabbitAcker {
     /// either way). A lost connection or a crash before then shows up as a
     /// redelivery, never as loss.
     async fn ack(&self) -> Result<()> {
-        self.check_open()?;
-        self.ack_once("ack")
+        self.record_ack()
+    }
+
+    /// Recording the ack does not wait: done in place.
+    fn ack_now(&self) -> Option<Result<()>> {
+        Some(self.record_ack())
     }
 
     /// Without a delay: `basic.reject` with requeue (the quorum queue counts
