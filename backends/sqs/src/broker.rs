@@ -51,6 +51,10 @@ pub(crate) const KEEP_TICK: Duration = Duration::from_millis(250);
 /// `DeleteMessageBatch` calls a receiver keeps in flight; acks that arrive
 /// while they are all out wait and go together in the next batch.
 pub(crate) const DELETE_WINDOW: usize = 4;
+/// Longest a partial `DeleteMessageBatch` waits for more acks, and only
+/// while the consumer holds deliveries that no delete covers yet: the acks
+/// of a burst arrive one by one, and without the wait the first goes alone.
+pub(crate) const LINGER: Duration = Duration::from_millis(1);
 
 fn sqs_attributes(encoded: &Encoded) -> HashMap<String, MessageAttributeValue> {
     encoded
@@ -641,12 +645,21 @@ impl Subscriber for SqsBroker {
                 .unwrap_or(43_200)
                 .clamp(1, 43_200);
         let (deletes, delete_rx) = mpsc::unbounded_channel();
-        tokio::spawn(deleter(self.inner.sqs.clone(), url.clone(), delete_rx));
+        let permits = Arc::new(Semaphore::new(prefetch));
+        tokio::spawn(deleter(
+            self.inner.sqs.clone(),
+            url.clone(),
+            delete_rx,
+            Held {
+                permits: Arc::clone(&permits),
+                prefetch,
+            },
+        ));
         let shared = Arc::new(ReceiverShared {
             sqs: self.inner.sqs.clone(),
             url,
             deletes,
-            permits: Arc::new(Semaphore::new(prefetch)),
+            permits,
             prefetch,
             visibility,
             wait: wait_for(self.inner.config.wait, visibility),

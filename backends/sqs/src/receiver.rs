@@ -246,32 +246,63 @@ impl ReceiverShared {
     }
 }
 
+/// What a receiver's consumer holds: its prefetch permits, each held by a
+/// message received and not settled (buffered, handed out, or being acked).
+pub(crate) struct Held {
+    pub(crate) permits: Arc<Semaphore>,
+    pub(crate) prefetch: usize,
+}
+
+impl Held {
+    fn count(&self) -> usize {
+        self.prefetch
+            .saturating_sub(self.permits.available_permits())
+    }
+}
+
 /// Deletes what a receiver's ackers hand it, in `DeleteMessageBatch` calls
 /// of up to 10 with [`DELETE_WINDOW`] in flight, and answers each ack with
 /// its own entry's result. An ack that finds a free window goes at once
-/// (alone, if nothing else is waiting); under load the acks that queue up
+/// when it is all the consumer holds; while the consumer holds more than
+/// the deletes cover (the rest of a burst, acked one by one), a partial
+/// batch waits up to [`LINGER`] for them. Under load the acks that queue up
 /// behind a full window share the next call. Ends when the receiver and all
 /// its ackers are gone.
 pub(crate) async fn deleter(
     sqs: aws_sdk_sqs::Client,
     url: String,
     mut rx: mpsc::UnboundedReceiver<Delete>,
+    held: Held,
 ) {
     let window = Arc::new(Semaphore::new(DELETE_WINDOW));
+    // Entries of the deletes in flight: their permits are still held.
+    let deleting = Arc::new(AtomicUsize::new(0));
     while let Some(first) = rx.recv().await {
         let Ok(permit) = Arc::clone(&window).acquire_owned().await else {
             return;
         };
         let mut batch = vec![first];
+        let until = tokio::time::Instant::now() + LINGER;
         while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(d) => batch.push(d),
-                Err(_) => break,
+            if let Ok(d) = rx.try_recv() {
+                batch.push(d);
+                continue;
+            }
+            let covered = deleting.load(Ordering::SeqCst) + batch.len();
+            if held.count() <= covered {
+                break;
+            }
+            match tokio::time::timeout_at(until, rx.recv()).await {
+                Ok(Some(d)) => batch.push(d),
+                Ok(None) | Err(_) => break,
             }
         }
-        let (sqs, url) = (sqs.clone(), url.clone());
+        let (sqs, url, deleting) = (sqs.clone(), url.clone(), Arc::clone(&deleting));
+        deleting.fetch_add(batch.len(), Ordering::SeqCst);
         tokio::spawn(async move {
+            let n = batch.len();
             delete_batch(&sqs, &url, batch).await;
+            deleting.fetch_sub(n, Ordering::SeqCst);
             drop(permit);
         });
     }
