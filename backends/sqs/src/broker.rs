@@ -52,8 +52,11 @@ pub(crate) const KEEP_TICK: Duration = Duration::from_millis(250);
 /// while they are all out wait and go together in the next batch.
 pub(crate) const DELETE_WINDOW: usize = 4;
 /// Longest a partial `DeleteMessageBatch` waits for more acks, and only
-/// while the consumer holds deliveries that no delete covers yet: the acks
-/// of a burst arrive one by one, and without the wait the first goes alone.
+/// while more of the consumer's prefetch is in use than the deletes in
+/// flight cover (see [`Held`]): the acks of a burst arrive one by one, and
+/// without the wait the first goes alone. Room taken by a receive on its
+/// way counts as in use, so with long polls out most partial batches wait
+/// it: a millisecond, against an SQS round trip of tens.
 pub(crate) const LINGER: Duration = Duration::from_millis(1);
 
 fn sqs_attributes(encoded: &Encoded) -> HashMap<String, MessageAttributeValue> {

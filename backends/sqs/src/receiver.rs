@@ -247,7 +247,8 @@ impl ReceiverShared {
 }
 
 /// What a receiver's consumer holds: its prefetch permits, each held by a
-/// message received and not settled (buffered, handed out, or being acked).
+/// message received and not settled (buffered, handed out, or being acked)
+/// or by room a receive on its way has taken.
 pub(crate) struct Held {
     pub(crate) permits: Arc<Semaphore>,
     pub(crate) prefetch: usize,
@@ -263,11 +264,11 @@ impl Held {
 /// Deletes what a receiver's ackers hand it, in `DeleteMessageBatch` calls
 /// of up to 10 with [`DELETE_WINDOW`] in flight, and answers each ack with
 /// its own entry's result. An ack that finds a free window goes at once
-/// when it is all the consumer holds; while the consumer holds more than
-/// the deletes cover (the rest of a burst, acked one by one), a partial
-/// batch waits up to [`LINGER`] for them. Under load the acks that queue up
-/// behind a full window share the next call. Ends when the receiver and all
-/// its ackers are gone.
+/// when nothing else holds a prefetch permit; while more permits are held
+/// than the deletes cover (the rest of a burst, acked one by one, or room a
+/// receive on its way took), a partial batch waits up to [`LINGER`] for
+/// more. Under load the acks that queue up behind a full window share the
+/// next call. Ends when the receiver and all its ackers are gone.
 pub(crate) async fn deleter(
     sqs: aws_sdk_sqs::Client,
     url: String,
