@@ -167,6 +167,66 @@ pub async fn try_consume(
     Ok(elapsed)
 }
 
+/// Receives and acks `n` messages with `consumers` handles on the same
+/// subscription at once (each its own task, as services scale out);
+/// returns the wall time from the first delivery, whichever handle got it,
+/// to the `n`-th ack.
+///
+/// # Errors
+///
+/// The first failed subscribe, receive, ack or close, or a stall.
+pub async fn consume_shared(
+    client: &Client,
+    topic: &str,
+    opts: SubscribeOptions,
+    n: usize,
+    consumers: usize,
+) -> Result<Duration> {
+    use std::sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    };
+    let acked = Arc::new(AtomicUsize::new(0));
+    let first = Arc::new(Mutex::new(None::<Instant>));
+    let last = Arc::new(Mutex::new(None::<Instant>));
+    let (done, _) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for _ in 0..consumers.max(1) {
+        let mut sub = client.subscribe(topic, opts.clone()).await?;
+        let (acked, first, last) = (Arc::clone(&acked), Arc::clone(&first), Arc::clone(&last));
+        let (done_tx, mut done_rx) = (done.clone(), done.subscribe());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let d = tokio::select! {
+                    d = tokio::time::timeout(STALL, sub.recv()) => d.map_err(|_| stalled())??,
+                    _ = done_rx.wait_for(|d| *d) => break,
+                };
+                first
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert_with(Instant::now);
+                d.ack().await?;
+                if acked.fetch_add(1, Ordering::SeqCst) + 1 == n {
+                    *last.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                    done_tx.send_replace(true);
+                    break;
+                }
+            }
+            sub.close().await
+        }));
+    }
+    for t in tasks {
+        t.await
+            .map_err(|e| Error::broker(format!("a consumer task failed: {e}"), false, None))??;
+    }
+    let first = first.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let last = last.lock().unwrap_or_else(|p| p.into_inner()).take();
+    Ok(match (first, last) {
+        (Some(f), Some(l)) => l - f,
+        _ => Duration::ZERO,
+    })
+}
+
 /// How long a benchmark waits for a message before calling it a stall.
 const STALL: Duration = Duration::from_secs(60);
 
