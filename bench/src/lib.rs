@@ -23,6 +23,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures_util::{StreamExt as _, stream::FuturesUnordered};
 use switchyard_core::{Bytes, Client, Error, Message, Result, SubscribeOptions};
 
+pub mod scaling;
+
 /// Size of the messages the benchmarks move.
 pub const SIZE: usize = 256;
 
@@ -168,9 +170,11 @@ pub async fn try_consume(
 }
 
 /// Receives and acks `n` messages with `consumers` handles on the same
-/// subscription at once (each its own task, as services scale out);
-/// returns the wall time from the first delivery, whichever handle got it,
-/// to the `n`-th ack.
+/// subscription at once (each its own task, as services scale out), each
+/// handle with up to `acks` acks awaiting confirmation while it receives on
+/// (1: each ack awaited before the next receive); returns the wall time
+/// from the first delivery, whichever handle got it, to the `n`-th
+/// confirmed ack.
 ///
 /// # Errors
 ///
@@ -181,36 +185,44 @@ pub async fn consume_shared(
     opts: SubscribeOptions,
     n: usize,
     consumers: usize,
+    acks: usize,
 ) -> Result<Duration> {
-    use std::sync::{
-        Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
-    };
-    let acked = Arc::new(AtomicUsize::new(0));
-    let first = Arc::new(Mutex::new(None::<Instant>));
-    let last = Arc::new(Mutex::new(None::<Instant>));
-    let (done, _) = tokio::sync::watch::channel(false);
+    let tally = scaling::Tally::new(n);
     let mut tasks = Vec::new();
     for _ in 0..consumers.max(1) {
         let mut sub = client.subscribe(topic, opts.clone()).await?;
-        let (acked, first, last) = (Arc::clone(&acked), Arc::clone(&first), Arc::clone(&last));
-        let (done_tx, mut done_rx) = (done.clone(), done.subscribe());
+        let tally = tally.clone();
         tasks.push(tokio::spawn(async move {
-            loop {
-                let d = tokio::select! {
-                    d = tokio::time::timeout(STALL, sub.recv()) => d.map_err(|_| stalled())??,
-                    _ = done_rx.wait_for(|d| *d) => break,
-                };
-                first
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get_or_insert_with(Instant::now);
-                d.ack().await?;
-                if acked.fetch_add(1, Ordering::SeqCst) + 1 == n {
-                    *last.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-                    done_tx.send_replace(true);
-                    break;
+            let mut pending = FuturesUnordered::new();
+            'run: loop {
+                while pending.len() >= acks.max(1) {
+                    if let Some(r) = pending.next().await {
+                        r?;
+                        if tally.add(1) {
+                            break 'run;
+                        }
+                    }
                 }
+                tokio::select! {
+                    biased;
+                    Some(r) = pending.next(), if !pending.is_empty() => {
+                        r?;
+                        if tally.add(1) {
+                            break;
+                        }
+                    }
+                    d = tokio::time::timeout(STALL, sub.recv()) => {
+                        let d = d.map_err(|_| stalled())??;
+                        tally.started();
+                        pending.push(d.ack());
+                    }
+                    () = tally.finished() => break,
+                }
+            }
+            // What is still out (another handle counted the n-th).
+            while let Some(r) = pending.next().await {
+                r?;
+                tally.add(1);
             }
             sub.close().await
         }));
@@ -219,12 +231,7 @@ pub async fn consume_shared(
         t.await
             .map_err(|e| Error::broker(format!("a consumer task failed: {e}"), false, None))??;
     }
-    let first = first.lock().unwrap_or_else(|p| p.into_inner()).take();
-    let last = last.lock().unwrap_or_else(|p| p.into_inner()).take();
-    Ok(match (first, last) {
-        (Some(f), Some(l)) => l - f,
-        _ => Duration::ZERO,
-    })
+    Ok(tally.span().unwrap_or_default())
 }
 
 /// How long a benchmark waits for a message before calling it a stall.

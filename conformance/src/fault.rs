@@ -531,26 +531,47 @@ async fn private_broker_and_client(
 ///
 /// When a confirmed message is lost or a bound is exceeded.
 pub async fn fault_broker_killed_twice(h: &dyn crate::Harness) -> crate::Outcome {
+    broker_killed_twice(h, "fault_broker_killed_twice", 10_000).await
+}
+
+/// Fault case: [`fault_broker_killed_twice`] with 3,000 messages, for a
+/// broker whose confirmed publishes, one at a time, are too slow for
+/// 10,000 within the case's bound (Kafka on tansu's sqlite storage: about
+/// 110 a second), so its figures (seconds until publishing and deliveries
+/// are back after each restart) can be measured there. Every other
+/// backend runs the full case.
+///
+/// # Panics
+///
+/// As [`fault_broker_killed_twice`].
+pub async fn fault_broker_killed_twice_short(h: &dyn crate::Harness) -> crate::Outcome {
+    broker_killed_twice(h, "fault_broker_killed_twice_short", 3_000).await
+}
+
+async fn broker_killed_twice(
+    h: &dyn crate::Harness,
+    case: &str,
+    killed_messages: usize,
+) -> crate::Outcome {
     const DOWN: Duration = Duration::from_secs(2);
-    const KILLED_MESSAGES: usize = 10_000;
 
     let Some((mut broker, client)) = private_broker_and_client(h).await else {
         return crate::Outcome::Skipped("the harness has no private broker".into());
     };
     let topic = h.unique("fault-kill");
-    let flow = Flow::steady(&client, &topic, KILLED_MESSAGES).await;
+    let flow = Flow::steady(&client, &topic, killed_messages).await;
 
     // The kills fall a third and two thirds of the way through.
     let mut restarts = Vec::new();
     for third in 1..=2 {
-        flow.wait_confirmed(KILLED_MESSAGES * third / 3).await;
+        flow.wait_confirmed(killed_messages * third / 3).await;
         broker.kill();
         tokio::time::sleep(DOWN).await;
         broker.restart().await;
         restarts.push(Instant::now());
     }
     let end = flow.finish(&restarts).await;
-    end.report("fault_broker_killed_twice", "the restarts");
+    end.report(case, "the restarts");
     end.assert_nothing_lost("two broker kills");
     let _ = client.close().await;
     crate::Outcome::Passed
