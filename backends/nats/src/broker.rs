@@ -642,6 +642,7 @@ impl Subscriber for NatsBroker {
                     suspect: false,
                     gone: None,
                     pulled: std::collections::VecDeque::new(),
+                    oversize: false,
                 },
             ),
             js: self.inner.js.clone(),
@@ -651,6 +652,8 @@ impl Subscriber for NatsBroker {
             slow: SlowStart::new(),
             ack_wait: options.ack_timeout(),
             pull_expiry: self.inner.config.pull_expiry,
+            pull_bytes: self.inner.config.pull_bytes,
+            max_message: self.inner.server_max_payload.saturating_add(HEADER_RESERVE),
         });
         tokio::spawn(keep_leases(Arc::downgrade(&shared)));
         self.inner.life.adopt(&shared);

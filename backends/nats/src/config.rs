@@ -45,6 +45,7 @@ pub struct NatsConfig {
     pub(crate) max_ack_pending: i64,
     pub(crate) publish_window: usize,
     pub(crate) pull_expiry: Duration,
+    pub(crate) pull_bytes: usize,
 }
 
 impl fmt::Debug for NatsConfig {
@@ -75,6 +76,7 @@ impl fmt::Debug for NatsConfig {
             .field("max_ack_pending", &self.max_ack_pending)
             .field("publish_window", &self.publish_window)
             .field("pull_expiry", &self.pull_expiry)
+            .field("pull_bytes", &self.pull_bytes)
             .finish()
     }
 }
@@ -101,6 +103,7 @@ impl NatsConfig {
             max_ack_pending: 10_000,
             publish_window: 256,
             pull_expiry: crate::broker::PULL_EXPIRES,
+            pull_bytes: DEFAULT_PULL_BYTES,
         }
     }
 
@@ -108,7 +111,8 @@ impl NatsConfig {
     ///
     /// Parameters: `token`, `creds` (credentials file path), `tls=true`,
     /// `connect_timeout` and `request_timeout` (e.g. `5s`, `500ms`),
-    /// `storage=file|memory`, `max_age`, `pull_expiry`, `replicas`, `prefer` (one of the
+    /// `storage=file|memory`, `max_age`, `pull_expiry`, `pull_bytes` (a byte
+    /// count), `replicas`, `prefer` (one of the
     /// listed `host:port`s, see [`with_prefer_server`](Self::with_prefer_server)).
     ///
     /// Several servers (a cluster's nodes) are separated by commas:
@@ -162,6 +166,12 @@ impl NatsConfig {
                 "request_timeout" => config.request_timeout = duration(&v)?,
                 "max_age" => config.max_age = duration(&v)?,
                 "pull_expiry" => config = config.with_pull_expiry(duration(&v)?),
+                "pull_bytes" => {
+                    let bytes = v.parse().map_err(|_| {
+                        invalid(format!("pull_bytes must be a byte count, got {v:?}"))
+                    })?;
+                    config = config.with_pull_bytes(bytes);
+                }
                 "storage" => {
                     config.storage = match &*v {
                         "file" => StorageType::File,
@@ -189,7 +199,7 @@ impl NatsConfig {
                 }
                 other => {
                     return Err(invalid(format!(
-                        "unknown parameter {other:?} (known: token, creds, tls, connect_timeout, request_timeout, storage, max_age, replicas, prefer)"
+                        "unknown parameter {other:?} (known: token, creds, tls, connect_timeout, request_timeout, storage, max_age, pull_expiry, pull_bytes, replicas, prefer)"
                     )));
                 }
             }
@@ -365,7 +375,45 @@ impl NatsConfig {
     pub fn pull_expiry(&self) -> Duration {
         self.pull_expiry
     }
+
+    /// The most bytes one subscription's receiver asks the server for at
+    /// once (default 4 MiB): its pull requests together carry this
+    /// `max_bytes`, split by the messages each asks for; a request still
+    /// takes at least one message of the server's largest size.
+    ///
+    /// What the pull requests of a connection's receivers asked for, the
+    /// server queues for the connection as fast as it reads the stream. Past
+    /// the server's `max_pending` (64 MiB by default) it drops the
+    /// connection as a slow consumer, and every message it had queued comes
+    /// back after the ack wait, counted as delivered once more although the
+    /// application never saw it. So keep this, times the receivers that
+    /// share a client and take large messages at once, under the server's
+    /// `max_pending`. Small messages never reach it: the prefetch bounds
+    /// them first.
+    ///
+    /// ```
+    /// use switchyard_nats::NatsConfig;
+    /// let config = NatsConfig::from_url("nats://127.0.0.1:4222?pull_bytes=1048576").unwrap();
+    /// assert_eq!(config.pull_bytes(), 1 << 20);
+    /// assert_eq!(NatsConfig::new("127.0.0.1:4222").pull_bytes(), 4 << 20);
+    /// ```
+    #[must_use]
+    pub fn with_pull_bytes(mut self, bytes: usize) -> Self {
+        self.pull_bytes = bytes.max(1);
+        self
+    }
+
+    /// The bytes a receiver asks for at once ([`with_pull_bytes`](Self::with_pull_bytes)).
+    #[must_use]
+    pub fn pull_bytes(&self) -> usize {
+        self.pull_bytes
+    }
 }
+
+/// [`NatsConfig::with_pull_bytes`]'s default: 4 MiB, so 16 receivers
+/// taking large messages at once stay within nats-server's default
+/// `max_pending` of 64 MiB.
+const DEFAULT_PULL_BYTES: usize = 4 << 20;
 
 /// Percent-decodes URL userinfo (`+` stays `+`).
 fn percent_decode(s: &str) -> String {

@@ -63,6 +63,11 @@ pub(crate) struct PullState {
     /// ran, in arrival order, each with when its ack wait last (re)started
     /// at the latest: `recv` takes these first.
     pub(crate) pulled: std::collections::VecDeque<(async_nats::Message, Instant)>,
+    /// A request ended with nothing sent because the next message did not
+    /// fit its `max_bytes` (a message larger than the server's limit now,
+    /// published before it was lowered): the next request asks without a
+    /// bound, so it cannot hold up the stream.
+    pub(crate) oversize: bool,
 }
 
 /// A pull request that may be open.
@@ -70,6 +75,8 @@ pub(crate) struct PullState {
 pub(crate) struct Request {
     /// Messages asked for.
     batch: usize,
+    /// Bytes asked for at most (0: no bound).
+    max_bytes: usize,
     sent: Instant,
 }
 
@@ -121,6 +128,39 @@ pub(crate) struct ReceiverShared {
     pub(crate) ack_wait: Duration,
     /// How long each pull request waits on the server.
     pub(crate) pull_expiry: Duration,
+    /// The bytes the receiver's open pull requests ask for together
+    /// ([`NatsConfig::with_pull_bytes`](crate::NatsConfig::with_pull_bytes)).
+    pub(crate) pull_bytes: usize,
+    /// The most a single message can count against a request's `max_bytes`
+    /// (the server's payload limit and room for the subject and reply).
+    pub(crate) max_message: usize,
+}
+
+/// A pull request's `max_bytes` when it asks for `batch` of a receiver's
+/// `prefetch` messages: its share of `pull_bytes`, at least `max_message`
+/// (so the largest message fits in a request of its own), made prime (the
+/// next one up).
+///
+/// The server ends a request without a word when a message leaves its
+/// `max_bytes` at exactly zero, so the messages it did not send would go
+/// on holding room ([`PullState::reserved`]) until the receiver hears
+/// nothing for [`STALLED`](crate::broker::STALLED). A prime is no multiple
+/// of any message size, so a run of equal messages never lands on zero;
+/// the server ends such a request with a status that gives the room back.
+pub(crate) fn request_bytes(
+    batch: usize,
+    prefetch: usize,
+    pull_bytes: usize,
+    max_message: usize,
+) -> usize {
+    let share = pull_bytes.saturating_mul(batch) / prefetch.max(1);
+    prime_at_least(share.max(max_message))
+}
+
+/// The smallest prime not below `n` (primes are dense: the search is short).
+fn prime_at_least(n: usize) -> usize {
+    let is_prime = |k: usize| k >= 2 && (2..).take_while(|d| d * d <= k).all(|d| k % d != 0);
+    (n..).find(|k| is_prime(*k)).unwrap_or(n)
 }
 
 /// Whether an inbox message is a delivery (not a pull request's status).
@@ -379,8 +419,15 @@ impl ReceiverShared {
         if got.is_empty() {
             return Ok(());
         }
+        // Bounded in bytes too: see `request_bytes` and
+        // `NatsConfig::with_pull_bytes`.
+        let max_bytes = if std::mem::take(&mut state.oversize) {
+            0
+        } else {
+            request_bytes(got.len(), self.prefetch, self.pull_bytes, self.max_message)
+        };
         let body = format!(
-            r#"{{"batch":{},"expires":{},"idle_heartbeat":{}}}"#,
+            r#"{{"batch":{},"max_bytes":{max_bytes},"expires":{},"idle_heartbeat":{}}}"#,
             got.len(),
             self.pull_expiry.as_nanos(),
             PULL_HEARTBEAT.as_nanos()
@@ -411,6 +458,7 @@ impl ReceiverShared {
             request,
             Request {
                 batch: got.len(),
+                max_bytes,
                 sent: now,
             },
         );
@@ -469,16 +517,26 @@ impl ReceiverShared {
             Some(status) => {
                 // The server says how many it did not send (a request
                 // already forgotten gives nothing back).
-                let unfilled = request
-                    .and_then(|n| state.requests.remove(&n))
-                    .map_or(0, |r| {
-                        message
-                            .headers
-                            .as_ref()
-                            .and_then(|h| h.get("Nats-Pending-Messages"))
-                            .and_then(|v| v.as_str().parse::<usize>().ok())
-                            .map_or(r.batch, |n| n.min(r.batch))
-                    });
+                let pending = |name: &str| {
+                    message
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(name))
+                        .and_then(|v| v.as_str().parse::<usize>().ok())
+                };
+                let ended = request.and_then(|n| state.requests.remove(&n));
+                let unfilled = ended.map_or(0, |r| {
+                    pending("Nats-Pending-Messages").map_or(r.batch, |n| n.min(r.batch))
+                });
+                // Nothing sent, for the next message is larger than the
+                // whole request (a 409 saying so keeps all its bytes).
+                if let Some(r) = ended
+                    && r.max_bytes > 0
+                    && status == 409
+                    && pending("Nats-Pending-Bytes") == Some(r.max_bytes)
+                {
+                    state.oversize = true;
+                }
                 let keep = state.reserved.len().saturating_sub(unfilled);
                 state.reserved.truncate(keep);
                 state.forget_ended();
@@ -779,5 +837,26 @@ impl Acker for NatsAcker {
     /// A progress ack (`+WPI`): the server restarts the ack wait.
     async fn extend(&self) -> Result<()> {
         self.send(AckKind::Progress, "progress ack").await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_bytes_share_the_budget_and_fit_the_largest_message() {
+        let (mib, max_message) = (1 << 20, (1 << 20) + 16 * 1024);
+        // Half the prefetch: about half the budget, the next prime up.
+        let half = request_bytes(128, 256, 4 * mib, max_message);
+        assert!(half >= 2 * mib && half < 2 * mib + 100, "{half}");
+        assert!((2..).take_while(|d| d * d <= half).all(|d| half % d != 0));
+        // One message: never under the largest message.
+        let one = request_bytes(1, 256, 4 * mib, max_message);
+        assert!(one >= max_message && one < max_message + 100, "{one}");
+        // No run of equal messages ends a request at exactly zero.
+        for size in [1_000, 4_096, 65_536 + 120, 100_003] {
+            assert_ne!(half % size, 0, "{size}");
+        }
     }
 }

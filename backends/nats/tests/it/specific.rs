@@ -426,3 +426,75 @@ async fn a_publish_in_flight_when_the_connection_drops_fails_at_once() {
     eprintln!("publishing back {:?} after the restart", back.elapsed());
     client.close().await.unwrap();
 }
+
+/// Large messages on a subscription with a large prefetch: what its pull
+/// requests ask for must not outgrow what the server lets a connection
+/// have queued (`max_pending`, 64 MiB by default; 4 MiB on this test's own
+/// server). Past it the server drops the connection as a slow consumer,
+/// and every message it had queued comes back after the ack wait, counted
+/// as delivered once more though the application never saw it (DESIGN
+/// §3.14): a few such drops and a healthy message is dead-lettered.
+///
+/// 400 messages of 64 KiB on a subscription with prefetch 256 (16 MiB
+/// asked for at once): each must arrive once, at attempt 1, with the
+/// connection never dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_keep_within_the_servers_pending_limit() {
+    if url().is_none() {
+        return;
+    }
+    let mut server = crate::OwnNats::fresh(&[]);
+    let conf = server.dir().join("pending.conf");
+    std::fs::create_dir_all(server.dir()).unwrap();
+    std::fs::write(&conf, "max_pending: 4194304\n").unwrap();
+    server.args(["-c"]).arg(&conf);
+    server.boot(crate::BOOT).await;
+    let port = server.port();
+    let broker =
+        NatsBroker::connect(NatsConfig::from_url(&format!("nats://127.0.0.1:{port}")).unwrap())
+            .await
+            .unwrap();
+    let client = switchyard_core::Client::new(broker.clone());
+    let topic = format!("large-{}", &switchyard_core::new_id()[24..]);
+    let opts = SubscribeOptions::new("large")
+        .with_prefetch(256)
+        .with_ack_timeout(Duration::from_secs(5));
+    client.ensure_subscription(&topic, &opts).await.unwrap();
+    const N: usize = 400;
+    let payload = switchyard_core::Bytes::from(vec![7u8; 64 * 1024]);
+    for chunk in 0..N / 100 {
+        let batch = (0..100)
+            .map(|i| Message::new(payload.clone()).with_id(format!("m{}", chunk * 100 + i)))
+            .collect();
+        for r in client.publish_batch(&topic, batch).await {
+            r.unwrap();
+        }
+    }
+    let mut sub = client.subscribe(&topic, opts).await.unwrap();
+    let mut seen = std::collections::HashMap::<String, Vec<u32>>::new();
+    let started = Instant::now();
+    while seen.len() < N {
+        let d = tokio::time::timeout(Duration::from_secs(30), sub.recv())
+            .await
+            .unwrap_or_else(|_| panic!("stalled at {} of {N}", seen.len()))
+            .unwrap();
+        seen.entry(d.message().id().to_owned())
+            .or_default()
+            .push(d.attempt());
+        d.ack().await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    sub.close().await.unwrap();
+    let log = std::fs::read_to_string(server.dir().join("broker.log")).unwrap_or_default();
+    let slow = log.lines().filter(|l| l.contains("Slow Consumer")).count();
+    let again: Vec<_> = seen.iter().filter(|(_, a)| *a != &vec![1]).collect();
+    eprintln!("{N} messages of 64 KiB received in {elapsed:?}; slow-consumer drops: {slow}");
+    assert!(
+        again.is_empty() && slow == 0,
+        "{} of {N} messages came more than once or past attempt 1 (e.g. {:?}); the server \
+         dropped the connection as a slow consumer {slow} times; {elapsed:?}",
+        again.len(),
+        again.first()
+    );
+    client.close().await.unwrap();
+}
