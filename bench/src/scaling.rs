@@ -117,14 +117,16 @@ impl Table {
         &self.csv
     }
 
-    /// Writes `scaling-<name>.csv` to `$SY_BENCH_OUT` (default
-    /// `target/bench`); returns its path.
+    /// Writes `scaling-<name>.csv` to `$SY_BENCH_OUT` (default: the
+    /// workspace's `target/bench`, where `scripts/plot_scaling.py` looks,
+    /// whatever directory cargo runs the benchmark in); returns its path.
     ///
     /// # Errors
     ///
     /// When the directory or the file cannot be written.
     pub fn write(&self, name: &str) -> std::io::Result<PathBuf> {
-        let out = std::env::var("SY_BENCH_OUT").unwrap_or_else(|_| "target/bench".into());
+        let out = std::env::var("SY_BENCH_OUT")
+            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench").into());
         std::fs::create_dir_all(&out)?;
         let path = PathBuf::from(out).join(format!("scaling-{name}.csv"));
         std::fs::write(&path, &self.csv)?;
