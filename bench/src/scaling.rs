@@ -11,13 +11,19 @@
 //!
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 //! let mut table = Table::new("example", "raw");
-//! // Each measurement returns (raw, switchyard) wall times; the point is the
+//! // Each measurement publishes, then times both clients; the point is the
 //! // mean of two, each client going first once.
-//! table
-//!     .point(1024, 1000, 2, async |_raw_first| {
-//!         (Duration::from_millis(10), Duration::from_millis(20))
-//!     })
+//! let (raw, sy) = table
+//!     .point(
+//!         1024,
+//!         1000,
+//!         2,
+//!         async || {},
+//!         async || Duration::from_millis(10),
+//!         async || Duration::from_millis(20),
+//!     )
 //!     .await;
+//! assert_eq!((raw, sy), (100_000.0, 50_000.0));
 //! assert!(table.csv().contains("example,1024,2,raw,100000"));
 //!
 //! // A raw consumer loop counts what it took; the n-th ends every loop.
@@ -78,37 +84,47 @@ impl Table {
 
     /// Measures one point twice, each client going first once (the first
     /// reader shares the broker with whatever the other's copy still
-    /// costs it): `measure(raw_first)` publishes `count` messages and
-    /// consumes them with both clients, returning the raw and the
-    /// switchyard wall times. Records the mean rates; returns them as
-    /// `(raw, switchyard)`.
-    pub async fn point<F>(
+    /// costs it): each time, `publish` publishes `count` messages, then
+    /// `raw` and `sy` consume them, returning their wall times. Records the
+    /// mean rates; returns them as `(raw, switchyard)`.
+    pub async fn point<P, R, S>(
         &mut self,
         size: usize,
         count: usize,
         consumers: usize,
-        mut measure: F,
+        mut publish: P,
+        mut raw: R,
+        mut sy: S,
     ) -> (f64, f64)
     where
-        F: AsyncFnMut(bool) -> (Duration, Duration),
+        P: AsyncFnMut(),
+        R: AsyncFnMut() -> Duration,
+        S: AsyncFnMut() -> Duration,
     {
         self.points += 1;
         let odd = self.points % 2 == 1;
-        let (mut raw, mut sy) = (0.0, 0.0);
+        let (mut raw_rate, mut sy_rate) = (0.0, 0.0);
         for raw_first in [odd, !odd] {
-            let (r, s) = measure(raw_first).await;
-            raw += rate(count, r) / 2.0;
-            sy += rate(count, s) / 2.0;
+            publish().await;
+            let (r, s) = if raw_first {
+                let r = raw().await;
+                (r, sy().await)
+            } else {
+                let s = sy().await;
+                (raw().await, s)
+            };
+            raw_rate += rate(count, r) / 2.0;
+            sy_rate += rate(count, s) / 2.0;
         }
         println!(
-            "{size:>6} B, {consumers} consumers, {count} messages: {} {raw:>8.0} msg/s  switchyard {sy:>8.0} msg/s  ratio {:.2}",
+            "{size:>6} B, {consumers} consumers, {count} messages: {} {raw_rate:>8.0} msg/s  switchyard {sy_rate:>8.0} msg/s  ratio {:.2}",
             self.raw,
-            sy / raw
+            sy_rate / raw_rate
         );
-        for (who, v) in [(self.raw.as_str(), raw), ("switchyard", sy)] {
+        for (who, v) in [(self.raw.as_str(), raw_rate), ("switchyard", sy_rate)] {
             let _ = writeln!(self.csv, "{},{size},{consumers},{who},{v:.0}", self.backend);
         }
-        (raw, sy)
+        (raw_rate, sy_rate)
     }
 
     /// The CSV so far.

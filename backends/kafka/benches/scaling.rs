@@ -130,44 +130,53 @@ async fn run(url: String, n: usize) {
         switchyard_core::redact_url(url)
     );
     let mut table = Table::new("Kafka", "rdkafka");
-    // Measurements so far: each has a topic (and a raw group) of its own.
-    let m = std::sync::atomic::AtomicUsize::new(0);
+    // Each measurement has a topic (and a raw group) of its own: the
+    // measurement's number and topic.
+    let current = std::sync::Mutex::new((0, String::new()));
+    let opts = SubscribeOptions::new("sy").with_prefetch(PREFETCH);
+    // tansu's memory storage keeps every record: a topic goes once read.
+    let delete = async |topic: &str| {
+        if !topic.is_empty() {
+            let retry = broker.retry_topic(topic, "sy");
+            let _ = admin
+                .delete_topics(&[topic, retry.as_str()], &AdminOptions::new())
+                .await;
+        }
+    };
+    let now = || current.lock().unwrap().clone();
     for (size, count) in scaling::sizes(n) {
         for consumers in CONSUMERS {
-            let (client, servers, m, broker, admin) = (&client, &servers, &m, &broker, &admin);
+            let (client, servers, opts) = (&client, &servers, &opts);
             table
-                .point(size, count, consumers, async |raw_first| {
-                    let m = m.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                    let topic = format!("bench.scaling.{run_id}.{m}");
-                    let opts = SubscribeOptions::new("sy").with_prefetch(PREFETCH);
-                    client.ensure_subscription(&topic, &opts).await.unwrap();
-                    bench::publish_windowed(client, &topic, count, size, 1024)
-                        .await
-                        .unwrap();
-                    let group = format!("raw-{run_id}-{m}");
-                    let r = async { raw_consume(servers, &topic, &group, count, consumers).await };
-                    let s = async {
-                        bench::consume_shared(client, &topic, opts.clone(), count, consumers, 1)
+                .point(
+                    size,
+                    count,
+                    consumers,
+                    async || {
+                        let (m, last) = now();
+                        delete(&last).await;
+                        let topic = format!("bench.scaling.{run_id}.{}", m + 1);
+                        client.ensure_subscription(&topic, opts).await.unwrap();
+                        bench::publish_windowed(client, &topic, count, size, 1024)
+                            .await
+                            .unwrap();
+                        *current.lock().unwrap() = (m + 1, topic);
+                    },
+                    async || {
+                        let (m, topic) = now();
+                        let group = format!("raw-{run_id}-{m}");
+                        raw_consume(servers, &topic, &group, count, consumers).await
+                    },
+                    async || {
+                        bench::consume_shared(client, &now().1, opts.clone(), count, consumers, 1)
                             .await
                             .unwrap()
-                    };
-                    let times = if raw_first {
-                        let r = r.await;
-                        (r, s.await)
-                    } else {
-                        let s = s.await;
-                        (r.await, s)
-                    };
-                    // tansu's memory storage keeps every record: let it go.
-                    let retry = broker.retry_topic(&topic, "sy");
-                    let _ = admin
-                        .delete_topics(&[topic.as_str(), retry.as_str()], &AdminOptions::new())
-                        .await;
-                    times
-                })
+                    },
+                )
                 .await;
         }
     }
+    delete(&now().1).await;
     table.write("kafka").unwrap();
     client.close().await.unwrap();
 }

@@ -73,24 +73,22 @@ async fn run(n: usize) {
             client.ensure_subscription(&topic, &opts).await.unwrap();
             let (client, topic) = (&client, &topic);
             table
-                .point(size, count, consumers, async |raw_first| {
-                    bench::publish_windowed(client, topic, count, size, PREFETCH)
-                        .await
-                        .unwrap();
-                    let r = async { raw_consume(count, size, consumers).await };
-                    let s = async {
+                .point(
+                    size,
+                    count,
+                    consumers,
+                    async || {
+                        bench::publish_windowed(client, topic, count, size, PREFETCH)
+                            .await
+                            .unwrap();
+                    },
+                    async || raw_consume(count, size, consumers).await,
+                    async || {
                         bench::consume_shared(client, topic, opts.clone(), count, consumers, 1)
                             .await
                             .unwrap()
-                    };
-                    if raw_first {
-                        let r = r.await;
-                        (r, s.await)
-                    } else {
-                        let s = s.await;
-                        (r.await, s)
-                    }
-                })
+                    },
+                )
                 .await;
         }
     }

@@ -113,24 +113,22 @@ async fn run(url: String, n: usize) {
                 .unwrap();
             let (client, topic, raw) = (&client, &topic, &raw);
             table
-                .point(size, count, consumers, async |raw_first| {
-                    bench::publish_windowed(client, topic, count, size, PREFETCH)
-                        .await
-                        .unwrap();
-                    let r = async { raw_consume(raw, count, consumers).await };
-                    let s = async {
+                .point(
+                    size,
+                    count,
+                    consumers,
+                    async || {
+                        bench::publish_windowed(client, topic, count, size, PREFETCH)
+                            .await
+                            .unwrap();
+                    },
+                    async || raw_consume(raw, count, consumers).await,
+                    async || {
                         bench::consume_shared(client, topic, sy_opts.clone(), count, consumers, 1)
                             .await
                             .unwrap()
-                    };
-                    if raw_first {
-                        let r = r.await;
-                        (r, s.await)
-                    } else {
-                        let s = s.await;
-                        (r.await, s)
-                    }
-                })
+                    },
+                )
                 .await;
             let _ = js.delete_stream(broker.stream_name(topic)).await;
             for opts in [&sy_opts, &raw_opts] {

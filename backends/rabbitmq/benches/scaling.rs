@@ -122,24 +122,22 @@ async fn run(url: String, n: usize) {
             let raw_queue = broker.queue_name(&topic, "raw");
             let (client, conn, topic, raw_queue) = (&client, &conn, &topic, &raw_queue);
             table
-                .point(size, count, consumers, async |raw_first| {
-                    bench::publish_windowed(client, topic, count, size, PREFETCH)
-                        .await
-                        .unwrap();
-                    let raw = async { raw_consume(conn, raw_queue, count, consumers).await };
-                    let sy = async {
+                .point(
+                    size,
+                    count,
+                    consumers,
+                    async || {
+                        bench::publish_windowed(client, topic, count, size, PREFETCH)
+                            .await
+                            .unwrap();
+                    },
+                    async || raw_consume(conn, raw_queue, count, consumers).await,
+                    async || {
                         bench::consume_shared(client, topic, sy_opts.clone(), count, consumers, 1)
                             .await
                             .unwrap()
-                    };
-                    if raw_first {
-                        let r = raw.await;
-                        (r, sy.await)
-                    } else {
-                        let s = sy.await;
-                        (raw.await, s)
-                    }
-                })
+                    },
+                )
                 .await;
             let channel = conn.create_channel().await.unwrap();
             let mut exchanges = vec![broker.exchange_name(topic)];

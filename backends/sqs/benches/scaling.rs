@@ -128,12 +128,17 @@ async fn run(url: String, n: usize) {
                 .to_owned();
             let (client, sqs, topic, raw_url) = (&client, &sqs, &topic, &raw_url);
             table
-                .point(size, count, consumers, async |raw_first| {
-                    bench::publish_windowed(client, topic, count, size, 64)
-                        .await
-                        .unwrap();
-                    let r = async { raw_consume(sqs, raw_url, count, consumers).await };
-                    let s = async {
+                .point(
+                    size,
+                    count,
+                    consumers,
+                    async || {
+                        bench::publish_windowed(client, topic, count, size, 64)
+                            .await
+                            .unwrap();
+                    },
+                    async || raw_consume(sqs, raw_url, count, consumers).await,
+                    async || {
                         bench::consume_shared(
                             client,
                             topic,
@@ -144,15 +149,8 @@ async fn run(url: String, n: usize) {
                         )
                         .await
                         .unwrap()
-                    };
-                    if raw_first {
-                        let r = r.await;
-                        (r, s.await)
-                    } else {
-                        let s = s.await;
-                        (r.await, s)
-                    }
-                })
+                    },
+                )
                 .await;
             for sub in ["sy", "raw"] {
                 if let Ok(q) = sqs
