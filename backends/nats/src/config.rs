@@ -377,9 +377,12 @@ impl NatsConfig {
     }
 
     /// The most bytes one subscription's receiver asks the server for at
-    /// once (default 4 MiB): its pull requests together carry this
-    /// `max_bytes`, split by the messages each asks for; a request still
-    /// takes at least one message of the server's largest size.
+    /// once (default 4 MiB, at most 1 GiB; 0 counts as 1): its pull
+    /// requests split it by the messages each asks for, as `max_bytes`. A
+    /// request still takes at least one message of the server's largest
+    /// size (`max_payload`, 1 MiB by default, plus the headers' room), so
+    /// the bound is only as tight as that allows. Needs nats-server 2.9.0
+    /// or later; older servers ignore `max_bytes`.
     ///
     /// What the pull requests of a connection's receivers asked for, the
     /// server queues for the connection as fast as it reads the stream. Past
@@ -388,7 +391,8 @@ impl NatsConfig {
     /// back after the ack wait, counted as delivered once more although the
     /// application never saw it. So keep this, times the receivers that
     /// share a client and take large messages at once, under the server's
-    /// `max_pending`. Small messages never reach it: the prefetch bounds
+    /// `max_pending`. Messages smaller than this over the prefetch (16 KiB
+    /// at the default prefetch of 256) never reach it: the prefetch bounds
     /// them first.
     ///
     /// ```
@@ -399,7 +403,7 @@ impl NatsConfig {
     /// ```
     #[must_use]
     pub fn with_pull_bytes(mut self, bytes: usize) -> Self {
-        self.pull_bytes = bytes.max(1);
+        self.pull_bytes = bytes.clamp(1, MAX_PULL_BYTES);
         self
     }
 
@@ -410,10 +414,13 @@ impl NatsConfig {
     }
 }
 
-/// [`NatsConfig::with_pull_bytes`]'s default: 4 MiB, so 16 receivers
-/// taking large messages at once stay within nats-server's default
-/// `max_pending` of 64 MiB.
+/// [`NatsConfig::with_pull_bytes`]'s default: 4 MiB, so fewer than 16
+/// receivers taking large messages at once stay within nats-server's
+/// default `max_pending` of 64 MiB.
 const DEFAULT_PULL_BYTES: usize = 4 << 20;
+/// [`NatsConfig::with_pull_bytes`]'s most: far past any `max_pending`, and
+/// within the server's integer for `max_bytes`.
+const MAX_PULL_BYTES: usize = 1 << 30;
 
 /// Percent-decodes URL userinfo (`+` stays `+`).
 fn percent_decode(s: &str) -> String {

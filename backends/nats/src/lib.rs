@@ -10,7 +10,7 @@
 //! | publish | JetStream publish awaiting the PubAck; `publish_batch` keeps a window of PubAcks in flight |
 //! | attempt | the server's delivery count (durable across consumer restarts) |
 //! | nack / nack with delay | `NAK` / `NAK` with delay (held by the server) |
-//! | prefetch | pull requests never ask for more than the consumer's free room, nor for more than 4 MiB together ([`NatsConfig::with_pull_bytes`]: past the server's `max_pending` it would drop the connection as a slow consumer); what arrived and is not handed out yet keeps its ack wait (a progress ack once less than half of it is left, while the application holds what it has), so it never comes back to another consumer at a raised count |
+//! | prefetch | pull requests never ask for more than the consumer's free room, nor for more than 4 MiB together, or one message of the server's largest size ([`NatsConfig::with_pull_bytes`]: past the server's `max_pending` it would drop the connection as a slow consumer); what arrived and is not handed out yet keeps its ack wait (a progress ack once less than half of it is left, while the application holds what it has), so it never comes back to another consumer at a raised count |
 //! | id, key, headers | NATS headers (`sy-id`, `sy-key`, user headers as they are; values NATS cannot carry are base64-encoded, reversibly) |
 //! | cluster | every node in the URL (`nats://n1:4222,n2:4222,n3:4222?replicas=3`); streams with `replicas` copies, a publish confirmed once a majority stored it; `prefer` picks the node tried first ([`NatsConfig::with_prefer_server`]) |
 //!

@@ -88,6 +88,16 @@ impl PullState {
         }
     }
 
+    /// Forgets the requests sent longer than `live` ago, which have ended
+    /// whatever the server said about them, and the room they may still
+    /// hold: at most the batches of the requests left can still be sent.
+    /// (A request the server ended without a word, its bytes run out
+    /// exactly, leaves room held that nothing else gives back while other
+    /// requests keep the inbox busy.)
+    fn drop_lapsed(&mut self, now: Instant, live: Duration) {
+        drop_lapsed(&mut self.requests, &mut self.reserved, now, live);
+    }
+
     /// The next message that already arrived, if any: `Some(None)` when the
     /// inbox ended.
     fn arrived(&mut self) -> Option<Option<async_nats::Message>> {
@@ -142,11 +152,12 @@ pub(crate) struct ReceiverShared {
 /// next one up).
 ///
 /// The server ends a request without a word when a message leaves its
-/// `max_bytes` at exactly zero, so the messages it did not send would go
-/// on holding room ([`PullState::reserved`]) until the receiver hears
-/// nothing for [`STALLED`](crate::broker::STALLED). A prime is no multiple
-/// of any message size, so a run of equal messages never lands on zero;
-/// the server ends such a request with a status that gives the room back.
+/// `max_bytes` at exactly zero, so the messages it did not send go on
+/// holding room ([`PullState::reserved`]) until the request's entry lapses
+/// ([`PullState::drop_lapsed`]). A prime makes that rarer: no run of
+/// messages of one size lands on it (sizes as the server counts them, the
+/// ack subject included, differ a little from delivery to delivery, so
+/// this lowers the odds rather than ruling it out).
 pub(crate) fn request_bytes(
     batch: usize,
     prefetch: usize,
@@ -161,6 +172,21 @@ pub(crate) fn request_bytes(
 fn prime_at_least(n: usize) -> usize {
     let is_prime = |k: usize| k >= 2 && (2..).take_while(|d| d * d <= k).all(|d| k % d != 0);
     (n..).find(|k| is_prime(*k)).unwrap_or(n)
+}
+
+/// [`PullState::drop_lapsed`] on its two fields.
+fn drop_lapsed<P>(
+    requests: &mut HashMap<u64, Request>,
+    reserved: &mut Vec<P>,
+    now: Instant,
+    live: Duration,
+) {
+    let before = requests.len();
+    requests.retain(|_, r| r.sent + live > now);
+    if requests.len() < before {
+        let owed: usize = requests.values().map(|r| r.batch).sum();
+        reserved.truncate(owed);
+    }
 }
 
 /// Whether an inbox message is a delivery (not a pull request's status).
@@ -405,10 +431,18 @@ impl ReceiverShared {
     /// Asks the server for as many messages as there is free room, when
     /// [`pull_due`](Self::pull_due).
     async fn top_up(&self, state: &mut PullState) -> Result<()> {
+        state.drop_lapsed(Instant::now(), self.pull_expiry + PRUNE_AFTER);
         if !self.pull_due(state) {
             return Ok(());
         }
-        let free = self.room();
+        // A message larger than a bounded request: one request for it alone,
+        // without a byte bound (see `PullState::oversize`).
+        let oversize = std::mem::take(&mut state.oversize);
+        let free = if oversize {
+            self.room().min(1)
+        } else {
+            self.room()
+        };
         let mut got = Vec::with_capacity(free);
         while got.len() < free {
             match Arc::clone(&self.permits).try_acquire_owned() {
@@ -421,7 +455,7 @@ impl ReceiverShared {
         }
         // Bounded in bytes too: see `request_bytes` and
         // `NatsConfig::with_pull_bytes`.
-        let max_bytes = if std::mem::take(&mut state.oversize) {
+        let max_bytes = if oversize {
             0
         } else {
             request_bytes(got.len(), self.prefetch, self.pull_bytes, self.max_message)
@@ -529,11 +563,16 @@ impl ReceiverShared {
                     pending("Nats-Pending-Messages").map_or(r.batch, |n| n.min(r.batch))
                 });
                 // Nothing sent, for the next message is larger than the
-                // whole request (a 409 saying so keeps all its bytes).
+                // whole request: a 409 saying so keeps all its bytes
+                // (nats-server 2.9.0-2.9.5 send it without the header).
                 if let Some(r) = ended
                     && r.max_bytes > 0
                     && status == 409
-                    && pending("Nats-Pending-Bytes") == Some(r.max_bytes)
+                    && message
+                        .description
+                        .as_deref()
+                        .is_some_and(|d| d.contains("MaxBytes"))
+                    && pending("Nats-Pending-Bytes").is_none_or(|b| b == r.max_bytes)
                 {
                     state.oversize = true;
                 }
@@ -858,5 +897,39 @@ mod tests {
         for size in [1_000, 4_096, 65_536 + 120, 100_003] {
             assert_ne!(half % size, 0, "{size}");
         }
+    }
+
+    #[test]
+    fn lapsed_requests_give_back_what_they_still_held() {
+        // A request for 4 that the server ended without a word after one
+        // delivery, and a newer one for 3 still open: 6 units of room held.
+        let sent = Instant::now();
+        let request = |batch, sent| Request {
+            batch,
+            max_bytes: 0,
+            sent,
+        };
+        let mut requests = HashMap::from([
+            (0, request(4, sent)),
+            (1, request(3, sent + Duration::from_secs(20))),
+        ]);
+        let mut reserved = vec![(); 6];
+        let live = Duration::from_secs(35);
+        // Before the first lapses, nothing changes.
+        drop_lapsed(
+            &mut requests,
+            &mut reserved,
+            sent + Duration::from_secs(30),
+            live,
+        );
+        assert_eq!((requests.len(), reserved.len()), (2, 6));
+        // Once it lapsed, at most the open one's 3 can still come.
+        drop_lapsed(
+            &mut requests,
+            &mut reserved,
+            sent + Duration::from_secs(36),
+            live,
+        );
+        assert_eq!((requests.len(), reserved.len()), (1, 3));
     }
 }

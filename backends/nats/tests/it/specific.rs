@@ -436,8 +436,9 @@ async fn a_publish_in_flight_when_the_connection_drops_fails_at_once() {
 /// §3.14): a few such drops and a healthy message is dead-lettered.
 ///
 /// 400 messages of 64 KiB on a subscription with prefetch 256 (16 MiB
-/// asked for at once): each must arrive once, at attempt 1, with the
-/// connection never dropped.
+/// asked for at once without a byte bound) and `pull_bytes` 2 MiB: each
+/// must arrive once, at attempt 1, with the connection never dropped and
+/// no 5 s stall.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_messages_keep_within_the_servers_pending_limit() {
     if url().is_none() {
@@ -450,10 +451,13 @@ async fn large_messages_keep_within_the_servers_pending_limit() {
     server.args(["-c"]).arg(&conf);
     server.boot(crate::BOOT).await;
     let port = server.port();
-    let broker =
-        NatsBroker::connect(NatsConfig::from_url(&format!("nats://127.0.0.1:{port}")).unwrap())
-            .await
-            .unwrap();
+    // Half the server's limit: a request takes at least one message of the
+    // server's largest size (1 MiB here), so two requests open may ask for
+    // a little more than 2 MiB.
+    let url = format!("nats://127.0.0.1:{port}?pull_bytes=2097152");
+    let broker = NatsBroker::connect(NatsConfig::from_url(&url).unwrap())
+        .await
+        .unwrap();
     let client = switchyard_core::Client::new(broker.clone());
     let topic = format!("large-{}", &switchyard_core::new_id()[24..]);
     let opts = SubscribeOptions::new("large")
@@ -473,10 +477,14 @@ async fn large_messages_keep_within_the_servers_pending_limit() {
     let mut sub = client.subscribe(&topic, opts).await.unwrap();
     let mut seen = std::collections::HashMap::<String, Vec<u32>>::new();
     let started = Instant::now();
+    // Room held by a request that ended unseen comes back only once the
+    // receiver has heard nothing for 5 s (or the request lapsed): a gap
+    // that long between deliveries is a stall, not a slow machine.
+    let stall = Duration::from_secs(5);
     while seen.len() < N {
-        let d = tokio::time::timeout(Duration::from_secs(30), sub.recv())
+        let d = tokio::time::timeout(stall, sub.recv())
             .await
-            .unwrap_or_else(|_| panic!("stalled at {} of {N}", seen.len()))
+            .unwrap_or_else(|_| panic!("no delivery for {stall:?} at {} of {N}", seen.len()))
             .unwrap();
         seen.entry(d.message().id().to_owned())
             .or_default()
